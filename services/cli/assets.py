@@ -1,0 +1,137 @@
+"""`roundhouse apply` and `roundhouse models ls`: asset commands over the Registry API."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import grpc
+
+from roundhouse.v1 import asset_pb2, registry_pb2, registry_pb2_grpc
+from services.common.asset_proto import spec_to_proto
+from services.common.documents import load_path
+from services.common.errors import InvalidSpec
+from services.registry.settings import RegistrySettings
+
+OUTCOME_WORDS = {
+    registry_pb2.APPLY_OUTCOME_CREATED: "created",
+    registry_pb2.APPLY_OUTCOME_UPDATED: "updated",
+    registry_pb2.APPLY_OUTCOME_UNCHANGED: "unchanged",
+}
+
+
+def _rpc_failure(what: str, address: str, exc: grpc.aio.AioRpcError) -> int:
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return _fail(f"cannot reach the registry at {address}; is `roundhouse up` running "
+                     "(or ROUNDHOUSE_REGISTRY_ADDRESS set)?")
+    return _fail(f"{what} ({exc.code().name}):\n{exc.details()}")
+
+
+def _fail(lines: str) -> int:
+    for line in lines.splitlines():
+        print(f"error: {line}", file=sys.stderr)
+    return 1
+
+
+async def apply_specs(
+    address: str, request: registry_pb2.ApplyAssetsRequest, timeout: float = 30.0
+) -> registry_pb2.ApplyAssetsResponse:
+    """Send one ApplyAssets request to the registry at `address`."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        return await stub.ApplyAssets(request, timeout=timeout)
+
+
+def apply_files(path: Path, *, dry_run: bool = False, address: str | None = None) -> int:
+    """Validate every document under `path`, then apply them all at once; 0 on success."""
+    settings = RegistrySettings()
+    if not path.exists():
+        return _fail(f"{path}: no such file or folder")
+    try:
+        loaded = load_path(path, source_roots=settings.resolved_source_roots())
+    except InvalidSpec as exc:
+        return _fail(exc.message)
+    if not loaded:
+        return _fail(f"{path}: no asset documents found")
+    request = registry_pb2.ApplyAssetsRequest(
+        assets=[registry_pb2.AssetApply(spec=spec_to_proto(item.spec)) for item in loaded],
+        dry_run=dry_run,
+    )
+    address = address or settings.registry_address
+    try:
+        response = asyncio.run(apply_specs(address, request))
+    except grpc.aio.AioRpcError as exc:
+        return _rpc_failure("the registry refused the apply", address, exc)
+    suffix = " (dry run)" if dry_run else ""
+    for result in response.results:
+        asset = result.asset
+        print(f"asset/{asset.spec.asset_id} {OUTCOME_WORDS[result.outcome]} "
+              f"(revision {asset.revision}){suffix}")
+    return 0
+
+
+async def fetch_all(address: str) -> list[asset_pb2.Asset]:
+    """Every asset, following pagination."""
+    assets: list[asset_pb2.Asset] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        token = ""
+        while True:
+            page = await stub.ListAssets(
+                registry_pb2.ListAssetsRequest(page_size=500, page_token=token), timeout=30
+            )
+            assets += page.assets
+            token = page.next_page_token
+            if not token:
+                return assets
+
+
+def render_models(assets: list[asset_pb2.Asset]) -> str:
+    """The admin view: language models and embedding models as two tables."""
+    groups = [
+        ("Language models", asset_pb2.INTERFACE_LLM_RUNTIME, "CONTEXT", _context),
+        ("Embedding models", asset_pb2.INTERFACE_EMBEDDING_RUNTIME, "DIMS", _dims),
+    ]
+    out: list[str] = []
+    for title, interface, figure, value in groups:
+        rows = [a for a in assets if interface in a.spec.interfaces]
+        out.append(f"{title} ({len(rows)})")
+        table = [["ID", "STATE", "DESIRED", "RUNTIME", figure, "CONCURRENCY", "ALIASES"]]
+        for a in rows:
+            table.append([
+                a.spec.asset_id,
+                asset_pb2.AssetState.Name(a.status.state).removeprefix("ASSET_STATE_").lower(),
+                asset_pb2.DesiredState.Name(a.spec.lifecycle.desired)
+                .removeprefix("DESIRED_STATE_").lower().replace("_", "-"),
+                asset_pb2.Runtime.Name(a.spec.runtime).removeprefix("RUNTIME_").lower(),
+                value(a),
+                str(a.spec.policy.max_concurrency),
+                ",".join(a.spec.aliases) or "-",
+            ])
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        out += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                for r in table] if rows else ["  (none)"]
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _context(a: asset_pb2.Asset) -> str:
+    n = a.capabilities.context_length or a.spec.metadata.context_length
+    return str(n) if n else "-"
+
+
+def _dims(a: asset_pb2.Asset) -> str:
+    n = a.capabilities.embedding_dim or a.spec.metadata.embedding_dim
+    return str(n) if n else "-"
+
+
+def list_models(address: str | None = None) -> int:
+    """Print the admin view of every asset, read from the registry (and so from Postgres)."""
+    address = address or RegistrySettings().registry_address
+    try:
+        assets = asyncio.run(fetch_all(address))
+    except grpc.aio.AioRpcError as exc:
+        return _rpc_failure("cannot list assets", address, exc)
+    print(render_models(assets), end="")
+    return 0

@@ -1,0 +1,180 @@
+"""`roundhouse`: the command line. The one place that composes the services."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+# The CLI starts service processes itself; gRPC's fork handlers only add noise there.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# Tokenizers' own thread pool competes with torch for the same cores; batching does better.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _run_service(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        module = __import__(f"services.{name}.server", fromlist=["main"])
+        module.main()
+        return 0
+
+    return run
+
+
+def _up(args: argparse.Namespace) -> int:
+    from services.cli.stack import up
+
+    return up(catalog=args.catalog)
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from services.common.db.migrate import upgrade
+    from services.common.settings import CommonSettings
+
+    upgrade(CommonSettings().resolved_database_url(), args.revision)
+    print(f"database migrated to {args.revision}")
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from services.cli.assets import apply_files
+
+    return apply_files(Path(args.file), dry_run=args.dry_run)
+
+
+def _models_ls(args: argparse.Namespace) -> int:
+    from services.cli.assets import list_models
+
+    return list_models()
+
+
+def _submit(kind: str, wait: bool | None = None) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from services.cli.operations import submit
+
+        return submit(kind, args.asset_id, wait=args.wait if wait is None else wait,
+                      force=getattr(args, "force", False))
+
+    return run
+
+
+def _ops_ls(args: argparse.Namespace) -> int:
+    from services.cli.operations import list_operations
+
+    return list_operations(asset_id=args.asset or "", status=args.status or "",
+                           kind=args.type or "", limit=args.limit)
+
+
+def _ops_watch(args: argparse.Namespace) -> int:
+    from services.cli.operations import watch
+
+    return watch(args.operation_id)
+
+
+def _ops_cancel(args: argparse.Namespace) -> int:
+    from services.cli.operations import cancel
+
+    return cancel(args.operation_id)
+
+
+def _events(args: argparse.Namespace) -> int:
+    from services.cli.events import tail_events
+
+    return tail_events(args.subject)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _add_operation_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],  # noqa: SLF001
+) -> None:
+    """`models install|rm|load|unload`'s siblings: `ops ls|watch|cancel` and `events`."""
+    ops = commands.add_parser("ops", help="operations of the jobs service")
+    op_commands = ops.add_subparsers(dest="ops_command", required=True, metavar="COMMAND")
+    ls = op_commands.add_parser("ls", help="list operations, newest first")
+    ls.add_argument("--asset", help="only operations on this asset")
+    ls.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "cancelled"))
+    ls.add_argument("--type", choices=("install", "load", "unload", "delete", "profile"))
+    ls.add_argument("--limit", type=_positive, default=50, help="at most this many (default 50)")
+    ls.set_defaults(func=_ops_ls)
+    watch = op_commands.add_parser("watch", help="follow an operation until it finishes")
+    watch.add_argument("operation_id", metavar="ID")
+    watch.set_defaults(func=_ops_watch)
+    cancel = op_commands.add_parser("cancel", help="cancel a queued or running operation")
+    cancel.add_argument("operation_id", metavar="ID")
+    cancel.set_defaults(func=_ops_cancel)
+
+    events = commands.add_parser("events", help="tail lifecycle events from NATS")
+    events.add_argument("--subject", default=None, metavar="PATTERN",
+                        help="NATS subject pattern, e.g. 'job.>' (default: roundhouse.events.>)")
+    events.set_defaults(func=_events)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every `roundhouse` command."""
+    parser = argparse.ArgumentParser(prog="roundhouse", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="start the whole stack (embedded Postgres and NATS "
+                             "unless ROUNDHOUSE_DATABASE_URL / ROUNDHOUSE_NATS_URL are set)")
+    up.add_argument("--catalog", default=None, help="folder of asset YAML to apply at start "
+                    "(default: the built-in catalog)")
+    up.set_defaults(func=_up)
+
+    for name in ("registry", "router", "worker", "jobs"):
+        service = commands.add_parser(name, help=f"run the {name} service alone")
+        service.set_defaults(func=_run_service(name))
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    upgrade = db_commands.add_parser("upgrade", help="apply migrations")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.set_defaults(func=_db_upgrade)
+
+    apply = commands.add_parser("apply", help="create or update assets from YAML")
+    apply.add_argument("-f", "--file", required=True, help="a YAML file or a folder of them")
+    apply.add_argument("--dry-run", action="store_true", help="validate and show, store nothing")
+    apply.set_defaults(func=_apply)
+
+    models = commands.add_parser("models", help="model assets")
+    model_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    ls = model_commands.add_parser("ls", help="list assets, grouped by kind")
+    ls.set_defaults(func=_models_ls)
+    for name, kind, what in (("install", "install", "fetch into the model store"),
+                             ("rm", "delete", "unload, remove from the store and the registry")):
+        command = model_commands.add_parser(name, help=f"{what} (a `{kind}` operation)")
+        command.add_argument("asset_id", metavar="ID")
+        command.add_argument("--wait", action="store_true", help="follow it until it finishes")
+        command.set_defaults(func=_submit(kind))
+    for name, what in (("load", "load onto a worker"), ("unload", "unload from every worker")):
+        command = model_commands.add_parser(name, help=f"{what} and wait for the outcome")
+        command.add_argument("asset_id", metavar="ID")
+        command.add_argument("--no-wait", dest="wait", action="store_false",
+                             help="print the operation id and return at once")
+        command.add_argument("--force", action="store_true",
+                             help="apply even where a safety rule would refuse")
+        command.set_defaults(func=_submit(name))
+
+    _add_operation_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `roundhouse` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Domain errors shared by every service.
+
+Each maps to one gRPC status code (see `grpc_server.ErrorMappingInterceptor`) and one
+OpenAI-shaped HTTP error (see the router's HTTP error handler). Domain code raises these
+and never touches protobuf or HTTP types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """One reason a document or request was rejected, located by a dotted field path."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}" if self.path else self.reason
+
+
+class RoundhouseError(Exception):
+    """Base of every domain error; `message` is safe to show to a client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(RoundhouseError):
+    """The request or document is malformed; nothing was changed."""
+
+    def __init__(self, message: str, problems: list[FieldProblem] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+    @classmethod
+    def from_problems(cls, problems: list[FieldProblem]) -> InvalidArgument:
+        """Build one error that lists every problem, one per line."""
+        lines = "\n".join(str(p) for p in problems)
+        return cls(lines, problems)
+
+
+class InvalidSpec(InvalidArgument):
+    """An asset spec failed validation."""
+
+
+class NotFound(RoundhouseError):
+    """The named thing does not exist."""
+
+
+class AssetNotFound(NotFound):
+    """No asset has that id or alias."""
+
+
+class OperationNotFound(NotFound):
+    """No operation has that id."""
+
+
+class Conflict(RoundhouseError):
+    """The stored revision is not the one the caller expected (optimistic concurrency)."""
+
+
+class FailedPrecondition(RoundhouseError):
+    """The request is well-formed but the system is not in a state to honour it."""
+
+
+class WrongInterface(FailedPrecondition):
+    """The asset does not implement the interface the request needs."""
+
+
+class AssetDisabled(FailedPrecondition):
+    """The asset's desired state is `disabled`."""
+
+
+class ModelNotReady(RoundhouseError):
+    """No worker holds the model and it cannot be loaded in time; retry later."""
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Overloaded(RoundhouseError):
+    """Admission refused the request: concurrency and queue are full."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ContextLengthExceeded(InvalidArgument):
+    """The prompt does not fit the model's context length."""
+
+
+class QuotaExceeded(RoundhouseError):
+    """A storage or memory quota would be exceeded."""
+
+
+class UpstreamError(RoundhouseError):
+    """A remote runtime (an OpenAI-compatible upstream) failed."""
+
+
+class Cancelled(RoundhouseError):
+    """The operation was cancelled."""

@@ -1,0 +1,187 @@
+"""The gRPC server every service reuses: health, reflection, error mapping, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import errors
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+ERROR_CLASS_KEY = "roundhouse-error"
+RETRY_AFTER_KEY = "retry-after"
+
+_CODES: list[tuple[type[errors.RoundhouseError], grpc.StatusCode]] = [
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.Conflict, grpc.StatusCode.ABORTED),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.ModelNotReady, grpc.StatusCode.UNAVAILABLE),
+    (errors.UpstreamError, grpc.StatusCode.UNAVAILABLE),
+    (errors.Cancelled, grpc.StatusCode.CANCELLED),
+]
+
+
+def status_code_for(exc: errors.RoundhouseError) -> grpc.StatusCode:
+    """The gRPC status code a domain error maps to."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, errors.RoundhouseError):
+        # The class name lets a caller one hop up re-raise the same domain error.
+        metadata = [(ERROR_CLASS_KEY, type(exc).__name__)]
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is not None:
+            metadata.append((RETRY_AFTER_KEY, f"{retry_after:.3f}"))
+        context.set_trailing_metadata(tuple(metadata))
+        await context.abort(status_code_for(exc), exc.message)
+    log.exception("unhandled error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns domain errors into gRPC statuses in one place; anything else becomes INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner_uu(request, context)  # type: ignore[arg-type]  # aio handler
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped or logged as INTERNAL
+                    await _abort(context, exc, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    async for item in inner_us(request, context):  # type: ignore[attr-defined,arg-type]
+                        yield item
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await _abort(context, exc, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One gRPC service to host: the generated `add_*_to_server`, its servicer, its full name."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str
+
+
+class GrpcServer:
+    """An aio server with health (SERVING once started), reflection and error mapping."""
+
+    def __init__(self, address: str, bindings: Sequence[ServiceBinding]) -> None:
+        self._address = address
+        self._bindings = list(bindings)
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in grpc-stubs
+        self._server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind, start, mark every service SERVING; returns the bound port."""
+        for binding in self._bindings:
+            binding.add_to_server(binding.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        names = [b.full_name for b in self._bindings]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            self._server,
+        )
+        self.port = self._server.add_insecure_port(self._address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind gRPC server to {self._address}")
+        await self._server.start()
+        for name in ["", *names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, then let in-flight calls finish for up to `grace` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+
+
+async def run_until_signal(
+    server: GrpcServer,
+    *,
+    on_started: Callable[[int], None] | None = None,
+    before_stop: Callable[[], Awaitable[None]] | None = None,
+    cleanups: Sequence[Callable[[], Awaitable[None]]] = (),
+    grace: float = 5.0,
+) -> None:
+    """Start `server`, wait for SIGTERM/SIGINT, stop gracefully, then run `cleanups` in order.
+
+    `before_stop` runs first on the way out, while the server still serves (say, to tell
+    others to stop sending work).
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = await server.start()
+    if on_started:
+        on_started(port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        if before_stop is not None:
+            try:
+                await before_stop()
+            except Exception:  # noqa: BLE001 - shut down regardless
+                log.exception("pre-stop step failed")
+        await server.stop(grace)
+        for cleanup in cleanups:
+            try:
+                await cleanup()
+            except Exception:  # noqa: BLE001 - keep shutting the rest down
+                log.exception("cleanup failed")

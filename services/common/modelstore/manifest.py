@@ -1,0 +1,139 @@
+"""The manifest each installed model folder carries: what was installed, from what, and hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services.common.assetspec import Source
+from services.common.modelstore.files import MANIFEST, list_tree, sha256_file
+from services.common.modelstore.model import (
+    InstalledFile,
+    InstalledModel,
+    Mismatch,
+    ModelFormat,
+    Reporter,
+)
+
+# Bump when the store lays models out differently, so older installs count as stale.
+LAYOUT_VERSION = 1
+
+
+def source_fingerprint(source: Source) -> str:
+    """A stable hash of the source spec: a changed source means the install is stale."""
+    document = {"layout": LAYOUT_VERSION, "source": source.model_dump(mode="json")}
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The contents of `manifest.json`."""
+
+    asset_id: str
+    source: dict[str, Any]
+    fingerprint: str
+    format: ModelFormat
+    files: tuple[InstalledFile, ...]
+    installed_at: str
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def installed(self, folder: Path) -> InstalledModel:
+        """The installed model this manifest describes, in `folder`."""
+        return InstalledModel(self.asset_id, folder, self.format, self.files)
+
+    def write(self, folder: Path) -> None:
+        """Write `manifest.json` into `folder`."""
+        document = {
+            "asset_id": self.asset_id,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "format": self.format,
+            "origin": self.origin,
+            "installed_at": self.installed_at,
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
+        }
+        (folder / MANIFEST).write_text(json.dumps(document, indent=2) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest | None:
+        """The manifest of `folder`, or None when there is none or it cannot be read."""
+        try:
+            document = json.loads((folder / MANIFEST).read_text())
+            return cls(
+                asset_id=document["asset_id"],
+                source=document["source"],
+                fingerprint=document["fingerprint"],
+                format=document["format"],
+                files=tuple(
+                    InstalledFile(f["path"], int(f["size"]), f["sha256"]) for f in document["files"]
+                ),
+                installed_at=document["installed_at"],
+                origin=document.get("origin", {}),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def hash_tree(folder: Path, reporter: Reporter) -> tuple[InstalledFile, ...]:
+    """Size and sha256 of every model file under `folder` (stage `hash`)."""
+    names = list_tree(folder)
+    sizes = {name: (folder / name).stat().st_size for name in names}
+    reporter.start("hash", sum(sizes.values()))
+    files = tuple(
+        InstalledFile(name, sizes[name], sha256_file(folder / name, reporter)) for name in names
+    )
+    reporter.finish()
+    return files
+
+
+def new_manifest(
+    asset_id: str,
+    source: Source,
+    fmt: ModelFormat,
+    files: tuple[InstalledFile, ...],
+    origin: dict[str, str],
+) -> Manifest:
+    """A manifest stamped with the current time."""
+    return Manifest(
+        asset_id=asset_id,
+        source=source.model_dump(mode="json"),
+        fingerprint=source_fingerprint(source),
+        format=fmt,
+        files=files,
+        installed_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        origin=origin,
+    )
+
+
+def check_files(folder: Path, manifest: Manifest, reporter: Reporter) -> list[Mismatch]:
+    """Re-hash `folder` against `manifest` (stage `verify`); every difference is one mismatch."""
+    present = set(list_tree(folder))
+    problems = [
+        Mismatch(name, "not in the manifest")
+        for name in sorted(present - {f.path for f in manifest.files})
+    ]
+    reporter.start("verify", sum(f.size for f in manifest.files if f.path in present))
+    for recorded in manifest.files:
+        path = folder / recorded.path
+        if recorded.path not in present:
+            problems.append(Mismatch(recorded.path, "missing"))
+        elif path.stat().st_size != recorded.size:
+            problems.append(Mismatch(recorded.path, "size differs from the manifest"))
+            reporter.advance(recorded.size)
+        elif sha256_file(path, reporter) != recorded.sha256:
+            problems.append(Mismatch(recorded.path, "sha256 differs from the manifest"))
+    reporter.finish()
+    return problems
+
+
+def sizes_match(folder: Path, manifest: Manifest) -> bool:
+    """A cheap check (no hashing) that every recorded file is there with its recorded size."""
+    try:
+        return all((folder / f.path).stat().st_size == f.size for f in manifest.files)
+    except OSError:
+        return False

@@ -1,0 +1,87 @@
+"""Process-wide telemetry: OpenTelemetry tracing and metrics providers, and logging.
+
+Every service calls `setup_telemetry` once at start-up. Spans and metrics are recorded
+through the global OpenTelemetry API; they are exported only to the console, and only when
+asked (`ROUNDHOUSE_OTEL_CONSOLE`). Prometheus metrics for `/metrics` are separate.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+LOG_FORMAT = "%(asctime)s %(levelname)s {service} %(name)s: %(message)s"
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """The providers installed for this process, and the service they name."""
+
+    service_name: str
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporters (at process exit)."""
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+_lock = threading.Lock()
+_installed: Telemetry | None = None
+
+
+class _ServiceLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The one stderr handler `setup_telemetry` installs on the root logger."""
+
+
+def setup_telemetry(
+    service_name: str, console: bool = False, level: str | int = "INFO"
+) -> Telemetry:
+    """Install tracing and metrics providers for `service_name` and configure logging.
+
+    Idempotent: OpenTelemetry's global providers can be set once per process, so the first
+    call installs them and later calls return the same `Telemetry`; each call (re)applies
+    the log level and format. `console` prints spans and metrics to stderr.
+    """
+    global _installed
+    configure_logging(service_name, level)
+    with _lock:
+        if _installed is not None:
+            return _installed
+        resource = Resource.create({SERVICE_NAME: service_name})
+        tracer_provider = TracerProvider(resource=resource)
+        readers = []
+        if console:
+            tracer_provider.add_span_processor(
+                BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr))
+            )
+            readers.append(
+                PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr))
+            )
+        meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(meter_provider)
+        _installed = Telemetry(service_name, tracer_provider, meter_provider)
+        return _installed
+
+
+def configure_logging(service_name: str, level: str | int = "INFO") -> None:
+    """One-line log records on stderr naming the service; replaces its own earlier setup."""
+    root = logging.getLogger()
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    handler = next((h for h in root.handlers if isinstance(h, _ServiceLogHandler)), None)
+    if handler is None:
+        handler = _ServiceLogHandler(sys.stderr)
+        root.addHandler(handler)
+    service = service_name.replace("%", "%%")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT.format(service=service)))

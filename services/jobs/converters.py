@@ -1,0 +1,87 @@
+"""Jobs requests and responses ⇄ domain values."""
+
+from __future__ import annotations
+
+from roundhouse.v1 import events_pb2, jobs_pb2
+from services.common.asset_proto import timestamp
+from services.common.errors import InvalidArgument
+from services.jobs.model import NewOperation, OperationFilter, OperationRecord
+
+TYPES: dict[str, int] = {
+    "install": jobs_pb2.OPERATION_TYPE_INSTALL,
+    "load": jobs_pb2.OPERATION_TYPE_LOAD,
+    "unload": jobs_pb2.OPERATION_TYPE_UNLOAD,
+    "delete": jobs_pb2.OPERATION_TYPE_DELETE,
+    "profile": jobs_pb2.OPERATION_TYPE_PROFILE,
+}
+STATUSES: dict[str, int] = {
+    "queued": jobs_pb2.OPERATION_STATUS_QUEUED,
+    "running": jobs_pb2.OPERATION_STATUS_RUNNING,
+    "succeeded": jobs_pb2.OPERATION_STATUS_SUCCEEDED,
+    "failed": jobs_pb2.OPERATION_STATUS_FAILED,
+    "cancelled": jobs_pb2.OPERATION_STATUS_CANCELLED,
+}
+TYPE_NAMES = {v: k for k, v in TYPES.items()}
+STATUS_NAMES = {v: k for k, v in STATUSES.items()}
+
+
+def new_operation(request: jobs_pb2.SubmitOperationRequest) -> NewOperation:
+    """A submission; the type must be one of the known operation types."""
+    if request.type not in TYPE_NAMES:
+        raise InvalidArgument(
+            f"type: required, one of {', '.join(f'OPERATION_TYPE_{t.upper()}' for t in TYPES)}"
+        )
+    if not request.asset_id:
+        raise InvalidArgument("asset_id: required")
+    return NewOperation(
+        type=TYPE_NAMES[request.type],
+        asset_id=request.asset_id,
+        idempotency_key=request.idempotency_key,
+        worker_id=request.worker_id,
+        force=request.force,
+    )
+
+
+def operation_filter(request: jobs_pb2.ListOperationsRequest) -> OperationFilter:
+    """List filters; unknown enum numbers match nothing rather than everything."""
+    return OperationFilter(
+        asset_id=request.asset_id,
+        type=TYPE_NAMES.get(request.type, "?") if request.type else "",
+        status=STATUS_NAMES.get(request.status, "?") if request.status else "",
+    )
+
+
+def operation_to_proto(record: OperationRecord) -> jobs_pb2.Operation:
+    """Stored operation → `Operation` message."""
+    return jobs_pb2.Operation(
+        operation_id=record.operation_id,
+        type=TYPES.get(record.type, jobs_pb2.OPERATION_TYPE_UNSPECIFIED),
+        asset_id=record.asset_id,
+        status=STATUSES.get(record.status, jobs_pb2.OPERATION_STATUS_UNSPECIFIED),
+        progress=record.progress,
+        message=record.message,
+        error=record.error,
+        attempts=record.attempts,
+        idempotency_key=record.idempotency_key,
+        worker_id=record.worker_id,
+        force=record.force,
+        created_at=timestamp(record.created_at),
+        started_at=timestamp(record.started_at),
+        finished_at=timestamp(record.finished_at),
+        updated_at=timestamp(record.updated_at),
+    )
+
+
+def job_event_detail(
+    record: OperationRecord, *, bytes_done: int = 0, bytes_total: int = 0
+) -> events_pb2.JobEventDetail:
+    """The figures a `job.*` event carries for `record`."""
+    return events_pb2.JobEventDetail(
+        type=TYPES.get(record.type, jobs_pb2.OPERATION_TYPE_UNSPECIFIED),
+        progress=record.progress,
+        message=record.message,
+        error=record.error,
+        attempts=record.attempts,
+        bytes_done=bytes_done,
+        bytes_total=bytes_total,
+    )

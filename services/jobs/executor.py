@@ -1,0 +1,227 @@
+"""The executor: claims operations from Postgres and runs them, at most `workers` at a time.
+
+Durability comes from the lease. A claim (see `OperationRepository.claim`) is atomic and
+gives this instance the operation until `lease_expires_at`; a heartbeat renews it while the
+runner works, and every write is guarded by the owner, so two runners never act on one
+operation. When an instance dies its leases run out and any instance takes the work over,
+counting a new attempt. A cancel asked of another instance reaches the runner through the
+`cancel_requested` flag the heartbeat reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+
+from services.common.errors import Cancelled, RoundhouseError
+from services.jobs.model import OperationRecord, ProgressReport, is_transient
+from services.jobs.repository import OperationRepository
+from services.jobs.runners import RunContext, Runner, StopReason, not_supported
+
+log = logging.getLogger(__name__)
+
+
+class _Run:
+    """One operation this instance is running."""
+
+    def __init__(self, record: OperationRecord, executor: Executor) -> None:
+        self.ctx = RunContext(record, report=lambda r: executor._report(self, r))
+        self.stopped = asyncio.Event()
+
+    @property
+    def operation_id(self) -> str:
+        return self.ctx.operation.operation_id
+
+    def stop(self, reason: StopReason) -> None:
+        """Ask the runner to stop; the first reason given is the one that counts."""
+        if self.ctx.stop_reason is None:
+            self.ctx.stop_reason = reason
+        self.ctx.cancel.set()
+        self.stopped.set()
+
+
+class Executor:
+    """Claims, runs, retries and finishes operations for one jobs instance."""
+
+    def __init__(
+        self,
+        repository: OperationRepository,
+        runners: Mapping[str, Runner],
+        *,
+        instance_id: str,
+        workers: int = 2,
+        lease_s: float = 30.0,
+        poll_interval_s: float = 1.0,
+        timeouts: Mapping[str, float] | None = None,
+        backoff_s: float = 2.0,
+        backoff_max_s: float = 60.0,
+        cancel_grace_s: float = 30.0,
+    ) -> None:
+        self.instance_id = instance_id
+        self._repo = repository
+        self._runners = dict(runners)
+        self._workers = workers
+        self._lease_s = lease_s
+        self._poll_s = poll_interval_s
+        self._timeouts = dict(timeouts or {})
+        self._backoff_s, self._backoff_max_s = backoff_s, backoff_max_s
+        self._grace_s = cancel_grace_s
+        self._runs: dict[str, _Run] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        """Start claiming work in the background."""
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._claim_loop())
+
+    def wake(self) -> None:
+        """Look for work now (an operation was queued here)."""
+        self._wake.set()
+
+    def cancel(self, operation_id: str) -> bool:
+        """Stop the operation at once if this instance runs it; False otherwise."""
+        run = self._runs.get(operation_id)
+        if run is not None:
+            run.stop("cancelled")
+        return run is not None
+
+    async def stop(self) -> None:
+        """Stop claiming, stop every run and put it back in the queue for whoever comes next."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for run in list(self._runs.values()):
+            run.stop("shutdown")
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                while len(self._runs) < self._workers and not self._stopping:
+                    record = await self._repo.claim(self.instance_id, self._lease_s)
+                    if record is None:
+                        break
+                    self._launch(record)
+            except Exception:  # noqa: BLE001 - the database may be back on the next poll
+                log.exception("claiming operations failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+
+    def _launch(self, record: OperationRecord) -> None:
+        log.info("running %s %s on %s (attempt %d)", record.type, record.operation_id,
+                 record.asset_id, record.attempts)
+        run = _Run(record, self)
+        self._runs[run.operation_id] = run
+        task = asyncio.get_running_loop().create_task(self._supervise(run))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _supervise(self, run: _Run) -> None:
+        try:
+            await self._execute(run)
+        except Exception:  # noqa: BLE001 - the lease expires and another attempt follows
+            log.exception("operation %s: recording its outcome failed", run.operation_id)
+        finally:
+            del self._runs[run.operation_id]
+            self._wake.set()
+
+    async def _execute(self, run: _Run) -> None:
+        op = run.ctx.operation
+        if op.attempts > op.max_attempts:
+            await self._repo.finish(
+                op.operation_id, self.instance_id, "failed", message="gave up",
+                error=f"interrupted {op.attempts - 1} times (the jobs instance running it "
+                      "stopped); not trying again")
+            return
+        if op.cancel_requested:
+            await self._repo.finish(op.operation_id, self.instance_id, "cancelled",
+                                    message="cancelled")
+            return
+        await run.ctx.report(ProgressReport(f"running (attempt {op.attempts} of {op.max_attempts})"))
+        runner = self._runners.get(op.type) or not_supported(op.type)
+        heartbeat = asyncio.create_task(self._heartbeat(run))
+        task = asyncio.create_task(runner(run.ctx))
+        stopped = asyncio.create_task(run.stopped.wait())
+        try:
+            done, _ = await asyncio.wait({task, stopped}, timeout=self._timeouts.get(op.type),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:
+                run.stop("timeout")
+                await run.ctx.report(ProgressReport(f"stopping ({run.ctx.stop_reason})"))
+                done, _ = await asyncio.wait({task}, timeout=self._grace_s)
+            if task not in done:
+                log.warning("operation %s did not stop within %g s; abandoning it",
+                            op.operation_id, self._grace_s)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        finally:
+            heartbeat.cancel()
+            stopped.cancel()
+        await self._conclude(run, task)
+
+    async def _conclude(self, run: _Run, task: asyncio.Task[str]) -> None:
+        op, owner, reason = run.ctx.operation, self.instance_id, run.ctx.stop_reason
+        exc = Cancelled("abandoned") if task.cancelled() else task.exception()
+        if exc is None:
+            await self._repo.finish(op.operation_id, owner, "succeeded", message=task.result())
+        elif reason == "lease_lost":
+            log.warning("operation %s: lease lost to another instance; its outcome is theirs",
+                        op.operation_id)
+        elif reason == "shutdown":
+            await self._repo.requeue(op.operation_id, owner, delay_s=0, refund_attempt=True,
+                                     message=f"interrupted by the shutdown of {owner}; queued again")
+        elif reason == "cancelled":
+            await self._repo.finish(op.operation_id, owner, "cancelled", message="cancelled")
+        elif reason == "timeout":
+            limit = self._timeouts.get(op.type, 0)
+            await self._repo.finish(op.operation_id, owner, "failed", message="timed out",
+                                    error=f"{op.type} timed out after {limit:g} s")
+        elif is_transient(exc) and op.attempts < op.max_attempts:
+            delay = min(self._backoff_s * 2 ** (op.attempts - 1), self._backoff_max_s)
+            error = _describe(exc)
+            await self._repo.requeue(
+                op.operation_id, owner, delay_s=delay, error=error,
+                message=f"attempt {op.attempts} failed: {error}; retrying in {delay:g} s")
+        else:
+            if not isinstance(exc, RoundhouseError | ConnectionError | TimeoutError):
+                log.error("operation %s failed", op.operation_id, exc_info=exc)
+            await self._repo.finish(op.operation_id, owner, "failed", message="failed",
+                                    error=_describe(exc))
+
+    async def _heartbeat(self, run: _Run) -> None:
+        interval = min(self._lease_s / 3, 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                record = await self._repo.renew(run.operation_id, self.instance_id, self._lease_s)
+            except Exception as exc:  # noqa: BLE001 - keep trying until the lease is gone
+                log.warning("operation %s: renewing the lease failed: %s", run.operation_id, exc)
+                continue
+            if record is None:
+                run.stop("lease_lost")
+                return
+            if record.cancel_requested:
+                run.stop("cancelled")
+
+    async def _report(self, run: _Run, report: ProgressReport) -> None:
+        try:
+            record = await self._repo.report(run.operation_id, self.instance_id, report)
+        except Exception as exc:  # noqa: BLE001 - progress is best effort; the work goes on
+            log.warning("operation %s: recording progress failed: %s", run.operation_id, exc)
+            return
+        if record is None:
+            run.stop("lease_lost")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, RoundhouseError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

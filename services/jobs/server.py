@@ -1,0 +1,125 @@
+"""Composition root of the jobs service: `roundhouse jobs`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from roundhouse.v1 import jobs_pb2, jobs_pb2_grpc
+from services.common.db.engine import make_engine, make_sessionmaker
+from services.common.events import EventBus
+from services.common.grpc_server import GrpcServer, ServiceBinding, run_until_signal
+from services.common.modelstore import ModelStore
+from services.common.outbox import OutboxRelay
+from services.common.telemetry import setup_telemetry
+from services.jobs.executor import Executor
+from services.jobs.install import GIB, InstallRunner
+from services.jobs.registry_client import RegistryClient
+from services.jobs.repository import OperationRepository
+from services.jobs.runners import DeleteRunner, Runner, not_supported
+from services.jobs.service import JobService
+from services.jobs.servicer import JobsServicer
+from services.jobs.settings import JobsSettings
+from services.jobs.watch import ChangeNotifier
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name
+
+
+def default_runners(
+    store: ModelStore, registry: RegistryClient, settings: JobsSettings
+) -> dict[str, Runner]:
+    """The runner of every operation type; load, unload and profile are not supported yet."""
+    quota = int(settings.max_storage_gb * GIB) if settings.max_storage_gb else None
+    return {
+        "install": InstallRunner(store, registry, max_storage_bytes=quota),
+        "delete": DeleteRunner(store, registry),
+        "load": not_supported("load"),
+        "unload": not_supported("unload"),
+        "profile": not_supported("profile"),
+    }
+
+
+@dataclass
+class JobsApp:
+    """The assembled service: its gRPC server, the executor, and what to close at the end."""
+
+    server: GrpcServer
+    executor: Executor
+    service: JobService
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def start(self) -> int:
+        """Serve gRPC and start running operations; returns the bound port."""
+        port = await self.server.start()
+        self.executor.start()
+        return port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop serving, hand running operations back to the queue, close connections."""
+        await self.server.stop(grace)
+        for cleanup in self.cleanups:
+            try:
+                await cleanup()
+            except Exception:  # noqa: BLE001 - keep shutting the rest down
+                log.exception("cleanup failed")
+
+
+async def build_app(
+    settings: JobsSettings,
+    runners: Callable[[ModelStore, RegistryClient], Mapping[str, Runner]] | None = None,
+) -> JobsApp:
+    """Wire the jobs service from settings; `runners` replaces the table of runners."""
+    engine = make_engine(settings.resolved_database_url())
+    bus = await EventBus.connect(settings.resolved_nats_url(), name="roundhouse-jobs")
+    relay = OutboxRelay(make_sessionmaker(engine), bus)
+    relay.start()
+    notifier = ChangeNotifier()
+
+    def on_change(operation_id: str) -> None:
+        relay.notify()
+        notifier.notify(operation_id)
+
+    repository = OperationRepository(make_sessionmaker(engine), on_change=on_change)
+    registry = RegistryClient(settings.registry_address)
+    store = ModelStore.from_settings(settings)
+    table = runners(store, registry) if runners else default_runners(store, registry, settings)
+    executor = Executor(
+        repository, table,
+        instance_id=settings.jobs_instance_id,
+        workers=settings.jobs_workers,
+        lease_s=settings.jobs_lease_s,
+        poll_interval_s=settings.jobs_poll_interval_s,
+        timeouts=settings.timeouts(),
+        backoff_s=settings.jobs_retry_backoff_s,
+        backoff_max_s=settings.jobs_retry_backoff_max_s,
+        cancel_grace_s=settings.jobs_cancel_grace_s,
+    )
+    service = JobService(repository, executor, registry, notifier,
+                         max_attempts=settings.jobs_max_attempts)
+    server = GrpcServer(settings.jobs_address, [
+        ServiceBinding(jobs_pb2_grpc.add_JobsServicer_to_server, JobsServicer(service), SERVICE_NAME)
+    ])
+    return JobsApp(server, executor, service,
+                   [executor.stop, relay.stop, registry.close, bus.close, engine.dispose])
+
+
+async def serve(settings: JobsSettings) -> None:
+    """Run the jobs service until SIGTERM/SIGINT."""
+    app = await build_app(settings)
+
+    def started(port: int) -> None:
+        app.executor.start()
+        log.info("jobs listening on port %d as instance %s", port, settings.jobs_instance_id)
+
+    await run_until_signal(app.server, on_started=started, cleanups=app.cleanups)
+
+
+def main() -> None:
+    """Entry point of `roundhouse jobs`."""
+    settings = JobsSettings()
+    setup_telemetry("jobs", level=settings.log_level, console=settings.otel_console)
+    asyncio.run(serve(settings))

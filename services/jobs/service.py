@@ -1,0 +1,83 @@
+"""The jobs service's domain: submit, read, list, cancel and watch operations. No protobuf here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from services.common.errors import FailedPrecondition
+from services.jobs.executor import Executor
+from services.jobs.model import NewOperation, OperationFilter, OperationRecord
+from services.jobs.registry_client import RegistryClient
+from services.jobs.repository import OperationRepository
+from services.jobs.watch import DEFAULT_POLL_S, ChangeNotifier, watch_operation
+
+
+class JobService:
+    """Durable operations on assets, backed by Postgres and run by an `Executor`."""
+
+    def __init__(
+        self,
+        repository: OperationRepository,
+        executor: Executor,
+        registry: RegistryClient,
+        notifier: ChangeNotifier,
+        *,
+        max_attempts: int = 3,
+        watch_poll_s: float = DEFAULT_POLL_S,
+    ) -> None:
+        self._repo = repository
+        self._executor = executor
+        self._registry = registry
+        self._notifier = notifier
+        self._max_attempts = max_attempts
+        self._watch_poll_s = watch_poll_s
+
+    async def submit(self, new: NewOperation) -> OperationRecord:
+        """Queue an operation on an existing asset (`AssetNotFound` otherwise).
+
+        With an idempotency key already used for the same request, returns that operation
+        as it is now (even if its asset is gone since); for a different request, `Conflict`.
+        """
+        if new.idempotency_key:
+            existing = await self._repo.by_key(new.idempotency_key)
+            if existing is not None and new.same_request(existing):
+                return existing
+        await self._registry.get_asset(new.asset_id)
+        record = await self._repo.create(new, max_attempts=self._max_attempts)
+        self._executor.wake()
+        return record
+
+    async def get(self, operation_id: str) -> OperationRecord:
+        """The operation with that id; `OperationNotFound` otherwise."""
+        return await self._repo.get(operation_id)
+
+    async def list(
+        self, filters: OperationFilter, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[OperationRecord], str]:
+        """One page of operations, newest first, and the next page's token ('' at the end)."""
+        return await self._repo.list(filters, page_size=page_size, page_token=page_token)
+
+    async def cancel(self, operation_id: str) -> OperationRecord:
+        """Cancel a queued operation at once; ask a running one to stop.
+
+        A running operation is flagged `cancel_requested` in its row, and stopped at once when
+        this instance runs it (another instance notices the flag at its next lease renewal).
+        Its runner then removes partial results and it ends `cancelled`; `WatchOperation`
+        shows when. Cancelling a cancelled operation is a no-op; a finished one,
+        `FailedPrecondition`.
+        """
+        record = await self._repo.request_cancel(operation_id)
+        if record.status == "running":
+            self._executor.cancel(operation_id)
+        return record
+
+    def watch(self, operation_id: str) -> AsyncGenerator[OperationRecord, None]:
+        """The operation now, then every change until it finishes (see `watch_operation`)."""
+        return watch_operation(self._repo, self._notifier, operation_id, poll_s=self._watch_poll_s)
+
+    async def ensure_loaded(self, asset_id: str, wait_s: float) -> None:
+        """Not available yet: loading assets onto workers is not part of this service so far."""
+        raise FailedPrecondition(
+            f"cannot load '{asset_id}': EnsureLoaded is not available yet in this jobs service "
+            "(load operations are not implemented)"
+        )

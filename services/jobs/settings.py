@@ -1,0 +1,79 @@
+"""Jobs settings (`ROUNDHOUSE_*`)."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+from pydantic import Field
+
+from services.common.modelstore.settings import StoreSettings
+
+
+def default_instance_id() -> str:
+    """`<hostname>-<random>`: unique per process, readable in `lease_owner`."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+class JobsSettings(StoreSettings):
+    """Settings of the jobs service: where it listens, what it talks to, how it runs operations."""
+
+    jobs_address: str = "127.0.0.1:50053"
+    """Where the Jobs gRPC server listens (`host:port`; port 0 picks a free one)."""
+
+    registry_address: str = "127.0.0.1:50052"
+    """The registry's gRPC address; operations read assets and report observed state there."""
+
+    jobs_instance_id: str = Field(default_factory=default_instance_id)
+    """This instance's name in `operations.lease_owner`; must differ between live instances."""
+
+    jobs_workers: int = Field(default=2, ge=1)
+    """Operations this instance runs at the same time."""
+
+    max_storage_gb: float | None = Field(default=None, gt=0)
+    """Quota of the model store in GiB; installs that would exceed it fail. Unset: no quota."""
+
+    jobs_lease_s: float = Field(default=30.0, gt=0)
+    """Seconds a claim on a running operation lasts without renewal; renewed every third of it
+    (at least every 5 s, which is also how soon a cancel sent to another instance lands).
+    Another instance takes the operation over once the lease has expired."""
+
+    jobs_poll_interval_s: float = Field(default=1.0, gt=0)
+    """How often the executor looks for work queued by other instances or left by dead ones."""
+
+    jobs_max_attempts: int = Field(default=3, ge=1)
+    """Attempts of an operation before a transient failure becomes final."""
+
+    jobs_retry_backoff_s: float = Field(default=2.0, gt=0)
+    """Wait before the first retry; doubled for every further attempt."""
+
+    jobs_retry_backoff_max_s: float = Field(default=60.0, gt=0)
+    """Longest wait between attempts."""
+
+    jobs_cancel_grace_s: float = Field(default=30.0, gt=0)
+    """How long a cancelled or timed-out runner may take to clean up before it is abandoned."""
+
+    jobs_install_timeout_s: float = Field(default=3600.0, gt=0)
+    """Longest an install may run (downloads and conversions included)."""
+
+    jobs_load_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest a load may run."""
+
+    jobs_unload_timeout_s: float = Field(default=120.0, gt=0)
+    """Longest an unload may run."""
+
+    jobs_delete_timeout_s: float = Field(default=300.0, gt=0)
+    """Longest a delete may run."""
+
+    jobs_profile_timeout_s: float = Field(default=1800.0, gt=0)
+    """Longest a profile may run."""
+
+    def timeouts(self) -> dict[str, float]:
+        """Per operation type, the longest it may run in seconds."""
+        return {
+            "install": self.jobs_install_timeout_s,
+            "load": self.jobs_load_timeout_s,
+            "unload": self.jobs_unload_timeout_s,
+            "delete": self.jobs_delete_timeout_s,
+            "profile": self.jobs_profile_timeout_s,
+        }

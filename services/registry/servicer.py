@@ -1,0 +1,83 @@
+"""Registry gRPC servicer: convert, await the domain, convert back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from roundhouse.v1 import asset_pb2, registry_pb2, registry_pb2_grpc
+from services.common.asset_proto import (
+    INTERFACE_NAMES,
+    STATE_NAMES,
+    capabilities_from_proto,
+    record_to_proto,
+)
+from services.common.errors import InvalidArgument
+from services.registry.converters import OUTCOMES, apply_items, asset_filter
+from services.registry.service import AssetRegistry
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    """Implements `roundhouse.v1.Registry` over an `AssetRegistry`."""
+
+    def __init__(self, registry: AssetRegistry, source_roots: list[Path]) -> None:
+        self._registry = registry
+        self._source_roots = source_roots
+
+    async def ApplyAssets(
+        self, request: registry_pb2.ApplyAssetsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ApplyAssetsResponse:
+        items = apply_items(request, self._source_roots)
+        results = await self._registry.apply(items, dry_run=request.dry_run)
+        return registry_pb2.ApplyAssetsResponse(results=[
+            registry_pb2.ApplyResult(asset=record_to_proto(record), outcome=OUTCOMES[outcome])
+            for record, outcome in results
+        ])
+
+    async def GetAsset(
+        self, request: registry_pb2.GetAssetRequest, context: grpc.aio.ServicerContext
+    ) -> asset_pb2.Asset:
+        return record_to_proto(await self._registry.get(request.asset_id))
+
+    async def ListAssets(
+        self, request: registry_pb2.ListAssetsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ListAssetsResponse:
+        records, token = await self._registry.list_assets(
+            asset_filter(request), page_size=request.page_size, page_token=request.page_token
+        )
+        return registry_pb2.ListAssetsResponse(
+            assets=[record_to_proto(r) for r in records], next_page_token=token
+        )
+
+    async def DeleteAsset(
+        self, request: registry_pb2.DeleteAssetRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.DeleteAssetResponse:
+        expected = request.expected_revision if request.HasField("expected_revision") else None
+        record = await self._registry.delete(request.asset_id, expected)
+        return registry_pb2.DeleteAssetResponse(asset=record_to_proto(record))
+
+    async def ResolveAsset(
+        self, request: registry_pb2.ResolveAssetRequest, context: grpc.aio.ServicerContext
+    ) -> asset_pb2.Asset:
+        if not request.name:
+            raise InvalidArgument("name: required")
+        interface = INTERFACE_NAMES.get(request.interface, "") if request.interface else ""
+        return record_to_proto(await self._registry.resolve(request.name, interface))
+
+    async def ReportAssetStatus(
+        self, request: registry_pb2.ReportAssetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> asset_pb2.Asset:
+        status = request.status
+        fields = {"message": status.message, "store_path": status.store_path,
+                  "worker_ids": list(status.worker_ids)}
+        if status.HasField("last_used_at"):
+            fields["last_used_at"] = status.last_used_at.ToJsonString()
+        record = await self._registry.report_status(
+            request.asset_id,
+            state=STATE_NAMES.get(status.state, ""),
+            status=fields,
+            capabilities=capabilities_from_proto(request.capabilities)
+            if request.HasField("capabilities") else None,
+        )
+        return record_to_proto(record)

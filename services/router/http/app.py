@@ -1,0 +1,80 @@
+"""The router's HTTP app: the OpenAI-compatible API, health probes and metrics.
+
+`create_app(gateway)` is the composition root of the HTTP side; it builds one FastAPI app
+with its own metrics registry, so several apps can live in one process (tests do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from services.router.http.chat.serving import ChatServing
+from services.router.http.completion.serving import CompletionServing
+from services.router.http.embedding.serving import EmbeddingServing
+from services.router.http.errors import install_error_handlers
+from services.router.http.metrics import HttpMetrics
+from services.router.http.middleware import RequestContextMiddleware
+from services.router.http.routes import openai_router
+
+if TYPE_CHECKING:
+    from services.router.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+READY_TIMEOUT_S = 5.0
+
+
+def create_app(gateway: Gateway, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The HTTP API in front of `gateway`.
+
+    Routes: `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, `/v1/completions`,
+    `/v1/embeddings`, `/healthz`, `/readyz`, `/metrics`. Bodies over `max_body_bytes`
+    are refused with 413. Every error has OpenAI's shape; every response has `x-request-id`.
+    """
+    metrics = HttpMetrics()
+    app = FastAPI(
+        title="Roundhouse",
+        summary="OpenAI-compatible API of the Roundhouse router.",
+        version="1",
+    )
+    app.state.gateway = gateway
+    app.state.metrics = metrics
+    app.state.chat = ChatServing(gateway, metrics)
+    app.state.completion = CompletionServing(gateway, metrics)
+    app.state.embedding = EmbeddingServing(gateway, metrics)
+    install_error_handlers(app)
+    app.include_router(openai_router)
+    _add_operational_routes(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
+    return app
+
+
+def _add_operational_routes(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process serves HTTP. Touches nothing else."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz(request: Request) -> Response:
+        """Readiness: the registry answers and a worker is known. Never wakes a model."""
+        gateway: Gateway = request.app.state.gateway
+        try:
+            ready = await asyncio.wait_for(gateway.ready(), READY_TIMEOUT_S)
+        except Exception:
+            log.warning("readiness check failed", exc_info=True)
+            ready = False
+        status = "ready" if ready else "not ready"
+        return JSONResponse({"status": status}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["operations"])
+    async def metrics(request: Request) -> Response:
+        """Prometheus text exposition of this app's metrics."""
+        registry: HttpMetrics = request.app.state.metrics
+        return Response(registry.render(), media_type=registry.content_type)

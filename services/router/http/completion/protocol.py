@@ -1,0 +1,72 @@
+"""`POST /v1/completions`: the OpenAI (legacy) text completion shapes.
+
+A prompt is sent to the model as is, with no chat template (`ChatRequest.prompt`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from roundhouse.v1 import inference_pb2
+from services.router.http.protocol import FinishReason, OpenAIResponse, UsageInfo
+from services.router.http.sampling import SamplingFields
+
+
+class CompletionRequest(SamplingFields):
+    """The body of `POST /v1/completions`; one text prompt per request."""
+
+    prompt: Annotated[str, Field(min_length=1)]
+    echo: bool = False
+    best_of: int | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and not isinstance(value[0], str):
+            raise ValueError("token prompts are not supported; send text")
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("exactly one prompt per request is supported")
+            value = value[0]
+        return value
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of: only best_of=1 is supported")
+        if self.logprobs is not None:
+            raise ValueError("logprobs: not supported")
+        if self.suffix:
+            raise ValueError("suffix: not supported")
+        return self
+
+    def to_proto(self, request_id: str) -> inference_pb2.ChatRequest:
+        """The request as the router's gateway takes it."""
+        request = self.sampling_proto(request_id)
+        request.prompt = self.prompt
+        return request
+
+
+class CompletionChoice(OpenAIResponse):
+    """The one choice of a completion or of one streamed chunk."""
+
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(OpenAIResponse):
+    """A whole completion, or (object unchanged, as OpenAI does) one streamed chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None

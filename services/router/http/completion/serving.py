@@ -1,0 +1,69 @@
+"""Serving `POST /v1/completions`: a raw prompt, no chat template, text back."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from roundhouse.v1 import inference_pb2
+from services.router.http.completion.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+)
+from services.router.http.protocol import FinishReason, UsageInfo, finish_reason, new_id, now
+from services.router.http.streaming import ChunkRenderer, GenerationServing
+
+if TYPE_CHECKING:
+    pass
+
+ENDPOINT = "completions"
+
+
+class CompletionRenderer(ChunkRenderer):
+    """`text_completion` events of one streamed response."""
+
+    def __init__(self, model: str, echo: str = "") -> None:
+        self.id, self.created, self.model, self.echo = new_id("cmpl"), now(), model, echo
+
+    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> dict:
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        ).model_dump()
+
+    def opening(self) -> list[dict[str, Any]]:
+        """The prompt itself, when the request asked for it to be echoed."""
+        return [self.delta(self.echo)] if self.echo else []
+
+    def delta(self, text: str) -> dict[str, Any]:
+        """New text."""
+        return self._chunk([CompletionChoice(text=text)])
+
+    def finish(self, reason: FinishReason) -> dict[str, Any]:
+        """No text, the finish reason."""
+        return self._chunk([CompletionChoice(text="", finish_reason=reason)])
+
+    def usage(self, usage: UsageInfo) -> dict[str, Any]:
+        """No choices, only the usage."""
+        return self._chunk([], usage)
+
+
+class CompletionServing(GenerationServing):
+    """Runs text completions through the gateway and answers in OpenAI's shape."""
+
+    endpoint = ENDPOINT
+
+    def _prefix(self, body: CompletionRequest) -> str:
+        return body.prompt if body.echo else ""
+
+    def _renderer(self, model: str, prefix: str) -> ChunkRenderer:
+        return CompletionRenderer(model, prefix)
+
+    def _whole(self, body: CompletionRequest, text: str,
+               last: inference_pb2.ChatChunk) -> CompletionResponse:
+        return CompletionResponse(
+            id=new_id("cmpl"),
+            created=now(),
+            model=last.asset_id or body.model,
+            choices=[CompletionChoice(text=text, finish_reason=finish_reason(last.finish_reason))],
+            usage=UsageInfo.from_proto(last.usage),
+        )

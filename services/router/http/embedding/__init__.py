@@ -1,0 +1,1 @@
+"""`/v1/embedding` endpoint: protocol and serving."""

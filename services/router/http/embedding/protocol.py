@@ -1,0 +1,126 @@
+"""`POST /v1/embeddings`: the OpenAI request and response shapes.
+
+`input` is a string, a list of strings, one token array, or a list of token arrays; the
+vectors come back as JSON floats or, with `encoding_format: base64`, as little-endian
+float32 bytes in base64 (what the official clients ask for by default).
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+from array import array
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from roundhouse.v1 import inference_pb2
+from services.router.http.protocol import OpenAIRequest, OpenAIResponse
+
+MAX_INPUTS = 2048
+MAX_TOKEN_ID = 2**32 - 1
+
+EmbeddingInput = str | list[int]
+
+
+class EmbeddingRequest(OpenAIRequest):
+    """The body of `POST /v1/embeddings`."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    input: list[EmbeddingInput]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _inputs(cls, value: Any) -> list[EmbeddingInput]:
+        items = _as_list_of_inputs(value)
+        if not items:
+            raise ValueError("must not be empty")
+        if len(items) > MAX_INPUTS:
+            raise ValueError(f"at most {MAX_INPUTS} inputs per request")
+        for index, item in enumerate(items):
+            _check_input(index, item)
+        return items
+
+    def to_proto(self, request_id: str) -> inference_pb2.EmbedRequest:
+        """The request as the router's gateway takes it."""
+        request = inference_pb2.EmbedRequest(model=self.model, request_id=request_id)
+        for item in self.input:
+            if isinstance(item, str):
+                request.inputs.add(text=item)
+            else:
+                request.inputs.add(tokens=inference_pb2.TokenIds(ids=item))
+        return request
+
+
+def _is_token_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_int(v) for v in value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_list_of_inputs(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError("must be a string, a list of strings, or token arrays")
+    # A flat list of integers is one pre-tokenized input, not many.
+    return [value] if _is_token_array(value) else value
+
+
+def _check_input(index: int, item: Any) -> None:
+    if isinstance(item, str):
+        if not item:
+            raise ValueError(f"input {index} is an empty string")
+        return
+    if not isinstance(item, list) or not item:
+        raise ValueError(f"input {index} must be a non-empty string or token array")
+    if not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in item):
+        raise ValueError(f"input {index}: token ids must be non-negative integers")
+
+
+def encode_vector(values: Sequence[float], encoding_format: str) -> list[float] | str:
+    """One vector in the requested encoding."""
+    if encoding_format == "float":
+        return list(values)
+    packed = array("f", values)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+class EmbeddingData(OpenAIResponse):
+    """One vector, at the index of its input."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(OpenAIResponse):
+    """Tokens read; embeddings generate none."""
+
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def from_proto(cls, usage: inference_pb2.Usage) -> EmbeddingUsage:
+        """Counts reported by the worker → OpenAI's embedding usage."""
+        return cls(
+            prompt_tokens=usage.prompt_tokens,
+            total_tokens=usage.total_tokens or usage.prompt_tokens,
+        )
+
+
+class EmbeddingResponse(OpenAIResponse):
+    """The vectors of one request, in input order."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

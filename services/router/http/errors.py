@@ -1,0 +1,169 @@
+"""One place that turns any failure into OpenAI's error shape.
+
+`{"error": {"message", "type", "param", "code"}}` with the status an OpenAI client expects:
+domain errors (`services.common.errors`), request validation, HTTP-level problems (body
+too large, unknown route) and, last, anything unexpected (500, generic message, trace
+logged). The same mapping feeds the `data: {"error": ...}` event of a failed stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common import errors as domain
+from services.router.http.protocol import ErrorInfo, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+GENERIC_MESSAGE = "The server had an error while processing your request."
+_NAMED_FIELD = re.compile(r"^(?P<field>[a-z_][a-z0-9_.]*): (?P<reason>.+)$", re.DOTALL)
+
+
+class HTTPProblem(Exception):
+    """A failure of the HTTP exchange itself, not of the domain (e.g. a body too large)."""
+
+    def __init__(self, status: int, message: str, code: str, error_type: str = INVALID_REQUEST):
+        super().__init__(message)
+        self.status, self.message, self.code, self.error_type = status, message, code, error_type
+
+
+class ClientClosedRequest(HTTPProblem):
+    """The client went away before the response started."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "The client closed the request.", "client_closed_request")
+
+
+# (domain error, status, type, code, param); the first match wins, so subclasses come first.
+_DOMAIN_ERRORS: list[tuple[type[domain.RoundhouseError], int, str, str, str | None]] = [
+    (domain.AssetNotFound, 404, INVALID_REQUEST, "model_not_found", "model"),
+    (domain.WrongInterface, 400, INVALID_REQUEST, "model_not_supported", "model"),
+    (domain.AssetDisabled, 409, INVALID_REQUEST, "model_disabled", "model"),
+    (domain.ContextLengthExceeded, 400, INVALID_REQUEST, "context_length_exceeded", None),
+    (domain.InvalidArgument, 400, INVALID_REQUEST, "invalid_value", None),
+    (domain.Overloaded, 429, "rate_limit_error", "model_overloaded", None),
+    (domain.ModelNotReady, 503, "service_unavailable_error", "model_not_ready", None),
+    (domain.UpstreamError, 502, "upstream_error", "upstream_error", None),
+    (domain.QuotaExceeded, 503, "service_unavailable_error", "insufficient_capacity", None),
+    (domain.NotFound, 404, INVALID_REQUEST, "not_found", None),
+    (domain.Conflict, 409, INVALID_REQUEST, "conflict", None),
+    (domain.FailedPrecondition, 409, INVALID_REQUEST, "failed_precondition", None),
+    (domain.Cancelled, 499, INVALID_REQUEST, "cancelled", None),
+]
+
+
+def _invalid_param(exc: domain.InvalidArgument) -> str | None:
+    if exc.problems:
+        return exc.problems[0].path or None
+    named = _NAMED_FIELD.match(exc.message)
+    return named["field"] if named else None
+
+
+def describe(exc: BaseException) -> tuple[int, ErrorInfo, dict[str, str]]:
+    """Status, error body and extra headers for any exception."""
+    if isinstance(exc, domain.RoundhouseError):
+        for kind, status, error_type, code, param in _DOMAIN_ERRORS:
+            if isinstance(exc, kind):
+                if param is None and isinstance(exc, domain.InvalidArgument):
+                    param = _invalid_param(exc)
+                retry = getattr(exc, "retry_after_s", None)
+                headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry else {}
+                info = ErrorInfo(message=exc.message, type=error_type, param=param, code=code)
+                return status, info, headers
+    if isinstance(exc, HTTPProblem):
+        return exc.status, ErrorInfo(message=exc.message, type=exc.error_type, code=exc.code), {}
+    if isinstance(exc, RequestValidationError | ValidationError):
+        return 400, validation_error_info(exc.errors()), {}
+    if isinstance(exc, StarletteHTTPException):
+        info = ErrorInfo(message=str(exc.detail), type=INVALID_REQUEST)
+        return exc.status_code, info, dict(exc.headers or {})
+    return 500, ErrorInfo(message=GENERIC_MESSAGE, type="server_error", code="internal_error"), {}
+
+
+def error_response(exc: BaseException, request_id: str | None = None) -> JSONResponse:
+    """The HTTP response for `exc`; an unexpected exception is logged with its trace."""
+    status, info, headers = describe(exc)
+    if status == 500:
+        log.error("request %s failed", request_id or "-", exc_info=exc)
+    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status,
+                        headers=headers)
+
+
+def error_payload(exc: BaseException, request_id: str | None = None) -> dict[str, Any]:
+    """`{"error": {...}}` for `exc`, as sent in the last event of a failed stream."""
+    status, info, _ = describe(exc)
+    if status == 500:
+        log.error("stream of request %s failed", request_id or "-", exc_info=exc)
+    return ErrorResponse(error=info).model_dump()
+
+
+def validation_error_info(errors: Sequence[Mapping[str, Any]]) -> ErrorInfo:
+    """Pydantic/FastAPI validation errors → one OpenAI error naming the first bad field."""
+    first: Mapping[str, Any] = (
+        errors[0] if errors else {"type": "value_error", "loc": (), "msg": "invalid request"}
+    )
+    if first["type"] == "json_invalid":
+        ctx: Mapping[str, Any] = first.get("ctx") or {}
+        reason = ctx.get("error", "invalid JSON")
+        return ErrorInfo(message=f"The request body is not valid JSON: {reason}.",
+                         type=INVALID_REQUEST, code="invalid_json")
+    located = [_locate(e) for e in errors]
+    param, reason, kind = located[0]
+    if not param:
+        if kind == "missing":
+            reason = "A JSON request body is required."
+        elif kind in ("model_attributes_type", "dict_type", "model_type"):
+            reason = "The request body must be a JSON object."
+        return ErrorInfo(message=reason, type=INVALID_REQUEST, code="invalid_request_body")
+    parts = [_sentence(p, r, k) for p, r, k in located[:5] if p]
+    code = "missing_required_parameter" if kind == "missing" else "invalid_value"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        code = "invalid_type"
+    return ErrorInfo(message=" ".join(dict.fromkeys(parts)), type=INVALID_REQUEST,
+                     param=param, code=code)
+
+
+def _locate(error: Mapping[str, Any]) -> tuple[str, str, str]:
+    loc = [str(p) for p in error["loc"]]
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    # Union members and validator functions appear in locations; they are not fields.
+    fields = [p for p in loc if "[" not in p and not p.startswith("function-")]
+    reason = str(error["msg"]).removeprefix("Value error, ")
+    named = _NAMED_FIELD.match(reason)
+    if named:
+        fields.append(named["field"])
+        reason = named["reason"]
+    return ".".join(fields), reason, str(error["type"])
+
+
+def _sentence(param: str, reason: str, kind: str) -> str:
+    if kind == "missing":
+        return f"Missing required parameter: '{param}'."
+    return f"Invalid value for '{param}': {reason.rstrip('.')}."
+
+
+async def _handle(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, StarletteHTTPException) and exc.status_code in (404, 405):
+        what = "Unknown URL" if exc.status_code == 404 else "Method not allowed"
+        code = "not_found" if exc.status_code == 404 else "method_not_allowed"
+        exc = HTTPProblem(exc.status_code, f"{what}: {request.method} {request.url.path}.", code)
+    return error_response(exc, getattr(request.state, "request_id", None))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error FastAPI sees through `error_response`."""
+    for kind in (domain.RoundhouseError, HTTPProblem, RequestValidationError, ValidationError,
+                 StarletteHTTPException):
+        app.add_exception_handler(kind, _handle)

@@ -1,0 +1,60 @@
+"""Prometheus metrics of the HTTP API, kept in a registry of their own per app instance."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import generate_latest
+
+from roundhouse.v1 import inference_pb2
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class HttpMetrics:
+    """Request counts, latency and token counts of one app; rendered by `GET /metrics`."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "roundhouse_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "roundhouse_http_request_duration_seconds",
+            "Time from request to the end of the response (a stream's last byte).",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "roundhouse_prompt_tokens",
+            "Prompt tokens read, by model.",
+            ["model", "endpoint"],
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "roundhouse_generated_tokens",
+            "Tokens generated, by model.",
+            ["model", "endpoint"],
+            registry=self.registry,
+        )
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and its duration."""
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route, method).observe(seconds)
+
+    def observe_usage(self, model: str, endpoint: str, usage: inference_pb2.Usage) -> None:
+        """Add the token counts the worker reported for one request."""
+        if usage.prompt_tokens:
+            self.prompt_tokens.labels(model, endpoint).inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            self.generated_tokens.labels(model, endpoint).inc(usage.completion_tokens)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,120 @@
+"""The outermost layer of the HTTP API: request ids, the body size limit and metrics.
+
+A plain ASGI middleware (not Starlette's `BaseHTTPMiddleware`) so that streamed responses
+pass through untouched and the client's disconnect still reaches the endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import MutableMapping
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.router.http.errors import HTTPProblem, error_response
+from services.router.http.metrics import HttpMetrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+
+
+def accept_request_id(value: str | None) -> str:
+    """The client's request id when it is sane (short, printable, no spaces); else a new one."""
+    if value and _SANE_REQUEST_ID.match(value):
+        return value
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    """Tags every request with an id, bounds its body and records it in `HttpMetrics`.
+
+    The id is stored as `request.state.request_id` and returned in `x-request-id` on every
+    response, errors and streams included. A body larger than `max_body_bytes` is refused
+    with 413, by its Content-Length or, without one, once the bytes read pass the limit;
+    the body the app reads is the one read here, so it is never read unbounded.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: HttpMetrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = accept_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        response: MutableMapping[str, Any] = {"started": False, "status": 500}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response.update(started=True, status=message["status"])
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if k.lower() != REQUEST_ID_HEADER.encode()]
+                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode("ascii")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            bounded = await self._read_body(scope, receive)
+            await self.app(scope, bounded, send_with_id)
+        except Exception as exc:
+            if response["started"]:
+                log.error("request %s failed after its response started", request_id,
+                          exc_info=exc)
+                raise
+            await error_response(exc, request_id)(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe_request(route, scope["method"], response["status"],
+                                         time.perf_counter() - started)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> Receive:
+        """Read the whole body, refusing it past the limit; return a receive that replays it."""
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise HTTPProblem(400, "The Content-Length header is not a number.",
+                                  "invalid_request")
+            if int(declared) > self.max_body_bytes:
+                raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return _replay([], message, receive)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        return _replay([{"type": "http.request", "body": body, "more_body": False}], None, receive)
+
+    def _too_large(self) -> HTTPProblem:
+        return HTTPProblem(413, f"The request body is larger than the limit of "
+                                f"{self.max_body_bytes} bytes.", "request_too_large")
+
+
+def _replay(messages: list[Message], last: Message | None, receive: Receive) -> Receive:
+    """A receive that yields `messages`, then `last` (if any), then defers to `receive`."""
+    pending = [*messages, *([last] if last is not None else [])]
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed

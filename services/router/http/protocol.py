@@ -1,0 +1,137 @@
+"""OpenAI wire shapes shared by every endpoint: base model, usage, errors, model objects.
+
+Endpoint-specific requests and responses live beside their serving code
+(`chat/protocol.py`, `completion/protocol.py`, `embedding/protocol.py`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from roundhouse.v1 import inference_pb2
+from services.common.asset_proto import AssetRecord
+
+FINISH_REASONS = {
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+}
+
+FinishReason = Literal["stop", "length"]
+
+
+class OpenAIRequest(BaseModel):
+    """Base of every request body: unknown fields are accepted and ignored, as OpenAI does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class OpenAIResponse(BaseModel):
+    """Base of every response body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(OpenAIRequest):
+    """`stream_options` of a streamed chat or completion request."""
+
+    include_usage: bool = False
+
+
+class UsageInfo(OpenAIResponse):
+    """Token counts of one request, as OpenAI reports them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def from_proto(cls, usage: inference_pb2.Usage) -> UsageInfo:
+        """Counts reported by the worker → OpenAI usage."""
+        total = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+        return cls(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=total,
+        )
+
+
+def finish_reason(value: int) -> FinishReason:
+    """Worker finish reason → OpenAI's; an unspecified one reads as a normal stop."""
+    return FINISH_REASONS.get(value, "stop")  # type: ignore[return-value]
+
+
+def new_id(prefix: str) -> str:
+    """A response id in OpenAI's style, e.g. `chatcmpl-…`."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """Unix seconds, for `created` fields."""
+    return int(time.time())
+
+
+class ErrorInfo(BaseModel):
+    """The body of an OpenAI error."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """`{"error": {...}}`, OpenAI's error envelope."""
+
+    error: ErrorInfo
+
+
+class ModelCard(OpenAIResponse):
+    """An OpenAI `model` object, with Roundhouse's facts about the asset added."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "roundhouse"
+    display_name: str | None = None
+    interfaces: list[str] = Field(default_factory=list)
+    state: str
+    desired: str
+    aliases: list[str] = Field(default_factory=list)
+    context_length: int | None = None
+    embedding_dim: int | None = None
+
+    @classmethod
+    def from_record(cls, record: AssetRecord) -> ModelCard:
+        """A stored asset → its model object; declared metadata wins over detected values."""
+        spec = record.spec
+        detected: dict[str, Any] = record.capabilities or {}
+        return cls(
+            id=spec.asset_id,
+            created=_unix(record.created_at),
+            display_name=spec.display_name or None,
+            interfaces=list(spec.interface),
+            state=record.state,
+            desired=spec.desired,
+            aliases=list(spec.aliases),
+            context_length=spec.metadata.context_length or detected.get("context_length") or None,
+            embedding_dim=spec.metadata.embedding_dim or detected.get("embedding_dim") or None,
+        )
+
+
+class ModelList(OpenAIResponse):
+    """`GET /v1/models`."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def _unix(value: datetime) -> int:
+    # Timestamps converted from protobuf are naive UTC.
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp())

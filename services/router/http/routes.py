@@ -1,0 +1,58 @@
+"""The OpenAI-compatible routes under `/v1`: parse, hand to the serving object, answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from services.router.http.chat.protocol import ChatCompletionRequest, ChatCompletionResponse
+from services.router.http.completion.protocol import CompletionRequest, CompletionResponse
+from services.router.http.embedding.protocol import EmbeddingRequest, EmbeddingResponse
+from services.router.http.protocol import ErrorResponse, ModelCard, ModelList
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The request is invalid."},
+    404: {"model": ErrorResponse, "description": "No model has that name."},
+    413: {"model": ErrorResponse, "description": "The body is too large."},
+    429: {"model": ErrorResponse, "description": "The model is overloaded; see Retry-After."},
+    503: {"model": ErrorResponse, "description": "The model is not ready; see Retry-After."},
+}
+STREAM: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE if streamed."},
+}
+
+openai_router = APIRouter(prefix="/v1", responses=ERRORS)
+
+
+@openai_router.get("/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    """Every asset, as OpenAI model objects; nothing is loaded to answer."""
+    records = await request.app.state.gateway.list_models()
+    return ModelList(data=[ModelCard.from_record(r) for r in records])
+
+
+@openai_router.get("/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    """One asset by id or alias."""
+    return ModelCard.from_record(await request.app.state.gateway.get_model(model_id))
+
+
+@openai_router.post("/chat/completions", response_model=ChatCompletionResponse,
+                    responses=STREAM)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    """Chat with an `llm-runtime` model."""
+    return await request.app.state.chat.create(body, request)
+
+
+@openai_router.post("/completions", response_model=CompletionResponse, responses=STREAM)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    """Complete a raw prompt with an `llm-runtime` model."""
+    return await request.app.state.completion.create(body, request)
+
+
+@openai_router.post("/embeddings", response_model=EmbeddingResponse)
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    """Embed with an `embedding-runtime` model."""
+    return await request.app.state.embedding.create(body, request)

@@ -1,0 +1,240 @@
+"""Relaying a gateway chunk stream to an HTTP client, streamed (SSE) or collected.
+
+Shared by chat and text completions: the first chunk is awaited before the response
+starts, so a failure to admit, place or wake the model is a plain HTTP error; a failure
+after that is a last `data: {"error": ...}` event. Whenever the client goes away the
+gateway iterator is closed, which cancels the generation on the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from roundhouse.v1 import inference_pb2
+from services.common.errors import UpstreamError
+from services.router.http.errors import ClientClosedRequest, error_payload
+from services.router.http.protocol import FinishReason, UsageInfo, finish_reason
+
+if TYPE_CHECKING:
+    from services.router.gateway import Gateway
+    from services.router.http.metrics import HttpMetrics
+
+T = TypeVar("T")
+ChunkStream = AsyncIterator[inference_pb2.ChatChunk]
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying `payload` as JSON."""
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """`text/event-stream` that always watches for the client's disconnect.
+
+    Starlette skips that watch for servers speaking ASGI 2.4 and notices a gone client
+    only at the next write; a queued or slow generation may not write for a long time.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:
+                        pass  # the client went away mid-write
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            # A stream cancelled while waiting to write is parked at a `yield`; close it
+            # now so it releases the gateway stream instead of at garbage collection.
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it and raising `ClientClosedRequest` if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    raise ClientClosedRequest()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def first_chunk(request: Request, chunks: ChunkStream) -> inference_pb2.ChatChunk:
+    """The stream's first chunk; on any failure (client gone included) the stream is closed."""
+    try:
+        first = await until_disconnected(request, anext(chunks, None))
+    except BaseException:
+        await close(chunks)
+        raise
+    if first is None:
+        raise UpstreamError("The model returned no output.")
+    return first
+
+
+async def collect(request: Request, chunks: ChunkStream) -> tuple[str, inference_pb2.ChatChunk]:
+    """The whole text of a stream and its last chunk (finish reason, usage, asset id)."""
+
+    async def drain() -> tuple[str, inference_pb2.ChatChunk]:
+        parts: list[str] = []
+        last: inference_pb2.ChatChunk | None = None
+        async for chunk in chunks:
+            parts.append(chunk.delta)
+            last = chunk
+        if last is None:
+            raise UpstreamError("The model returned no output.")
+        return "".join(parts), last
+
+    try:
+        return await until_disconnected(request, drain())
+    finally:
+        await close(chunks)
+
+
+async def close(chunks: ChunkStream) -> None:
+    """Close a gateway stream even from a cancelled task, so the worker stops promptly."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.CancelScope(shield=True):
+        await aclose()
+
+
+class ChunkRenderer(ABC):
+    """How one endpoint spells the events of a stream."""
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Events sent before any text (chat announces the assistant role)."""
+        return []
+
+    @abstractmethod
+    def delta(self, text: str) -> dict[str, Any]:
+        """The event carrying new text."""
+
+    @abstractmethod
+    def finish(self, reason: FinishReason) -> dict[str, Any]:
+        """The event carrying the finish reason."""
+
+    @abstractmethod
+    def usage(self, usage: UsageInfo) -> dict[str, Any]:
+        """The trailing usage event (`stream_options.include_usage`)."""
+
+
+async def relay(
+    first: inference_pb2.ChatChunk,
+    chunks: ChunkStream,
+    renderer: ChunkRenderer,
+    *,
+    include_usage: bool,
+    on_last: Callable[[inference_pb2.ChatChunk], None],
+    request_id: str,
+) -> AsyncIterator[str]:
+    """SSE events for a stream whose first chunk was already read, ending in `[DONE]`.
+
+    A failure midway ends the stream with an error event instead; in every case the
+    gateway stream is closed when this generator is.
+    """
+    try:
+        for event in renderer.opening():
+            yield sse(event)
+        chunk = first
+        while True:
+            if chunk.delta:
+                yield sse(renderer.delta(chunk.delta))
+            following = await anext(chunks, None)
+            if following is None:
+                break
+            chunk = following
+        yield sse(renderer.finish(finish_reason(chunk.finish_reason)))
+        on_last(chunk)
+        if include_usage:
+            yield sse(renderer.usage(UsageInfo.from_proto(chunk.usage)))
+        yield DONE
+    except Exception as exc:
+        yield sse(error_payload(exc, request_id))
+    finally:
+        await close(chunks)
+
+
+class GenerationServing(ABC):
+    """Shared flow of chat and text completions: whole answer, or SSE after the first chunk.
+
+    Subclasses say how a whole answer and a stream look; domain errors raised before the
+    response starts propagate to the error handler.
+    """
+
+    endpoint: str
+
+    def __init__(self, gateway: Gateway, metrics: HttpMetrics) -> None:
+        self.gateway = gateway
+        self.metrics = metrics
+
+    async def create(self, body: Any, request: Request) -> Response:
+        """Serve one request (`body` has `to_proto`, `stream`, `model`, `include_usage`)."""
+        request_id: str = request.state.request_id
+        chunks = self.gateway.chat(body.to_proto(request_id))
+        prefix = self._prefix(body)
+        if not body.stream:
+            text, last = await collect(request, chunks)
+            self._count_usage(last)
+            return JSONResponse(self._whole(body, prefix + text, last).model_dump())
+        first = await first_chunk(request, chunks)
+        renderer = self._renderer(first.asset_id or body.model, prefix)
+        return EventStreamResponse(relay(
+            first, chunks, renderer, include_usage=body.include_usage,
+            on_last=self._count_usage, request_id=request_id,
+        ))
+
+    def _prefix(self, body: Any) -> str:
+        """Text that precedes the completion (a completion's echoed prompt)."""
+        return ""
+
+    @abstractmethod
+    def _renderer(self, model: str, prefix: str) -> ChunkRenderer:
+        """How stream chunks look."""
+
+    @abstractmethod
+    def _whole(self, body: Any, text: str, last: inference_pb2.ChatChunk) -> Any:
+        """The whole answer as a response model."""
+
+    def _count_usage(self, last: inference_pb2.ChatChunk) -> None:
+        self.metrics.observe_usage(last.asset_id or "unknown", self.endpoint, last.usage)

@@ -1,0 +1,115 @@
+"""What a worker holds: held models, one request's lease on a model, and read-only snapshots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from services.common.asset_proto import AssetRecord
+from services.common.errors import ModelNotReady
+from services.worker.models import Capabilities, HostedModel
+
+MIB = 1024 * 1024
+
+
+def mib(size: int) -> str:
+    """A byte count as MiB for messages, one decimal (tiny models are well under 1 MiB)."""
+    return f"{size / MIB:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class LoadedModelInfo:
+    """A snapshot of one held model (the domain side of `LoadedModel`)."""
+
+    asset_id: str
+    revision: int
+    capabilities: Capabilities
+    memory_bytes: int
+    in_flight: int
+    loaded_at: datetime
+    last_used_at: datetime
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """A snapshot of the worker: identity, memory figures and the models it holds."""
+
+    worker_id: str
+    address: str
+    memory_budget_bytes: int
+    memory_used_bytes: int
+    started_at: datetime
+    models: tuple[LoadedModelInfo, ...]
+
+
+@dataclass
+class HeldModel:
+    """A model the worker holds, with its accounting.
+
+    `unloaded` is set when it was removed with requests still running (a forced unload):
+    those requests then fail as not ready. `draining` is set when a newer revision replaced
+    it: running requests finish, and the last one out closes it.
+    """
+
+    record: AssetRecord
+    model: HostedModel
+    loaded_at: datetime
+    last_used_at: datetime
+    load_seconds: float
+    in_flight: int = 0
+    unloaded: bool = False
+    draining: bool = False
+
+    @property
+    def asset_id(self) -> str:
+        """The asset id."""
+        return self.record.spec.asset_id
+
+    @property
+    def memory_bytes(self) -> int:
+        """Measured footprint, else what the spec declares."""
+        declared = (self.record.spec.resources.memory_mb or 0) * MIB
+        return self.model.capabilities.memory_bytes or declared
+
+    def touch(self) -> None:
+        """Record use now."""
+        self.last_used_at = datetime.now(UTC)
+
+    def snapshot(self) -> LoadedModelInfo:
+        """The model's figures as of now."""
+        return LoadedModelInfo(
+            asset_id=self.asset_id,
+            revision=self.record.revision,
+            capabilities=self.model.capabilities,
+            memory_bytes=self.memory_bytes,
+            in_flight=self.in_flight,
+            loaded_at=self.loaded_at,
+            last_used_at=self.last_used_at,
+            load_seconds=self.load_seconds,
+        )
+
+
+@dataclass
+class Lease:
+    """One request's hold on a model, counted in flight until the request ends."""
+
+    held: HeldModel
+    worker_id: str
+
+    @property
+    def model(self) -> HostedModel:
+        """The model to serve the request with."""
+        return self.held.model
+
+    def check(self) -> None:
+        """Raise `ModelNotReady` if the model was unloaded while the request ran."""
+        if self.held.unloaded:
+            raise unloaded_error(self.held.asset_id, self.worker_id)
+
+
+def unloaded_error(asset_id: str, worker_id: str) -> ModelNotReady:
+    """The error of a request whose model was unloaded under it."""
+    return ModelNotReady(
+        f"model '{asset_id}' was unloaded from worker {worker_id} while serving this request; retry"
+    )

@@ -1,0 +1,81 @@
+"""The worker's model layer: hosted models and how to load them, with no gRPC in sight.
+
+`load_model` picks the runtime from the spec; the returned `HostedModel` streams chat
+(`chat`) and/or embeds (`embed`) according to its interfaces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.common.assetspec import AssetSpec
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.worker.models.batching import BatchSettings
+from services.worker.models.causal_lm import TransformersChatModel
+from services.worker.models.continuous_batching import BatchingSettings
+from services.worker.models.encoder import SentenceEmbeddingModel
+from services.worker.models.openai_remote import OpenAIRemoteModel, UpstreamHTTPError
+from services.worker.models.types import (
+    EMBEDDING,
+    LLM,
+    Capabilities,
+    ChatDelta,
+    ChatMessage,
+    ChatParams,
+    EmbedInput,
+    EmbedResult,
+    HostedModel,
+    Tool,
+    Usage,
+)
+
+__all__ = [
+    "EMBEDDING",
+    "LLM",
+    "BatchSettings",
+    "BatchingSettings",
+    "Capabilities",
+    "ChatDelta",
+    "ChatMessage",
+    "ChatParams",
+    "EmbedInput",
+    "EmbedResult",
+    "HostedModel",
+    "OpenAIRemoteModel",
+    "SentenceEmbeddingModel",
+    "Tool",
+    "TransformersChatModel",
+    "UpstreamHTTPError",
+    "Usage",
+    "load_model",
+]
+
+
+def load_model(
+    spec: AssetSpec,
+    folder: Path | None,
+    *,
+    chat_batching: BatchingSettings | None = None,
+    embed_batching: BatchSettings | None = None,
+) -> HostedModel:
+    """Load `spec` from its installed `folder` (None for remote runtimes).
+
+    Blocking (weights are read and capabilities measured): the caller runs it in a thread.
+    A `transformers` asset hosts one interface: `llm-runtime` loads a causal LM,
+    `embedding-runtime` a sentence-transformers model.
+    """
+    if spec.runtime == "openai":
+        return OpenAIRemoteModel(spec)
+    if spec.runtime != "transformers":
+        raise InvalidArgument(f"runtime '{spec.runtime}' is not supported by this worker")
+    if folder is None or not Path(folder).is_dir():
+        raise FailedPrecondition(f"model '{spec.asset_id}' is not installed (no folder {folder})")
+    interfaces = set(spec.interface)
+    if interfaces == {LLM}:
+        return TransformersChatModel.load(spec, Path(folder), chat_batching)
+    if interfaces == {EMBEDDING}:
+        return SentenceEmbeddingModel.load(spec, Path(folder), embed_batching)
+    raise InvalidArgument(
+        f"model '{spec.asset_id}': the transformers runtime hosts one interface per asset; "
+        f"declare either {LLM} or {EMBEDDING}"
+    )

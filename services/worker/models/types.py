@@ -1,0 +1,162 @@
+"""Domain types of the worker's model layer: what a hosted model offers and answers.
+
+No protobuf here: the gRPC servicer converts these to and from `roundhouse.v1` messages.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from services.common.errors import InvalidArgument, WrongInterface
+
+LLM = "llm-runtime"
+EMBEDDING = "embedding-runtime"
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Facts measured when the model was loaded (mirrors `roundhouse.v1.Capabilities`)."""
+
+    context_length: int = 0
+    embedding_dim: int = 0
+    supports_system_role: bool = False
+    supports_tools: bool = False
+    parameter_count: int = 0
+    memory_bytes: int = 0
+    streaming: bool = False
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a conversation."""
+
+    role: str
+    content: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call, in OpenAI's function-tool terms."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI `tools[]` entry, also what chat templates expect."""
+        function: dict[str, Any] = {"name": self.name, "description": self.description}
+        function["parameters"] = self.parameters or {"type": "object", "properties": {}}
+        return {"type": "function", "function": function}
+
+
+@dataclass
+class ChatParams:
+    """A chat or raw completion request. Exactly one of `messages` and `prompt` is set.
+
+    Dict messages (`{"role", "content", "name"}`) are accepted and turned into `ChatMessage`.
+    """
+
+    messages: list[ChatMessage] = field(default_factory=list)
+    prompt: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    tools: list[Tool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.messages = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in self.messages]
+
+    def validate(self) -> None:
+        """Raise `InvalidArgument` when the request is malformed."""
+        if bool(self.messages) == (self.prompt is not None):
+            raise InvalidArgument("exactly one of 'messages' and 'prompt' must be given")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise InvalidArgument("temperature must be between 0 and 2")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InvalidArgument("top_p must be greater than 0 and at most 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidArgument("max_tokens must be at least 1")
+        if any(not s for s in self.stop):
+            raise InvalidArgument("stop sequences must not be empty")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """A piece of a streamed completion; the last one has `finish_reason` (and usage if known)."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """One vector per input, in input order."""
+
+    vectors: list[list[float]] | np.ndarray
+    prompt_tokens: int
+    dimensions: int
+
+
+EmbedInput = str | Sequence[int]
+
+
+class HostedModel(abc.ABC):
+    """A model a worker holds: chat and/or embed, depending on its interfaces."""
+
+    asset_id: str
+    capabilities: Capabilities
+    interfaces: tuple[str, ...]
+
+    def chat(self, params: ChatParams) -> AsyncIterator[ChatDelta]:
+        """Stream a completion. Raises `WrongInterface` at once if the model does not chat.
+
+        Request errors (`InvalidArgument`, `ContextLengthExceeded`) are raised on the first
+        iteration, before any delta. Closing the iterator or cancelling its task stops
+        generation.
+        """
+        if LLM not in self.interfaces:
+            raise WrongInterface(f"model '{self.asset_id}' does not implement {LLM}")
+        params.validate()
+        return self._chat(params)
+
+    async def embed(self, inputs: list[EmbedInput]) -> EmbedResult:
+        """Embed texts or token-id arrays. Raises `WrongInterface` if the model does not embed."""
+        if EMBEDDING not in self.interfaces:
+            raise WrongInterface(f"model '{self.asset_id}' does not implement {EMBEDDING}")
+        if not inputs:
+            raise InvalidArgument("at least one input is required")
+        return await self._embed(inputs)
+
+    def _chat(self, params: ChatParams) -> AsyncIterator[ChatDelta]:
+        raise WrongInterface(f"model '{self.asset_id}' does not implement {LLM}")
+
+    async def _embed(self, inputs: list[EmbedInput]) -> EmbedResult:
+        raise WrongInterface(f"model '{self.asset_id}' does not implement {EMBEDDING}")
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop serving and release what the model holds."""

@@ -1,0 +1,242 @@
+"""The worker's domain: which models it holds, their memory and requests in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+from roundhouse.v1 import events_pb2
+from services.common.asset_proto import AssetRecord
+from services.common.errors import FailedPrecondition, ModelNotReady, NotFound, QuotaExceeded
+from services.common.events import EventBus, new_event
+from services.common.modelstore.store import ModelStore
+from services.worker.holdings import (
+    MIB,
+    HeldModel,
+    Lease,
+    LoadedModelInfo,
+    WorkerState,
+    mib,
+    unloaded_error,
+)
+from services.worker.models import HostedModel, load_model
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[AssetRecord, ModelStore], HostedModel]
+
+
+def load_from_store(record: AssetRecord, store: ModelStore) -> HostedModel:
+    """Load an asset from the worker's model store (blocking: run it in a thread).
+
+    Remote (`url`) assets count as installed with no folder.
+    """
+    installed = store.installed(record.spec)
+    if installed is None:
+        raise FailedPrecondition(
+            f"model '{record.spec.asset_id}' is not installed in the model store at "
+            f"{store.root}; install it first"
+        )
+    return load_model(record.spec, installed.path)
+
+
+class ModelHost:
+    """Loads, holds, serves and unloads models; one failing model never affects the others.
+
+    Loads run in a thread, so the event loop keeps serving the models already held.
+    Events (`model.loading`, `model.loaded`, `model.load_failed`, `model.unloaded`) are
+    published best effort when a bus is attached.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: ModelStore,
+        memory_budget_bytes: int,
+        bus: EventBus | None = None,
+        loader: Loader = load_from_store,
+        worker_id: str = "worker",
+        address: str = "",
+    ) -> None:
+        self.worker_id = worker_id
+        self.address = address
+        self.memory_budget_bytes = memory_budget_bytes
+        self.started_at = datetime.now(UTC)
+        self._store = store
+        self._bus = bus
+        self._loader = loader
+        self._held: dict[str, HeldModel] = {}
+        self._loading: dict[str, asyncio.Task[HeldModel]] = {}
+        self._reserved: dict[str, int] = {}
+
+    def identify(self, worker_id: str, address: str) -> None:
+        """Name the worker once its port is known."""
+        self.worker_id, self.address = worker_id, address
+
+    def attach_bus(self, bus: EventBus | None) -> None:
+        """Publish events on `bus` from now on (None: stop publishing)."""
+        self._bus = bus
+
+    @property
+    def memory_used_bytes(self) -> int:
+        """Memory of every held model."""
+        return sum(h.memory_bytes for h in self._held.values())
+
+    def info(self) -> WorkerState:
+        """A snapshot of the worker and every model it holds."""
+        return WorkerState(
+            worker_id=self.worker_id,
+            address=self.address,
+            memory_budget_bytes=self.memory_budget_bytes,
+            memory_used_bytes=self.memory_used_bytes,
+            started_at=self.started_at,
+            models=tuple(h.snapshot() for h in self._held.values()),
+        )
+
+    async def load(self, record: AssetRecord) -> LoadedModelInfo:
+        """Hold `record`'s model; a no-op when that revision is held.
+
+        Concurrent loads of one asset share one load. Raises `FailedPrecondition` when the
+        model is not installed and `QuotaExceeded` when it does not fit the memory budget.
+        """
+        asset_id = record.spec.asset_id
+        held = self._held.get(asset_id)
+        if held is not None and held.record.revision == record.revision:
+            return held.snapshot()
+        task = self._loading.get(asset_id)
+        if task is None:
+            task = asyncio.create_task(self._load(record, replacing=held), name=f"load-{asset_id}")
+            self._loading[asset_id] = task
+            task.add_done_callback(lambda done: self._load_done(asset_id, done))
+        # A caller that gives up (deadline, cancel) leaves the load running for the others.
+        return (await asyncio.shield(task)).snapshot()
+
+    def _load_done(self, asset_id: str, task: asyncio.Task[HeldModel]) -> None:
+        self._loading.pop(asset_id, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here too, in case every waiter gave up
+
+    def _committed_bytes(self, excluding: HeldModel | None = None) -> int:
+        """Held plus reserved for loads in progress, less `excluding` (a model being replaced)."""
+        held = self.memory_used_bytes - (excluding.memory_bytes if excluding else 0)
+        return held + sum(self._reserved.values())
+
+    def _check_budget(self, asset_id: str, needed: int, committed: int) -> None:
+        if committed + needed > self.memory_budget_bytes:
+            free = max(self.memory_budget_bytes - committed, 0)
+            raise QuotaExceeded(
+                f"model '{asset_id}' needs {mib(needed)} but worker {self.worker_id} has "
+                f"{mib(free)} free of its {mib(self.memory_budget_bytes)} budget "
+                f"({mib(committed)} in use); unload a model or raise ROUNDHOUSE_WORKER_MEMORY_MB"
+            )
+
+    async def _load(self, record: AssetRecord, replacing: HeldModel | None) -> HeldModel:
+        asset_id = record.spec.asset_id
+        declared = (record.spec.resources.memory_mb or 0) * MIB
+        try:
+            self._check_budget(asset_id, declared, self._committed_bytes(replacing))
+        except QuotaExceeded as exc:
+            await self._publish("model.load_failed", asset_id, reason=exc.message)
+            raise
+        self._reserved[asset_id] = declared
+        await self._publish("model.loading", asset_id)
+        started = time.perf_counter()
+        try:
+            model = await asyncio.to_thread(self._loader, record, self._store)
+            now = datetime.now(UTC)
+            held = HeldModel(record, model, now, now, time.perf_counter() - started)
+            del self._reserved[asset_id]
+            try:
+                self._check_budget(asset_id, held.memory_bytes, self._committed_bytes(replacing))
+            except QuotaExceeded:
+                await model.close()
+                raise
+        except Exception as exc:
+            self._reserved.pop(asset_id, None)
+            reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            log.warning("loading %s failed: %s", asset_id, reason)
+            await self._publish("model.load_failed", asset_id, reason=reason)
+            raise
+        self._held[asset_id] = held
+        if replacing is not None:
+            await self._retire(replacing)
+        log.info("loaded %s in %.2fs (%s)", asset_id, held.load_seconds, mib(held.memory_bytes))
+        await self._publish("model.loaded", asset_id, load_seconds=held.load_seconds,
+                            memory_bytes=held.memory_bytes)
+        return held
+
+    async def _retire(self, old: HeldModel) -> None:
+        """Close a replaced revision now, or when its last running request ends."""
+        old.draining = True
+        if old.in_flight == 0:
+            await old.model.close()
+
+    async def unload(self, asset_id: str, *, force: bool = False, reason: str = "") -> int:
+        """Release a model and return the bytes freed.
+
+        Refuses with `FailedPrecondition` while requests are in flight unless `force`;
+        forced, those requests fail as not ready.
+        """
+        held = self._held.get(asset_id)
+        if held is None:
+            raise NotFound(f"model '{asset_id}' is not loaded on worker {self.worker_id}")
+        if held.in_flight and not force:
+            raise FailedPrecondition(
+                f"model '{asset_id}' has {held.in_flight} request(s) in flight on worker "
+                f"{self.worker_id}; wait for them or unload with force"
+            )
+        del self._held[asset_id]
+        held.unloaded = held.in_flight > 0
+        await held.model.close()
+        idle = (datetime.now(UTC) - held.last_used_at).total_seconds()
+        log.info("unloaded %s (%s): freed %s", asset_id, reason or "operator", mib(held.memory_bytes))
+        await self._publish("model.unloaded", asset_id, reason=reason or "operator",
+                            memory_bytes=held.memory_bytes, idle_seconds=idle)
+        return held.memory_bytes
+
+    @asynccontextmanager
+    async def use(self, asset_id: str) -> AsyncIterator[Lease]:
+        """A lease on the model for one request, counted in flight while the body runs.
+
+        Raises `NotFound` when the model is not held (`ModelNotReady` while it is loading).
+        """
+        held = self._held.get(asset_id)
+        if held is None:
+            if asset_id in self._loading:
+                raise ModelNotReady(f"model '{asset_id}' is still loading on worker {self.worker_id}")
+            raise NotFound(f"model '{asset_id}' is not loaded on worker {self.worker_id}")
+        held.in_flight += 1
+        held.touch()
+        lease = Lease(held, self.worker_id)
+        try:
+            yield lease
+        except Exception as exc:
+            if held.unloaded:
+                raise unloaded_error(asset_id, self.worker_id) from exc
+            raise
+        finally:
+            held.in_flight -= 1
+            held.touch()
+            if held.draining and held.in_flight == 0:
+                await held.model.close()
+
+    async def close(self) -> None:
+        """Stop loads in progress and unload everything (at shutdown)."""
+        for task in list(self._loading.values()):
+            task.cancel()
+        for asset_id in list(self._held):
+            await self.unload(asset_id, force=True, reason="shutdown")
+
+    async def _publish(self, kind: str, asset_id: str, **detail: object) -> None:
+        if self._bus is None:
+            return
+        try:
+            event = new_event(kind, "worker", asset_id=asset_id, worker_id=self.worker_id,
+                              model=events_pb2.ModelEventDetail(**detail))  # type: ignore[arg-type]
+            await self._bus.publish(event)
+        except Exception as exc:  # noqa: BLE001 - events are best effort; serving goes on
+            log.warning("could not publish %s for %s: %s", kind, asset_id, exc)

@@ -1,0 +1,74 @@
+"""The worker's gRPC servicers: `Inference` (by asset id) and `WorkerControl`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.asset_proto import record_from_proto
+from services.common.errors import InvalidArgument
+from services.worker import converters
+from services.worker.service import ModelHost
+
+
+class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
+    """Serves the models this worker holds; `model` is the asset id."""
+
+    def __init__(self, host: ModelHost) -> None:
+        self._host = host
+
+    async def Chat(
+        self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.ChatChunk]:
+        """Stream the completion as it is produced; the last chunk has finish reason and usage."""
+        params = converters.chat_params(request)
+        async with self._host.use(request.model) as lease:
+            stream = lease.model.chat(params)
+            try:
+                async for delta in stream:
+                    lease.check()
+                    yield converters.chat_chunk(delta, request.model)
+            finally:
+                # Also runs when grpc cancels the handler (client gone): stop generating.
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    async def Embed(
+        self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.EmbedResponse:
+        """One vector per input, in input order."""
+        inputs = converters.embed_inputs(request)
+        async with self._host.use(request.model) as lease:
+            result = await lease.model.embed(inputs)
+            lease.check()
+        return converters.embed_response(result, request.model)
+
+
+class WorkerControlServicer(worker_pb2_grpc.WorkerControlServicer):
+    """Load, unload and report."""
+
+    def __init__(self, host: ModelHost) -> None:
+        self._host = host
+
+    async def LoadModel(
+        self, request: worker_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.LoadModelResponse:
+        """Load the asset from this worker's model store; returns once it can serve."""
+        if not request.HasField("asset"):
+            raise InvalidArgument("asset: required")
+        loaded = await self._host.load(record_from_proto(request.asset))
+        return worker_pb2.LoadModelResponse(model=converters.loaded_model(loaded))
+
+    async def UnloadModel(
+        self, request: worker_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.UnloadModelResponse:
+        """Unload; refused while requests are in flight unless forced."""
+        freed = await self._host.unload(request.asset_id, force=request.force, reason=request.reason)
+        return worker_pb2.UnloadModelResponse(freed_bytes=freed)
+
+    async def GetWorkerInfo(
+        self, request: worker_pb2.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerInfo:
+        """Identity, memory figures and held models."""
+        return converters.worker_info(self._host.info())

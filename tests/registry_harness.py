@@ -1,0 +1,58 @@
+"""An in-process registry (real gRPC server, Postgres, NATS) for tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from roundhouse.v1 import registry_pb2_grpc
+from services.common.db.engine import make_engine, make_sessionmaker
+from services.common.events import EventBus
+from services.common.grpc_server import GrpcServer, ServiceBinding
+from services.common.outbox import OutboxRelay
+from services.registry.server import SERVICE_NAME
+from services.registry.service import AssetRegistry
+from services.registry.servicer import RegistryServicer
+
+
+@dataclass
+class RunningRegistry:
+    """Address and typed stub of a registry started by `running_registry`."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: registry_pb2_grpc.RegistryStub
+
+
+@asynccontextmanager
+async def running_registry(
+    dsn: str, nats_url: str, source_roots: list[Path]
+) -> AsyncIterator[RunningRegistry]:
+    """Start the registry service on 127.0.0.1:0 and yield a stub for it."""
+    engine = make_engine(dsn)
+    bus = await EventBus.connect(nats_url, name="test-registry")
+    relay = OutboxRelay(make_sessionmaker(engine), bus)
+    relay.start()
+    registry = AssetRegistry(make_sessionmaker(engine), on_commit=relay.notify)
+    server = GrpcServer("127.0.0.1:0", [ServiceBinding(
+        registry_pb2_grpc.add_RegistryServicer_to_server,
+        RegistryServicer(registry, source_roots),
+        SERVICE_NAME,
+    )])
+    port = await server.start()
+    address = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(
+        address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    )
+    try:
+        yield RunningRegistry(address, channel, registry_pb2_grpc.RegistryStub(channel))
+    finally:
+        await channel.close()
+        await server.stop(1)
+        await relay.stop()
+        await bus.close()
+        await engine.dispose()

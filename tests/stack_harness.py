@@ -1,0 +1,156 @@
+"""An in-process Roundhouse (registry, workers, router with HTTP) on free ports, for tests.
+
+Tiny random-weight models stand in for real ones: a chat model and an embedding model,
+installed into a temporary model store as `path` sources. `running_worker` starts one worker
+on its own; `running_stack` composes it with a registry and a router.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from registry_harness import RunningRegistry, running_registry
+from tiny_models import build_tiny_llama, build_tiny_sentence_model
+
+from roundhouse.v1 import inference_pb2_grpc, registry_pb2, worker_pb2_grpc
+from services.common.asset_proto import spec_to_proto
+from services.common.assetspec import AssetSpec, parse_spec
+from services.common.events import EventBus
+from services.common.modelstore.store import ModelStore
+from services.router.server import RouterParts, start_router
+from services.router.settings import RouterSettings
+from services.worker.server import WorkerServer
+from services.worker.settings import WorkerSettings
+
+TINY_CHAT = "tiny-chat"
+TINY_EMBED = "tiny-embed"
+
+
+@dataclass
+class RunningWorker:
+    """A worker started by the harness."""
+
+    server: WorkerServer
+    address: str
+    channel: grpc.aio.Channel
+
+    @property
+    def control(self) -> worker_pb2_grpc.WorkerControlStub:
+        """The worker's `WorkerControl` service."""
+        return worker_pb2_grpc.WorkerControlStub(self.channel)
+
+    @property
+    def inference(self) -> inference_pb2_grpc.InferenceStub:
+        """The worker's `Inference` service (`model` is the asset id)."""
+        return inference_pb2_grpc.InferenceStub(self.channel)
+
+
+@asynccontextmanager
+async def running_worker(
+    store: ModelStore, *, memory_mb: int = 4096, bus: EventBus | None = None,
+    heartbeat_s: float = 0.5,
+) -> AsyncIterator[RunningWorker]:
+    """Start a worker on 127.0.0.1:0 serving from `store`; stopped (models unloaded) on exit.
+
+    With a bus it announces itself and heartbeats every `heartbeat_s`.
+    """
+    settings = WorkerSettings(worker_address="127.0.0.1:0", worker_memory_mb=memory_mb,
+                              worker_heartbeat_s=heartbeat_s)
+    server = WorkerServer(settings, store, bus)
+    port = await server.start()
+    address = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        yield RunningWorker(server, address, channel)
+    finally:
+        await channel.close()
+        await server.stop(0.5)
+
+
+@dataclass
+class Stack:
+    """Everything the harness started, and how to reach it."""
+
+    registry: RunningRegistry
+    store: ModelStore
+    sources: Path
+    workers: list[RunningWorker]
+    router: RouterParts
+    router_address: str
+    http_url: str
+    channel: grpc.aio.Channel
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def inference(self) -> inference_pb2_grpc.InferenceStub:
+        """The router's gRPC front."""
+        return inference_pb2_grpc.InferenceStub(self.channel)
+
+    async def apply(self, *documents: dict) -> list[AssetSpec]:
+        """Apply asset documents through the registry (and install their models)."""
+        specs = [parse_spec(d, source_roots=[self.sources]) for d in documents]
+        for spec in specs:
+            self.store.install(spec)
+        await self.registry.stub.ApplyAssets(registry_pb2.ApplyAssetsRequest(
+            assets=[registry_pb2.AssetApply(spec=spec_to_proto(s)) for s in specs]))
+        return specs
+
+
+def tiny_documents(sources: Path, **policy: float) -> list[dict]:
+    """Asset documents of the two tiny models, with an optional policy for the chat model."""
+    return [
+        {"asset_id": TINY_CHAT, "interface": "llm-runtime", "aliases": ["tiny-alias"],
+         "source": {"kind": "path", "path": str(sources / TINY_CHAT)},
+         "policy": {"max_concurrency": 2, "max_queue": 2, "queue_timeout_s": 5, **policy}},
+        {"asset_id": TINY_EMBED, "interface": "embedding-runtime",
+         "source": {"kind": "path", "path": str(sources / TINY_EMBED)}},
+    ]
+
+
+def build_sources(root: Path) -> Path:
+    """Build the tiny models once into `root`."""
+    if not (root / TINY_CHAT).exists():
+        build_tiny_llama(root / TINY_CHAT)
+        build_tiny_sentence_model(root / TINY_EMBED)
+    return root
+
+
+@asynccontextmanager
+async def running_stack(
+    dsn: str, nats_url: str, sources: Path, store_root: Path, *, workers: int = 1,
+    worker_memory_mb: int = 4096, extra_workers: list[str] | None = None,
+    worker_heartbeat_s: float = 0.5,
+) -> AsyncIterator[Stack]:
+    """Start a registry, `workers` workers and a router (gRPC + HTTP), all on port 0.
+
+    The router also learns workers from their heartbeats (every `worker_heartbeat_s`) and
+    declares one dead after three missed.
+    """
+    async with AsyncExitStack() as stack:
+        registry = await stack.enter_async_context(running_registry(dsn, nats_url, [sources]))
+        store = ModelStore(store_root, [sources])
+        bus = await EventBus.connect(nats_url, name="test-stack", ensure_stream=False)
+        stack.push_async_callback(bus.close)
+        started = [
+            await stack.enter_async_context(running_worker(
+                store, memory_mb=worker_memory_mb, bus=bus, heartbeat_s=worker_heartbeat_s))
+            for _ in range(workers)
+        ]
+        router_settings = RouterSettings(
+            router_address="127.0.0.1:0", http_port=0, registry_address=registry.address,
+            worker_addresses=[w.address for w in started] + (extra_workers or []),
+            worker_refresh_s=0.5, load_timeout_s=60, worker_heartbeat_s=worker_heartbeat_s,
+        )
+        router = await start_router(router_settings, bus)
+        for cleanup in router.cleanups:
+            stack.push_async_callback(cleanup)
+        router_port = await router.grpc_server.start()
+        stack.push_async_callback(router.grpc_server.stop, 0.5)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}")
+        stack.push_async_callback(channel.close)
+        yield Stack(registry, store, sources, started, router, f"127.0.0.1:{router_port}",
+                    f"http://127.0.0.1:{router.http_port}", channel)

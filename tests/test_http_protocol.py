@@ -1,0 +1,269 @@
+"""The HTTP API's request parsing, validation and error shaping, with no model behind it.
+
+Every request here fails (or is answered) before the gateway is consulted; the app is
+given a gateway that fails the test if it is touched at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from services.router.http import create_app
+from services.router.http.chat.protocol import ChatCompletionRequest
+from services.router.http.completion.protocol import CompletionRequest
+from services.router.http.embedding.protocol import EmbeddingRequest, encode_vector
+
+LIMIT = 4096
+CHAT = "/v1/chat/completions"
+USER_HI = [{"role": "user", "content": "hi"}]
+
+
+class UntouchedGateway:
+    """Stands where the gateway goes; any use of it fails the test."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the gateway was used ({name}) on a path that must not reach it")
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(UntouchedGateway(), max_body_bytes=LIMIT)  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
+        yield http
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    """The `error` object of an OpenAI-shaped error body (asserting the shape)."""
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+async def test_malformed_json_is_400_invalid_json(client: httpx.AsyncClient) -> None:
+    response = await client.post(CHAT, content=b'{"model": "m", "messages": [',
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "invalid_json"
+    assert error["type"] == "invalid_request_error"
+    assert response.headers["x-request-id"]
+
+
+async def test_body_that_is_not_an_object_is_400(client: httpx.AsyncClient) -> None:
+    response = await client.post(CHAT, json=[1, 2, 3])
+    assert response.status_code == 400
+    assert "JSON object" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"messages": USER_HI}, "model", "missing_required_parameter"),
+        ({"model": "m"}, "messages", "missing_required_parameter"),
+        ({"model": "m", "messages": []}, "messages", "invalid_value"),
+        ({"model": "m", "messages": "hi"}, "messages", "invalid_type"),
+        ({"model": "m", "messages": [{"role": "user", "content": 5}]},
+         "messages.0.content", "invalid_value"),
+        ({"model": "m", "messages": [{"role": "user"}]},
+         "messages.0.content", "missing_required_parameter"),
+        ({"model": "m", "messages": [{"role": "robot", "content": "x"}]},
+         "messages.0.role", "invalid_value"),
+        ({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}},
+        ]}]}, "messages.0.content.1", "invalid_value"),
+        ({"model": "m", "messages": USER_HI, "temperature": 2.5}, "temperature", "invalid_value"),
+        ({"model": "m", "messages": USER_HI, "temperature": "warm"}, "temperature", "invalid_type"),
+        ({"model": "m", "messages": USER_HI, "top_p": 1.5}, "top_p", "invalid_value"),
+        ({"model": "m", "messages": USER_HI, "max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"model": "m", "messages": USER_HI, "stop": 7}, "stop", "invalid_type"),
+        ({"model": "m", "messages": USER_HI, "stream_options": {"include_usage": True}},
+         "stream_options", "invalid_value"),
+        ({"model": "m", "messages": USER_HI, "tools": [
+            {"type": "function", "function": {"name": "has spaces"}}]},
+         "tools.0.function.name", "invalid_value"),
+    ],
+)
+async def test_invalid_chat_request_names_the_field(
+    client: httpx.AsyncClient, body: dict[str, Any], param: str, code: str
+) -> None:
+    response = await client.post(CHAT, json=body)
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == param
+    assert error["code"] == code
+    assert param in error["message"]
+
+
+async def test_more_than_one_choice_is_refused(client: httpx.AsyncClient) -> None:
+    response = await client.post(CHAT, json={"model": "m", "messages": USER_HI, "n": 2})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == "n"
+    assert "n=1" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"model": "m", "prompt": [1, 2, 3]}, "prompt"),
+        ("/v1/completions", {"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ("/v1/completions", {"model": "m", "prompt": ""}, "prompt"),
+        ("/v1/completions", {"model": "m", "prompt": "x", "n": 3}, "n"),
+        ("/v1/completions", {"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
+        ("/v1/embeddings", {"model": "m"}, "input"),
+        ("/v1/embeddings", {"model": "m", "input": []}, "input"),
+        ("/v1/embeddings", {"model": "m", "input": ["ok", ""]}, "input"),
+        ("/v1/embeddings", {"model": "m", "input": [[1, -2]]}, "input"),
+        ("/v1/embeddings", {"model": "m", "input": {"text": "x"}}, "input"),
+        ("/v1/embeddings", {"model": "m", "input": "x", "encoding_format": "int8"},
+         "encoding_format"),
+        ("/v1/embeddings", {"model": "m", "input": "x", "dimensions": 0}, "dimensions"),
+    ],
+)
+async def test_invalid_completion_and_embedding_requests(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], param: str
+) -> None:
+    response = await client.post(path, json=body)
+    assert response.status_code == 400, response.text
+    assert error_of(response)["param"] == param
+
+
+async def test_body_over_the_declared_limit_is_413(client: httpx.AsyncClient) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * LIMIT}]}
+    response = await client.post(CHAT, json=body, headers={"x-request-id": "big-1"})
+    assert response.status_code == 413
+    assert error_of(response)["code"] == "request_too_large"
+    assert response.headers["x-request-id"] == "big-1"
+
+
+async def test_streamed_body_over_the_limit_is_413_without_reading_it_all(
+    client: httpx.AsyncClient,
+) -> None:
+    sent: list[int] = []
+
+    async def endless_body() -> AsyncIterator[bytes]:
+        # Chunked transfer, no Content-Length: only counting the bytes can stop it.
+        for i in range(10_000):
+            sent.append(i)
+            yield b"x" * 1024
+
+    response = await client.post(CHAT, content=endless_body(),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert error_of(response)["code"] == "request_too_large"
+    assert len(sent) <= LIMIT // 1024 + 1
+
+
+async def test_client_request_id_is_echoed_on_errors(client: httpx.AsyncClient) -> None:
+    response = await client.post(CHAT, json={"model": "m"}, headers={"x-request-id": "req-42"})
+    assert response.status_code == 400
+    assert response.headers["x-request-id"] == "req-42"
+
+
+@pytest.mark.parametrize("bad", ["has spaces", "x" * 300, "semi;colon"])
+async def test_unusable_request_id_is_replaced(client: httpx.AsyncClient, bad: str) -> None:
+    response = await client.get("/healthz", headers={"x-request-id": bad})
+    returned = response.headers["x-request-id"]
+    assert returned and returned != bad and len(returned) <= 128
+
+
+async def test_generated_request_ids_differ(client: httpx.AsyncClient) -> None:
+    first = await client.get("/healthz")
+    second = await client.get("/healthz")
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+async def test_healthz_answers_without_the_gateway(client: httpx.AsyncClient) -> None:
+    response = await client.get("/healthz", headers={"x-request-id": "probe-1"})
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert response.headers["x-request-id"] == "probe-1"
+
+
+async def test_unknown_route_and_method_have_openai_shape(client: httpx.AsyncClient) -> None:
+    missing = await client.post("/v1/nothing-here", json={})
+    assert missing.status_code == 404
+    assert error_of(missing)["code"] == "not_found"
+    wrong_method = await client.get(CHAT)
+    assert wrong_method.status_code == 405
+    assert error_of(wrong_method)["code"] == "method_not_allowed"
+
+
+async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncClient) -> None:
+    await client.get("/healthz")
+    await client.post(CHAT, json={"model": "m"})
+    text = (await client.get("/metrics")).text
+    assert 'roundhouse_http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in text
+    assert (
+        'roundhouse_http_requests_total{method="POST",route="/v1/chat/completions",status="400"}'
+        ' 1.0' in text
+    )
+    assert "roundhouse_http_request_duration_seconds_bucket" in text
+
+
+def test_chat_request_converts_to_proto() -> None:
+    request = ChatCompletionRequest.model_validate({
+        "model": "default-chat",
+        "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"},
+                                         {"type": "text", "text": "b"}], "name": "ann"},
+        ],
+        "max_tokens": 5, "max_completion_tokens": 7, "stop": "END", "seed": 3,
+        "temperature": 0, "tools": [{"type": "function", "function": {
+            "name": "lookup", "description": "find", "parameters": {"type": "object"}}}],
+        "logit_bias": {"1": 2}, "some_future_field": True,
+    })
+    proto = request.to_proto("rid-1")
+    assert proto.model == "default-chat" and proto.request_id == "rid-1"
+    assert [(m.role, m.content, m.name) for m in proto.messages] == [
+        ("system", "be brief", ""), ("user", "a\nb", "ann")]
+    assert proto.max_tokens == 7
+    assert list(proto.stop) == ["END"]
+    assert proto.seed == 3
+    assert proto.HasField("temperature") and proto.temperature == 0
+    assert not proto.HasField("top_p")
+    assert proto.tools[0].name == "lookup"
+    assert json.loads(proto.tools[0].parameters_json) == {"type": "object"}
+    assert not proto.prompt
+
+
+def test_completion_request_converts_to_proto() -> None:
+    proto = CompletionRequest.model_validate(
+        {"model": "m", "prompt": ["Once upon"], "stop": ["\n", "."], "max_tokens": 4}
+    ).to_proto("rid-2")
+    assert proto.prompt == "Once upon" and not proto.messages
+    assert list(proto.stop) == ["\n", "."] and proto.max_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("one", [("text", "one")]),
+        (["a", "b"], [("text", "a"), ("text", "b")]),
+        ([1, 2, 3], [("tokens", [1, 2, 3])]),
+        ([[1, 2], [3]], [("tokens", [1, 2]), ("tokens", [3])]),
+    ],
+)
+def test_embedding_inputs_convert_to_proto(value: Any, expected: list[tuple[str, Any]]) -> None:
+    proto = EmbeddingRequest.model_validate({"model": "m", "input": value}).to_proto("r")
+    got = [(i.WhichOneof("kind"), i.text if i.HasField("text") else list(i.tokens.ids))
+           for i in proto.inputs]
+    assert got == expected
+
+
+def test_base64_vectors_are_little_endian_float32() -> None:
+    values = [0.5, -1.25, 3.0]
+    encoded = encode_vector(values, "base64")
+    assert isinstance(encoded, str)
+    assert list(struct.unpack("<3f", base64.b64decode(encoded))) == values
+    assert encode_vector(values, "float") == values

@@ -1,0 +1,158 @@
+"""`roundhouse up` as an operator runs it: a real process tree, Ctrl-C, and a second start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from queue import Empty, Queue
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+from openai import OpenAI
+
+from roundhouse.v1 import inference_pb2, inference_pb2_grpc
+from services.common.embedded import free_port
+
+pytestmark = pytest.mark.catalog
+
+READY_LINE = "Ctrl-C stops everything"
+
+
+class UpProcess:
+    """A `roundhouse up` child whose output lines are collected as they come."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", "up"], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: Queue[str] = Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            self.seen.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"{text!r} not printed; output:\n" + "\n".join(self.seen[-60:]))
+
+    def interrupt(self, timeout: float = 60) -> int:
+        descendants = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(timeout)
+        gone, alive = psutil.wait_procs(descendants, timeout=10)
+        assert not alive, f"orphans left behind: {[p.pid for p in alive]}"
+        return code
+
+
+@pytest.fixture
+def up_env(server_root: Path, catalog_store, tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROUNDHOUSE_")}
+    ports = {name: free_port() for name in ("registry", "router", "worker", "http", "jobs")}
+    env.update({
+        "ROUNDHOUSE_HOME": str(server_root / f"home-{tmp_path.name}"),
+        "ROUNDHOUSE_MODEL_STORE": str(catalog_store.root),
+        "ROUNDHOUSE_REGISTRY_ADDRESS": f"127.0.0.1:{ports['registry']}",
+        "ROUNDHOUSE_ROUTER_ADDRESS": f"127.0.0.1:{ports['router']}",
+        "ROUNDHOUSE_WORKER_ADDRESS": f"127.0.0.1:{ports['worker']}",
+        "ROUNDHOUSE_WORKER_ADDRESSES": f'["127.0.0.1:{ports["worker"]}"]',
+        "ROUNDHOUSE_HTTP_PORT": str(ports["http"]),
+        "ROUNDHOUSE_JOBS_ADDRESS": f"127.0.0.1:{ports['jobs']}",
+    })
+    yield env
+
+
+def models_ls(env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-m", "services.cli.main", "models", "ls"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def check_openai_client(base_url: str) -> None:
+    """What an app sees through the official client."""
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=180)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=question, max_tokens=40, temperature=0
+    )
+    assert "paris" in reply.choices[0].message.content.lower()
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens > 0
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model="default-chat", messages=question, max_tokens=40, temperature=0, stream=True
+        )
+        if chunk.choices
+    ]
+    assert len(pieces) > 3 and "paris" in "".join(pieces).lower()
+    texts = ["A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell today."]
+    vectors = [d.embedding for d in client.embeddings.create(model="all-minilm-l6-v2", input=texts).data]
+    assert all(len(v) == 384 for v in vectors)
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+
+
+async def check_grpc_stubs(router_address: str) -> None:
+    """What an internal service sees with only the roundhouse.v1 stubs."""
+    async with grpc.aio.insecure_channel(router_address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        chunks = [c async for c in stub.Chat(inference_pb2.ChatRequest(
+            model="smollm2-135m-instruct", max_tokens=40, temperature=0,
+            messages=[inference_pb2.ChatMessage(role="user", content="What is the capital of France?")],
+        ), timeout=180)]
+        assert "paris" in "".join(c.delta for c in chunks).lower()
+        assert chunks[-1].finish_reason in (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
+        assert chunks[-1].usage.completion_tokens > 0
+        reply = await stub.Embed(inference_pb2.EmbedRequest(
+            model="default-embedding", inputs=[inference_pb2.EmbedInput(text="hello world")]), timeout=60)
+        assert reply.dimensions == 384 and len(reply.embeddings[0].values) == 384
+
+
+def test_up_serves_catalog_and_keeps_it_across_restarts(up_env: dict[str, str]) -> None:
+    first = UpProcess(up_env)
+    try:
+        first.wait_for(READY_LINE, timeout=240)
+        assert any("catalog: smollm2-135m-instruct created" in line for line in first.seen)
+        listing = models_ls(up_env)
+        assert "Language models (1)" in listing and "smollm2-135m-instruct" in listing
+        assert "Embedding models (1)" in listing and "all-minilm-l6-v2" in listing
+        check_openai_client(f"http://127.0.0.1:{up_env['ROUNDHOUSE_HTTP_PORT']}")
+        asyncio.run(check_grpc_stubs(up_env["ROUNDHOUSE_ROUTER_ADDRESS"]))
+    finally:
+        assert first.interrupt() == 0
+
+    second = UpProcess(up_env)
+    try:
+        second.wait_for(READY_LINE, timeout=240)
+        catalog = [line for line in second.seen if "catalog:" in line]
+        assert len(catalog) == 2 and all("unchanged (revision 1)" in line for line in catalog)
+        assert "smollm2-135m-instruct" in models_ls(up_env)
+    finally:
+        assert second.interrupt() == 0
