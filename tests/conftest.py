@@ -183,3 +183,22 @@ async def events(nats_url: str) -> AsyncIterator[Any]:
 
     async with job_events(nats_url) as collected:
         yield collected
+
+
+@pytest.fixture(scope="module")
+def own_db(pg_dsn: str) -> Iterator[str]:
+    """A migrated database of this test module's own, dropped after it.
+
+    For tests whose reconciler acts on every asset in the database: other modules' assets
+    must not be there.
+    """
+    from services.common.db.migrate import upgrade
+
+    name = f"roundhouse_own_{uuid.uuid4().hex[:12]}"
+    _run_sync(_execute(pg_dsn, f'CREATE DATABASE "{name}"'))
+    dsn = _with_database(pg_dsn, name)
+    try:
+        upgrade(dsn)
+        yield dsn
+    finally:
+        _run_sync(_execute(pg_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -32,12 +32,16 @@ TERMINAL = {jobs_pb2.OPERATION_STATUS_SUCCEEDED, jobs_pb2.OPERATION_STATUS_FAILE
 
 def jobs_settings(db_dsn: str, nats_url: str, root: Path, registry_address: str,
                   **overrides: Any) -> JobsSettings:
-    """Settings for a test instance: port 0, a store and a source root under `root`."""
+    """Settings for a test instance: port 0, a store and a source root under `root`, no
+    reconciler."""
     values: dict[str, Any] = {
         "database_url": db_dsn, "nats_url": nats_url, "home": root / "home",
         "model_store": root / "store", "source_roots": [root / "sources"],
         "registry_address": registry_address, "jobs_address": "127.0.0.1:0",
         "jobs_instance_id": "test-jobs", "jobs_retry_backoff_s": 0.05,
+        # Workers are discovered from heartbeats; the reconciler acts on every asset in the
+        # database, so only tests that own their database turn it on.
+        "worker_addresses": [], "jobs_reconcile": False,
     }
     values.update(overrides)
     return JobsSettings(**values)

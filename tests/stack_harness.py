@@ -7,18 +7,25 @@ on its own; `running_stack` composes it with a registry and a router.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+from jobs_harness import RunningJobs, jobs_settings, running_jobs
 from registry_harness import RunningRegistry, running_registry
 from tiny_models import build_tiny_llama, build_tiny_sentence_model
 
-from roundhouse.v1 import inference_pb2_grpc, registry_pb2, worker_pb2_grpc
+from roundhouse.v1 import asset_pb2, inference_pb2_grpc, registry_pb2, worker_pb2_grpc
 from services.common.asset_proto import spec_to_proto
 from services.common.assetspec import AssetSpec, parse_spec
+from services.common.embedded import free_port
 from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
 from services.router.server import RouterParts, start_router
@@ -26,6 +33,7 @@ from services.router.settings import RouterSettings
 from services.worker.server import WorkerServer
 from services.worker.settings import WorkerSettings
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_CHAT = "tiny-chat"
 TINY_EMBED = "tiny-embed"
 
@@ -83,12 +91,17 @@ class Stack:
     router_address: str
     http_url: str
     channel: grpc.aio.Channel
+    jobs: RunningJobs
     extra: list[str] = field(default_factory=list)
 
     @property
     def inference(self) -> inference_pb2_grpc.InferenceStub:
         """The router's gRPC front."""
         return inference_pb2_grpc.InferenceStub(self.channel)
+
+    async def registry_asset(self, asset_id: str) -> asset_pb2.Asset:
+        """The asset as the registry has it now (observed state included)."""
+        return await self.registry.stub.GetAsset(registry_pb2.GetAssetRequest(asset_id=asset_id))
 
     async def apply(self, *documents: dict) -> list[AssetSpec]:
         """Apply asset documents through the registry (and install their models)."""
@@ -123,12 +136,16 @@ def build_sources(root: Path) -> Path:
 async def running_stack(
     dsn: str, nats_url: str, sources: Path, store_root: Path, *, workers: int = 1,
     worker_memory_mb: int = 4096, extra_workers: list[str] | None = None,
-    worker_heartbeat_s: float = 0.5,
+    worker_heartbeat_s: float = 0.5, reconcile: bool = False, **jobs: Any,
 ) -> AsyncIterator[Stack]:
-    """Start a registry, `workers` workers and a router (gRPC + HTTP), all on port 0.
+    """Start a registry, `workers` workers, a jobs service and a router (gRPC + HTTP), all on
+    port 0.
 
-    The router also learns workers from their heartbeats (every `worker_heartbeat_s`) and
-    declares one dead after three missed.
+    The router and the jobs service also learn workers from their heartbeats (every
+    `worker_heartbeat_s`) and declare one dead after three missed. The jobs service wakes
+    models for the router; its reconciler runs only with `reconcile` (it acts on every asset
+    in the database, so only tests with a database of their own should turn it on). `jobs`
+    overrides further jobs settings.
     """
     async with AsyncExitStack() as stack:
         registry = await stack.enter_async_context(running_registry(dsn, nats_url, [sources]))
@@ -140,9 +157,16 @@ async def running_stack(
                 store, memory_mb=worker_memory_mb, bus=bus, heartbeat_s=worker_heartbeat_s))
             for _ in range(workers)
         ]
+        addresses = [w.address for w in started] + (extra_workers or [])
+        settings = jobs_settings(
+            dsn, nats_url, store_root.parent / f"jobs-{uuid.uuid4().hex[:8]}", registry.address,
+            model_store=store_root, source_roots=[sources], worker_addresses=addresses,
+            worker_refresh_s=0.5, worker_heartbeat_s=worker_heartbeat_s, jobs_reconcile=reconcile,
+            jobs_instance_id=f"stack-jobs-{uuid.uuid4().hex[:8]}", **jobs)
+        jobs_service = await stack.enter_async_context(running_jobs(settings))
         router_settings = RouterSettings(
             router_address="127.0.0.1:0", http_port=0, registry_address=registry.address,
-            worker_addresses=[w.address for w in started] + (extra_workers or []),
+            jobs_address=jobs_service.address, worker_addresses=addresses,
             worker_refresh_s=0.5, load_timeout_s=60, worker_heartbeat_s=worker_heartbeat_s,
         )
         router = await start_router(router_settings, bus)
@@ -153,4 +177,26 @@ async def running_stack(
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}")
         stack.push_async_callback(channel.close)
         yield Stack(registry, store, sources, started, router, f"127.0.0.1:{router_port}",
-                    f"http://127.0.0.1:{router.http_port}", channel)
+                    f"http://127.0.0.1:{router.http_port}", channel, jobs_service)
+
+
+@asynccontextmanager
+async def worker_process(nats_url: str, store: Path, sources: Path, log: Path) -> AsyncIterator[
+        tuple[asyncio.subprocess.Process, str, str]]:
+    """`roundhouse worker` as a real process; yields it with its id and address."""
+    address = f"127.0.0.1:{free_port()}"
+    worker_id = f"doomed-{address.rsplit(':', 1)[1]}"
+    env = {**os.environ, "ROUNDHOUSE_WORKER_ADDRESS": address, "ROUNDHOUSE_WORKER_ID": worker_id,
+           "ROUNDHOUSE_NATS_URL": nats_url, "ROUNDHOUSE_MODEL_STORE": str(store),
+           "ROUNDHOUSE_SOURCE_ROOTS": str(sources), "ROUNDHOUSE_HOME": str(log.parent / "home"),
+           "ROUNDHOUSE_WORKER_HEARTBEAT_S": "0.5"}
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli.main", "worker", cwd=REPO, env=env,
+            stdout=out, stderr=out)
+    try:
+        yield process, worker_id, address
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()

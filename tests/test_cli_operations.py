@@ -102,7 +102,7 @@ async def test_failures_exit_1_with_the_services_message(
     asset_id = await add_model(registry, copy_model(tiny_llama, tmp_path / "sources"))
     load = await roundhouse("models", "load", asset_id, jobs_address=jobs.address)
     assert load.returncode == 1
-    assert "not supported yet" in load.stderr, load.stderr
+    assert "no worker is available" in load.stderr, load.stderr
 
     unknown = await roundhouse("ops", "watch", "not-an-id", jobs_address=jobs.address)
     assert unknown.returncode == 1 and unknown.stderr.startswith("error: ")

@@ -98,8 +98,9 @@ async def test_unknown_assets_operations_and_arguments_are_refused(
                 jobs_pb2.GetOperationRequest(operation_id=missing)))
             assert err.code() == grpc.StatusCode.NOT_FOUND
         err = await rpc_error(jobs.stub.EnsureLoaded(jobs_pb2.EnsureLoadedRequest(asset_id="x")))
-        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "not available yet" in err.details()
+        assert err.code() == grpc.StatusCode.NOT_FOUND and "'x' not found" in err.details()
+        err = await rpc_error(jobs.stub.EnsureLoaded(jobs_pb2.EnsureLoadedRequest()))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "asset_id" in err.details()
 
 
 async def test_a_permanent_failure_fails_once_without_retries(
@@ -170,13 +171,16 @@ async def test_list_pages_newest_first_and_filters(
         assert await listed() == submitted[::-1]
         assert await listed(asset_id=a) == [submitted[4], submitted[1], submitted[0]]
         assert await listed(type=INSTALL) == [submitted[2], submitted[0]]
-        assert await listed(status=FAILED) == [submitted[4], submitted[3], submitted[1]]
-        assert await listed(status=FAILED, asset_id=b) == [submitted[3]]
+        assert await listed(status=FAILED) == [submitted[4], submitted[1]]
+        assert await listed(status=SUCCEEDED, asset_id=b) == [submitted[3], submitted[2]]
         err = await rpc_error(jobs.stub.ListOperations(
             jobs_pb2.ListOperationsRequest(page_token="bogus")))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "load operations are not supported yet" in finals[submitted[1]].error
-    assert finals[submitted[1]].attempts == 1
+    # No worker is up: the load is retried (a worker may come), then fails with the reason.
+    assert "no worker is available" in finals[submitted[1]].error
+    assert finals[submitted[1]].attempts == 3  # the jobs service's default attempts
+    assert "not loaded on any worker" in finals[submitted[3]].message
+    assert "profile operations are not supported yet" in finals[submitted[4]].error
 
 
 async def test_delete_removes_the_installed_files_and_the_asset(

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,11 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 from polling import wait_until
-from stack_harness import TINY_CHAT, build_sources, running_stack, running_worker, tiny_documents
+from stack_harness import TINY_CHAT, build_sources, running_stack, running_worker, tiny_documents, worker_process
 
 from roundhouse.v1 import events_pb2, inference_pb2, worker_pb2, worker_pb2_grpc
 from services.common.asset_proto import record_to_proto
-from services.common.embedded import free_port
 from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
 
@@ -72,28 +69,6 @@ async def test_worker_announces_up_and_down(nats_url: str, sources: Path, tmp_pa
     assert up.worker.address == worker.address
     assert up.worker.memory_budget_bytes == 512 * 1024 * 1024
     assert down.type == "worker.down" and down.worker.reason == "shutdown"
-
-
-@asynccontextmanager
-async def worker_process(nats_url: str, store: Path, sources: Path, log: Path) -> AsyncIterator[
-        tuple[asyncio.subprocess.Process, str, str]]:
-    """`roundhouse worker` as a real process; yields it with its id and address."""
-    address = f"127.0.0.1:{free_port()}"
-    worker_id = f"doomed-{address.rsplit(':', 1)[1]}"
-    env = {**os.environ, "ROUNDHOUSE_WORKER_ADDRESS": address, "ROUNDHOUSE_WORKER_ID": worker_id,
-           "ROUNDHOUSE_NATS_URL": nats_url, "ROUNDHOUSE_MODEL_STORE": str(store),
-           "ROUNDHOUSE_SOURCE_ROOTS": str(sources), "ROUNDHOUSE_HOME": str(log.parent / "home"),
-           "ROUNDHOUSE_WORKER_HEARTBEAT_S": "0.5"}
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli.main", "worker", cwd=REPO, env=env,
-            stdout=out, stderr=out)
-    try:
-        yield process, worker_id, address
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
 
 
 async def test_killed_worker_fails_its_stream_fast_and_traffic_moves_on(

@@ -44,6 +44,28 @@ class CommonSettings(BaseSettings):
         return self.nats_url or _recorded(self.home, "nats_url")
 
 
+class FleetSettings(CommonSettings):
+    """How a service finds the workers and tells whether they are alive (router, jobs)."""
+
+    worker_addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1:50061"])
+    """Workers known from the start (`host:port`, JSON list in the environment); workers that
+    heartbeat on NATS are discovered whatever this says."""
+
+    worker_refresh_s: float = Field(default=2.0, gt=0)
+    """How often each worker is asked what it holds."""
+
+    worker_heartbeat_s: float = Field(default=2.0, gt=0)
+    """How often workers heartbeat (`ROUNDHOUSE_WORKER_HEARTBEAT_S`); sets the default below."""
+
+    worker_dead_after_s: float | None = Field(default=None, gt=0)
+    """A worker silent this long is declared dead (`ROUNDHOUSE_WORKER_DEAD_AFTER_S`).
+    Unset: three heartbeats."""
+
+    def dead_after_s(self) -> float:
+        """Seconds of silence after which a worker is declared dead."""
+        return self.worker_dead_after_s or 3 * self.worker_heartbeat_s
+
+
 def _recorded(home: Path, name: str) -> str:
     path = home / "run" / name
     try:

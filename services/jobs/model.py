@@ -61,6 +61,11 @@ class OperationRecord:
         return self.status in TERMINAL
 
     @property
+    def reason(self) -> str:
+        """Why it was submitted, when the submitter said (`sleep`, `disabled`, ...)."""
+        return str((self.params or {}).get("reason", ""))
+
+    @property
     def cancel_requested(self) -> bool:
         """Whether a caller asked to cancel it while it was running."""
         return bool((self.params or {}).get("cancel_requested"))
@@ -80,6 +85,8 @@ class NewOperation:
     idempotency_key: str = ""
     worker_id: str = ""
     force: bool = False
+    reason: str = ""
+    """Why (unloads: `sleep`, `disabled`, `operator`); kept in the operation's params."""
 
     def same_request(self, record: OperationRecord) -> bool:
         """Whether `record` was created by an identical request (idempotent resubmission)."""

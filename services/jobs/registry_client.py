@@ -35,15 +35,37 @@ class RegistryClient:
         return record_from_proto(reply)
 
     async def report_state(
-        self, asset_id: str, state: str, *, message: str = "", store_path: str = ""
+        self, asset_id: str, state: str, *, message: str = "", store_path: str = "",
+        worker_ids: list[str] | None = None, capabilities: asset_pb2.Capabilities | None = None,
     ) -> None:
-        """Record the asset's observed state (`installing`, `installed`, `failed`, ...)."""
-        status = asset_pb2.AssetStatus(state=STATES[state], message=message, store_path=store_path)
+        """Record the asset's observed state (`installing`, `installed`, `loaded`, ...).
+
+        An empty `store_path` keeps the stored one; `worker_ids` replace the stored ones (states
+        off every worker clear them); `capabilities`, when given, replace the stored ones.
+        """
+        status = asset_pb2.AssetStatus(state=STATES[state], message=message, store_path=store_path,
+                                       worker_ids=worker_ids or [])
+        request = registry_pb2.ReportAssetStatusRequest(asset_id=asset_id, status=status)
+        if capabilities is not None:
+            request.capabilities.CopyFrom(capabilities)
         try:
-            await self._stub.ReportAssetStatus(
-                registry_pb2.ReportAssetStatusRequest(asset_id=asset_id, status=status),
-                timeout=self._timeout_s,
-            )
+            await self._stub.ReportAssetStatus(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise domain_error(exc, unavailable=UNAVAILABLE) from None
+
+    async def list_assets(self) -> list[AssetRecord]:
+        """Every asset in the registry."""
+        records, token = [], ""
+        try:
+            while True:
+                page = await self._stub.ListAssets(
+                    registry_pb2.ListAssetsRequest(page_size=500, page_token=token),
+                    timeout=self._timeout_s,
+                )
+                records += [record_from_proto(a) for a in page.assets]
+                token = page.next_page_token
+                if not token:
+                    return records
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, unavailable=UNAVAILABLE) from None
 

@@ -50,29 +50,47 @@ class OperationRepository:
         return _record(row) if row else None
 
     async def create(self, new: NewOperation, *, max_attempts: int) -> OperationRecord:
-        """Queue `new` (event `job.queued`); with a key already used, the first operation."""
-        async with self._sessions() as session, session.begin():
-            row = await session.scalar(
-                insert(Operation)
-                .values(operation_id=uuid.uuid4(), type=new.type, asset_id=new.asset_id,
-                        idempotency_key=new.idempotency_key or None,
-                        worker_id=new.worker_id or None, force=new.force,
-                        max_attempts=max_attempts, message="queued")
-                .on_conflict_do_nothing(index_elements=[Operation.idempotency_key])
-                .returning(Operation)
-            )
+        """Queue `new` (event `job.queued`) and return it.
+
+        With a key already used, returns the first operation submitted with it. A load of an
+        asset that already has a load queued or running joins that one instead (one load per
+        asset at a time, across every jobs instance).
+        """
+        for _ in range(3):
+            async with self._sessions() as session, session.begin():
+                row = await session.scalar(
+                    insert(Operation)
+                    .values(operation_id=uuid.uuid4(), type=new.type, asset_id=new.asset_id,
+                            idempotency_key=new.idempotency_key or None,
+                            worker_id=new.worker_id or None, force=new.force,
+                            max_attempts=max_attempts, message="queued",
+                            params={"reason": new.reason} if new.reason else {})
+                    .on_conflict_do_nothing()
+                    .returning(Operation)
+                )
+                if row is not None:
+                    _emit(session, "queued", row)
             if row is not None:
-                _emit(session, "queued", row)
-        if row is None:
-            existing = await self.by_key(new.idempotency_key)
-            if existing is None:
-                raise Conflict("the idempotency key was released meanwhile; submit again")
-            if not new.same_request(existing):
-                raise Conflict(f"idempotency key '{new.idempotency_key}' was used for another "
-                               f"request (operation {existing.operation_id})")
-            return existing
-        self._on_change(str(row.operation_id))
-        return _record(row)
+                self._on_change(str(row.operation_id))
+                return _record(row)
+            existing = await self.by_key(new.idempotency_key) if new.idempotency_key else None
+            if existing is not None:
+                if not new.same_request(existing):
+                    raise Conflict(f"idempotency key '{new.idempotency_key}' was used for "
+                                   f"another request (operation {existing.operation_id})")
+                return existing
+            if new.type == "load" and (active := await self.active(new.asset_id, "load")):
+                return active
+            # The conflicting operation finished (or its key was released) meanwhile: again.
+        raise Conflict("the operation conflicted with others three times; submit again")
+
+    async def active(self, asset_id: str, type_: str) -> OperationRecord | None:
+        """The oldest operation of that type on `asset_id` that is queued or running, if any."""
+        async with self._sessions() as session:
+            row = await session.scalar(select(Operation).where(
+                Operation.asset_id == asset_id, Operation.type == type_,
+                Operation.status.in_(("queued", "running"))).order_by(Operation.created_at).limit(1))
+        return _record(row) if row else None
 
     async def get(self, operation_id: str) -> OperationRecord:
         """The operation with that id; `OperationNotFound` otherwise."""

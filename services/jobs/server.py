@@ -11,11 +11,15 @@ from roundhouse.v1 import jobs_pb2, jobs_pb2_grpc
 from services.common.db.engine import make_engine, make_sessionmaker
 from services.common.events import EventBus
 from services.common.grpc_server import GrpcServer, ServiceBinding, run_until_signal
+from services.common.liveness import WorkerLiveness
 from services.common.modelstore import ModelStore
 from services.common.outbox import OutboxRelay
 from services.common.telemetry import setup_telemetry
+from services.common.workerpool import WorkerPool
 from services.jobs.executor import Executor
 from services.jobs.install import GIB, InstallRunner
+from services.jobs.loading import LoadRunner, UnloadRunner
+from services.jobs.reconciler import Reconciler
 from services.jobs.registry_client import RegistryClient
 from services.jobs.repository import OperationRepository
 from services.jobs.runners import DeleteRunner, Runner, not_supported
@@ -30,15 +34,15 @@ SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name
 
 
 def default_runners(
-    store: ModelStore, registry: RegistryClient, settings: JobsSettings
+    store: ModelStore, registry: RegistryClient, pool: WorkerPool, settings: JobsSettings
 ) -> dict[str, Runner]:
-    """The runner of every operation type; load, unload and profile are not supported yet."""
+    """The runner of every operation type; profile is not supported yet."""
     quota = int(settings.max_storage_gb * GIB) if settings.max_storage_gb else None
     return {
         "install": InstallRunner(store, registry, max_storage_bytes=quota),
         "delete": DeleteRunner(store, registry),
-        "load": not_supported("load"),
-        "unload": not_supported("unload"),
+        "load": LoadRunner(pool, registry, load_call_s=settings.jobs_load_timeout_s),
+        "unload": UnloadRunner(pool, registry),
         "profile": not_supported("profile"),
     }
 
@@ -50,13 +54,21 @@ class JobsApp:
     server: GrpcServer
     executor: Executor
     service: JobService
+    reconciler: Reconciler | None
+    """None when this instance does not reconcile (`ROUNDHOUSE_JOBS_RECONCILE=false`)."""
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def start(self) -> int:
-        """Serve gRPC and start running operations; returns the bound port."""
+        """Serve gRPC, start running operations and reconciling; returns the bound port."""
         port = await self.server.start()
-        self.executor.start()
+        self.begin()
         return port
+
+    def begin(self) -> None:
+        """Start running operations and reconciling (the server is already serving)."""
+        self.executor.start()
+        if self.reconciler is not None:
+            self.reconciler.start()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop serving, hand running operations back to the queue, close connections."""
@@ -86,7 +98,9 @@ async def build_app(
     repository = OperationRepository(make_sessionmaker(engine), on_change=on_change)
     registry = RegistryClient(settings.registry_address)
     store = ModelStore.from_settings(settings)
-    table = runners(store, registry) if runners else default_runners(store, registry, settings)
+    pool = WorkerPool(settings.worker_addresses, refresh_s=settings.worker_refresh_s)
+    await pool.start()
+    table = runners(store, registry) if runners else default_runners(store, registry, pool, settings)
     executor = Executor(
         repository, table,
         instance_id=settings.jobs_instance_id,
@@ -98,13 +112,22 @@ async def build_app(
         backoff_max_s=settings.jobs_retry_backoff_max_s,
         cancel_grace_s=settings.jobs_cancel_grace_s,
     )
-    service = JobService(repository, executor, registry, notifier,
+    service = JobService(repository, executor, registry, notifier, pool,
                          max_attempts=settings.jobs_max_attempts)
+    reconciler = Reconciler(repository, executor, registry, pool, store,
+                            interval_s=settings.reconcile_interval_s,
+                            sleep_unit_s=settings.auto_sleep_unit_s,
+                            max_attempts=settings.jobs_max_attempts)
+    # The router announces dead workers; this service only adopts the verdict and reacts.
+    liveness = WorkerLiveness(pool, bus, dead_after_s=settings.dead_after_s(), announce=False,
+                              on_down=reconciler.poke if settings.jobs_reconcile else None)
+    await liveness.start()
     server = GrpcServer(settings.jobs_address, [
         ServiceBinding(jobs_pb2_grpc.add_JobsServicer_to_server, JobsServicer(service), SERVICE_NAME)
     ])
-    return JobsApp(server, executor, service,
-                   [executor.stop, relay.stop, registry.close, bus.close, engine.dispose])
+    return JobsApp(server, executor, service, reconciler if settings.jobs_reconcile else None,
+                   [reconciler.stop, executor.stop, liveness.stop, pool.close, relay.stop,
+                    registry.close, bus.close, engine.dispose])
 
 
 async def serve(settings: JobsSettings) -> None:
@@ -112,7 +135,7 @@ async def serve(settings: JobsSettings) -> None:
     app = await build_app(settings)
 
     def started(port: int) -> None:
-        app.executor.start()
+        app.begin()
         log.info("jobs listening on port %d as instance %s", port, settings.jobs_instance_id)
 
     await run_until_signal(app.server, on_started=started, cleanups=app.cleanups)

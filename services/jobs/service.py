@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
-from services.common.errors import FailedPrecondition
+from services.common.asset_proto import check_serves
+from services.common.errors import ModelNotReady
+from services.common.workerpool import WorkerPool
 from services.jobs.executor import Executor
 from services.jobs.model import NewOperation, OperationFilter, OperationRecord
 from services.jobs.registry_client import RegistryClient
 from services.jobs.repository import OperationRepository
 from services.jobs.watch import DEFAULT_POLL_S, ChangeNotifier, watch_operation
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What `ensure_loaded` found: whether the asset is held, by whom, and the load it ran."""
+
+    loaded: bool
+    worker_ids: list[str]
+    operation: OperationRecord | None = None
 
 
 class JobService:
@@ -21,6 +35,7 @@ class JobService:
         executor: Executor,
         registry: RegistryClient,
         notifier: ChangeNotifier,
+        pool: WorkerPool,
         *,
         max_attempts: int = 3,
         watch_poll_s: float = DEFAULT_POLL_S,
@@ -29,6 +44,8 @@ class JobService:
         self._executor = executor
         self._registry = registry
         self._notifier = notifier
+        self.pool = pool
+        """The workers as this service sees them (heartbeats and refreshes)."""
         self._max_attempts = max_attempts
         self._watch_poll_s = watch_poll_s
 
@@ -71,13 +88,40 @@ class JobService:
             self._executor.cancel(operation_id)
         return record
 
+    async def _latest(self, operation: OperationRecord, wait_s: float) -> OperationRecord:
+        """`operation` once it finishes, or as it stands after `wait_s`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                async for seen in self.watch(operation.operation_id):
+                    operation = seen
+        return operation
+
     def watch(self, operation_id: str) -> AsyncGenerator[OperationRecord, None]:
         """The operation now, then every change until it finishes (see `watch_operation`)."""
         return watch_operation(self._repo, self._notifier, operation_id, poll_s=self._watch_poll_s)
 
-    async def ensure_loaded(self, asset_id: str, wait_s: float) -> None:
-        """Not available yet: loading assets onto workers is not part of this service so far."""
-        raise FailedPrecondition(
-            f"cannot load '{asset_id}': EnsureLoaded is not available yet in this jobs service "
-            "(load operations are not implemented)"
-        )
+    async def ensure_loaded(self, asset_id: str, wait_s: float) -> Loaded:
+        """Make sure a worker holds the asset, waiting up to `wait_s` for it.
+
+        Already held: returns at once. Otherwise joins the asset's load under way or queues
+        one, so any number of concurrent callers cause one load. A load that fails raises
+        `ModelNotReady` with its error; one still running after `wait_s` comes back with
+        `loaded` False and the operation to watch.
+        """
+        record = await self._registry.get_asset(asset_id)
+        check_serves(record, asset_id, "")
+        if holders := self.pool.holders(asset_id):
+            return Loaded(True, [w.worker_id for w in holders])
+        operation = await self._repo.create(NewOperation("load", asset_id),
+                                            max_attempts=self._max_attempts)
+        self._executor.wake()
+        if wait_s > 0:
+            operation = await self._latest(operation, wait_s)
+        if operation.status in ("failed", "cancelled"):
+            raise ModelNotReady(f"model '{asset_id}' could not be loaded: "
+                                f"{operation.error or operation.message}", retry_after_s=10.0)
+        if operation.status == "succeeded":
+            await self.pool.refresh()
+            if holders := self.pool.holders(asset_id):
+                return Loaded(True, [w.worker_id for w in holders], operation)
+        return Loaded(False, [], operation)

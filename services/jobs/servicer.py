@@ -52,8 +52,15 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     async def EnsureLoaded(
         self, request: jobs_pb2.EnsureLoadedRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.EnsureLoadedResponse:
-        await self._jobs.ensure_loaded(request.asset_id, request.wait_s)
-        return jobs_pb2.EnsureLoadedResponse()
+        if not request.asset_id:
+            raise InvalidArgument("asset_id: required")
+        if request.wait_s < 0:
+            raise InvalidArgument("wait_s: must not be negative")
+        loaded = await self._jobs.ensure_loaded(request.asset_id, request.wait_s)
+        reply = jobs_pb2.EnsureLoadedResponse(loaded=loaded.loaded, worker_ids=loaded.worker_ids)
+        if loaded.operation is not None:
+            reply.operation.CopyFrom(operation_to_proto(loaded.operation))
+        return reply
 
 
 def _operation_id(value: str) -> str:

@@ -8,6 +8,7 @@ import uuid
 from pydantic import Field
 
 from services.common.modelstore.settings import StoreSettings
+from services.common.settings import FleetSettings
 
 
 def default_instance_id() -> str:
@@ -15,7 +16,7 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
-class JobsSettings(StoreSettings):
+class JobsSettings(StoreSettings, FleetSettings):
     """Settings of the jobs service: where it listens, what it talks to, how it runs operations."""
 
     jobs_address: str = "127.0.0.1:50053"
@@ -67,6 +68,16 @@ class JobsSettings(StoreSettings):
 
     jobs_profile_timeout_s: float = Field(default=1800.0, gt=0)
     """Longest a profile may run."""
+
+    jobs_reconcile: bool = True
+    """Whether this instance runs the reconciler (several instances may; each is safe)."""
+
+    reconcile_interval_s: float = Field(default=5.0, gt=0)
+    """Seconds between reconciler passes (a lost worker starts one at once)."""
+
+    auto_sleep_unit_s: float = Field(default=60.0, gt=0)
+    """Seconds in one unit of an asset's `auto_sleep_min`: 60 in production; tests set 1 so
+    that `auto_sleep_min: 2` sleeps a model after two idle seconds."""
 
     def timeouts(self) -> dict[str, float]:
         """Per operation type, the longest it may run in seconds."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -16,6 +17,9 @@ from services.common.asset_proto import (
 from services.common.errors import InvalidArgument
 from services.registry.converters import OUTCOMES, apply_items, asset_filter
 from services.registry.service import AssetRegistry
+
+NOT_ON_WORKERS = frozenset({"registered", "installing", "installed", "sleeping", "failed"})
+"""States in which no worker holds the asset: reporting one clears `worker_ids`."""
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
@@ -69,13 +73,17 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self, request: registry_pb2.ReportAssetStatusRequest, context: grpc.aio.ServicerContext
     ) -> asset_pb2.Asset:
         status = request.status
-        fields = {"message": status.message, "store_path": status.store_path,
-                  "worker_ids": list(status.worker_ids)}
+        state = STATE_NAMES.get(status.state, "")
+        fields: dict[str, Any] = {"message": status.message}
+        if status.store_path:
+            fields["store_path"] = status.store_path
+        if status.worker_ids or state in NOT_ON_WORKERS:
+            fields["worker_ids"] = list(status.worker_ids)
         if status.HasField("last_used_at"):
             fields["last_used_at"] = status.last_used_at.ToJsonString()
         record = await self._registry.report_status(
             request.asset_id,
-            state=STATE_NAMES.get(status.state, ""),
+            state=state,
             status=fields,
             capabilities=capabilities_from_proto(request.capabilities)
             if request.HasField("capabilities") else None,

@@ -12,9 +12,10 @@ from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
 from services.common.errors import AssetNotFound, InvalidArgument, NotFound
 from services.common.grpc_client import domain_error
+from services.common.workerpool import WorkerHandle, WorkerPool
 from services.router.admission import Admission
 from services.router.catalog import AssetCatalog
-from services.router.workers import WorkerHandle, WorkerPool
+from services.router.waking import ModelWaker
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,12 @@ class Gateway:
         catalog: AssetCatalog,
         workers: WorkerPool,
         admission: Admission,
-        *,
-        load_timeout_s: float = 120.0,
+        waker: ModelWaker,
     ) -> None:
         self.catalog = catalog
         self.workers = workers
         self.admission = admission
-        self._load_timeout_s = load_timeout_s
+        self.waker = waker
 
     async def list_models(self) -> list[AssetRecord]:
         """Every asset, as the registry has it. Never wakes a model."""
@@ -63,7 +63,7 @@ class Gateway:
         forwarded.model = asset_id
         async with self.admission.gate(asset_id, record.spec.policy).slot():
             for attempt in (1, 2):
-                worker = await self.workers.place(record, self._load_timeout_s)
+                worker = await self.waker.place(record)
                 call = worker.inference.Chat(forwarded, timeout=timeout)
                 worker.in_flight[asset_id] += 1
                 started = False
@@ -114,7 +114,7 @@ class Gateway:
     ) -> T:
         asset_id = record.spec.asset_id
         for attempt in (1, 2):
-            worker = await self.workers.place(record, self._load_timeout_s)
+            worker = await self.waker.place(record)
             worker.in_flight[asset_id] += 1
             try:
                 call = start(worker)

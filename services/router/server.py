@@ -13,15 +13,16 @@ import uvicorn
 from roundhouse.v1 import events_pb2, inference_pb2, inference_pb2_grpc, registry_pb2_grpc
 from services.common.events import EventBus
 from services.common.grpc_server import GrpcServer, ServiceBinding, run_until_signal
+from services.common.liveness import WorkerLiveness
 from services.common.telemetry import setup_telemetry
+from services.common.workerpool import WorkerPool
 from services.router.admission import Admission
 from services.router.catalog import AssetCatalog
 from services.router.gateway import Gateway
 from services.router.http.app import create_app
-from services.router.liveness import WorkerLiveness
 from services.router.servicer import InferenceFrontServicer
 from services.router.settings import RouterSettings
-from services.router.workers import WorkerPool
+from services.router.waking import ModelWaker
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
         liveness = WorkerLiveness(workers, bus, dead_after_s=settings.dead_after_s())
         await liveness.start()
         stoppers.append(liveness.stop)
-    gateway = Gateway(catalog, workers, Admission(), load_timeout_s=settings.load_timeout_s)
+    waker = ModelWaker(workers, settings.jobs_address, wait_s=settings.load_timeout_s)
+    gateway = Gateway(catalog, workers, Admission(), waker)
 
     grpc_server = GrpcServer(settings.router_address, [ServiceBinding(
         inference_pb2_grpc.add_InferenceServicer_to_server, InferenceFrontServicer(gateway),
@@ -82,7 +84,7 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
         await registry_channel.close(None)
 
     return RouterParts(gateway, grpc_server, http_server, http_port,
-                       [stop_http, workers.close, close_registry_channel])
+                       [stop_http, *stoppers, workers.close, waker.close, close_registry_channel])
 
 
 async def serve(settings: RouterSettings) -> None:

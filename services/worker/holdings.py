@@ -68,9 +68,11 @@ class HeldModel:
 
     @property
     def memory_bytes(self) -> int:
-        """Measured footprint, else what the spec declares."""
+        """What it counts against the budget: the measured footprint, or the spec's
+        `resources.memory_mb` when that is more (a declaration reserves room the weights alone
+        do not show, such as the KV cache a long generation grows)."""
         declared = (self.record.spec.resources.memory_mb or 0) * MIB
-        return self.model.capabilities.memory_bytes or declared
+        return max(self.model.capabilities.memory_bytes, declared)
 
     def touch(self) -> None:
         """Record use now."""

@@ -43,13 +43,17 @@ def load_from_store(record: AssetRecord, store: ModelStore) -> HostedModel:
         )
     return load_model(record.spec, installed.path)
 
+UNLOAD_EVENTS = {"evict": "model.evicted", "sleep": "model.sleeping"}
+"""The event an unload publishes, by its reason; any other reason is `model.unloaded`."""
+
 
 class ModelHost:
     """Loads, holds, serves and unloads models; one failing model never affects the others.
 
     Loads run in a thread, so the event loop keeps serving the models already held.
-    Events (`model.loading`, `model.loaded`, `model.load_failed`, `model.unloaded`) are
-    published best effort when a bus is attached.
+    Events (`model.loading`, `model.loaded`, `model.load_failed`, and on unload
+    `model.unloaded`, `model.evicted` or `model.sleeping` by reason) are published best
+    effort when a bus is attached.
     """
 
     def __init__(
@@ -175,7 +179,9 @@ class ModelHost:
         if old.in_flight == 0:
             await old.model.close()
 
-    async def unload(self, asset_id: str, *, force: bool = False, reason: str = "") -> int:
+    async def unload(
+        self, asset_id: str, *, force: bool = False, reason: str = "", evicted_for: str = ""
+    ) -> int:
         """Release a model and return the bytes freed.
 
         Refuses with `FailedPrecondition` while requests are in flight unless `force`;
@@ -194,8 +200,9 @@ class ModelHost:
         await held.model.close()
         idle = (datetime.now(UTC) - held.last_used_at).total_seconds()
         log.info("unloaded %s (%s): freed %s", asset_id, reason or "operator", mib(held.memory_bytes))
-        await self._publish("model.unloaded", asset_id, reason=reason or "operator",
-                            memory_bytes=held.memory_bytes, idle_seconds=idle)
+        await self._publish(UNLOAD_EVENTS.get(reason, "model.unloaded"), asset_id,
+                            reason=reason or "operator", memory_bytes=held.memory_bytes,
+                            idle_seconds=idle, evicted_for=evicted_for)
         return held.memory_bytes
 
     @asynccontextmanager

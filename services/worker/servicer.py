@@ -64,7 +64,8 @@ class WorkerControlServicer(worker_pb2_grpc.WorkerControlServicer):
         self, request: worker_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.UnloadModelResponse:
         """Unload; refused while requests are in flight unless forced."""
-        freed = await self._host.unload(request.asset_id, force=request.force, reason=request.reason)
+        freed = await self._host.unload(request.asset_id, force=request.force, reason=request.reason,
+                                        evicted_for=request.evicted_for)
         return worker_pb2.UnloadModelResponse(freed_bytes=freed)
 
     async def GetWorkerInfo(

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from roundhouse.v1 import asset_pb2 as roundhouse_dot_v1_dot_asset__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aroundhouse/v1/worker.proto\x12\rroundhouse.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19roundhouse/v1/asset.proto\"K\n\x10LoadModelRequest\x12#\n\x05\x61sset\x18\x01 \x01(\x0b\x32\x14.roundhouse.v1.Asset\x12\x12\n\nstore_path\x18\x02 \x01(\t\">\n\x11LoadModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.roundhouse.v1.LoadedModel\"E\n\x12UnloadModelRequest\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"*\n\x13UnloadModelResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x04\"\x16\n\x14GetWorkerInfoRequest\"\x84\x02\n\x0bLoadedModel\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x31\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x1b.roundhouse.v1.Capabilities\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12-\n\tloaded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cload_seconds\x18\x08 \x01(\x01\"\xd5\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x03 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x04\x12*\n\x06models\x18\x05 \x03(\x0b\x32\x1a.roundhouse.v1.LoadedModel\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07has_gpu\x18\x07 \x01(\x08\x32\x86\x02\n\rWorkerControl\x12N\n\tLoadModel\x12\x1f.roundhouse.v1.LoadModelRequest\x1a .roundhouse.v1.LoadModelResponse\x12T\n\x0bUnloadModel\x12!.roundhouse.v1.UnloadModelRequest\x1a\".roundhouse.v1.UnloadModelResponse\x12O\n\rGetWorkerInfo\x12#.roundhouse.v1.GetWorkerInfoRequest\x1a\x19.roundhouse.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aroundhouse/v1/worker.proto\x12\rroundhouse.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19roundhouse/v1/asset.proto\"K\n\x10LoadModelRequest\x12#\n\x05\x61sset\x18\x01 \x01(\x0b\x32\x14.roundhouse.v1.Asset\x12\x12\n\nstore_path\x18\x02 \x01(\t\">\n\x11LoadModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.roundhouse.v1.LoadedModel\"Z\n\x12UnloadModelRequest\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x65victed_for\x18\x04 \x01(\t\"*\n\x13UnloadModelResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x04\"\x16\n\x14GetWorkerInfoRequest\"\x84\x02\n\x0bLoadedModel\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x31\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x1b.roundhouse.v1.Capabilities\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12-\n\tloaded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cload_seconds\x18\x08 \x01(\x01\"\xd5\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x03 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x04\x12*\n\x06models\x18\x05 \x03(\x0b\x32\x1a.roundhouse.v1.LoadedModel\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07has_gpu\x18\x07 \x01(\x08\x32\x86\x02\n\rWorkerControl\x12N\n\tLoadModel\x12\x1f.roundhouse.v1.LoadModelRequest\x1a .roundhouse.v1.LoadModelResponse\x12T\n\x0bUnloadModel\x12!.roundhouse.v1.UnloadModelRequest\x1a\".roundhouse.v1.UnloadModelResponse\x12O\n\rGetWorkerInfo\x12#.roundhouse.v1.GetWorkerInfoRequest\x1a\x19.roundhouse.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADMODELRESPONSE']._serialized_start=182
   _globals['_LOADMODELRESPONSE']._serialized_end=244
   _globals['_UNLOADMODELREQUEST']._serialized_start=246
-  _globals['_UNLOADMODELREQUEST']._serialized_end=315
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=317
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=359
-  _globals['_GETWORKERINFOREQUEST']._serialized_start=361
-  _globals['_GETWORKERINFOREQUEST']._serialized_end=383
-  _globals['_LOADEDMODEL']._serialized_start=386
-  _globals['_LOADEDMODEL']._serialized_end=646
-  _globals['_WORKERINFO']._serialized_start=649
-  _globals['_WORKERINFO']._serialized_end=862
-  _globals['_WORKERCONTROL']._serialized_start=865
-  _globals['_WORKERCONTROL']._serialized_end=1127
+  _globals['_UNLOADMODELREQUEST']._serialized_end=336
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=338
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=380
+  _globals['_GETWORKERINFOREQUEST']._serialized_start=382
+  _globals['_GETWORKERINFOREQUEST']._serialized_end=404
+  _globals['_LOADEDMODEL']._serialized_start=407
+  _globals['_LOADEDMODEL']._serialized_end=667
+  _globals['_WORKERINFO']._serialized_start=670
+  _globals['_WORKERINFO']._serialized_end=883
+  _globals['_WORKERCONTROL']._serialized_start=886
+  _globals['_WORKERCONTROL']._serialized_end=1148
 # @@protoc_insertion_point(module_scope)

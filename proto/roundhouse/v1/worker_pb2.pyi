@@ -75,22 +75,26 @@ class UnloadModelRequest(_message.Message):
     ASSET_ID_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    EVICTED_FOR_FIELD_NUMBER: _builtins.int
     asset_id: _builtins.str
     """The asset id."""
     force: _builtins.bool
     """Unload even with requests in flight (they fail with UNAVAILABLE)."""
     reason: _builtins.str
     """Why, for events: `sleep`, `evict`, `operator`, `disabled`."""
+    evicted_for: _builtins.str
+    """For evictions: the asset being loaded in its place."""
     def __init__(
         self,
         *,
         asset_id: _builtins.str = ...,
         force: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        evicted_for: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "force", b"force", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "evicted_for", b"evicted_for", "force", b"force", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

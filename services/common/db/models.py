@@ -97,6 +97,10 @@ class AssetAlias(Base):
     asset_id: Mapped[str] = mapped_column(ForeignKey("assets.asset_id", ondelete="CASCADE"))
 
 
+ACTIVE_LOAD = "type = 'load' AND status IN ('queued', 'running')"
+"""Operations that are a load still under way."""
+
+
 class Operation(Base):
     """A durable operation (install, load, unload, delete, profile) and its progress."""
 
@@ -105,6 +109,9 @@ class Operation(Base):
         CheckConstraint("progress >= 0 AND progress <= 100", name="progress_range"),
         Index("ix_operations_status_created_at", "status", "created_at"),
         Index("ix_operations_asset_id", "asset_id"),
+        # One load of an asset at a time: concurrent wake-ups join the active one.
+        Index("uq_operations_active_load", "asset_id", unique=True,
+              postgresql_where=text(ACTIVE_LOAD)),
     )
 
     operation_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)

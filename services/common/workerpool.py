@@ -1,4 +1,8 @@
-"""The workers the router knows: what each holds, how busy it is, where to load a model."""
+"""The workers a service knows: what each holds, how much room it has, how busy it is.
+
+The router routes requests with it; the jobs service places loads and picks eviction victims
+with it. Both keep it fresh from heartbeats (see `liveness`) and `GetWorkerInfo` calls.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from roundhouse.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from services.common.asset_proto import AssetRecord, record_to_proto
 from services.common.errors import ModelNotReady
-from services.common.grpc_client import domain_error
 from services.common.grpc_server import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    """Keeps a picture of every worker and places requests and loads on them."""
+    """Keeps a picture of every worker: configured addresses plus any that heartbeat."""
 
     def __init__(self, addresses: list[str], *, refresh_s: float = 2.0) -> None:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -69,7 +71,6 @@ class WorkerPool:
         for address in addresses:
             self._add(address)
         self._refresh_s = refresh_s
-        self._loads: dict[str, asyncio.Task[WorkerHandle]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def _add(self, address: str) -> WorkerHandle:
@@ -161,44 +162,16 @@ class WorkerPool:
 
     def pick(self, asset_id: str) -> WorkerHandle | None:
         """The healthy worker holding the asset with the fewest requests in flight."""
-        holders = [w for w in self.workers if w.healthy and w.holds(asset_id)]
+        holders = self.holders(asset_id)
         return min(holders, key=lambda w: w.in_flight[asset_id], default=None)
 
-    async def place(self, record: AssetRecord, timeout_s: float) -> WorkerHandle:
-        """A worker holding the asset, loading it first if none does.
+    def holders(self, asset_id: str) -> list[WorkerHandle]:
+        """The healthy workers that reported holding the asset."""
+        return [w for w in self.workers if w.healthy and w.holds(asset_id)]
 
-        Concurrent calls for the same asset share one load.
-        """
-        asset_id = record.spec.asset_id
-        worker = self.pick(asset_id)
-        if worker is not None:
-            return worker
-        task = self._loads.get(asset_id)
-        if task is None:
-            task = asyncio.create_task(self._load(record, timeout_s), name=f"load-{asset_id}")
-            self._loads[asset_id] = task
-            task.add_done_callback(lambda _: self._loads.pop(asset_id, None))
-        return await asyncio.shield(task)
-
-    async def _load(self, record: AssetRecord, timeout_s: float) -> WorkerHandle:
-        asset_id = record.spec.asset_id
-        await self.refresh()
-        candidates = sorted((w for w in self.workers if w.healthy),
-                            key=lambda w: w.free_bytes, reverse=True)
-        if not candidates:
-            raise ModelNotReady("no worker is available; retry later", retry_after_s=5.0)
-        worker = candidates[0]
-        log.info("loading %s on %s", asset_id, worker.address)
-        try:
-            await worker.control.LoadModel(
-                worker_pb2.LoadModelRequest(asset=record_to_proto(record)), timeout=timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise domain_error(
-                exc, unavailable=f"model '{asset_id}' could not be loaded in time; retry later"
-            ) from None
-        await self.refresh(worker)
-        return worker
+    def healthy(self) -> list[WorkerHandle]:
+        """The workers that answered lately and are not declared down."""
+        return [w for w in self.workers if w.healthy]
 
     def known(self) -> bool:
         """Whether at least one worker answered the last refresh."""

@@ -2,8 +2,9 @@
 
 Workers heartbeat on `roundhouse.heartbeat.worker.<id>` with their `WorkerInfo`. A worker
 not heard from for `dead_after_s` is declared dead at once: the pool stops routing to it,
-its calls in flight are cancelled (their clients get 503), and `worker.down` (reason
-`heartbeat_missed`) is published once. Its next heartbeat brings it back.
+its calls in flight are cancelled (their clients get 503), and, by the service that
+announces (the router), `worker.down` (reason `heartbeat_missed`) is published once. Its
+next heartbeat brings it back.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
@@ -18,7 +20,7 @@ from nats.aio.subscription import Subscription
 
 from roundhouse.v1 import events_pb2, worker_pb2
 from services.common.events import ALL_HEARTBEATS, EventBus, new_event
-from services.router.workers import WorkerHandle, WorkerPool
+from services.common.workerpool import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,17 @@ WORKER_DOWN = "roundhouse.events.worker.down.>"
 class WorkerLiveness:
     """Feeds heartbeats into a `WorkerPool` and declares silent workers dead."""
 
-    def __init__(self, pool: WorkerPool, bus: EventBus, *, dead_after_s: float) -> None:
+    def __init__(
+        self, pool: WorkerPool, bus: EventBus, *, dead_after_s: float, announce: bool = True,
+        on_down: Callable[[WorkerHandle], None] | None = None,
+    ) -> None:
+        """`announce`: publish `worker.down` (one service per deployment should).
+        `on_down(worker)` is called whenever a worker is taken out of the pool."""
         self._pool = pool
         self._bus = bus
         self._dead_after_s = dead_after_s
+        self._announce = announce
+        self._on_down = on_down
         self._last_seen: dict[str, float] = {}
         self._subscriptions: list[Subscription] = []
         self._task: asyncio.Task[None] | None = None
@@ -68,14 +77,25 @@ class WorkerLiveness:
         self._last_seen[info.worker_id] = time.monotonic()
 
     async def _on_worker_down(self, event: events_pb2.Event) -> None:
-        if event.source != "worker":
-            return  # our own (or another router's) verdict
         worker = self._pool.find(worker_id=event.worker_id, address=event.worker.address)
+        if event.source != "worker":
+            # Another service's verdict: a service that does not announce adopts it.
+            if worker is not None and not worker.down and not self._announce:
+                await self._declare_dead(worker, 0.0)
+            return
         if worker is not None:
             log.info("worker %s is shutting down", event.worker_id)
             # Requests already running may finish within the worker's grace period.
             self._pool.mark_down(worker, cancel_calls=False)
             self._last_seen.pop(event.worker_id, None)
+            self._lost(worker)
+
+    def _lost(self, worker: WorkerHandle) -> None:
+        if self._on_down is not None:
+            try:
+                self._on_down(worker)
+            except Exception:
+                log.exception("handling the loss of worker %s failed", worker.worker_id)
 
     def _forgive(self) -> None:
         now = time.monotonic()
@@ -104,6 +124,9 @@ class WorkerLiveness:
         last = worker.last_info or worker_pb2.WorkerInfo()
         log.warning("worker %s at %s missed its heartbeats for %.1fs; declared down",
                     worker.worker_id, worker.address, silent_s)
+        self._lost(worker)
+        if not self._announce:
+            return
         detail = events_pb2.WorkerEventDetail(
             address=worker.address, memory_budget_bytes=last.memory_budget_bytes,
             reason="heartbeat_missed", asset_ids=held)

@@ -1,0 +1,184 @@
+"""Load and unload operations: put models on workers, evicting idle ones to make room.
+
+The jobs service sees workers through a `WorkerPool` kept fresh by their heartbeats. A load
+asks every worker for a current picture, chooses a worker (`placement.plan_placement`),
+unloads the victims there with reason `evict` (each is a `model.evicted` event from the
+worker, with its idle time and the asset it made room for), then loads. Observed state goes
+to the registry as it changes: `loading`, `loaded` (with the workers and measured
+capabilities), `sleeping` for evicted and slept models, `failed` for a load that failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import grpc
+
+from roundhouse.v1 import worker_pb2
+from services.common.asset_proto import AssetRecord, record_to_proto
+from services.common.errors import AssetDisabled, ModelNotReady, NotFound, RoundhouseError
+from services.common.grpc_client import domain_error
+from services.common.workerpool import WorkerHandle, WorkerPool
+from services.jobs.model import ProgressReport
+from services.jobs.placement import MIB, Placement, Victim, plan_placement
+from services.jobs.registry_client import RegistryClient
+from services.jobs.runners import RunContext
+
+log = logging.getLogger(__name__)
+
+UNLOAD_CALL_S = 60.0
+
+
+def footprint_bytes(record: AssetRecord) -> int:
+    """Memory the asset needs on a worker: its footprint measured at its last load, or its
+    declared `resources.memory_mb` when that is more (as the worker counts it)."""
+    measured = int((record.capabilities or {}).get("memory_bytes", 0) or 0)
+    return max(measured, (record.spec.resources.memory_mb or 0) * MIB)
+
+
+class LoadRunner:
+    """Loads the asset on one worker (the operation's `worker_id`, else the best placed).
+
+    Safe to repeat: an asset already held by a worker counts as loaded. With `force`,
+    `running` models may be evicted too.
+    """
+
+    def __init__(self, pool: WorkerPool, registry: RegistryClient, *, load_call_s: float) -> None:
+        self._pool = pool
+        self._registry = registry
+        self._load_call_s = load_call_s
+
+    async def __call__(self, ctx: RunContext) -> str:
+        op = ctx.operation
+        record = await self._registry.get_asset(op.asset_id)
+        if record.spec.desired == "disabled":
+            raise AssetDisabled(f"model '{op.asset_id}' is disabled; enable it to load it")
+        await ctx.report(ProgressReport("asking the workers what they hold", progress=5))
+        await self._pool.refresh()
+        holders = self._pool.holders(op.asset_id)
+        current = [w for w in holders if _revision(w, op.asset_id) == record.revision]
+        if current:
+            return f"already loaded on {', '.join(w.worker_id for w in current)}"
+        if holders:  # an older revision: the worker swaps it in place
+            return await self._load(ctx, holders[0], record)
+        workers = self._pool.healthy()
+        if op.worker_id:
+            workers = [w for w in workers if w.worker_id == op.worker_id]
+            if not workers:
+                raise ModelNotReady(f"worker '{op.worker_id}' is not available", retry_after_s=5)
+        desired = await self._desired_states(workers)
+        placement = plan_placement(workers, op.asset_id, footprint_bytes(record),
+                                   lambda asset_id: desired.get(asset_id, "on-demand"),
+                                   now=datetime.now(UTC), force=op.force)
+        await self._evict(ctx, placement, op.asset_id)
+        return await self._load(ctx, placement.worker, record)
+
+    async def _desired_states(self, workers: list[WorkerHandle]) -> dict[str, str]:
+        """Desired state of every model the workers hold (unknown assets: `on-demand`)."""
+        ids = {m.asset_id for w in workers if w.info for m in w.info.models}
+        records = await self._registry.list_assets() if ids else []
+        return {r.spec.asset_id: r.spec.desired for r in records if r.spec.asset_id in ids}
+
+    async def _evict(self, ctx: RunContext, placement: Placement, asset_id: str) -> None:
+        worker = placement.worker
+        for victim in placement.victims:
+            await ctx.report(ProgressReport(
+                f"evicting {victim.asset_id} from {worker.worker_id} (idle {victim.idle_s:.0f}s, "
+                f"{victim.memory_bytes // MIB} MiB) to make room", progress=20))
+            await self._unload_victim(worker, victim, asset_id)
+
+    async def _unload_victim(self, worker: WorkerHandle, victim: Victim, asset_id: str) -> None:
+        try:
+            await worker.control.UnloadModel(worker_pb2.UnloadModelRequest(
+                asset_id=victim.asset_id, reason="evict", evicted_for=asset_id), timeout=UNLOAD_CALL_S)
+        except grpc.aio.AioRpcError as exc:
+            error = domain_error(exc, unavailable=f"worker {worker.worker_id} is unavailable")
+            if isinstance(error, NotFound):
+                return  # gone meanwhile: the room is there
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # A request arrived since the picture was taken: choose again on the next try.
+                raise ModelNotReady(f"{victim.asset_id} became busy on {worker.worker_id}; "
+                                    "placing again", retry_after_s=1) from None
+            raise error from None
+        log.info("evicted %s from %s (idle %.0fs) for %s", victim.asset_id, worker.worker_id,
+                 victim.idle_s, asset_id)
+        await self._registry.report_state(
+            victim.asset_id, "sleeping",
+            message=f"evicted from {worker.worker_id} to make room for {asset_id}")
+
+    async def _load(self, ctx: RunContext, worker: WorkerHandle, record: AssetRecord) -> str:
+        asset_id = record.spec.asset_id
+        await ctx.report(ProgressReport(f"loading on {worker.worker_id}", progress=40))
+        await self._registry.report_state(asset_id, "loading", message=f"loading on {worker.worker_id}")
+        try:
+            reply = await worker.control.LoadModel(
+                worker_pb2.LoadModelRequest(asset=record_to_proto(record)), timeout=self._load_call_s)
+        except grpc.aio.AioRpcError as exc:
+            error = domain_error(exc, unavailable=f"worker {worker.worker_id} is unavailable")
+            if ctx.final_attempt or not isinstance(error, ModelNotReady):
+                await self._report_failed(asset_id, error)
+            raise error from None
+        finally:
+            await self._pool.refresh(worker)
+        model = reply.model
+        await self._registry.report_state(
+            asset_id, "loaded", message=f"loaded on {worker.worker_id}",
+            worker_ids=[w.worker_id for w in self._pool.holders(asset_id)] or [worker.worker_id],
+            capabilities=model.capabilities)
+        return (f"loaded on {worker.worker_id} in {model.load_seconds:.2f}s "
+                f"({model.memory_bytes // MIB} MiB)")
+
+    async def _report_failed(self, asset_id: str, error: Exception) -> None:
+        message = error.message if isinstance(error, RoundhouseError) else str(error)
+        try:
+            await self._registry.report_state(asset_id, "failed", message=message)
+        except RoundhouseError as exc:
+            log.warning("could not record the failed load of %s: %s", asset_id, exc)
+
+
+class UnloadRunner:
+    """Unloads the asset from every worker holding it (or only the operation's `worker_id`).
+
+    The operation's reason becomes the workers' event: `sleep` → `model.sleeping`, anything
+    else → `model.unloaded`. Without `force` a model with requests in flight is not unloaded
+    (the operation fails, retried when the reason is `sleep`). Safe to repeat.
+    """
+
+    def __init__(self, pool: WorkerPool, registry: RegistryClient) -> None:
+        self._pool = pool
+        self._registry = registry
+
+    async def __call__(self, ctx: RunContext) -> str:
+        op = ctx.operation
+        reason = op.reason or "operator"
+        await self._pool.refresh()
+        holders = [w for w in self._pool.holders(op.asset_id)
+                   if not op.worker_id or w.worker_id == op.worker_id]
+        if not holders:
+            return "not loaded on any worker"
+        freed = 0
+        for n, worker in enumerate(holders):
+            await ctx.report(ProgressReport(f"unloading from {worker.worker_id}",
+                                            progress=10 + 80 * n // len(holders)))
+            try:
+                reply = await worker.control.UnloadModel(worker_pb2.UnloadModelRequest(
+                    asset_id=op.asset_id, force=op.force, reason=reason), timeout=UNLOAD_CALL_S)
+                freed += reply.freed_bytes
+            except grpc.aio.AioRpcError as exc:
+                error = domain_error(exc, unavailable=f"worker {worker.worker_id} is unavailable")
+                if not isinstance(error, NotFound):
+                    raise error from None
+            finally:
+                await self._pool.refresh(worker)
+        if not self._pool.holders(op.asset_id):
+            state = "sleeping" if reason == "sleep" else "installed"
+            await self._registry.report_state(op.asset_id, state, message=f"unloaded ({reason})")
+        names = ", ".join(w.worker_id for w in holders)
+        return f"unloaded from {names} ({reason}); {freed // MIB} MiB freed"
+
+
+def _revision(worker: WorkerHandle, asset_id: str) -> int:
+    info = worker.info
+    return next((m.revision for m in info.models if m.asset_id == asset_id), 0) if info else 0
+

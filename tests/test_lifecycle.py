@@ -1,0 +1,181 @@
+"""Lifecycle end to end: wake on demand, LRU eviction across workers, auto-sleep, re-placement.
+
+Real registry, jobs service (with its reconciler), router and workers with small memory
+budgets, on a database of this module's own; a NATS subscriber is the witness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from openai import AsyncOpenAI
+from polling import wait_until
+from stack_harness import TINY_CHAT, Stack, build_sources, running_stack, worker_process
+
+from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, jobs_pb2
+from services.common.events import EventBus
+
+BUDGET_MB, MODEL_MB = 60, 40
+"""Each worker has room for one tiny model as declared below, not two."""
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
+
+
+def chat_model(sources: Path, asset_id: str, **lifecycle: object) -> dict:
+    """A tiny chat asset that declares `MODEL_MB`."""
+    return {"asset_id": asset_id, "interface": "llm-runtime",
+            "source": {"kind": "path", "path": str(sources / TINY_CHAT)},
+            "resources": {"memory_mb": MODEL_MB},
+            "lifecycle": {"desired": "on-demand", **lifecycle},
+            "policy": {"max_concurrency": 4, "max_queue": 64, "queue_timeout_s": 60}}
+
+
+class Witness:
+    """Every `model.*` event while open."""
+
+    def __init__(self) -> None:
+        self.events: list[events_pb2.Event] = []
+
+    def of(self, kind: str, asset_id: str = "") -> list[events_pb2.Event]:
+        """Events of that type (about that asset)."""
+        return [e for e in self.events if e.type == kind and (not asset_id or e.asset_id == asset_id)]
+
+
+@asynccontextmanager
+async def witness(nats_url: str) -> AsyncIterator[Witness]:
+    seen = Witness()
+    bus = await EventBus.connect(nats_url, name="lifecycle-witness", ensure_stream=False)
+
+    async def keep(event: events_pb2.Event) -> None:
+        seen.events.append(event)
+
+    await bus.subscribe("roundhouse.events.model.>", keep)
+    try:
+        yield seen
+    finally:
+        await bus.close()
+
+
+async def chat(stack: Stack, model: str, max_tokens: int = 2) -> str:
+    """One chat completion through the router's OpenAI API."""
+    client = AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
+    try:
+        reply = await client.chat.completions.create(
+            model=model, max_tokens=max_tokens, temperature=0,
+            messages=[{"role": "user", "content": "hello"}])
+    finally:
+        await client.close()
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    return reply.choices[0].message.content or ""
+
+
+def holders(stack: Stack, asset_id: str) -> list[str]:
+    return [w.worker_id for w in stack.router.gateway.workers.holders(asset_id)]
+
+
+async def test_twenty_requests_to_a_sleeping_model_cause_exactly_one_load(
+    own_db: str, nats_url: str, sources: Path, tmp_path: Path
+) -> None:
+    async with running_stack(own_db, nats_url, sources, tmp_path / "store", workers=2,
+                             worker_memory_mb=BUDGET_MB, reconcile=True) as stack, \
+            witness(nats_url) as seen:
+        await stack.apply(chat_model(sources, "sleepy"))
+        assert holders(stack, "sleepy") == []
+
+        replies = await asyncio.gather(*(chat(stack, "sleepy") for _ in range(20)))
+
+        assert len(replies) == 20
+        assert len(seen.of("model.loading", "sleepy")) == 1
+        assert len(seen.of("model.loaded", "sleepy")) == 1
+        loads = await stack.jobs.stub.ListOperations(jobs_pb2.ListOperationsRequest(
+            asset_id="sleepy", type=jobs_pb2.OPERATION_TYPE_LOAD))
+        assert [o.status for o in loads.operations] == [jobs_pb2.OPERATION_STATUS_SUCCEEDED]
+
+
+async def test_a_load_evicts_the_least_recently_used_idle_model_never_a_busy_one(
+    own_db: str, nats_url: str, sources: Path, tmp_path: Path
+) -> None:
+    async with running_stack(own_db, nats_url, sources, tmp_path / "store", workers=2,
+                             worker_memory_mb=BUDGET_MB, reconcile=True) as stack, \
+            witness(nats_url) as seen:
+        await stack.apply(*(chat_model(sources, m) for m in ("first", "second", "third")))
+        await chat(stack, "first")
+        await chat(stack, "second")
+        assert holders(stack, "first") and holders(stack, "second")
+
+        await chat(stack, "third")  # both workers full: the least recently used goes
+
+        [evicted] = seen.of("model.evicted")
+        assert evicted.asset_id == "first" and evicted.model.reason == "evict"
+        assert evicted.model.evicted_for == "third" and evicted.model.idle_seconds > 0
+        assert evicted.model.memory_bytes >= MODEL_MB * 1024 * 1024
+        assert holders(stack, "first") == [] and holders(stack, "second") and holders(stack, "third")
+
+        # "second" is now the least recently used, but busy: "third" goes instead.
+        stream = stack.inference.Chat(inference_pb2.ChatRequest(
+            model="second", max_tokens=4000, temperature=0,
+            messages=[inference_pb2.ChatMessage(role="user", content="hello")]), timeout=120)
+        await stream.read()
+        await chat(stack, "first")
+        stream.cancel()
+
+        assert [e.asset_id for e in seen.of("model.evicted")] == ["first", "third"]
+        assert holders(stack, "second") and holders(stack, "first")
+
+
+async def test_an_idle_model_falls_asleep_and_the_next_request_wakes_it(
+    own_db: str, nats_url: str, sources: Path, tmp_path: Path
+) -> None:
+    async with running_stack(own_db, nats_url, sources, tmp_path / "store", workers=1,
+                             worker_memory_mb=BUDGET_MB, reconcile=True,
+                             auto_sleep_unit_s=1.0, reconcile_interval_s=0.3) as stack, \
+            witness(nats_url) as seen:
+        await stack.apply(chat_model(sources, "napper", auto_sleep_min=1))  # 1 unit: 1 s here
+        await chat(stack, "napper")
+
+        await wait_until(lambda: seen.of("model.sleeping", "napper"), 15)
+        [sleeping] = seen.of("model.sleeping", "napper")
+        assert sleeping.model.reason == "sleep" and sleeping.model.idle_seconds >= 1.0
+        await wait_until(lambda: not holders(stack, "napper"), 5)
+
+        async def asleep_in_registry() -> bool:
+            asset = await stack.registry_asset("napper")
+            return asset.status.state == asset_pb2.ASSET_STATE_SLEEPING
+
+        await wait_until(asleep_in_registry, 5)
+
+        assert await chat(stack, "napper") is not None
+        assert len(seen.of("model.loaded", "napper")) == 2
+
+
+async def test_running_models_of_a_killed_worker_come_back_on_another(
+    own_db: str, nats_url: str, sources: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    async with running_stack(own_db, nats_url, sources, store, workers=1,
+                             worker_memory_mb=BUDGET_MB, reconcile=True) as stack, \
+            worker_process(nats_url, store, sources, tmp_path / "worker.log") as (process, doomed, _), \
+            witness(nats_url) as seen:
+        await stack.apply(chat_model(sources, "steady"))
+        jobs_pool = stack.jobs.app.service.pool
+        await wait_until(lambda: jobs_pool.find(worker_id=doomed) is not None, 60)
+        placed = await stack.jobs.stub.SubmitOperation(jobs_pb2.SubmitOperationRequest(
+            type=jobs_pb2.OPERATION_TYPE_LOAD, asset_id="steady", worker_id=doomed))
+        await wait_until(lambda: [e for e in seen.of("model.loaded", "steady") if e.worker_id == doomed], 60)
+        assert placed.worker_id == doomed
+        await stack.apply({**chat_model(sources, "steady"), "lifecycle": {"desired": "running"}})
+
+        process.send_signal(signal.SIGKILL)
+
+        survivor = stack.workers[0].server.host.worker_id
+        await wait_until(lambda: [e for e in seen.of("model.loaded", "steady") if e.worker_id == survivor], 30)
+        await wait_until(lambda: holders(stack, "steady") == [survivor], 10)
+        assert await chat(stack, "steady") is not None
