@@ -34,7 +34,7 @@ class UntouchedGateway:
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(UntouchedGateway(), max_body_bytes=LIMIT)  # type: ignore[arg-type]
+    app = create_app(UntouchedGateway(), UntouchedGateway(), max_body_bytes=LIMIT)  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
         yield http

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 from openai import AsyncOpenAI
 from polling import wait_until
@@ -179,3 +180,44 @@ async def test_running_models_of_a_killed_worker_come_back_on_another(
         await wait_until(lambda: [e for e in seen.of("model.loaded", "steady") if e.worker_id == survivor], 30)
         await wait_until(lambda: holders(stack, "steady") == [survivor], 10)
         assert await chat(stack, "steady") is not None
+
+
+async def test_admin_api_queues_operations_and_reports_their_progress(
+    own_db: str, nats_url: str, sources: Path, tmp_path: Path
+) -> None:
+    async with running_stack(own_db, nats_url, sources, tmp_path / "store", workers=1,
+                             worker_memory_mb=BUDGET_MB, reconcile=True) as stack, \
+            httpx.AsyncClient(base_url=f"{stack.http_url}/admin/v1", timeout=30) as admin:
+        await stack.apply(chat_model(sources, "managed"))
+
+        queued = await admin.post("/models/managed/load")
+        assert queued.status_code == 202
+        operation = queued.json()
+        assert operation["type"] == "load" and operation["asset_id"] == "managed"
+        assert queued.headers["location"] == f"/admin/v1/operations/{operation['operation_id']}"
+
+        async def finished() -> bool:
+            polled = (await admin.get(f"/operations/{operation['operation_id']}")).json()
+            return polled["status"] == "succeeded" and polled["progress"] == 100
+
+        await wait_until(finished, 60, interval=0.1)
+
+        async def listed_on_worker() -> bool:  # the router's picture follows within a heartbeat
+            [worker] = (await admin.get("/workers")).json()["workers"]
+            return worker["healthy"] and [m["asset_id"] for m in worker.get("models", [])] == ["managed"]
+
+        await wait_until(listed_on_worker, 10, interval=0.1)
+
+        unload = (await admin.post("/models/managed/unload", json={"force": True})).json()
+        await wait_until(lambda: not holders(stack, "managed"), 30)
+        listed = (await admin.get("/operations", params={"asset_id": "managed"})).json()
+        assert [o["type"] for o in listed["operations"]] == ["unload", "load"]
+        assert listed["operations"][0]["operation_id"] == unload["operation_id"]
+
+        missing = await admin.post("/models/absent/load")
+        assert missing.status_code == 404
+        assert "absent" in missing.json()["error"]["message"]
+        wrong = await admin.post("/models/managed/reboot")
+        assert wrong.status_code in (400, 404) and "error" in wrong.json()
+        unknown = await admin.get("/operations/not-an-id")
+        assert unknown.status_code == 404 and unknown.json()["error"]["message"]

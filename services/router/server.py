@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import grpc
 import uvicorn
 
-from roundhouse.v1 import events_pb2, inference_pb2, inference_pb2_grpc, registry_pb2_grpc
+from roundhouse.v1 import events_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2_grpc, registry_pb2_grpc
 from services.common.events import EventBus
 from services.common.grpc_server import GrpcServer, ServiceBinding, run_until_signal
 from services.common.liveness import WorkerLiveness
@@ -57,14 +57,16 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
         liveness = WorkerLiveness(workers, bus, dead_after_s=settings.dead_after_s())
         await liveness.start()
         stoppers.append(liveness.stop)
-    waker = ModelWaker(workers, settings.jobs_address, wait_s=settings.load_timeout_s)
+    jobs_channel = grpc.aio.insecure_channel(settings.jobs_address)
+    jobs = jobs_pb2_grpc.JobsStub(jobs_channel)
+    waker = ModelWaker(workers, jobs, wait_s=settings.load_timeout_s)
     gateway = Gateway(catalog, workers, Admission(), waker)
 
     grpc_server = GrpcServer(settings.router_address, [ServiceBinding(
         inference_pb2_grpc.add_InferenceServicer_to_server, InferenceFrontServicer(gateway),
         SERVICE_NAME,
     )])
-    app = create_app(gateway, max_body_bytes=settings.max_body_bytes)
+    app = create_app(gateway, jobs, max_body_bytes=settings.max_body_bytes)
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
                             log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
     http_server = uvicorn.Server(config)
@@ -80,11 +82,12 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
         http_server.should_exit = True
         await http_task
 
-    async def close_registry_channel() -> None:
+    async def close_channels() -> None:
         await registry_channel.close(None)
+        await jobs_channel.close(None)
 
     return RouterParts(gateway, grpc_server, http_server, http_port,
-                       [stop_http, *stoppers, workers.close, waker.close, close_registry_channel])
+                       [stop_http, *stoppers, workers.close, close_channels])
 
 
 async def serve(settings: RouterSettings) -> None:

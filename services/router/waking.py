@@ -25,11 +25,10 @@ log = logging.getLogger(__name__)
 class ModelWaker:
     """Finds the worker for a request, waking the model first when it sleeps."""
 
-    def __init__(self, pool: WorkerPool, jobs_address: str, *, wait_s: float) -> None:
+    def __init__(self, pool: WorkerPool, jobs: jobs_pb2_grpc.JobsStub, *, wait_s: float) -> None:
         self._pool = pool
         self._wait_s = wait_s
-        self._channel = grpc.aio.insecure_channel(jobs_address)
-        self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
+        self._jobs = jobs
         self._wakes: dict[str, asyncio.Task[None]] = {}
 
     async def place(self, record: AssetRecord) -> WorkerHandle:
@@ -72,7 +71,3 @@ class ModelWaker:
             await asyncio.gather(*(self._pool.refresh(w) for w in holders))
         else:  # a worker this router has not heard from yet
             await self._pool.refresh()
-
-    async def close(self) -> None:
-        """Close the channel to the jobs service."""
-        await self._channel.close(None)

@@ -1,4 +1,4 @@
-"""The router's OpenAI-compatible HTTP API (FastAPI): `create_app(gateway)`."""
+"""The router's OpenAI-compatible HTTP API (FastAPI): `create_app(gateway, jobs)`."""
 
 from services.router.http.app import DEFAULT_MAX_BODY_BYTES, create_app
 

@@ -1,6 +1,6 @@
 """The router's HTTP app: the OpenAI-compatible API, health probes and metrics.
 
-`create_app(gateway)` is the composition root of the HTTP side; it builds one FastAPI app
+`create_app(gateway, jobs)` is the composition root of the HTTP side; it builds one FastAPI app
 with its own metrics registry, so several apps can live in one process (tests do).
 """
 
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from services.router.http.admin import admin_router
 from services.router.http.chat.serving import ChatServing
 from services.router.http.completion.serving import CompletionServing
 from services.router.http.embedding.serving import EmbeddingServing
@@ -22,6 +23,7 @@ from services.router.http.middleware import RequestContextMiddleware
 from services.router.http.routes import openai_router
 
 if TYPE_CHECKING:
+    from roundhouse.v1.jobs_pb2_grpc import JobsStub
     from services.router.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -30,11 +32,14 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 READY_TIMEOUT_S = 5.0
 
 
-def create_app(gateway: Gateway, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The HTTP API in front of `gateway`.
+def create_app(
+    gateway: Gateway, jobs: JobsStub, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FastAPI:
+    """The HTTP API in front of `gateway`, with the admin API over `jobs`.
 
     Routes: `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, `/v1/completions`,
-    `/v1/embeddings`, `/healthz`, `/readyz`, `/metrics`. Bodies over `max_body_bytes`
+    `/v1/embeddings`, `/admin/v1/...` (see `admin`), `/healthz`, `/readyz`, `/metrics`.
+    Bodies over `max_body_bytes`
     are refused with 413. Every error has OpenAI's shape; every response has `x-request-id`.
     """
     metrics = HttpMetrics()
@@ -44,12 +49,14 @@ def create_app(gateway: Gateway, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
         version="1",
     )
     app.state.gateway = gateway
+    app.state.jobs = jobs
     app.state.metrics = metrics
     app.state.chat = ChatServing(gateway, metrics)
     app.state.completion = CompletionServing(gateway, metrics)
     app.state.embedding = EmbeddingServing(gateway, metrics)
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(admin_router)
     _add_operational_routes(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
     return app
