@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -189,3 +192,38 @@ async def rpc_error(call: object) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call  # type: ignore[misc]
     return info.value
+
+
+def stalled_model(tiny_llama: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A model folder whose extra file is a FIFO; returns the folder and the FIFO."""
+    folder = copy_model(tiny_llama, tmp_path / "sources", uid("stalled"))
+    fifo = folder / "stream.bin"
+    os.mkfifo(fifo)
+    return folder, fifo
+
+
+async def feed_until_done(fifo: Path, stub: jobs_pb2_grpc.JobsStub, operation_id: str,
+                          timeout_s: float = 30.0) -> None:
+    """Write to the FIFO once its reader is there, until the operation has finished."""
+    deadline = time.monotonic() + timeout_s
+    request = jobs_pb2.GetOperationRequest(operation_id=operation_id)
+    try:
+        while (await stub.GetOperation(request)).status not in TERMINAL:
+            assert time.monotonic() < deadline, "the operation did not finish"
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: nobody reads it yet
+                    raise
+                await asyncio.sleep(0.05)
+                continue
+            os.write(fd, b"\0" * 4096)
+            os.close(fd)
+            await asyncio.sleep(0.05)
+    finally:
+        # Never leave a store thread blocked on the FIFO, whatever happened above.
+        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
+
+
+def store_leftovers(store: Path) -> list[str]:
+    return sorted(p.name for p in store.iterdir() if p.name != ".locks") if store.exists() else []

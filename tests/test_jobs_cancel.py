@@ -8,69 +8,32 @@ the FIFO after, so the install is certain to be cut off mid-way, with files alre
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 from jobs_harness import (
-    TERMINAL,
     JobEvents,
     add_model,
     asset_status,
     copy_model,
+    feed_until_done,
     jobs_settings,
     rpc_error,
     running_jobs,
+    stalled_model,
+    store_leftovers,
     submit,
-    uid,
     watch_until_done,
 )
 from registry_harness import RunningRegistry
 
-from roundhouse.v1 import asset_pb2, jobs_pb2, jobs_pb2_grpc
+from roundhouse.v1 import asset_pb2, jobs_pb2
 
 CANCELLED = jobs_pb2.OPERATION_STATUS_CANCELLED
 
 
 pytestmark = pytest.mark.usefixtures("no_leftover_operations")
-
-
-def stalled_model(tiny_llama: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """A model folder whose extra file is a FIFO; returns the folder and the FIFO."""
-    folder = copy_model(tiny_llama, tmp_path / "sources", uid("stalled"))
-    fifo = folder / "stream.bin"
-    os.mkfifo(fifo)
-    return folder, fifo
-
-
-async def feed_until_done(fifo: Path, stub: jobs_pb2_grpc.JobsStub, operation_id: str,
-                          timeout_s: float = 30.0) -> None:
-    """Write to the FIFO once its reader is there, until the operation has finished."""
-    deadline = time.monotonic() + timeout_s
-    request = jobs_pb2.GetOperationRequest(operation_id=operation_id)
-    try:
-        while (await stub.GetOperation(request)).status not in TERMINAL:
-            assert time.monotonic() < deadline, "the operation did not finish"
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:  # ENXIO: nobody reads it yet
-                    raise
-                await asyncio.sleep(0.05)
-                continue
-            os.write(fd, b"\0" * 4096)
-            os.close(fd)
-            await asyncio.sleep(0.05)
-    finally:
-        # Never leave a store thread blocked on the FIFO, whatever happened above.
-        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
-
-
-def store_leftovers(store: Path) -> list[str]:
-    return sorted(p.name for p in store.iterdir() if p.name != ".locks") if store.exists() else []
 
 
 async def test_cancel_stops_a_running_install_and_a_queued_one(
