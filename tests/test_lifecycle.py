@@ -13,12 +13,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from openai import AsyncOpenAI
 from polling import wait_until
 from stack_harness import TINY_CHAT, Stack, build_sources, running_stack, worker_process
 
-from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, jobs_pb2
+from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, jobs_pb2, registry_pb2
+from services.common.asset_proto import spec_to_proto
+from services.common.assetspec import parse_spec
 from services.common.events import EventBus
 
 BUDGET_MB, MODEL_MB = 60, 40
@@ -221,3 +224,39 @@ async def test_admin_api_queues_operations_and_reports_their_progress(
         assert wrong.status_code in (400, 404) and "error" in wrong.json()
         unknown = await admin.get("/operations/not-an-id")
         assert unknown.status_code == 404 and unknown.json()["error"]["message"]
+
+
+async def test_applied_assets_are_installed_and_running_ones_loaded_without_being_asked(
+    own_db: str, nats_url: str, sources: Path, tmp_path: Path
+) -> None:
+    async with running_stack(own_db, nats_url, sources, tmp_path / "store", workers=1,
+                             worker_memory_mb=BUDGET_MB, reconcile=True,
+                             reconcile_interval_s=0.3) as stack, witness(nats_url) as seen:
+        document = {**chat_model(sources, "eager"), "lifecycle": {"desired": "running"}}
+        spec = parse_spec(document, source_roots=[sources])
+        await stack.registry.stub.ApplyAssets(registry_pb2.ApplyAssetsRequest(
+            assets=[registry_pb2.AssetApply(spec=spec_to_proto(spec))]))  # not in the store yet
+
+        await wait_until(lambda: seen.of("model.loaded", "eager"), 60)
+        installs = await stack.jobs.stub.ListOperations(jobs_pb2.ListOperationsRequest(
+            asset_id="eager", type=jobs_pb2.OPERATION_TYPE_INSTALL))
+        assert [o.status for o in installs.operations] == [jobs_pb2.OPERATION_STATUS_SUCCEEDED]
+        assert stack.store.is_installed(spec)
+
+
+async def test_a_disabled_model_is_unloaded_and_refused_with_a_clear_error(
+    own_db: str, nats_url: str, sources: Path, tmp_path: Path
+) -> None:
+    async with running_stack(own_db, nats_url, sources, tmp_path / "store", workers=1,
+                             worker_memory_mb=BUDGET_MB, reconcile=True,
+                             reconcile_interval_s=0.3) as stack, witness(nats_url) as seen:
+        await stack.apply(chat_model(sources, "retired"))
+        await chat(stack, "retired")
+
+        await stack.apply({**chat_model(sources, "retired"), "lifecycle": {"desired": "disabled"}})
+
+        await wait_until(lambda: seen.of("model.unloaded", "retired"), 30)
+        assert seen.of("model.unloaded", "retired")[0].model.reason == "disabled"
+        with pytest.raises(openai.APIStatusError) as refused:
+            await chat(stack, "retired")
+        assert refused.value.status_code == 409 and "disabled" in refused.value.message
