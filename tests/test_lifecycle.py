@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from jobs_harness import watch_until_done
 from openai import AsyncOpenAI
 from polling import wait_until
-from stack_harness import TINY_CHAT, Stack, build_sources, running_stack, worker_process
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_stack, tiny_documents, worker_process
 
 from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, jobs_pb2, registry_pb2
 from services.common.asset_proto import spec_to_proto
@@ -260,3 +261,21 @@ async def test_a_disabled_model_is_unloaded_and_refused_with_a_clear_error(
         with pytest.raises(openai.APIStatusError) as refused:
             await chat(stack, "retired")
         assert refused.value.status_code == 409 and "disabled" in refused.value.message
+
+
+async def test_profile_loads_the_model_and_measures_it(
+    own_db: str, nats_url: str, sources: Path, tmp_path: Path
+) -> None:
+    async with running_stack(own_db, nats_url, sources, tmp_path / "store", workers=1,
+                             worker_memory_mb=BUDGET_MB * 2) as stack:
+        await stack.apply(chat_model(sources, "measured"), tiny_documents(sources)[1])
+        finals = {}
+        for asset_id in ("measured", TINY_EMBED):
+            submitted = await stack.jobs.stub.SubmitOperation(jobs_pb2.SubmitOperationRequest(
+                type=jobs_pb2.OPERATION_TYPE_PROFILE, asset_id=asset_id))
+            finals[asset_id] = (await watch_until_done(stack.jobs.stub, submitted.operation_id))[-1]
+
+    assert {o.status for o in finals.values()} == {jobs_pb2.OPERATION_STATUS_SUCCEEDED}
+    chat_profile, embed_profile = finals["measured"].message, finals[TINY_EMBED].message
+    assert "loaded on" in chat_profile and "tokens/s" in chat_profile and "first token" in chat_profile
+    assert "sentences/s in one batch of 32" in embed_profile

@@ -11,11 +11,12 @@ capabilities), `sleeping` for evicted and slept models, `failed` for a load that
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 import grpc
 
-from roundhouse.v1 import worker_pb2
+from roundhouse.v1 import inference_pb2, worker_pb2
 from services.common.asset_proto import AssetRecord, record_to_proto
 from services.common.errors import AssetDisabled, ModelNotReady, NotFound, RoundhouseError
 from services.common.grpc_client import domain_error
@@ -182,3 +183,61 @@ def _revision(worker: WorkerHandle, asset_id: str) -> int:
     info = worker.info
     return next((m.revision for m in info.models if m.asset_id == asset_id), 0) if info else 0
 
+
+
+PROFILE_PROMPT = "Describe a railway roundhouse in two sentences."
+PROFILE_SENTENCES = 32
+
+
+class ProfileRunner:
+    """Measures the asset where it is served: load time and memory (loading it first when no
+    worker holds it), then one short generation (time to first token, tokens per second) or
+    one batch of embeddings (sentences per second), sent to the worker directly."""
+
+    def __init__(self, pool: WorkerPool, loader: LoadRunner, *, max_tokens: int = 32) -> None:
+        self._pool = pool
+        self._loader = loader
+        self._max_tokens = max_tokens
+
+    async def __call__(self, ctx: RunContext) -> str:
+        asset_id = ctx.operation.asset_id
+        loaded = await self._loader(ctx)
+        await self._pool.refresh()
+        worker = self._pool.pick(asset_id)
+        if worker is None or worker.info is None:
+            raise ModelNotReady(f"'{asset_id}' is not held by any worker after loading", retry_after_s=1)
+        held = next(m for m in worker.info.models if m.asset_id == asset_id)
+        await ctx.report(ProgressReport(f"measuring on {worker.worker_id}", progress=70))
+        try:
+            if held.capabilities.embedding_dim == 0:
+                figures = await self._generate(worker, asset_id)
+            else:
+                figures = await self._embed(worker, asset_id)
+        except grpc.aio.AioRpcError as exc:
+            raise domain_error(exc, unavailable=f"worker {worker.worker_id} is unavailable") from None
+        return (f"{loaded}; load {held.load_seconds:.2f}s, {held.memory_bytes // MIB} MiB on "
+                f"{worker.worker_id}; {figures}")
+
+    async def _generate(self, worker: WorkerHandle, asset_id: str) -> str:
+        request = inference_pb2.ChatRequest(
+            model=asset_id, max_tokens=self._max_tokens, temperature=0,
+            messages=[inference_pb2.ChatMessage(role="user", content=PROFILE_PROMPT)])
+        started = time.perf_counter()
+        first = tokens = 0.0
+        async for chunk in worker.inference.Chat(request, timeout=300):
+            if chunk.delta and not first:
+                first = time.perf_counter() - started
+            if chunk.usage.completion_tokens:
+                tokens = chunk.usage.completion_tokens
+        elapsed = time.perf_counter() - started
+        return (f"time to first token {first * 1000:.0f} ms, {tokens / elapsed:.1f} tokens/s "
+                f"({tokens:.0f} tokens)")
+
+    async def _embed(self, worker: WorkerHandle, asset_id: str) -> str:
+        request = inference_pb2.EmbedRequest(model=asset_id, inputs=[
+            inference_pb2.EmbedInput(text=f"{PROFILE_PROMPT} ({n})") for n in range(PROFILE_SENTENCES)])
+        started = time.perf_counter()
+        reply = await worker.inference.Embed(request, timeout=300)
+        elapsed = time.perf_counter() - started
+        return (f"{len(reply.embeddings) / elapsed:.1f} sentences/s in one batch of "
+                f"{len(reply.embeddings)}, {reply.dimensions} dimensions")

@@ -94,7 +94,7 @@ class Reconciler:
                 log.exception("reconcile pass failed")
 
     async def reconcile(self) -> list[str]:
-        """One pass; returns what it queued, as `type:asset_id` strings."""
+        """One pass; returns what it queued (or found queued), as `type:asset_id` strings."""
         records = await self._registry.list_assets()
         await self._pool.refresh()
         queued: list[str] = []
@@ -118,7 +118,8 @@ class Reconciler:
                                      idempotency_key=f"reconcile-install:{asset_id}:r{record.revision}")]
             return []
         if spec.desired == "running" and not holders and record.state not in NOT_AUTO_LOADED:
-            return [NewOperation("load", asset_id, reason="running")]
+            # With no worker up a load could only fail; a pass after one is back loads it.
+            return [NewOperation("load", asset_id, reason="running")] if self._pool.healthy() else []
         if spec.desired == "disabled" and holders:
             if await self._repo.active(asset_id, "unload"):
                 return []

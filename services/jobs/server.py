@@ -18,11 +18,11 @@ from services.common.telemetry import setup_telemetry
 from services.common.workerpool import WorkerPool
 from services.jobs.executor import Executor
 from services.jobs.install import GIB, InstallRunner
-from services.jobs.loading import LoadRunner, UnloadRunner
+from services.jobs.loading import LoadRunner, ProfileRunner, UnloadRunner
 from services.jobs.reconciler import Reconciler
 from services.jobs.registry_client import RegistryClient
 from services.jobs.repository import OperationRepository
-from services.jobs.runners import DeleteRunner, Runner, not_supported
+from services.jobs.runners import DeleteRunner, Runner
 from services.jobs.service import JobService
 from services.jobs.servicer import JobsServicer
 from services.jobs.settings import JobsSettings
@@ -36,14 +36,15 @@ SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name
 def default_runners(
     store: ModelStore, registry: RegistryClient, pool: WorkerPool, settings: JobsSettings
 ) -> dict[str, Runner]:
-    """The runner of every operation type; profile is not supported yet."""
+    """The runner of every operation type."""
     quota = int(settings.max_storage_gb * GIB) if settings.max_storage_gb else None
+    load = LoadRunner(pool, registry, load_call_s=settings.jobs_load_timeout_s)
     return {
         "install": InstallRunner(store, registry, max_storage_bytes=quota),
         "delete": DeleteRunner(store, registry),
-        "load": LoadRunner(pool, registry, load_call_s=settings.jobs_load_timeout_s),
+        "load": load,
         "unload": UnloadRunner(pool, registry),
-        "profile": not_supported("profile"),
+        "profile": ProfileRunner(pool, load),
     }
 
 
