@@ -95,7 +95,7 @@ def _positive(text: str) -> int:
 def _add_operation_commands(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],  # noqa: SLF001
 ) -> None:
-    """`models install|rm|load|unload`'s siblings: `ops ls|watch|cancel` and `events`."""
+    """`models install|rm|profile|load|unload`'s siblings: `ops ls|watch|cancel` and `events`."""
     ops = commands.add_parser("ops", help="operations of the jobs service")
     op_commands = ops.add_subparsers(dest="ops_command", required=True, metavar="COMMAND")
     ls = op_commands.add_parser("ls", help="list operations, newest first")
@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls = model_commands.add_parser("ls", help="list assets, grouped by kind")
     ls.set_defaults(func=_models_ls)
     for name, kind, what in (("install", "install", "fetch into the model store"),
-                             ("rm", "delete", "unload, remove from the store and the registry")):
+                             ("rm", "delete", "unload, remove from the store and the registry"),
+                             ("profile", "profile", "load if needed, measure load time, memory and speed")):
         command = model_commands.add_parser(name, help=f"{what} (a `{kind}` operation)")
         command.add_argument("asset_id", metavar="ID")
         command.add_argument("--wait", action="store_true", help="follow it until it finishes")
