@@ -20,6 +20,7 @@ from nats.aio.subscription import Subscription
 
 from roundhouse.v1 import events_pb2, worker_pb2
 from services.common.events import ALL_HEARTBEATS, EventBus, new_event
+from services.common.tasks import cancel_and_wait
 from services.common.workerpool import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class WorkerLiveness:
     async def stop(self) -> None:
         """Stop watching and listening."""
         if self._task is not None:
-            self._task.cancel()
+            task, self._task = self._task, None
+            await cancel_and_wait(task)
         for subscription in self._subscriptions:
             try:
                 await subscription.unsubscribe()

@@ -11,7 +11,6 @@ JetStream drops within its duplicate window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -23,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from roundhouse.v1 import events_pb2
 from services.common.db.models import OutboxEvent
 from services.common.events import EventBus, EventPublishError, encode_event, subject_for
+from services.common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,7 @@ class OutboxRelay:
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout_s)
         except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def relay_pending(self) -> int:
         """Publish every pending row in `id` order; return how many were published.

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from services.common.asset_proto import AssetRecord
 from services.common.errors import RoundhouseError
 from services.common.modelstore import ModelStore
+from services.common.tasks import cancel_and_wait
 from services.common.workerpool import WorkerHandle, WorkerPool
 from services.jobs.executor import Executor
 from services.jobs.model import NewOperation
@@ -71,10 +72,8 @@ class Reconciler:
     async def stop(self) -> None:
         """Stop reconciling."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            await cancel_and_wait(task)
 
     def poke(self, *_: object) -> None:
         """Reconcile now (a worker was lost, an asset changed)."""

@@ -8,11 +8,11 @@ effort: a NATS outage never stops the worker from serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from roundhouse.v1 import events_pb2
 from services.common.events import EventBus, heartbeat_subject, new_event
+from services.common.tasks import cancel_and_wait
 from services.worker.converters import worker_info
 from services.worker.service import ModelHost
 
@@ -37,10 +37,8 @@ class Heartbeat:
         """Stop the heartbeats and publish `worker.down` (reason `shutdown`)."""
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         await self._announce("worker.down", reason="shutdown")
 
     async def beat(self) -> None:
