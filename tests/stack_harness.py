@@ -118,7 +118,7 @@ def tiny_documents(sources: Path, **policy: float) -> list[dict]:
     return [
         {"asset_id": TINY_CHAT, "interface": "llm-runtime", "aliases": ["tiny-alias"],
          "source": {"kind": "path", "path": str(sources / TINY_CHAT)},
-         "policy": {"max_concurrency": 2, "max_queue": 2, "queue_timeout_s": 5, **policy}},
+         "policy": {"max_concurrency": 2, "max_queue": 2, "queue_timeout_s": 60, **policy}},
         {"asset_id": TINY_EMBED, "interface": "embedding-runtime",
          "source": {"kind": "path", "path": str(sources / TINY_EMBED)}},
     ]
