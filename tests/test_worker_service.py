@@ -222,7 +222,8 @@ async def test_lifecycle_events_are_published(store: ModelStore, sources: Path, 
             loaded = await load(running, spec(sources, TINY_EMBED))
             with pytest.raises(grpc.aio.AioRpcError):
                 await load(running, spec(sources, TINY_CHAT, asset_id="not-installed"))
-            await running.control.UnloadModel(worker_pb2.UnloadModelRequest(asset_id=TINY_EMBED, reason="evict"))
+            await running.control.UnloadModel(worker_pb2.UnloadModelRequest(
+                asset_id=TINY_EMBED, reason="evict", evicted_for="newcomer"))
             events = [await asyncio.wait_for(seen.get(), 10) for _ in range(5)]
         await sub.unsubscribe()
     finally:
@@ -234,8 +235,9 @@ async def test_lifecycle_events_are_published(store: ModelStore, sources: Path, 
     done = by_type[("model.loaded", TINY_EMBED)].model
     assert done.memory_bytes == loaded.memory_bytes and done.load_seconds > 0
     assert "not installed" in by_type[("model.load_failed", "not-installed")].model.reason
-    gone = by_type[("model.unloaded", TINY_EMBED)].model
+    gone = by_type[("model.evicted", TINY_EMBED)].model  # an unload for room is an eviction
     assert gone.reason == "evict" and gone.memory_bytes == loaded.memory_bytes
+    assert gone.evicted_for == "newcomer" and gone.idle_seconds >= 0
 
 
 def test_worker_identity_follows_the_bound_port(monkeypatch: pytest.MonkeyPatch) -> None:
