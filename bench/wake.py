@@ -3,10 +3,11 @@
 Starts a real `roundhouse up`, puts `smollm2-135m-instruct` to sleep through the admin API,
 then times a streamed chat request (max_tokens 1) from sending it to its first content
 chunk: the router asks the jobs service, which places and loads the model on the worker.
-The baseline, in the same run, is a fresh process that has already imported torch and
-transformers (as a worker has) loading the same store folder with `from_pretrained` and
-generating one token. Also reports load seconds from the package's GGUF against the
-converted store folder (fresh processes, imports excluded).
+The baseline, in the same run, is a process that has already imported torch and
+transformers and loaded the model once (as a running worker has), loading the same store
+folder again with `from_pretrained` and generating one token; its cold first load is shown
+too. Also reports load seconds from the package's GGUF against the
+converted store folder (first load in a fresh process, imports excluded).
 
     .venv/bin/python -m bench.wake [--rounds 3]
 """
@@ -33,19 +34,26 @@ import json, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder, gguf = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
-started = time.perf_counter()
 if gguf:
+    started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     print(json.dumps({"load_s": time.perf_counter() - started}))
     sys.exit(0)
-tokenizer = AutoTokenizer.from_pretrained(folder)
-model = AutoModelForCausalLM.from_pretrained(folder).eval()
-loaded = time.perf_counter()
-ids = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}],
-                                    add_generation_prompt=True, return_tensors="pt")
-with torch.inference_mode():
-    model.generate(ids, max_new_tokens=1, do_sample=False)
-print(json.dumps({"load_s": loaded - started, "first_token_s": time.perf_counter() - started}))
+def load_and_answer():
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    loaded = time.perf_counter()
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}],
+                                           add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    return loaded - started, time.perf_counter() - started
+cold_load, cold_first = load_and_answer()  # pays one-time costs, as a worker's first load does
+warm_load, warm_first = load_and_answer()
+print(json.dumps({"load_s": warm_load, "first_token_s": warm_first, "cold_load_s": cold_load,
+                  "cold_first_token_s": cold_first}))
 """
 
 
@@ -103,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    wakes, baselines, store_loads = [], [], []
+    wakes, baselines, colds, store_loads = [], [], [], []
     with running_stack() as stack, httpx.Client(base_url=f"{stack.http_url}/admin/v1", timeout=60) as admin:
         folder = str(stack.model_store / MODEL)
         for _ in range(args.rounds):
@@ -111,17 +119,19 @@ def main() -> None:
             wakes.append(wake_to_first_token(stack.http_url))
             measured = in_process(folder)
             baselines.append(measured["first_token_s"])
-            store_loads.append(measured["load_s"])
+            colds.append(measured["cold_first_token_s"])
+            store_loads.append(measured["cold_load_s"])
     gguf = gguf_path()
     gguf_loads = [in_process(str(gguf.parent), gguf.name)["load_s"] for _ in range(2)]
     wake, base = statistics.median(wakes), statistics.median(baselines)
     print_table(
         f"Wake, {MODEL}, median of {args.rounds}",
-        ["sleeping → first token via HTTP s", "from_pretrained + 1 token s", "ratio"],
-        [[f"{wake:.2f}", f"{base:.2f}", f"{wake / base:.2f}"]],
+        ["sleeping → first token via HTTP s", "from_pretrained + 1 token s (warm process)",
+         "same, cold process", "ratio (vs warm)"],
+        [[f"{wake:.2f}", f"{base:.2f}", f"{statistics.median(colds):.2f}", f"{wake / base:.2f}"]],
     )
     print_table(
-        "Load seconds (fresh process, imports excluded)",
+        "Load seconds, first load in a fresh process (imports excluded)",
         ["from the converted store folder", "from the package's GGUF"],
         [[f"{statistics.median(store_loads):.2f}", f"{statistics.median(gguf_loads):.2f}"]],
     )
