@@ -181,22 +181,36 @@ async def running_stack(
 
 
 @asynccontextmanager
+async def roundhouse_process(
+    command: str, settings: dict[str, str], log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`roundhouse COMMAND` as a real process with `settings` added to the environment, its
+    output in `log`. Left running, it gets SIGTERM at the end, then SIGKILL after 20 s."""
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli.main", command, cwd=REPO,
+            env={**os.environ, **settings}, stdout=out, stderr=out)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+        await process.wait()
+
+
+@asynccontextmanager
 async def worker_process(nats_url: str, store: Path, sources: Path, log: Path) -> AsyncIterator[
         tuple[asyncio.subprocess.Process, str, str]]:
     """`roundhouse worker` as a real process; yields it with its id and address."""
     address = f"127.0.0.1:{free_port()}"
     worker_id = f"doomed-{address.rsplit(':', 1)[1]}"
-    env = {**os.environ, "ROUNDHOUSE_WORKER_ADDRESS": address, "ROUNDHOUSE_WORKER_ID": worker_id,
-           "ROUNDHOUSE_NATS_URL": nats_url, "ROUNDHOUSE_MODEL_STORE": str(store),
-           "ROUNDHOUSE_SOURCE_ROOTS": str(sources), "ROUNDHOUSE_HOME": str(log.parent / "home"),
-           "ROUNDHOUSE_WORKER_HEARTBEAT_S": "0.5"}
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli.main", "worker", cwd=REPO, env=env,
-            stdout=out, stderr=out)
-    try:
+    settings = {"ROUNDHOUSE_WORKER_ADDRESS": address, "ROUNDHOUSE_WORKER_ID": worker_id,
+                "ROUNDHOUSE_NATS_URL": nats_url, "ROUNDHOUSE_MODEL_STORE": str(store),
+                "ROUNDHOUSE_SOURCE_ROOTS": str(sources), "ROUNDHOUSE_HOME": str(log.parent / "home"),
+                "ROUNDHOUSE_WORKER_HEARTBEAT_S": "0.5"}
+    async with roundhouse_process("worker", settings, log) as process:
         yield process, worker_id, address
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()

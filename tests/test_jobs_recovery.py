@@ -7,9 +7,7 @@ its source (see `stalled_model`) until the first process is dead.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,11 +25,10 @@ from jobs_harness import (
     watch_until_done,
 )
 from registry_harness import RunningRegistry
+from stack_harness import roundhouse_process
 
 from roundhouse.v1 import asset_pb2, jobs_pb2, jobs_pb2_grpc
 from services.common.embedded import free_port
-
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("no_leftover_operations")
 
@@ -42,31 +39,17 @@ async def jobs_process(
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, jobs_pb2_grpc.JobsStub]]:
     """`roundhouse jobs` as a process with a 2 s lease; yields it and a stub once it serves."""
     address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "ROUNDHOUSE_DATABASE_URL": db_dsn, "ROUNDHOUSE_NATS_URL": nats_url,
-           "ROUNDHOUSE_REGISTRY_ADDRESS": registry_address, "ROUNDHOUSE_JOBS_ADDRESS": address,
-           "ROUNDHOUSE_JOBS_INSTANCE_ID": name, "ROUNDHOUSE_JOBS_LEASE_S": "2",
-           "ROUNDHOUSE_JOBS_POLL_INTERVAL_S": "0.2", "ROUNDHOUSE_JOBS_RECONCILE": "false",
-           "ROUNDHOUSE_WORKER_ADDRESSES": "[]", "ROUNDHOUSE_HOME": str(root / "home"),
-           "ROUNDHOUSE_MODEL_STORE": str(root / "store"),
-           "ROUNDHOUSE_SOURCE_ROOTS": str(root / "sources")}
-    with (root / f"{name}.log").open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli.main", "jobs", cwd=REPO, env=env,
-            stdout=log, stderr=log)
-    channel = grpc.aio.insecure_channel(address)
-    try:
+    settings = {"ROUNDHOUSE_DATABASE_URL": db_dsn, "ROUNDHOUSE_NATS_URL": nats_url,
+                "ROUNDHOUSE_REGISTRY_ADDRESS": registry_address, "ROUNDHOUSE_JOBS_ADDRESS": address,
+                "ROUNDHOUSE_JOBS_INSTANCE_ID": name, "ROUNDHOUSE_JOBS_LEASE_S": "2",
+                "ROUNDHOUSE_JOBS_POLL_INTERVAL_S": "0.2", "ROUNDHOUSE_JOBS_RECONCILE": "false",
+                "ROUNDHOUSE_WORKER_ADDRESSES": "[]", "ROUNDHOUSE_HOME": str(root / "home"),
+                "ROUNDHOUSE_MODEL_STORE": str(root / "store"),
+                "ROUNDHOUSE_SOURCE_ROOTS": str(root / "sources")}
+    async with roundhouse_process("jobs", settings, root / f"{name}.log") as process, \
+            grpc.aio.insecure_channel(address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 60)
         yield process, jobs_pb2_grpc.JobsStub(channel)
-    finally:
-        await channel.close(None)
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
 
 async def test_an_install_cut_off_by_a_killed_jobs_service_finishes_once_after_restart(
     registry: RunningRegistry, events: JobEvents, db_dsn: str, nats_url: str,

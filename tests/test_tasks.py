@@ -31,9 +31,10 @@ async def test_a_task_that_swallowed_its_cancellation_is_still_stopped() -> None
 
 
 async def test_a_task_that_will_not_stop_is_left_after_the_bound(caplog: pytest.LogCaptureFixture) -> None:
-    release = asyncio.Event()
+    release, started = asyncio.Event(), asyncio.Event()
 
     async def stubborn() -> None:
+        started.set()
         while not release.is_set():
             try:
                 await asyncio.sleep(3600)
@@ -41,7 +42,7 @@ async def test_a_task_that_will_not_stop_is_left_after_the_bound(caplog: pytest.
                 continue
 
     task = asyncio.create_task(stubborn(), name="stubborn")
-    await asyncio.sleep(0)
+    await started.wait()
     with caplog.at_level(logging.WARNING):
         await cancel_and_wait(task, timeout_s=0.5)
     assert not task.done()

@@ -12,6 +12,7 @@ from roundhouse.v1 import asset_pb2, registry_pb2, registry_pb2_grpc
 from services.common.asset_proto import spec_to_proto
 from services.common.documents import load_path
 from services.common.errors import InvalidSpec
+from services.common.registry_reads import list_all_assets
 from services.registry.settings import RegistrySettings
 
 OUTCOME_WORDS = {
@@ -73,18 +74,8 @@ def apply_files(path: Path, *, dry_run: bool = False, address: str | None = None
 
 async def fetch_all(address: str) -> list[asset_pb2.Asset]:
     """Every asset, following pagination."""
-    assets: list[asset_pb2.Asset] = []
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = registry_pb2_grpc.RegistryStub(channel)
-        token = ""
-        while True:
-            page = await stub.ListAssets(
-                registry_pb2.ListAssetsRequest(page_size=500, page_token=token), timeout=30
-            )
-            assets += page.assets
-            token = page.next_page_token
-            if not token:
-                return assets
+        return await list_all_assets(registry_pb2_grpc.RegistryStub(channel), timeout_s=30)
 
 
 def render_models(assets: list[asset_pb2.Asset]) -> str:

@@ -12,37 +12,14 @@ from typing import TextIO
 import grpc
 
 from roundhouse.v1 import jobs_pb2, jobs_pb2_grpc
+from services.common.operation_names import STATUSES, TYPES, status_name, type_name
 from services.jobs.settings import JobsSettings
 
-TYPES = {
-    "install": jobs_pb2.OPERATION_TYPE_INSTALL,
-    "load": jobs_pb2.OPERATION_TYPE_LOAD,
-    "unload": jobs_pb2.OPERATION_TYPE_UNLOAD,
-    "delete": jobs_pb2.OPERATION_TYPE_DELETE,
-    "profile": jobs_pb2.OPERATION_TYPE_PROFILE,
-}
-STATUSES = {
-    "queued": jobs_pb2.OPERATION_STATUS_QUEUED,
-    "running": jobs_pb2.OPERATION_STATUS_RUNNING,
-    "succeeded": jobs_pb2.OPERATION_STATUS_SUCCEEDED,
-    "failed": jobs_pb2.OPERATION_STATUS_FAILED,
-    "cancelled": jobs_pb2.OPERATION_STATUS_CANCELLED,
-}
 TERMINAL = {jobs_pb2.OPERATION_STATUS_SUCCEEDED, jobs_pb2.OPERATION_STATUS_FAILED,
             jobs_pb2.OPERATION_STATUS_CANCELLED}
 BAR_WIDTH = 30
 
 JobsCall = Callable[[jobs_pb2_grpc.JobsStub], Awaitable[int]]
-
-
-def type_name(value: int) -> str:
-    """`install`, `load`...: an operation type as operators write it."""
-    return jobs_pb2.OperationType.Name(value).removeprefix("OPERATION_TYPE_").lower()
-
-
-def status_name(value: int) -> str:
-    """`queued`, `running`...: an operation status as operators write it."""
-    return jobs_pb2.OperationStatus.Name(value).removeprefix("OPERATION_STATUS_").lower()
 
 
 def _fail(lines: str) -> int:

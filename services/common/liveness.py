@@ -83,7 +83,7 @@ class WorkerLiveness:
         if event.source != "worker":
             # Another service's verdict: a service that does not announce adopts it.
             if worker is not None and not worker.down and not self._announce:
-                await self._declare_dead(worker, 0.0)
+                await self._declare_dead(worker, f"declared down by the {event.source}")
             return
         if worker is not None:
             log.info("worker %s is shutting down", event.worker_id)
@@ -119,13 +119,12 @@ class WorkerLiveness:
             del self._last_seen[worker_id]
             worker = self._pool.find(worker_id=worker_id)
             if worker is not None and not worker.down:
-                await self._declare_dead(worker, now - seen)
+                await self._declare_dead(worker, f"missed its heartbeats for {now - seen:.1f}s")
 
-    async def _declare_dead(self, worker: WorkerHandle, silent_s: float) -> None:
+    async def _declare_dead(self, worker: WorkerHandle, why: str) -> None:
         held = self._pool.mark_down(worker, cancel_calls=True)
         last = worker.last_info or worker_pb2.WorkerInfo()
-        log.warning("worker %s at %s missed its heartbeats for %.1fs; declared down",
-                    worker.worker_id, worker.address, silent_s)
+        log.warning("worker %s at %s %s; taken out of the pool", worker.worker_id, worker.address, why)
         self._lost(worker)
         if not self._announce:
             return

@@ -5,24 +5,8 @@ from __future__ import annotations
 from roundhouse.v1 import events_pb2, jobs_pb2
 from services.common.asset_proto import timestamp
 from services.common.errors import InvalidArgument
+from services.common.operation_names import STATUS_NAMES, STATUSES, TYPE_NAMES, TYPES
 from services.jobs.model import NewOperation, OperationFilter, OperationRecord
-
-TYPES: dict[str, int] = {
-    "install": jobs_pb2.OPERATION_TYPE_INSTALL,
-    "load": jobs_pb2.OPERATION_TYPE_LOAD,
-    "unload": jobs_pb2.OPERATION_TYPE_UNLOAD,
-    "delete": jobs_pb2.OPERATION_TYPE_DELETE,
-    "profile": jobs_pb2.OPERATION_TYPE_PROFILE,
-}
-STATUSES: dict[str, int] = {
-    "queued": jobs_pb2.OPERATION_STATUS_QUEUED,
-    "running": jobs_pb2.OPERATION_STATUS_RUNNING,
-    "succeeded": jobs_pb2.OPERATION_STATUS_SUCCEEDED,
-    "failed": jobs_pb2.OPERATION_STATUS_FAILED,
-    "cancelled": jobs_pb2.OPERATION_STATUS_CANCELLED,
-}
-TYPE_NAMES = {v: k for k, v in TYPES.items()}
-STATUS_NAMES = {v: k for k, v in STATUSES.items()}
 
 
 def new_operation(request: jobs_pb2.SubmitOperationRequest) -> NewOperation:

@@ -22,7 +22,7 @@ from services.jobs.runners import RunContext
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
+MIB, GIB = 1024**2, 1024**3
 # Overall percentage covered by each store stage, in the order stages run.
 STAGE_BANDS = {"download": (0, 40), "unpack": (40, 45), "copy": (45, 60), "convert": (60, 80),
                "hash": (80, 95), "verify": (95, 99)}

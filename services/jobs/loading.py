@@ -21,8 +21,9 @@ from services.common.asset_proto import AssetRecord, record_to_proto
 from services.common.errors import AssetDisabled, ModelNotReady, NotFound, RoundhouseError
 from services.common.grpc_client import domain_error
 from services.common.workerpool import WorkerHandle, WorkerPool
+from services.jobs.install import MIB, human_bytes
 from services.jobs.model import ProgressReport
-from services.jobs.placement import MIB, Placement, Victim, plan_placement
+from services.jobs.placement import Placement, Victim, plan_placement
 from services.jobs.registry_client import RegistryClient
 from services.jobs.runners import RunContext
 
@@ -86,7 +87,7 @@ class LoadRunner:
         for victim in placement.victims:
             await ctx.report(ProgressReport(
                 f"evicting {victim.asset_id} from {worker.worker_id} (idle {victim.idle_s:.0f}s, "
-                f"{victim.memory_bytes // MIB} MiB) to make room", progress=20))
+                f"{human_bytes(victim.memory_bytes)}) to make room", progress=20))
             await self._unload_victim(worker, victim, asset_id)
 
     async def _unload_victim(self, worker: WorkerHandle, victim: Victim, asset_id: str) -> None:
@@ -128,7 +129,7 @@ class LoadRunner:
             worker_ids=[w.worker_id for w in self._pool.holders(asset_id)] or [worker.worker_id],
             capabilities=model.capabilities)
         return (f"loaded on {worker.worker_id} in {model.load_seconds:.2f}s "
-                f"({model.memory_bytes // MIB} MiB)")
+                f"({human_bytes(model.memory_bytes)})")
 
     async def _report_failed(self, asset_id: str, error: Exception) -> None:
         message = error.message if isinstance(error, RoundhouseError) else str(error)
@@ -142,8 +143,9 @@ class UnloadRunner:
     """Unloads the asset from every worker holding it (or only the operation's `worker_id`).
 
     The operation's reason becomes the workers' event: `sleep` → `model.sleeping`, anything
-    else → `model.unloaded`. Without `force` a model with requests in flight is not unloaded
-    (the operation fails, retried when the reason is `sleep`). Safe to repeat.
+    else → `model.unloaded`. Without `force` a model with requests in flight is not unloaded:
+    the operation fails (for a `sleep`, the reconciler asks again once it is idle). Safe to
+    repeat.
     """
 
     def __init__(self, pool: WorkerPool, registry: RegistryClient) -> None:
@@ -176,13 +178,12 @@ class UnloadRunner:
             state = "sleeping" if reason == "sleep" else "installed"
             await self._registry.report_state(op.asset_id, state, message=f"unloaded ({reason})")
         names = ", ".join(w.worker_id for w in holders)
-        return f"unloaded from {names} ({reason}); {freed // MIB} MiB freed"
+        return f"unloaded from {names} ({reason}); {human_bytes(freed)} freed"
 
 
 def _revision(worker: WorkerHandle, asset_id: str) -> int:
     info = worker.info
     return next((m.revision for m in info.models if m.asset_id == asset_id), 0) if info else 0
-
 
 
 PROFILE_PROMPT = "Describe a railway roundhouse in two sentences."
@@ -201,8 +202,7 @@ class ProfileRunner:
 
     async def __call__(self, ctx: RunContext) -> str:
         asset_id = ctx.operation.asset_id
-        loaded = await self._loader(ctx)
-        await self._pool.refresh()
+        loaded = await self._loader(ctx)  # leaves the pool's picture of the holder fresh
         worker = self._pool.pick(asset_id)
         if worker is None or worker.info is None:
             raise ModelNotReady(f"'{asset_id}' is not held by any worker after loading", retry_after_s=1)
@@ -215,7 +215,7 @@ class ProfileRunner:
                 figures = await self._embed(worker, asset_id)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, unavailable=f"worker {worker.worker_id} is unavailable") from None
-        return (f"{loaded}; load {held.load_seconds:.2f}s, {held.memory_bytes // MIB} MiB on "
+        return (f"{loaded}; load {held.load_seconds:.2f}s, {human_bytes(held.memory_bytes)} on "
                 f"{worker.worker_id}; {figures}")
 
     async def _generate(self, worker: WorkerHandle, asset_id: str) -> str:

@@ -15,8 +15,7 @@ from datetime import UTC, datetime
 
 from services.common.errors import ModelNotReady, QuotaExceeded
 from services.common.workerpool import WorkerHandle
-
-MIB = 1024 * 1024
+from services.jobs.install import human_bytes
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,9 @@ def plan_placement(
 
 def _no_room(workers: list[WorkerHandle], asset_id: str, needed_bytes: int) -> str:
     held = "; ".join(
-        f"{w.worker_id}: {w.free_bytes // MIB} MiB free, holds "
+        f"{w.worker_id}: {human_bytes(w.free_bytes)} free, holds "
         + (", ".join(f"{m.asset_id} ({m.in_flight} in flight)" for m in w.info.models) or "nothing")
         for w in workers if w.info is not None
     )
-    return (f"cannot load '{asset_id}' ({needed_bytes // MIB} MiB): no worker has room, and the "
+    return (f"cannot load '{asset_id}' ({human_bytes(needed_bytes)}): no worker has room, and the "
             f"models that could make room are busy or kept running ({held})")

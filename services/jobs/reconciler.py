@@ -94,8 +94,8 @@ class Reconciler:
 
     async def reconcile(self) -> list[str]:
         """One pass; returns what it queued (or found queued), as `type:asset_id` strings."""
+        # The pool's picture is kept fresh by heartbeats and its own refresh loop.
         records = await self._registry.list_assets()
-        await self._pool.refresh()
         queued: list[str] = []
         now = datetime.now(UTC)
         for record in records:

@@ -11,6 +11,7 @@ import grpc
 from roundhouse.v1 import asset_pb2, registry_pb2, registry_pb2_grpc
 from services.common.asset_proto import STATES, AssetRecord, record_from_proto
 from services.common.grpc_client import domain_error
+from services.common.registry_reads import list_all_assets
 
 UNAVAILABLE = "the registry is unavailable"
 
@@ -55,19 +56,11 @@ class RegistryClient:
 
     async def list_assets(self) -> list[AssetRecord]:
         """Every asset in the registry."""
-        records, token = [], ""
         try:
-            while True:
-                page = await self._stub.ListAssets(
-                    registry_pb2.ListAssetsRequest(page_size=500, page_token=token),
-                    timeout=self._timeout_s,
-                )
-                records += [record_from_proto(a) for a in page.assets]
-                token = page.next_page_token
-                if not token:
-                    return records
+            assets = await list_all_assets(self._stub, timeout_s=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, unavailable=UNAVAILABLE) from None
+        return [record_from_proto(a) for a in assets]
 
     async def delete_asset(self, asset_id: str) -> None:
         """Remove the asset from the registry (`AssetNotFound` when it is already gone)."""

@@ -118,18 +118,18 @@ async def build_app(
     reconciler = Reconciler(repository, executor, registry, pool, store,
                             interval_s=settings.reconcile_interval_s,
                             sleep_unit_s=settings.auto_sleep_unit_s,
-                            max_attempts=settings.jobs_max_attempts)
+                            max_attempts=settings.jobs_max_attempts) if settings.jobs_reconcile else None
     # The router announces dead workers; this service only adopts the verdict and reacts.
     liveness = WorkerLiveness(pool, bus, dead_after_s=settings.dead_after_s(), announce=False,
-                              on_down=reconciler.poke if settings.jobs_reconcile else None)
+                              on_down=reconciler.poke if reconciler else None)
     await liveness.start()
     server = GrpcServer(settings.jobs_address, [
         ServiceBinding(jobs_pb2_grpc.add_JobsServicer_to_server, JobsServicer(service), SERVICE_NAME)
     ])
-    return JobsApp(server, executor, service, reconciler if settings.jobs_reconcile else None,
-                   [reconciler.stop, executor.stop, liveness.stop, pool.close, relay.stop,
+    stops = [reconciler.stop] if reconciler else []
+    return JobsApp(server, executor, service, reconciler,
+                   [*stops, executor.stop, liveness.stop, pool.close, relay.stop,
                     registry.close, bus.close, engine.dispose])
-
 
 async def serve(settings: JobsSettings) -> None:
     """Run the jobs service until SIGTERM/SIGINT."""

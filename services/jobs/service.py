@@ -121,7 +121,10 @@ class JobService:
             raise ModelNotReady(f"model '{asset_id}' could not be loaded: "
                                 f"{operation.error or operation.message}", retry_after_s=10.0)
         if operation.status == "succeeded":
-            await self.pool.refresh()
-            if holders := self.pool.holders(asset_id):
+            holders = self.pool.holders(asset_id)
+            if not holders:  # run by another instance: this pool has not seen it yet
+                await self.pool.refresh()
+                holders = self.pool.holders(asset_id)
+            if holders:
                 return Loaded(True, [w.worker_id for w in holders], operation)
         return Loaded(False, [], operation)

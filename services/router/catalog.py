@@ -9,6 +9,7 @@ import grpc
 from roundhouse.v1 import registry_pb2, registry_pb2_grpc
 from services.common.asset_proto import AssetRecord, check_serves, record_from_proto
 from services.common.grpc_client import domain_error
+from services.common.registry_reads import list_all_assets
 
 CACHE_TTL_S = 30.0
 
@@ -41,18 +42,11 @@ class AssetCatalog:
 
     async def list(self) -> list[AssetRecord]:
         """Every asset, from the registry (not cached: listing must be current)."""
-        records, token = [], ""
         try:
-            while True:
-                page = await self._registry.ListAssets(
-                    registry_pb2.ListAssetsRequest(page_size=500, page_token=token), timeout=10
-                )
-                records += [record_from_proto(a) for a in page.assets]
-                token = page.next_page_token
-                if not token:
-                    return records
+            assets = await list_all_assets(self._registry, timeout_s=10)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, unavailable="the registry is unavailable") from None
+        return [record_from_proto(a) for a in assets]
 
     def invalidate(self) -> None:
         """Forget every cached entry (an alias may have moved to another asset)."""

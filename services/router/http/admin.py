@@ -18,18 +18,14 @@ from pydantic import BaseModel, ConfigDict
 
 from roundhouse.v1 import jobs_pb2, jobs_pb2_grpc
 from services.common.grpc_client import domain_error
+from services.common.operation_names import STATUSES, TYPES, status_name, type_name
 from services.common.workerpool import WorkerPool
 from services.router.http.routes import ERRORS
 
 admin_router = APIRouter(prefix="/admin/v1", tags=["admin"], responses=ERRORS)
 
 OperationType = Literal["install", "load", "unload"]
-TYPES = {"install": jobs_pb2.OPERATION_TYPE_INSTALL, "load": jobs_pb2.OPERATION_TYPE_LOAD,
-         "unload": jobs_pb2.OPERATION_TYPE_UNLOAD, "delete": jobs_pb2.OPERATION_TYPE_DELETE}
-STATUSES = {"queued": jobs_pb2.OPERATION_STATUS_QUEUED, "running": jobs_pb2.OPERATION_STATUS_RUNNING,
-            "succeeded": jobs_pb2.OPERATION_STATUS_SUCCEEDED,
-            "failed": jobs_pb2.OPERATION_STATUS_FAILED,
-            "cancelled": jobs_pb2.OPERATION_STATUS_CANCELLED}
+
 
 
 class OperationOptions(BaseModel):
@@ -48,9 +44,7 @@ class OperationOptions(BaseModel):
 def operation_json(operation: jobs_pb2.Operation) -> dict[str, Any]:
     """An operation as JSON: proto field names, enums as lower-case words."""
     body = json_format.MessageToDict(operation, preserving_proto_field_name=True)
-    body["type"] = jobs_pb2.OperationType.Name(operation.type).removeprefix("OPERATION_TYPE_").lower()
-    body["status"] = jobs_pb2.OperationStatus.Name(operation.status).removeprefix("OPERATION_STATUS_").lower()
-    return body
+    return {**body, "type": type_name(operation.type), "status": status_name(operation.status)}
 
 
 def _jobs(request: Request) -> jobs_pb2_grpc.JobsStub:
@@ -115,7 +109,7 @@ async def list_operations(
 ) -> dict[str, Any]:
     """Operations, newest first, filtered; `next_page_token` continues the list."""
     reply = await _call(_jobs(request).ListOperations(jobs_pb2.ListOperationsRequest(
-        asset_id=asset_id, type=TYPES.get(type, jobs_pb2.OPERATION_TYPE_PROFILE if type else 0),
+        asset_id=asset_id, type=TYPES.get(type, 0),
         status=STATUSES.get(status, 0), page_size=page_size, page_token=page_token), timeout=10))
     return {"operations": [operation_json(o) for o in reply.operations],
             "next_page_token": reply.next_page_token}
