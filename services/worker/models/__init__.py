@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from services.common.assetspec import AssetSpec
@@ -50,6 +51,11 @@ __all__ = [
     "load_model",
 ]
 
+_TRANSFORMERS_LOAD = threading.Lock()
+"""transformers' loading is not thread-safe: two models loaded at once in one process can
+come out corrupted (seen: SmolLM2 loaded beside MiniLM answering garbage). Loads of
+transformers models in a process therefore take turns; serving never waits on this."""
+
 
 def load_model(
     spec: AssetSpec,
@@ -61,6 +67,7 @@ def load_model(
     """Load `spec` from its installed `folder` (None for remote runtimes).
 
     Blocking (weights are read and capabilities measured): the caller runs it in a thread.
+    Loads of transformers models in one process run one at a time (see `_TRANSFORMERS_LOAD`).
     A `transformers` asset hosts one interface: `llm-runtime` loads a causal LM,
     `embedding-runtime` a sentence-transformers model.
     """
@@ -72,9 +79,11 @@ def load_model(
         raise FailedPrecondition(f"model '{spec.asset_id}' is not installed (no folder {folder})")
     interfaces = set(spec.interface)
     if interfaces == {LLM}:
-        return TransformersChatModel.load(spec, Path(folder), chat_batching)
+        with _TRANSFORMERS_LOAD:
+            return TransformersChatModel.load(spec, Path(folder), chat_batching)
     if interfaces == {EMBEDDING}:
-        return SentenceEmbeddingModel.load(spec, Path(folder), embed_batching)
+        with _TRANSFORMERS_LOAD:
+            return SentenceEmbeddingModel.load(spec, Path(folder), embed_batching)
     raise InvalidArgument(
         f"model '{spec.asset_id}': the transformers runtime hosts one interface per asset; "
         f"declare either {LLM} or {EMBEDDING}"
