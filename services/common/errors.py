@@ -75,6 +75,12 @@ class AssetDisabled(FailedPrecondition):
     """The asset's desired state is `disabled`."""
 
 
+class ModelFailed(FailedPrecondition):
+    """The model cannot be served: its last load failed (not installed, broken weights, too
+    big for every worker) or its engine died. Not worth retrying at once: the next load is
+    tried after a cooldown, an install or a new revision; `message` names the reason."""
+
+
 class ModelNotReady(RoundhouseError):
     """No worker holds the model and it cannot be loaded in time; retry later."""
 

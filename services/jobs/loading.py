@@ -22,7 +22,7 @@ from services.common.errors import AssetDisabled, ModelNotReady, NotFound, Round
 from services.common.grpc_client import domain_error
 from services.common.workerpool import WorkerHandle, WorkerPool
 from services.jobs.install import MIB, human_bytes
-from services.jobs.model import ProgressReport
+from services.jobs.model import ProgressReport, is_transient
 from services.jobs.placement import Placement, Victim, plan_placement
 from services.jobs.registry_client import RegistryClient
 from services.jobs.runners import RunContext
@@ -56,6 +56,16 @@ class LoadRunner:
         record = await self._registry.get_asset(op.asset_id)
         if record.spec.desired == "disabled":
             raise AssetDisabled(f"model '{op.asset_id}' is disabled; enable it to load it")
+        try:
+            return await self._place_and_load(ctx, record)
+        except RoundhouseError as exc:
+            # The asset goes to `failed` (which starts its cooldown) once no attempt is left.
+            if ctx.final_attempt or not is_transient(exc):
+                await self._report_failed(op.asset_id, exc)
+            raise
+
+    async def _place_and_load(self, ctx: RunContext, record: AssetRecord) -> str:
+        op = ctx.operation
         await ctx.report(ProgressReport("asking the workers what they hold", progress=5))
         await self._pool.refresh()
         holders = self._pool.holders(op.asset_id)
@@ -117,10 +127,7 @@ class LoadRunner:
             reply = await worker.control.LoadModel(
                 worker_pb2.LoadModelRequest(asset=record_to_proto(record)), timeout=self._load_call_s)
         except grpc.aio.AioRpcError as exc:
-            error = domain_error(exc, unavailable=f"worker {worker.worker_id} is unavailable")
-            if ctx.final_attempt or not isinstance(error, ModelNotReady):
-                await self._report_failed(asset_id, error)
-            raise error from None
+            raise domain_error(exc, unavailable=f"worker {worker.worker_id} is unavailable") from None
         finally:
             await self._pool.refresh(worker)
         model = reply.model
@@ -131,8 +138,8 @@ class LoadRunner:
         return (f"loaded on {worker.worker_id} in {model.load_seconds:.2f}s "
                 f"({human_bytes(model.memory_bytes)})")
 
-    async def _report_failed(self, asset_id: str, error: Exception) -> None:
-        message = error.message if isinstance(error, RoundhouseError) else str(error)
+    async def _report_failed(self, asset_id: str, error: RoundhouseError) -> None:
+        message = error.message
         try:
             await self._registry.report_state(asset_id, "failed", message=message)
         except RoundhouseError as exc:

@@ -5,7 +5,10 @@ last reports and queues the operations that close the gap; the executor runs the
 other operation, so every step is durable, visible and evented:
 
 - not installed (and installable): `install`, once per revision;
-- `running` and held by no worker: `load` (also after its worker died or restarted);
+- `running` and held by no worker: `load` (also after its worker died or restarted); a
+  `failed` one only once its cooldown has passed (see `cooldown`);
+- a model whose engine died on a worker (reported in the worker's `failed_models`): `load`,
+  once per failure, whatever its desired state (but `disabled`), so it serves again;
 - `disabled` and held: `unload` (reason `disabled`, forced);
 - `on-demand`, held, no request in flight, idle for `auto_sleep_min`: `unload` on that worker
   (reason `sleep`, so the worker publishes `model.sleeping`); the next request wakes it.
@@ -26,6 +29,7 @@ from services.common.errors import RoundhouseError
 from services.common.modelstore import ModelStore
 from services.common.tasks import cancel_and_wait
 from services.common.workerpool import WorkerHandle, WorkerPool
+from services.jobs.cooldown import cooldown_left_s
 from services.jobs.executor import Executor
 from services.jobs.model import NewOperation
 from services.jobs.registry_client import RegistryClient
@@ -33,9 +37,8 @@ from services.jobs.repository import OperationRepository
 
 log = logging.getLogger(__name__)
 
-NOT_AUTO_LOADED = frozenset({"failed", "installing"})
-"""Observed states in which a `running` asset is not loaded automatically: a failed one
-waits for an operator (`roundhouse models load`), an installing one for its install."""
+INSTALLABLE = frozenset({"registered", "installed", "sleeping", "failed"})
+"""Observed states in which a missing install is queued (once per revision, by its key)."""
 
 
 class Reconciler:
@@ -52,6 +55,7 @@ class Reconciler:
         interval_s: float,
         sleep_unit_s: float = 60.0,
         max_attempts: int = 3,
+        failure_cooldown_s: float = 60.0,
     ) -> None:
         self._repo = repository
         self._executor = executor
@@ -61,6 +65,7 @@ class Reconciler:
         self._interval_s = interval_s
         self._sleep_unit_s = sleep_unit_s
         self._max_attempts = max_attempts
+        self._failure_cooldown_s = failure_cooldown_s
         self._poked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -112,11 +117,13 @@ class Reconciler:
         spec, asset_id = record.spec, record.spec.asset_id
         holders = self._pool.holders(asset_id)
         if not holders and not await asyncio.to_thread(self._store.is_installed, spec):
-            if record.state in ("registered", "installed", "sleeping"):
+            if record.state in INSTALLABLE:
                 return [NewOperation("install", asset_id,
                                      idempotency_key=f"reconcile-install:{asset_id}:r{record.revision}")]
             return []
-        if spec.desired == "running" and not holders and record.state not in NOT_AUTO_LOADED:
+        if not holders and spec.desired != "disabled" and (crash := self._engine_failure(record)):
+            return [NewOperation("load", asset_id, reason="recover", idempotency_key=crash)]
+        if spec.desired == "running" and not holders and self._loadable(record, now):
             # With no worker up a load could only fail; a pass after one is back loads it.
             return [NewOperation("load", asset_id, reason="running")] if self._pool.healthy() else []
         if spec.desired == "disabled" and holders:
@@ -130,6 +137,25 @@ class Reconciler:
                 return [NewOperation("unload", asset_id, worker_id=w.worker_id, reason="sleep")
                         for w in sleepy]
         return []
+
+
+    def _loadable(self, record: AssetRecord, now: datetime) -> bool:
+        """Whether a `running` asset held nowhere may be loaded now: not while it installs, and
+        a failed one only once its cooldown has passed."""
+        if record.state == "installing":
+            return False
+        return cooldown_left_s(record, self._failure_cooldown_s, now) == 0
+
+    def _engine_failure(self, record: AssetRecord) -> str:
+        """An idempotency key for reloading the asset after its engine died on a worker, at its
+        current revision ('' when no worker reports such a failure): one reload per failure."""
+        for worker in self._pool.healthy():
+            for failed in worker.info.failed_models if worker.info else ():
+                if (failed.asset_id == record.spec.asset_id and failed.stage == "engine"
+                        and failed.revision == record.revision):
+                    stamp = failed.failed_at.ToMicroseconds()
+                    return f"recover:{record.spec.asset_id}:{worker.worker_id}:{stamp}"
+        return ""
 
 
 def _idle_s(worker: WorkerHandle, asset_id: str, now: datetime) -> float:

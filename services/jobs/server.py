@@ -114,10 +114,12 @@ async def build_app(
         cancel_grace_s=settings.jobs_cancel_grace_s,
     )
     service = JobService(repository, executor, registry, notifier, pool,
-                         max_attempts=settings.jobs_max_attempts)
+                         max_attempts=settings.jobs_max_attempts,
+                         failure_cooldown_s=settings.load_failure_cooldown_s)
     reconciler = Reconciler(repository, executor, registry, pool, store,
                             interval_s=settings.reconcile_interval_s,
                             sleep_unit_s=settings.auto_sleep_unit_s,
+                            failure_cooldown_s=settings.load_failure_cooldown_s,
                             max_attempts=settings.jobs_max_attempts) if settings.jobs_reconcile else None
     # The router announces dead workers; this service only adopts the verdict and reacts.
     liveness = WorkerLiveness(pool, bus, dead_after_s=settings.dead_after_s(), announce=False,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from services.common.asset_proto import check_serves
 from services.common.errors import ModelNotReady
 from services.common.workerpool import WorkerPool
+from services.jobs.cooldown import check_not_cooling, model_failed
 from services.jobs.executor import Executor
 from services.jobs.model import NewOperation, OperationFilter, OperationRecord
 from services.jobs.registry_client import RegistryClient
@@ -39,6 +40,7 @@ class JobService:
         *,
         max_attempts: int = 3,
         watch_poll_s: float = DEFAULT_POLL_S,
+        failure_cooldown_s: float = 60.0,
     ) -> None:
         self._repo = repository
         self._executor = executor
@@ -48,6 +50,7 @@ class JobService:
         """The workers as this service sees them (heartbeats and refreshes)."""
         self._max_attempts = max_attempts
         self._watch_poll_s = watch_poll_s
+        self._failure_cooldown_s = failure_cooldown_s
 
     async def submit(self, new: NewOperation) -> OperationRecord:
         """Queue an operation on an existing asset (`AssetNotFound` otherwise).
@@ -105,21 +108,26 @@ class JobService:
 
         Already held: returns at once. Otherwise joins the asset's load under way or queues
         one, so any number of concurrent callers cause one load. A load that fails raises
-        `ModelNotReady` with its error; one still running after `wait_s` comes back with
-        `loaded` False and the operation to watch.
+        `ModelFailed` with its reason, and so does every call during the failure's cooldown
+        (see `cooldown`), without another load; a cancelled load raises `ModelNotReady`. One
+        still running after `wait_s` comes back with `loaded` False and the operation to watch.
         """
         record = await self._registry.get_asset(asset_id)
         check_serves(record, asset_id, "")
         if holders := self.pool.holders(asset_id):
             return Loaded(True, [w.worker_id for w in holders])
+        check_not_cooling(record, self._failure_cooldown_s)
         operation = await self._repo.create(NewOperation("load", asset_id),
                                             max_attempts=self._max_attempts)
         self._executor.wake()
         if wait_s > 0:
             operation = await self._latest(operation, wait_s)
-        if operation.status in ("failed", "cancelled"):
-            raise ModelNotReady(f"model '{asset_id}' could not be loaded: "
-                                f"{operation.error or operation.message}", retry_after_s=10.0)
+        if operation.status == "failed":
+            raise model_failed(asset_id, operation.error or operation.message,
+                               self._failure_cooldown_s)
+        if operation.status == "cancelled":
+            raise ModelNotReady(f"the load of model '{asset_id}' was cancelled; retry later",
+                                retry_after_s=5.0)
         if operation.status == "succeeded":
             holders = self.pool.holders(asset_id)
             if not holders:  # run by another instance: this pool has not seen it yet

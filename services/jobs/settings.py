@@ -72,6 +72,11 @@ class JobsSettings(StoreSettings, FleetSettings):
     jobs_reconcile: bool = True
     """Whether this instance runs the reconciler (several instances may; each is safe)."""
 
+    load_failure_cooldown_s: float = Field(default=60.0, ge=0)
+    """After a load fails, seconds during which requests for the model are refused with its
+    reason (424 `model_failed`) instead of each trying another load; an install or a new
+    revision ends it early. The reconciler retries `running` models when it has passed."""
+
     reconcile_interval_s: float = Field(default=5.0, gt=0)
     """Seconds between reconciler passes (a lost worker starts one at once)."""
 

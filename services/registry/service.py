@@ -279,6 +279,11 @@ def _write(
     for key, value in values.items():
         setattr(row, key, value)
     row.revision += 1
+    if row.state == "failed":
+        # A new revision may well load: it is tried at once, not after the failure's cooldown.
+        row.state = "registered"
+        row.status = {**row.status, "message": f"revision {row.revision} applied after a failure: "
+                      f"{row.status.get('message', '')}", "updated_at": now.isoformat()}
     return row, "updated"
 
 

@@ -97,7 +97,9 @@ Global___Event: _TypeAlias = Event  # noqa: Y015
 
 @_typing.final
 class ModelEventDetail(_message.Message):
-    """`model.*`: loading, loaded, load_failed, unloaded, evicted, sleeping."""
+    """`model.*`: loading, loaded, load_failed, degraded (a loaded model's engine died; it was
+    dropped), unloaded, evicted, sleeping.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -111,7 +113,7 @@ class ModelEventDetail(_message.Message):
     memory_bytes: _builtins.int
     """Resident bytes of the model (loaded, unloaded, evicted, sleeping)."""
     reason: _builtins.str
-    """Why: a failure message (load_failed) or `sleep`, `evict`, `operator`, `disabled`, `worker_down`."""
+    """Why: a failure message (load_failed, degraded) or `sleep`, `evict`, `operator`, `disabled`, `worker_down`."""
     idle_seconds: _builtins.float
     """Seconds since its last request (evicted, sleeping)."""
     evicted_for: _builtins.str

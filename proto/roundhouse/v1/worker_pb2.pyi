@@ -204,6 +204,7 @@ class WorkerInfo(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     HAS_GPU_FIELD_NUMBER: _builtins.int
+    FAILED_MODELS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable id of the worker process."""
     address: _builtins.str
@@ -222,6 +223,10 @@ class WorkerInfo(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the process started."""
 
+    @_builtins.property
+    def failed_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___FailedModel]:
+        """Models that failed here (a load that failed, an engine that died) and are not held."""
+
     def __init__(
         self,
         *,
@@ -232,11 +237,54 @@ class WorkerInfo(_message.Message):
         models: _abc.Iterable[Global___LoadedModel] | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         has_gpu: _builtins.bool = ...,
+        failed_models: _abc.Iterable[Global___FailedModel] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "has_gpu", b"has_gpu", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "models", b"models", "started_at", b"started_at", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "failed_models", b"failed_models", "has_gpu", b"has_gpu", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "models", b"models", "started_at", b"started_at", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class FailedModel(_message.Message):
+    """A model that failed on a worker: it is not held, and requests to it are refused until it
+    loads again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSET_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FAILED_AT_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    asset_id: _builtins.str
+    """The asset id."""
+    revision: _builtins.int
+    """Revision of the asset spec that failed."""
+    reason: _builtins.str
+    """Why, as shown to clients and operators."""
+    stage: _builtins.str
+    """`load` (it never loaded) or `engine` (it loaded, then its engine died)."""
+    @_builtins.property
+    def failed_at(self) -> _timestamp_pb2.Timestamp:
+        """When it failed."""
+
+    def __init__(
+        self,
+        *,
+        asset_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        failed_at: _timestamp_pb2.Timestamp | None = ...,
+        stage: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failed_at", b"failed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "failed_at", b"failed_at", "reason", b"reason", "revision", b"revision", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailedModel: _TypeAlias = FailedModel  # noqa: Y015

@@ -50,6 +50,8 @@ _DOMAIN_ERRORS: list[tuple[type[domain.RoundhouseError], int, str, str, str | No
     (domain.AssetNotFound, 404, INVALID_REQUEST, "model_not_found", "model"),
     (domain.WrongInterface, 400, INVALID_REQUEST, "model_not_supported", "model"),
     (domain.AssetDisabled, 409, INVALID_REQUEST, "model_disabled", "model"),
+    # 424 (not 409): clients such as the OpenAI SDK retry 409s, and this one will not pass.
+    (domain.ModelFailed, 424, "model_error", "model_failed", "model"),
     (domain.ContextLengthExceeded, 400, INVALID_REQUEST, "context_length_exceeded", None),
     (domain.InvalidArgument, 400, INVALID_REQUEST, "invalid_value", None),
     (domain.Overloaded, 429, "rate_limit_error", "model_overloaded", None),
