@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,8 +62,9 @@ async def test_install_reports_progress_events_and_the_installed_asset(
     assert any(0 < u.progress < 100 and u.bytes_total > 0 for u in updates), updates
     status = await asset_status(registry, asset_id)
     assert status.state == asset_pb2.ASSET_STATE_INSTALLED
-    assert status.store_path == str(tmp_path / "store" / asset_id)
-    assert (tmp_path / "store" / asset_id / "manifest.json").is_file()
+    installed = Path(status.store_path)
+    assert installed.parent == tmp_path / "store" / "sources"
+    assert json.loads((installed / "manifest.json").read_text())["installed_for"] == asset_id
 
 
 async def test_submit_with_the_same_idempotency_key_returns_the_first_operation(
@@ -120,7 +122,7 @@ async def test_a_permanent_failure_fails_once_without_retries(
     assert "job.queued" not in events.types(op.operation_id)[1:]
     status = await asset_status(registry, asset_id)
     assert status.state == asset_pb2.ASSET_STATE_FAILED and "not a model folder" in status.message
-    assert not (tmp_path / "store" / asset_id).exists()
+    assert not (tmp_path / "store" / "sources").exists()
 
 
 async def test_storage_quota_is_checked_before_and_during_an_install(
@@ -190,11 +192,12 @@ async def test_delete_removes_the_installed_files_and_the_asset(
     async with running_jobs(jobs_settings(db_dsn, nats_url, tmp_path, registry.address)) as jobs:
         install = await jobs.stub.SubmitOperation(submit(asset_id))
         assert (await watch_until_done(jobs.stub, install.operation_id))[-1].status == SUCCEEDED
-        assert (tmp_path / "store" / asset_id).is_dir()
+        installed = Path((await asset_status(registry, asset_id)).store_path)
+        assert (installed / "manifest.json").is_file()
         delete = await jobs.stub.SubmitOperation(submit(asset_id, DELETE))
         final = (await watch_until_done(jobs.stub, delete.operation_id))[-1]
     assert final.status == SUCCEEDED and "its files removed" in final.message
-    assert not (tmp_path / "store" / asset_id).exists()
+    assert not installed.exists()
     err = await rpc_error(registry.stub.GetAsset(registry_pb2.GetAssetRequest(asset_id=asset_id)))
     assert err.code() == grpc.StatusCode.NOT_FOUND
 

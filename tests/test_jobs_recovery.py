@@ -76,4 +76,4 @@ async def test_an_install_cut_off_by_a_killed_jobs_service_finishes_once_after_r
     starts = [e.job.message for e in seen if "attempt" in e.job.message]
     assert starts == ["running (attempt 1 of 3)", "running (attempt 2 of 3)"]
     assert (await asset_status(registry, asset_id)).state == asset_pb2.ASSET_STATE_INSTALLED
-    assert store_leftovers(tmp_path / "store") == [asset_id]
+    assert store_leftovers(tmp_path / "store") == ["sources"]  # the install; no work dirs left

