@@ -47,6 +47,13 @@ def spec(sources: Path, name: str, **overrides: object) -> AssetSpec:
     return parse_spec({**document, **overrides}, source_roots=[sources])
 
 
+def not_installed(sources: Path) -> AssetSpec:
+    """A chat asset whose source was never installed (an install is found by its source)."""
+    (sources / "never-installed").mkdir(exist_ok=True)
+    return spec(sources, TINY_CHAT, asset_id="not-installed",
+                source={"kind": "path", "path": str(sources / "never-installed")})
+
+
 def asset(item: AssetSpec, revision: int = 1) -> asset_pb2.Asset:
     now = datetime.now(UTC)
     return record_to_proto(AssetRecord(item, revision, now, now))
@@ -147,7 +154,7 @@ async def test_wrong_interface_and_unknown_model(worker: RunningWorker, sources:
 
 async def test_model_not_installed_fails_alone(worker: RunningWorker, sources: Path) -> None:
     await load(worker, spec(sources, TINY_EMBED))
-    stranger = spec(sources, TINY_CHAT, asset_id="not-installed")
+    stranger = not_installed(sources)
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await load(worker, stranger)
     assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -221,7 +228,7 @@ async def test_lifecycle_events_are_published(store: ModelStore, sources: Path, 
         async with running_worker(store, bus=bus) as running:
             loaded = await load(running, spec(sources, TINY_EMBED))
             with pytest.raises(grpc.aio.AioRpcError):
-                await load(running, spec(sources, TINY_CHAT, asset_id="not-installed"))
+                await load(running, not_installed(sources))
             await running.control.UnloadModel(worker_pb2.UnloadModelRequest(
                 asset_id=TINY_EMBED, reason="evict", evicted_for="newcomer"))
             events = [await asyncio.wait_for(seen.get(), 10) for _ in range(5)]

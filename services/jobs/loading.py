@@ -59,8 +59,10 @@ class LoadRunner:
         try:
             return await self._place_and_load(ctx, record)
         except RoundhouseError as exc:
-            # The asset goes to `failed` (which starts its cooldown) once no attempt is left.
-            if ctx.final_attempt or not is_transient(exc):
+            # A load that would fail the same way again (not installed, broken weights, no room
+            # on any worker) makes the asset `failed`, which starts its cooldown. A transient
+            # failure (no worker up, a worker unavailable) does not: the next request retries.
+            if not is_transient(exc):
                 await self._report_failed(op.asset_id, exc)
             raise
 

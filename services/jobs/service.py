@@ -123,8 +123,11 @@ class JobService:
         if wait_s > 0:
             operation = await self._latest(operation, wait_s)
         if operation.status == "failed":
-            raise model_failed(asset_id, operation.error or operation.message,
-                               self._failure_cooldown_s)
+            reason = operation.error or operation.message
+            if (await self._registry.get_asset(asset_id)).state == "failed":
+                raise model_failed(asset_id, reason, self._failure_cooldown_s)
+            raise ModelNotReady(f"model '{asset_id}' could not be loaded now: {reason}",
+                                retry_after_s=5.0)
         if operation.status == "cancelled":
             raise ModelNotReady(f"the load of model '{asset_id}' was cancelled; retry later",
                                 retry_after_s=5.0)

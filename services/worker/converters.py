@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 
-from roundhouse.v1 import asset_pb2, inference_pb2, worker_pb2
+from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, worker_pb2
 from services.common.asset_proto import timestamp
 from services.common.errors import InvalidArgument
-from services.worker.holdings import LoadedModelInfo, WorkerState
+from services.common.events import new_event
+from services.worker.holdings import FailedModelInfo, LoadedModelInfo, WorkerState
 from services.worker.models import Capabilities, ChatDelta, ChatMessage, ChatParams, EmbedInput, EmbedResult, Tool
 
 FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
@@ -129,8 +130,19 @@ def loaded_model(model: LoadedModelInfo) -> worker_pb2.LoadedModel:
     )
 
 
+def failed_model(model: FailedModelInfo) -> worker_pb2.FailedModel:
+    """A model that failed here as `FailedModel`."""
+    return worker_pb2.FailedModel(
+        asset_id=model.asset_id,
+        revision=model.revision,
+        reason=model.reason,
+        failed_at=timestamp(model.failed_at),
+        stage=model.stage,
+    )
+
+
 def worker_info(state: WorkerState) -> worker_pb2.WorkerInfo:
-    """What the worker holds, with its memory figures."""
+    """What the worker holds and what failed here, with its memory figures."""
     return worker_pb2.WorkerInfo(
         worker_id=state.worker_id,
         address=state.address,
@@ -138,4 +150,17 @@ def worker_info(state: WorkerState) -> worker_pb2.WorkerInfo:
         memory_used_bytes=state.memory_used_bytes,
         models=[loaded_model(m) for m in state.models],
         started_at=timestamp(state.started_at),
+        failed_models=[failed_model(f) for f in state.failed_models],
     )
+
+
+def model_event(
+    kind: str, asset_id: str, worker_id: str, *, reason: str = "", load_seconds: float = 0.0,
+    memory_bytes: int = 0, idle_seconds: float = 0.0, evicted_for: str = "",
+) -> events_pb2.Event:
+    """A `model.*` event published by the worker, with its `ModelEventDetail`."""
+    detail = events_pb2.ModelEventDetail(
+        reason=reason, load_seconds=load_seconds, memory_bytes=memory_bytes,
+        idle_seconds=idle_seconds, evicted_for=evicted_for,
+    )  # fmt: skip
+    return new_event(kind, "worker", asset_id=asset_id, worker_id=worker_id, model=detail)

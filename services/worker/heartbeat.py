@@ -1,8 +1,10 @@
 """A worker's presence on NATS: `worker.up`, periodic heartbeats, `worker.down` at shutdown.
 
 Heartbeats carry the `WorkerInfo` proto on the core subject
-`roundhouse.heartbeat.worker.<worker_id>`; they are not stored. Everything here is best
-effort: a NATS outage never stops the worker from serving.
+`roundhouse.heartbeat.worker.<worker_id>`; they are not stored. A model that fails is
+reported by an extra heartbeat at once, so routers stop sending it requests without waiting
+for the next one. Everything here is best effort: a NATS outage never stops the worker from
+serving.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """Announces one worker and keeps telling the router it is alive."""
+    """Announces one worker and keeps telling the router it is alive and what it holds."""
 
     def __init__(self, host: ModelHost, bus: EventBus, interval_s: float) -> None:
         self._host = host
         self._bus = bus
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
+        self._due = asyncio.Event()
+        host.on_model_failed(lambda _failed: self.beat_soon())
 
     def start(self) -> None:
         """Publish `worker.up`, then a heartbeat every interval, in the background."""
@@ -51,11 +55,19 @@ class Heartbeat:
         except Exception as exc:  # noqa: BLE001 - liveness is best effort; serving goes on
             log.debug("heartbeat not sent: %r", exc)
 
+    def beat_soon(self) -> None:
+        """Send the next heartbeat now rather than at its turn (what the worker holds changed)."""
+        self._due.set()
+
     async def _run(self) -> None:
         await self._announce("worker.up")
         while True:
+            self._due.clear()  # before the snapshot: a change after it asks for another beat
             await self.beat()
-            await asyncio.sleep(self._interval_s)
+            try:
+                await asyncio.wait_for(self._due.wait(), self._interval_s)
+            except TimeoutError:
+                pass
 
     async def _announce(self, kind: str, reason: str = "") -> None:
         state = self._host.info()

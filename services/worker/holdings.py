@@ -1,9 +1,11 @@
-"""What a worker holds: held models, one request's lease on a model, and read-only snapshots."""
+"""What a worker holds: held models, one request's lease on a model, the models that failed
+here, and read-only snapshots."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 from services.common.asset_proto import AssetRecord
 from services.common.errors import ModelNotReady
@@ -31,9 +33,28 @@ class LoadedModelInfo:
     load_seconds: float
 
 
+FailureStage = Literal["load", "engine"]
+"""Where a model failed: its load, or its engine once it was loaded (it was then dropped)."""
+
+
+@dataclass(frozen=True)
+class FailedModelInfo:
+    """A model that failed on this worker and is not held (the domain side of `FailedModel`).
+
+    Kept until a load of the asset succeeds.
+    """
+
+    asset_id: str
+    revision: int
+    reason: str
+    failed_at: datetime
+    stage: FailureStage
+
+
 @dataclass(frozen=True)
 class WorkerState:
-    """A snapshot of the worker: identity, memory figures and the models it holds."""
+    """A snapshot of the worker: identity, memory figures, the models it holds and those that
+    failed here."""
 
     worker_id: str
     address: str
@@ -41,6 +62,7 @@ class WorkerState:
     memory_used_bytes: int
     started_at: datetime
     models: tuple[LoadedModelInfo, ...]
+    failed_models: tuple[FailedModelInfo, ...] = ()
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The worker's domain: which models it holds, their memory and requests in flight."""
+"""The worker's domain: which models it holds, their memory and requests in flight, and which
+failed here."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any
 
-from roundhouse.v1 import events_pb2
 from services.common.asset_proto import AssetRecord
 from services.common.errors import FailedPrecondition, ModelNotReady, NotFound, QuotaExceeded
-from services.common.events import EventBus, new_event
+from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
+from services.worker.converters import model_event
 from services.worker.holdings import (
     MIB,
+    FailedModelInfo,
+    FailureStage,
     HeldModel,
     Lease,
     LoadedModelInfo,
@@ -28,6 +32,7 @@ from services.worker.models import HostedModel, load_model
 log = logging.getLogger(__name__)
 
 Loader = Callable[[AssetRecord, ModelStore], HostedModel]
+FailureListener = Callable[[FailedModelInfo], None]
 
 
 def load_from_store(record: AssetRecord, store: ModelStore) -> HostedModel:
@@ -51,9 +56,12 @@ class ModelHost:
     """Loads, holds, serves and unloads models; one failing model never affects the others.
 
     Loads run in a thread, so the event loop keeps serving the models already held.
-    Events (`model.loading`, `model.loaded`, `model.load_failed`, and on unload
-    `model.unloaded`, `model.evicted` or `model.sleeping` by reason) are published best
-    effort when a bus is attached.
+    A held model that fails (its engine dies) is dropped at once: its requests end with
+    `ModelNotReady`, new ones get `NotFound`, and it is closed. Failed loads and dropped
+    models are remembered (`info().failed_models`) until the asset loads again.
+    Events (`model.loading`, `model.loaded`, `model.load_failed`, `model.degraded`, and on
+    unload `model.unloaded`, `model.evicted` or `model.sleeping` by reason) are published
+    best effort when a bus is attached.
     """
 
     def __init__(
@@ -76,6 +84,9 @@ class ModelHost:
         self._held: dict[str, HeldModel] = {}
         self._loading: dict[str, asyncio.Task[HeldModel]] = {}
         self._reserved: dict[str, int] = {}
+        self._failed: dict[str, FailedModelInfo] = {}
+        self._failure_listeners: list[FailureListener] = []
+        self._dropping: set[asyncio.Task[None]] = set()
 
     def identify(self, worker_id: str, address: str) -> None:
         """Name the worker once its port is known."""
@@ -84,6 +95,11 @@ class ModelHost:
     def attach_bus(self, bus: EventBus | None) -> None:
         """Publish events on `bus` from now on (None: stop publishing)."""
         self._bus = bus
+
+    def on_model_failed(self, listener: FailureListener) -> None:
+        """Call `listener` (synchronously, on the loop) each time a held model fails and is
+        dropped, once `info()` shows it: the heartbeat reports it without waiting its turn."""
+        self._failure_listeners.append(listener)
 
     @property
     def memory_used_bytes(self) -> int:
@@ -99,6 +115,7 @@ class ModelHost:
             memory_used_bytes=self.memory_used_bytes,
             started_at=self.started_at,
             models=tuple(h.snapshot() for h in self._held.values()),
+            failed_models=tuple(self._failed.values()),
         )
 
     async def load(self, record: AssetRecord) -> LoadedModelInfo:
@@ -125,8 +142,10 @@ class ModelHost:
             task.exception()  # retrieved here too, in case every waiter gave up
 
     def _committed_bytes(self, excluding: HeldModel | None = None) -> int:
-        """Held plus reserved for loads in progress, less `excluding` (a model being replaced)."""
-        held = self.memory_used_bytes - (excluding.memory_bytes if excluding else 0)
+        """Held plus reserved for loads in progress, less `excluding` (a model being replaced,
+        if it is still held: it may have been unloaded or dropped as failed meanwhile)."""
+        still_held = excluding is not None and self._held.get(excluding.asset_id) is excluding
+        held = self.memory_used_bytes - (excluding.memory_bytes if excluding and still_held else 0)
         return held + sum(self._reserved.values())
 
     def _check_budget(self, asset_id: str, needed: int, committed: int) -> None:
@@ -144,6 +163,7 @@ class ModelHost:
         try:
             self._check_budget(asset_id, declared, self._committed_bytes(replacing))
         except QuotaExceeded as exc:
+            self._remember_failure(record, exc.message, "load")
             await self._publish("model.load_failed", asset_id, reason=exc.message)
             raise
         self._reserved[asset_id] = declared
@@ -163,15 +183,55 @@ class ModelHost:
             self._reserved.pop(asset_id, None)
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             log.warning("loading %s failed: %s", asset_id, reason)
+            self._remember_failure(record, reason, "load")
             await self._publish("model.load_failed", asset_id, reason=reason)
             raise
+        # What it replaces now: the model `replacing` names may have been unloaded or dropped.
+        previous = self._held.get(asset_id)
         self._held[asset_id] = held
-        if replacing is not None:
-            await self._retire(replacing)
+        self._failed.pop(asset_id, None)
+        held.model.on_failure(lambda reason: self._model_failed(held, reason))
+        if previous is not None:
+            await self._retire(previous)
         log.info("loaded %s in %.2fs (%s)", asset_id, held.load_seconds, mib(held.memory_bytes))
         await self._publish("model.loaded", asset_id, load_seconds=held.load_seconds,
                             memory_bytes=held.memory_bytes)
         return held
+
+    def _remember_failure(self, record: AssetRecord, reason: str, stage: FailureStage) -> FailedModelInfo:
+        failed = FailedModelInfo(record.spec.asset_id, record.revision, reason, datetime.now(UTC), stage)
+        self._failed[failed.asset_id] = failed
+        return failed
+
+    def _model_failed(self, held: HeldModel, reason: str) -> None:
+        """A held model's engine died (called on the loop): drop it now, close it and tell."""
+        asset_id = held.asset_id
+        if self._held.get(asset_id) is not held:
+            # A replaced revision finishing its last requests, or already unloaded: they failed.
+            log.warning("model %s (revision %d), no longer held, failed: %s", asset_id, held.record.revision,
+                        reason)
+            return
+        del self._held[asset_id]
+        failed = self._remember_failure(held.record, reason, "engine")
+        log.error("model %s (revision %d) failed on worker %s and was dropped, freeing %s: %s", asset_id,
+                  held.record.revision, self.worker_id, mib(held.memory_bytes), reason)
+        task = asyncio.create_task(self._drop(held, failed), name=f"drop-{asset_id}")
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+        for listener in self._failure_listeners:
+            try:
+                listener(failed)
+            except Exception:
+                log.exception("model failure listener failed")
+
+    async def _drop(self, held: HeldModel, failed: FailedModelInfo) -> None:
+        """Close a failed model (its requests have ended) and publish `model.degraded`."""
+        try:
+            await held.model.close()
+        except Exception:  # the model is dropped either way; its memory is what is at stake
+            log.exception("closing failed model %s", failed.asset_id)
+        await self._publish("model.degraded", failed.asset_id, reason=failed.reason,
+                            memory_bytes=held.memory_bytes)
 
     async def _retire(self, old: HeldModel) -> None:
         """Close a replaced revision now, or when its last running request ends."""
@@ -215,7 +275,12 @@ class ModelHost:
         if held is None:
             if asset_id in self._loading:
                 raise ModelNotReady(f"model '{asset_id}' is still loading on worker {self.worker_id}")
-            raise NotFound(f"model '{asset_id}' is not loaded on worker {self.worker_id}")
+            message = f"model '{asset_id}' is not loaded on worker {self.worker_id}"
+            failed = self._failed.get(asset_id)
+            if failed is not None:
+                how = "its last load failed" if failed.stage == "load" else "it failed and was dropped"
+                message += f" ({how}: {failed.reason})"
+            raise NotFound(message)
         held.in_flight += 1
         held.touch()
         lease = Lease(held, self.worker_id)
@@ -237,13 +302,12 @@ class ModelHost:
             task.cancel()
         for asset_id in list(self._held):
             await self.unload(asset_id, force=True, reason="shutdown")
+        await asyncio.gather(*self._dropping, return_exceptions=True)
 
-    async def _publish(self, kind: str, asset_id: str, **detail: object) -> None:
+    async def _publish(self, kind: str, asset_id: str, **detail: Any) -> None:
         if self._bus is None:
             return
         try:
-            event = new_event(kind, "worker", asset_id=asset_id, worker_id=self.worker_id,
-                              model=events_pb2.ModelEventDetail(**detail))  # type: ignore[arg-type]
-            await self._bus.publish(event)
+            await self._bus.publish(model_event(kind, asset_id, self.worker_id, **detail))
         except Exception as exc:  # noqa: BLE001 - events are best effort; serving goes on
             log.warning("could not publish %s for %s: %s", kind, asset_id, exc)

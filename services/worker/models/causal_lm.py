@@ -23,9 +23,11 @@ from services.worker.models.types import (
     Capabilities,
     ChatDelta,
     ChatParams,
+    FailureCallback,
     FinishReason,
     HostedModel,
     Usage,
+    failed_model_error,
 )
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,9 @@ class TransformersChatModel(HostedModel):
     """A causal LM and its tokenizer, streaming completions as tokens are produced.
 
     Requests go to continuous batching when it can serve them (no seed, fits its cache),
-    else to a `generate` thread of their own.
+    else to a `generate` thread of their own. If the batching engine dies, the model fails
+    as a whole: every request it runs ends with `ModelNotReady`, and none goes to the
+    `generate` path instead (see `HostedModel.on_failure`).
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class TransformersChatModel(HostedModel):
             self._default_top_p = generation.top_p or 1.0
         self._threaded = ThreadedGeneration(model, self._eos, _pad_token_id(model, tokenizer))
         self._batched = batched
+        self._engine_watched = False
 
     def apply_defaults(self, generation: Generation) -> None:
         """The asset's declared request defaults win over the model folder's."""
@@ -111,7 +116,7 @@ class TransformersChatModel(HostedModel):
         batched = None
         try:
             eos, pad = _eos_token_ids(model, tokenizer), _pad_token_id(model, tokenizer)
-            batched = BatchedGeneration(model, context, eos, pad, batching)
+            batched = BatchedGeneration(model, context, eos, pad, batching, name=spec.asset_id)
         except Exception:
             log.warning("%s: continuous batching unavailable", spec.asset_id, exc_info=True)
         memory = module_bytes(model) + (batched.cache_bytes if batched else 0)
@@ -126,6 +131,31 @@ class TransformersChatModel(HostedModel):
         hosted = cls(spec.asset_id, model, tokenizer, capabilities, batched)
         hosted.apply_defaults(spec.generation)
         return hosted
+
+    def on_failure(self, callback: FailureCallback) -> None:
+        """Call `callback(reason)` on the event loop once the batching engine dies; call on the loop."""
+        super().on_failure(callback)
+        self._watch_engine()
+
+    def _watch_engine(self) -> None:
+        # On the loop (the engine reports there); at the first request if no holder asked.
+        if self._batched is not None and not self._engine_watched:
+            self._engine_watched = True
+            self._batched.watch(self._engine_failed)
+
+    def _engine_failed(self, reason: str) -> None:
+        # The batching engine ended its own streams; the `generate` threads end here.
+        if self.failure is not None:
+            return
+        self._threaded.fail_all(failed_model_error(self.asset_id, reason))
+        self._mark_failed(reason)
+
+    def crash_engine(self, reason: str = "crash injected by a test") -> None:
+        """Test hook: make the batching engine's loop raise at its next turn (see
+        `BatchedGeneration.crash`). Used by end-to-end tests in-process; never in serving."""
+        if self._batched is None:
+            raise RuntimeError(f"model '{self.asset_id}' has no batching engine to crash")
+        self._batched.crash(reason)
 
     @property
     def active_streams(self) -> int:
@@ -149,6 +179,10 @@ class TransformersChatModel(HostedModel):
         )
         stream = None
         batched = self._batched
+        self._watch_engine()
+        if batched is not None:
+            batched.check()  # a death not reported yet is found here, and fails the model
+        self.check_serving()  # it may have failed while the prompt was built
         if batched is not None and batched.accepts(len(prompt_ids), max_new, sampling):
             stream = batched.submit(prompt_ids, sampling, max_new)
         if stream is None:

@@ -32,7 +32,8 @@ _END = object()
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is picked: temperature 0 is greedy; a seed makes sampling reproducible."""
+    """How the next token is picked: temperature 0 or top_p 0 is greedy; a seed makes sampling
+    reproducible."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -41,7 +42,7 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         """Whether the most likely token is always taken."""
-        return self.temperature == 0
+        return self.temperature == 0 or self.top_p == 0
 
 
 class TokenStream:
@@ -73,6 +74,13 @@ class TokenStream:
     def end_threadsafe(self, error: BaseException | None = None) -> None:
         """Finish the stream from another thread."""
         self._loop.call_soon_threadsafe(self.end, error)
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with `error` now (the consumer sees it after the tokens already
+        delivered) and stop the producer; call on the event loop."""
+        if not self.finished:
+            self.cancelled.set()
+            self.end(error)
 
     def cancel(self) -> None:
         """Stop generating: the producer sees it before its next token. Idempotent."""
@@ -209,3 +217,10 @@ class ThreadedGeneration:
             running = list(self._running)
         for stream in running:
             stream.cancelled.set()
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every running generation's stream with `error` and stop it; call on the event loop."""
+        with self._lock:
+            running = list(self._running)
+        for stream in running:
+            stream.fail(error)

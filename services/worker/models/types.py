@@ -6,13 +6,14 @@ No protobuf here: the gRPC servicer converts these to and from `roundhouse.v1` m
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from services.common.errors import InvalidArgument, WrongInterface
+from services.common.errors import InvalidArgument, ModelNotReady, WrongInterface
 
 LLM = "llm-runtime"
 EMBEDDING = "embedding-runtime"
@@ -82,8 +83,8 @@ class ChatParams:
             raise InvalidArgument("exactly one of 'messages' and 'prompt' must be given")
         if self.temperature is not None and not 0 <= self.temperature <= 2:
             raise InvalidArgument("temperature must be between 0 and 2")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise InvalidArgument("top_p must be greater than 0 and at most 1")
+        if self.top_p is not None and not 0 <= self.top_p <= 1:
+            raise InvalidArgument("top_p: must be between 0 and 1 (0: only the most likely token)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InvalidArgument("max_tokens must be at least 1")
         if any(not s for s in self.stop):
@@ -123,16 +124,56 @@ class EmbedResult:
 
 EmbedInput = str | Sequence[int]
 
+FailureCallback = Callable[[str], None]
+"""Told the reason once a hosted model fails (see `HostedModel.on_failure`)."""
+
+
+def failed_model_error(asset_id: str, reason: str) -> ModelNotReady:
+    """The error of a request to (or running on) a model whose engine failed."""
+    return ModelNotReady(f"model '{asset_id}' failed on this worker ({reason}); it is being reloaded, retry shortly")
+
 
 class HostedModel(abc.ABC):
-    """A model a worker holds: chat and/or embed, depending on its interfaces."""
+    """A model a worker holds: chat and/or embed, depending on its interfaces.
+
+    A model can fail while held (its engine dies): from then on `failure` says why, it
+    serves nothing more (its requests raise `ModelNotReady`), and the callback given to
+    `on_failure` is told, so its holder can drop it.
+    """
 
     asset_id: str
     capabilities: Capabilities
     interfaces: tuple[str, ...]
+    failure: str | None = None
+    """Why the model failed; None while it can serve."""
+    _failure_callback: FailureCallback | None = None
+
+    def on_failure(self, callback: FailureCallback) -> None:
+        """Call `callback(reason)` on the event loop once the model fails; call on the loop.
+
+        Models with an engine that can die watch it from here on; if the model failed
+        already, the call comes at the loop's next turn.
+        """
+        self._failure_callback = callback
+        if self.failure is not None:
+            asyncio.get_running_loop().call_soon(callback, self.failure)
+
+    def _mark_failed(self, reason: str) -> None:
+        """Record the failure and tell the holder; call on the event loop, once."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        if self._failure_callback is not None:
+            self._failure_callback(reason)
+
+    def check_serving(self) -> None:
+        """Raise `ModelNotReady` if the model failed."""
+        if self.failure is not None:
+            raise failed_model_error(self.asset_id, self.failure)
 
     def chat(self, params: ChatParams) -> AsyncIterator[ChatDelta]:
-        """Stream a completion. Raises `WrongInterface` at once if the model does not chat.
+        """Stream a completion. Raises `WrongInterface` at once if the model does not chat,
+        `ModelNotReady` if it failed.
 
         Request errors (`InvalidArgument`, `ContextLengthExceeded`) are raised on the first
         iteration, before any delta. Closing the iterator or cancelling its task stops
@@ -140,13 +181,16 @@ class HostedModel(abc.ABC):
         """
         if LLM not in self.interfaces:
             raise WrongInterface(f"model '{self.asset_id}' does not implement {LLM}")
+        self.check_serving()
         params.validate()
         return self._chat(params)
 
     async def embed(self, inputs: list[EmbedInput]) -> EmbedResult:
-        """Embed texts or token-id arrays. Raises `WrongInterface` if the model does not embed."""
+        """Embed texts or token-id arrays. Raises `WrongInterface` if the model does not embed,
+        `ModelNotReady` if it failed."""
         if EMBEDDING not in self.interfaces:
             raise WrongInterface(f"model '{self.asset_id}' does not implement {EMBEDDING}")
+        self.check_serving()
         if not inputs:
             raise InvalidArgument("at least one input is required")
         return await self._embed(inputs)
