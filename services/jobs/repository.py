@@ -10,11 +10,10 @@ lease can no longer change the operation.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import re
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, tuple_, update
@@ -29,6 +28,13 @@ from services.jobs.converters import job_event_detail
 from services.jobs.model import NewOperation, OperationFilter, OperationRecord, ProgressReport
 
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+PAGE_TOKEN_RE = re.compile(r"([0-9]{1,17})\.([0-9a-f]{32})")
+"""A page token: the last row's `created_at` in microseconds since the epoch, a dot, its
+operation id in hex. Every token of this form is a cursor: one this server never issued simply
+continues from that point (17 digits stay within the years datetime and Postgres hold); only a
+malformed token is refused. The router's admin API declares the same pattern."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 class OperationRepository:
@@ -279,14 +285,12 @@ def _uuid(operation_id: str) -> uuid.UUID:
 
 
 def _encode_token(row: Operation) -> str:
-    text = f"{row.created_at.isoformat()}|{row.operation_id}"
-    return base64.urlsafe_b64encode(text.encode()).decode()
+    return f"{(row.created_at - _EPOCH) // _MICROSECOND}.{row.operation_id.hex}"
 
 
 def _decode_token(token: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        text = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-        created_at, _, operation_id = text.partition("|")
-        return datetime.fromisoformat(created_at), uuid.UUID(operation_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidArgument("page_token: not a token this server issued") from None
+    parsed = PAGE_TOKEN_RE.fullmatch(token)
+    if parsed is None:
+        raise InvalidArgument("page_token: not a page token (microseconds.operation id in hex), "
+                              "as returned in next_page_token")
+    return _EPOCH + int(parsed[1]) * _MICROSECOND, uuid.UUID(parsed[2])

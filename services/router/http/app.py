@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from services.router.http.admin import admin_router
@@ -59,7 +60,29 @@ def create_app(
     app.include_router(admin_router)
     _add_operational_routes(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
+    app.openapi = lambda: _exact_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+# FastAPI documents a 422 with its own body on every route that takes input; this app answers
+# invalid input with a 400 in OpenAI's shape, which each route that can refuse input declares.
+_FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
+
+
+def _exact_openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document as the server behaves: no 422 anywhere (invalid input is a 400 with
+    the `ErrorResponse` body, documented by the routes that can refuse input)."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, openapi_version=app.openapi_version,
+                               summary=app.summary, description=app.description, routes=app.routes)
+        for path_item in document.get("paths", {}).values():
+            for operation in path_item.values():
+                operation.get("responses", {}).pop("422", None)
+        schemas = document.get("components", {}).get("schemas", {})
+        for name in _FASTAPI_VALIDATION:
+            schemas.pop(name, None)
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def _add_operational_routes(app: FastAPI) -> None:
@@ -68,7 +91,8 @@ def _add_operational_routes(app: FastAPI) -> None:
         """Liveness: the process serves HTTP. Touches nothing else."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"])
+    @app.get("/readyz", tags=["operations"], responses={
+        503: {"description": "Not ready: the registry does not answer or no worker is known."}})
     async def readyz(request: Request) -> Response:
         """Readiness: the registry answers and a worker is known. Never wakes a model."""
         gateway: Gateway = request.app.state.gateway

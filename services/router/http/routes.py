@@ -13,10 +13,14 @@ from services.router.http.embedding.protocol import EmbeddingRequest, EmbeddingR
 from services.router.http.protocol import ErrorResponse, ModelCard, ModelList
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "The request is invalid."},
+    400: {"model": ErrorResponse, "description": "The request is invalid; `error.param` names the field."},
     404: {"model": ErrorResponse, "description": "No model has that name."},
+    409: {"model": ErrorResponse, "description": "The model is disabled."},
     413: {"model": ErrorResponse, "description": "The body is too large."},
+    424: {"model": ErrorResponse, "description": "The model failed (its load, or its engine); "
+                                                 "the message says why. Not worth retrying at once."},
     429: {"model": ErrorResponse, "description": "The model is overloaded; see Retry-After."},
+    502: {"model": ErrorResponse, "description": "The model's remote upstream failed."},
     503: {"model": ErrorResponse, "description": "The model is not ready; see Retry-After."},
 }
 STREAM: dict[int | str, dict[str, Any]] = {
