@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
@@ -52,11 +53,30 @@ async def test_a_crashed_engine_ends_its_streams_cleanly_and_is_reloaded_by_the_
             assert "failed on this worker" in cut.value.message and CRASH in cut.value.message
 
             await wait_until(lambda: seen.of("model.degraded", "fragile"), 30, interval=0.05)
+            if not seen.of("model.loaded", "fragile")[1:]:  # not reloaded yet: the failure shows
+                async with httpx.AsyncClient(base_url=stack.http_url) as http:
+                    ready = (await http.get("/readyz")).json()
+                    workers = (await http.get("/admin/v1/workers")).json()["workers"]
+                if not seen.of("model.loaded", "fragile")[1:]:
+                    assert ready["status"] == "degraded"
+                    assert [(f["asset_id"], f["stage"]) for f in ready["failed_models"]] == [
+                        ("fragile", "engine")]
+                    [failed] = [f for w in workers for f in w.get("failed_models", [])]
+                    assert failed["asset_id"] == "fragile" and CRASH in failed["reason"]
             # The reconciler loads it again, with no request asking for it.
             await wait_until(lambda: len(seen.of("model.loaded", "fragile")) == 2, 60, interval=0.05)
-            loads = await stack.jobs.stub.ListOperations(jobs_pb2.ListOperationsRequest(
-                asset_id="fragile", type=jobs_pb2.OPERATION_TYPE_LOAD))
-            assert [o.status for o in loads.operations] == [jobs_pb2.OPERATION_STATUS_SUCCEEDED] * 2
+
+            async def load_statuses() -> list[int]:
+                loads = await stack.jobs.stub.ListOperations(jobs_pb2.ListOperationsRequest(
+                    asset_id="fragile", type=jobs_pb2.OPERATION_TYPE_LOAD))
+                return [o.status for o in loads.operations]
+
+            done = [jobs_pb2.OPERATION_STATUS_SUCCEEDED] * 2
+
+            async def reloaded() -> bool:
+                return await load_statuses() == done
+
+            await wait_until(reloaded, 30, interval=0.05)
 
             await wait_until(lambda: stack.router.gateway.workers.holders("fragile"), 30, interval=0.05)
             reply = await api.chat.completions.create(

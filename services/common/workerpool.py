@@ -173,6 +173,11 @@ class WorkerPool:
         """The workers that answered lately and are not declared down."""
         return [w for w in self.workers if w.healthy]
 
+    def failed_models(self) -> list[tuple[str, worker_pb2.FailedModel]]:
+        """`(worker_id, failure)` of every model a healthy worker reports as failed."""
+        return [(w.worker_id, failed) for w in self.healthy() if w.info
+                for failed in w.info.failed_models]
+
     def known(self) -> bool:
         """Whether at least one worker answered the last refresh."""
         return any(w.healthy for w in self.workers)

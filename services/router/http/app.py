@@ -94,15 +94,22 @@ def _add_operational_routes(app: FastAPI) -> None:
     @app.get("/readyz", tags=["operations"], responses={
         503: {"description": "Not ready: the registry does not answer or no worker is known."}})
     async def readyz(request: Request) -> Response:
-        """Readiness: the registry answers and a worker is known. Never wakes a model."""
+        """Readiness: the registry answers and a worker is known. Never wakes a model.
+
+        Models the workers report as failed (a load that failed, an engine that died) are
+        listed, and make the status `degraded`; the router still serves every other model,
+        so it stays ready (200)."""
         gateway: Gateway = request.app.state.gateway
         try:
             ready = await asyncio.wait_for(gateway.ready(), READY_TIMEOUT_S)
         except Exception:
             log.warning("readiness check failed", exc_info=True)
             ready = False
-        status = "ready" if ready else "not ready"
-        return JSONResponse({"status": status}, status_code=200 if ready else 503)
+        failed = [{"asset_id": f.asset_id, "worker_id": worker_id, "stage": f.stage, "reason": f.reason}
+                  for worker_id, f in gateway.workers.failed_models()]
+        status = ("degraded" if failed else "ready") if ready else "not ready"
+        return JSONResponse({"status": status, "failed_models": failed},
+                            status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["operations"])
     async def metrics(request: Request) -> Response:
