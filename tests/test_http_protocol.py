@@ -14,7 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from services.common.inference_requests import MAX_INPUTS
 from services.router.http import create_app
 from services.router.http.chat.protocol import ChatCompletionRequest
 from services.router.http.completion.protocol import CompletionRequest
@@ -72,14 +74,14 @@ async def test_body_that_is_not_an_object_is_400(client: httpx.AsyncClient) -> N
         ({"model": "m", "messages": []}, "messages", "invalid_value"),
         ({"model": "m", "messages": "hi"}, "messages", "invalid_type"),
         ({"model": "m", "messages": [{"role": "user", "content": 5}]},
-         "messages.0.content", "invalid_value"),
+         "messages[0].content", "invalid_value"),
         ({"model": "m", "messages": [{"role": "user"}]},
-         "messages.0.content", "missing_required_parameter"),
+         "messages[0].content", "missing_required_parameter"),
         ({"model": "m", "messages": [{"role": "robot", "content": "x"}]},
-         "messages.0.role", "invalid_value"),
+         "messages[0].role", "invalid_value"),
         ({"model": "m", "messages": [{"role": "user", "content": [
             {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}},
-        ]}]}, "messages.0.content.1", "invalid_value"),
+        ]}]}, "messages[0].content[1]", "invalid_value"),
         ({"model": "m", "messages": USER_HI, "temperature": 2.5}, "temperature", "invalid_value"),
         ({"model": "m", "messages": USER_HI, "temperature": "warm"}, "temperature", "invalid_type"),
         ({"model": "m", "messages": USER_HI, "top_p": 1.5}, "top_p", "invalid_value"),
@@ -89,7 +91,7 @@ async def test_body_that_is_not_an_object_is_400(client: httpx.AsyncClient) -> N
          "stream_options", "invalid_value"),
         ({"model": "m", "messages": USER_HI, "tools": [
             {"type": "function", "function": {"name": "has spaces"}}]},
-         "tools.0.function.name", "invalid_value"),
+         "tools[0].function.name", "invalid_value"),
     ],
 )
 async def test_invalid_chat_request_names_the_field(
@@ -121,8 +123,9 @@ async def test_more_than_one_choice_is_refused(client: httpx.AsyncClient) -> Non
         ("/v1/completions", {"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
         ("/v1/embeddings", {"model": "m"}, "input"),
         ("/v1/embeddings", {"model": "m", "input": []}, "input"),
-        ("/v1/embeddings", {"model": "m", "input": ["ok", ""]}, "input"),
-        ("/v1/embeddings", {"model": "m", "input": [[1, -2]]}, "input"),
+        ("/v1/embeddings", {"model": "m", "input": ["ok", ""]}, "input[1]"),
+        ("/v1/embeddings", {"model": "m", "input": ""}, "input"),
+        ("/v1/embeddings", {"model": "m", "input": [[1, -2]]}, "input[0]"),
         ("/v1/embeddings", {"model": "m", "input": {"text": "x"}}, "input"),
         ("/v1/embeddings", {"model": "m", "input": "x", "encoding_format": "int8"},
          "encoding_format"),
@@ -135,6 +138,112 @@ async def test_invalid_completion_and_embedding_requests(
     response = await client.post(path, json=body)
     assert response.status_code == 400, response.text
     assert error_of(response)["param"] == param
+
+
+def test_more_embedding_inputs_than_one_request_takes_are_refused() -> None:
+    with pytest.raises(ValidationError) as refused:
+        EmbeddingRequest.model_validate({"model": "m", "input": ["x"] * (MAX_INPUTS + 1)})
+    assert "split" in str(refused.value)
+    assert len(EmbeddingRequest.model_validate({"model": "m", "input": ["x"] * MAX_INPUTS}).input) == MAX_INPUTS
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (CHAT, {"model": "m", "messages": [{"role": "user", "content": "\ud800"}]},
+         "messages[0].content"),
+        (CHAT, {"model": "m", "messages": USER_HI, "stop": ["ok", "\udfff"]}, "stop[1]"),
+        (CHAT, {"model": "m", "messages": USER_HI, "metadata": {"k": "\ud800"}}, "metadata.k"),
+        ("/v1/completions", {"model": "m\ud800", "prompt": "x"}, "model"),
+        ("/v1/embeddings", {"model": "m", "input": [[1], "\udfff x"]}, "input[1]"),
+    ],
+)
+async def test_lone_surrogates_are_400_before_the_gateway(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], param: str
+) -> None:
+    response = await client.post(path, content=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == param and "surrogate" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+        (CHAT, {"presence_penalty": 0.1}, "presence_penalty"),
+        (CHAT, {"frequency_penalty": 2}, "frequency_penalty"),
+        (CHAT, {"logit_bias": {"1": 5}}, "logit_bias"),
+        (CHAT, {"logprobs": True}, "logprobs"),
+        (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+        (CHAT, {"tool_choice": "required", "tools": [
+            {"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+        (CHAT, {"parallel_tool_calls": False}, "parallel_tool_calls"),
+        (CHAT, {"reasoning_effort": "high"}, "reasoning_effort"),
+        (CHAT, {"service_tier": "priority"}, "service_tier"),
+        (CHAT, {"modalities": ["audio"]}, "modalities"),
+        (CHAT, {"n": 2}, "n"),
+        ("/v1/completions", {"logprobs": 0}, "logprobs"),
+        ("/v1/completions", {"suffix": "tail"}, "suffix"),
+        ("/v1/completions", {"n": -607}, "n"),
+        ("/v1/completions", {"logit_bias": {"1": -1}}, "logit_bias"),
+    ],
+)
+async def test_unimplemented_parameters_are_400_naming_them(
+    client: httpx.AsyncClient, path: str, extra: dict[str, Any], param: str
+) -> None:
+    base = {"model": "m", "messages": USER_HI} if path == CHAT else {"model": "m", "prompt": "x"}
+    response = await client.post(path, json={**base, **extra})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == param
+    assert error["code"] == "unsupported_parameter"
+    assert f"'{param}' is not supported yet" in error["message"]
+
+
+async def test_tool_choice_auto_needs_tools(client: httpx.AsyncClient) -> None:
+    response = await client.post(CHAT, json={"model": "m", "messages": USER_HI, "tool_choice": "auto"})
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "tool_choice"
+
+
+def test_neutral_values_of_unimplemented_parameters_pass() -> None:
+    request = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": USER_HI, "presence_penalty": 0, "frequency_penalty": 0.0,
+        "logit_bias": {}, "response_format": {"type": "text"}, "logprobs": False,
+        "top_logprobs": 0, "tool_choice": "none", "parallel_tool_calls": True,
+        "reasoning_effort": None, "service_tier": "default", "modalities": ["text"], "n": 1,
+        "store": True, "metadata": {"ticket": "T-1"}, "user": "u-1",
+    })
+    assert request.recorded() == {"user": "u-1", "metadata": {"ticket": "T-1"}, "store": True}
+    completion = CompletionRequest.model_validate({
+        "model": "m", "prompt": "x", "suffix": "", "logprobs": None, "best_of": 1, "n": None})
+    assert completion.to_proto("r").prompt == "x"
+
+
+async def test_published_schema_says_what_the_server_takes(client: httpx.AsyncClient) -> None:
+    schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    chat, completion = schemas["ChatCompletionRequest"], schemas["CompletionRequest"]
+    embedding, message = schemas["EmbeddingRequest"], schemas["ChatMessage"]
+    assert chat["properties"]["n"]["anyOf"][0] == {"type": "integer", "const": 1}
+    assert completion["properties"]["logprobs"]["type"] == "null"
+    assert "not supported" in completion["properties"]["logprobs"]["description"].lower()
+    assert completion["properties"]["suffix"]["anyOf"][0]["maxLength"] == 0
+    assert chat["properties"]["presence_penalty"]["anyOf"][0]["const"] == 0
+    assert chat["properties"]["reasoning_effort"]["type"] == "null"
+    assert chat["properties"]["top_p"]["anyOf"][0]["minimum"] == 0
+    assert "most likely token" in chat["properties"]["top_p"]["description"]
+    for informational in ("user", "metadata", "store"):
+        assert "recorded" in json.dumps(chat["properties"][informational])
+    inputs = embedding["properties"]["input"]["anyOf"]
+    assert inputs[0]["minLength"] == 1 and all(b.get("minItems") == 1 for b in inputs[1:])
+    assert inputs[2]["maxItems"] == MAX_INPUTS
+    assert message["else"]["required"] == ["content"], "a tool message needs content"
+    stop = chat["properties"]["stop"]["anyOf"]
+    assert stop[0]["minLength"] == 1 and stop[1]["items"]["minLength"] == 1
+    assert {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}} in [
+        rule["then"] for rule in chat["allOf"]]
 
 
 async def test_body_over_the_declared_limit_is_413(client: httpx.AsyncClient) -> None:
@@ -196,6 +305,7 @@ async def test_unknown_route_and_method_have_openai_shape(client: httpx.AsyncCli
     wrong_method = await client.get(CHAT)
     assert wrong_method.status_code == 405
     assert error_of(wrong_method)["code"] == "method_not_allowed"
+    assert wrong_method.headers["allow"] == "POST"
 
 
 async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncClient) -> None:
@@ -221,10 +331,11 @@ def test_chat_request_converts_to_proto() -> None:
         "max_tokens": 5, "max_completion_tokens": 7, "stop": "END", "seed": 3,
         "temperature": 0, "tools": [{"type": "function", "function": {
             "name": "lookup", "description": "find", "parameters": {"type": "object"}}}],
-        "logit_bias": {"1": 2}, "some_future_field": True,
+        "logit_bias": {}, "presence_penalty": 0, "user": "ann-42", "metadata": {"k": "v"},
+        "some_future_field": True,
     })
     proto = request.to_proto("rid-1")
-    assert proto.model == "default-chat" and proto.request_id == "rid-1"
+    assert proto.model == "default-chat" and proto.request_id == "rid-1" and proto.user == "ann-42"
     assert [(m.role, m.content, m.name) for m in proto.messages] == [
         ("system", "be brief", ""), ("user", "a\nb", "ann")]
     assert proto.max_tokens == 7
@@ -235,6 +346,12 @@ def test_chat_request_converts_to_proto() -> None:
     assert proto.tools[0].name == "lookup"
     assert json.loads(proto.tools[0].parameters_json) == {"type": "object"}
     assert not proto.prompt
+
+
+@pytest.mark.parametrize(("seed", "sent"), [(3, 3), (-3, -3), (2**64 + 3, 3), (2**63, -(2**63)), (7.0, 7)])
+def test_any_integer_seed_is_one_64_bit_seed(seed: int, sent: int) -> None:
+    proto = CompletionRequest.model_validate({"model": "m", "prompt": "x", "seed": seed}).to_proto("r")
+    assert proto.seed == sent
 
 
 def test_completion_request_converts_to_proto() -> None:

@@ -44,6 +44,8 @@ QUEUED_OPERATIONS = ("queued-install", "queued-unload")
 """Stand-ins in the fuzzed document for operations queued on throwaway assets at run time."""
 UNKNOWN_OPERATION = "00000000-0000-4000-8000-000000000000"
 UNKNOWN_MODEL = "no-such-model"
+TINY_EMBED_DIMENSIONS = 32
+"""The tiny embedding model's vector size (tests/tiny_models.py)."""
 MAX_TOKENS, MAX_CHOICES = 4, 2
 EXAMPLES_PER_OPERATION = 50
 CHECKS = ("not_a_server_error", "positive_data_acceptance", "status_code_conformance",
@@ -157,6 +159,9 @@ def fuzzing_view(published: dict[str, Any]) -> dict[str, Any]:
                          ("/v1/completions", [TINY_CHAT]), ("/v1/embeddings", [TINY_EMBED])):
         properties = _body_schema(document, path)["properties"]
         properties["model"] = {"type": "string", "enum": [*models, UNKNOWN_MODEL]}
+    # Like `model`, `dimensions` is only valid per model (the model's own size): pinned too.
+    _body_schema(document, "/v1/embeddings")["properties"]["dimensions"] = {
+        "anyOf": [{"type": "integer", "enum": [TINY_EMBED_DIMENSIONS]}, {"type": "null"}]}
     return document
 
 

@@ -173,7 +173,7 @@ class Generation(_Strict):
     """Defaults for chat requests that leave these unset (a model card's recommendation)."""
 
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     max_tokens: Annotated[int, Field(gt=0)] | None = None
 
     @field_validator("temperature", "top_p", mode="before")

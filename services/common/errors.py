@@ -7,7 +7,14 @@ and never touches protobuf or HTTP types.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# `field: reason`, where field is a path such as `messages[0].role`: how a field survives
+# a hop over gRPC, whose status carries only a message.
+NAMED_FIELD = re.compile(
+    r"^(?P<field>[a-z_][a-z0-9_]*(?:\[\d+\]|\.[A-Za-z0-9_]+)*): (?P<reason>.+)$", re.DOTALL
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,15 @@ class InvalidArgument(RoundhouseError):
         """Build one error that lists every problem, one per line."""
         lines = "\n".join(str(p) for p in problems)
         return cls(lines, problems)
+
+    @property
+    def field(self) -> str | None:
+        """The request field at fault: the first problem's path, else the `field: reason`
+        prefix of the message; None when neither names one."""
+        if self.problems:
+            return self.problems[0].path or None
+        named = NAMED_FIELD.match(self.message)
+        return named["field"] if named else None
 
 
 class InvalidSpec(InvalidArgument):

@@ -328,6 +328,7 @@ def _decode_token(token: str) -> str:
         text = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         text = ""
-    if not text.startswith(_TOKEN_PREFIX):
+    # A NUL would reach the query (Postgres refuses it); no token this server issues has one.
+    if not text.startswith(_TOKEN_PREFIX) or "\x00" in text:
         raise InvalidArgument("page_token: not a token this server issued")
     return text.removeprefix(_TOKEN_PREFIX)

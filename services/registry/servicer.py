@@ -15,6 +15,7 @@ from services.common.asset_proto import (
     record_to_proto,
 )
 from services.common.errors import InvalidArgument
+from services.common.request_text import check_message_text
 from services.registry.converters import OUTCOMES, apply_items, asset_filter
 from services.registry.service import AssetRegistry
 
@@ -23,7 +24,11 @@ NOT_ON_WORKERS = frozenset({"registered", "installing", "installed", "sleeping",
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    """Implements `roundhouse.v1.Registry` over an `AssetRegistry`."""
+    """Implements `roundhouse.v1.Registry` over an `AssetRegistry`.
+
+    Every request is first swept for NUL characters, which Postgres cannot store or compare:
+    an id, name, filter or document holding one is INVALID_ARGUMENT, never a failed query.
+    """
 
     def __init__(self, registry: AssetRegistry, source_roots: list[Path]) -> None:
         self._registry = registry
@@ -32,6 +37,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def ApplyAssets(
         self, request: registry_pb2.ApplyAssetsRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ApplyAssetsResponse:
+        check_message_text(request)
         items = apply_items(request, self._source_roots)
         results = await self._registry.apply(items, dry_run=request.dry_run)
         return registry_pb2.ApplyAssetsResponse(results=[
@@ -42,11 +48,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def GetAsset(
         self, request: registry_pb2.GetAssetRequest, context: grpc.aio.ServicerContext
     ) -> asset_pb2.Asset:
+        check_message_text(request)
         return record_to_proto(await self._registry.get(request.asset_id))
 
     async def ListAssets(
         self, request: registry_pb2.ListAssetsRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ListAssetsResponse:
+        check_message_text(request)
         records, token = await self._registry.list_assets(
             asset_filter(request), page_size=request.page_size, page_token=request.page_token
         )
@@ -57,6 +65,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def DeleteAsset(
         self, request: registry_pb2.DeleteAssetRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.DeleteAssetResponse:
+        check_message_text(request)
         expected = request.expected_revision if request.HasField("expected_revision") else None
         record = await self._registry.delete(request.asset_id, expected)
         return registry_pb2.DeleteAssetResponse(asset=record_to_proto(record))
@@ -64,6 +73,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def ResolveAsset(
         self, request: registry_pb2.ResolveAssetRequest, context: grpc.aio.ServicerContext
     ) -> asset_pb2.Asset:
+        check_message_text(request)
         if not request.name:
             raise InvalidArgument("name: required")
         interface = INTERFACE_NAMES.get(request.interface, "") if request.interface else ""
@@ -72,6 +82,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def ReportAssetStatus(
         self, request: registry_pb2.ReportAssetStatusRequest, context: grpc.aio.ServicerContext
     ) -> asset_pb2.Asset:
+        check_message_text(request)
         status = request.status
         state = STATE_NAMES.get(status.state, "")
         fields: dict[str, Any] = {"message": status.message}

@@ -8,8 +8,11 @@ import grpc
 
 from roundhouse.v1 import registry_pb2, registry_pb2_grpc
 from services.common.asset_proto import AssetRecord, check_serves, record_from_proto
+from services.common.assetspec import ASSET_ID_RE
+from services.common.errors import AssetNotFound
 from services.common.grpc_client import domain_error
 from services.common.registry_reads import list_all_assets
+from services.common.request_text import shown
 
 CACHE_TTL_S = 30.0
 
@@ -26,7 +29,13 @@ class AssetCatalog:
         self._cache: dict[str, tuple[float, AssetRecord]] = {}
 
     async def resolve(self, name: str, interface: str) -> AssetRecord:
-        """The asset `name` designates, checked for `interface`; domain errors otherwise."""
+        """The asset `name` designates, checked for `interface`; domain errors otherwise.
+
+        A name no asset id or alias could have (they match `ASSET_ID_RE`) is not found at
+        once, without asking the registry.
+        """
+        if not ASSET_ID_RE.fullmatch(name):
+            raise AssetNotFound(f"model {shown(name)} not found")
         entry = self._cache.get(name)
         if entry is None or time.monotonic() - entry[0] > CACHE_TTL_S:
             try:

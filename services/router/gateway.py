@@ -1,4 +1,8 @@
-"""The router's core: name → asset → admission → a worker that holds it → stream back."""
+"""The router's core: check → name → asset → admission → a worker that holds it → stream back.
+
+Every request is checked here (`services.common.inference_requests`) before anything else,
+so the HTTP shim and the gRPC front refuse the same requests in the same words.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ import grpc
 
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
-from services.common.errors import AssetNotFound, InvalidArgument, NotFound
+from services.common.errors import AssetNotFound, NotFound
 from services.common.grpc_client import domain_error
+from services.common.inference_requests import check_chat, check_embed, check_embed_size
 from services.common.workerpool import WorkerHandle, WorkerPool
 from services.router.admission import Admission
 from services.router.catalog import AssetCatalog
@@ -53,11 +58,14 @@ class Gateway:
     async def chat(
         self, request: inference_pb2.ChatRequest, *, timeout: float | None = None
     ) -> AsyncIterator[inference_pb2.ChatChunk]:
-        """Stream a completion from a worker. Closing the iterator cancels the worker's call."""
-        if not request.model:
-            raise InvalidArgument("model: required")
+        """Stream a completion from a worker. Closing the iterator cancels the worker's call.
+
+        An invalid request fails on the first iteration, before any model is resolved or woken.
+        """
+        check_chat(request)
         record = await self.catalog.resolve(request.model, LLM)
         asset_id = record.spec.asset_id
+        log.debug("request %s: chat with %s for user %r", request.request_id, asset_id, request.user)
         forwarded = inference_pb2.ChatRequest()
         forwarded.CopyFrom(request)
         forwarded.model = asset_id
@@ -85,12 +93,17 @@ class Gateway:
     async def embed(
         self, request: inference_pb2.EmbedRequest, *, timeout: float | None = None
     ) -> inference_pb2.EmbedResponse:
-        """Embed on a worker holding the model."""
-        if not request.model:
-            raise InvalidArgument("model: required")
-        if not request.inputs:
-            raise InvalidArgument("input: at least one input is required")
+        """Embed on a worker holding the model.
+
+        Refused before any model is resolved or woken when invalid, and before a worker is
+        asked when the vectors could not come back in one message (the asset's dimension is
+        known from its metadata or detected capabilities).
+        """
+        check_embed(request)
         record = await self.catalog.resolve(request.model, EMBEDDING)
+        check_embed_size(len(request.inputs), embedding_dim(record))
+        log.debug("request %s: embed %d inputs with %s for user %r", request.request_id,
+                  len(request.inputs), record.spec.asset_id, request.user)
         forwarded = inference_pb2.EmbedRequest()
         forwarded.CopyFrom(request)
         forwarded.model = record.spec.asset_id
@@ -136,3 +149,9 @@ class Gateway:
         return domain_error(
             exc, unavailable=f"the worker serving '{asset_id}' is unavailable; retry later"
         )
+
+
+def embedding_dim(record: AssetRecord) -> int:
+    """The asset's vector length: declared metadata wins over the detected value; 0 if unknown."""
+    detected = (record.capabilities or {}).get("embedding_dim") or 0
+    return int(record.spec.metadata.embedding_dim or detected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -9,8 +10,18 @@ import grpc
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.asset_proto import record_from_proto
 from services.common.errors import InvalidArgument
+from services.common.inference_requests import (
+    check_chat,
+    check_embed,
+    check_embed_size,
+    check_tools_supported,
+    locate,
+    subject,
+)
 from services.worker import converters
 from services.worker.service import ModelHost
+
+log = logging.getLogger(__name__)
 
 
 class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -22,14 +33,26 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.ChatChunk]:
-        """Stream the completion as it is produced; the last chunk has finish reason and usage."""
+        """Stream the completion as it is produced; the last chunk has finish reason and usage.
+
+        The request is checked as the router checks it, before the model is touched; what
+        the model refuses (a prompt beyond the context...) names `messages` or `prompt`.
+        """
+        check_chat(request)
         params = converters.chat_params(request)
+        log.debug("request %s: chat with %s for user %r", request.request_id, request.model, request.user)
         async with self._host.use(request.model) as lease:
-            stream = lease.model.chat(params)
             try:
+                stream = lease.model.chat(params)
+            except InvalidArgument as exc:
+                raise locate(exc, subject(request)) from None
+            try:
+                check_tools_supported(request, request.model, lease.model.capabilities.supports_tools)
                 async for delta in stream:
                     lease.check()
                     yield converters.chat_chunk(delta, request.model)
+            except InvalidArgument as exc:
+                raise locate(exc, subject(request)) from None
             finally:
                 # Also runs when grpc cancels the handler (client gone): stop generating.
                 await stream.aclose()  # type: ignore[attr-defined]
@@ -37,10 +60,16 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        """One vector per input, in input order."""
+        """One vector per input, in input order; refused before any work when the request is
+        invalid or its vectors would not fit in one response."""
+        check_embed(request)
         inputs = converters.embed_inputs(request)
         async with self._host.use(request.model) as lease:
-            result = await lease.model.embed(inputs)
+            check_embed_size(len(inputs), lease.model.capabilities.embedding_dim)
+            try:
+                result = await lease.model.embed(inputs)
+            except InvalidArgument as exc:
+                raise locate(exc, "input") from None
             lease.check()
         return converters.embed_response(result, request.model)
 

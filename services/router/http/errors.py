@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,15 +26,18 @@ log = logging.getLogger(__name__)
 
 INVALID_REQUEST = "invalid_request_error"
 GENERIC_MESSAGE = "The server had an error while processing your request."
-_NAMED_FIELD = re.compile(r"^(?P<field>[a-z_][a-z0-9_.]*): (?P<reason>.+)$", re.DOTALL)
+UNSUPPORTED = "unsupported_parameter"
+"""Validation error type (and error code) of an OpenAI parameter Roundhouse does not implement."""
 
 
 class HTTPProblem(Exception):
     """A failure of the HTTP exchange itself, not of the domain (e.g. a body too large)."""
 
-    def __init__(self, status: int, message: str, code: str, error_type: str = INVALID_REQUEST):
+    def __init__(self, status: int, message: str, code: str, error_type: str = INVALID_REQUEST,
+                 headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.error_type = status, message, code, error_type
+        self.headers = dict(headers or {})
 
 
 class ClientClosedRequest(HTTPProblem):
@@ -65,26 +67,20 @@ _DOMAIN_ERRORS: list[tuple[type[domain.RoundhouseError], int, str, str, str | No
 ]
 
 
-def _invalid_param(exc: domain.InvalidArgument) -> str | None:
-    if exc.problems:
-        return exc.problems[0].path or None
-    named = _NAMED_FIELD.match(exc.message)
-    return named["field"] if named else None
-
-
 def describe(exc: BaseException) -> tuple[int, ErrorInfo, dict[str, str]]:
     """Status, error body and extra headers for any exception."""
     if isinstance(exc, domain.RoundhouseError):
         for kind, status, error_type, code, param in _DOMAIN_ERRORS:
             if isinstance(exc, kind):
                 if param is None and isinstance(exc, domain.InvalidArgument):
-                    param = _invalid_param(exc)
+                    param = exc.field
                 retry = getattr(exc, "retry_after_s", None)
                 headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry else {}
                 info = ErrorInfo(message=exc.message, type=error_type, param=param, code=code)
                 return status, info, headers
     if isinstance(exc, HTTPProblem):
-        return exc.status, ErrorInfo(message=exc.message, type=exc.error_type, code=exc.code), {}
+        info = ErrorInfo(message=exc.message, type=exc.error_type, code=exc.code)
+        return exc.status, info, exc.headers
     if isinstance(exc, RequestValidationError | ValidationError):
         return 400, validation_error_info(exc.errors()), {}
     if isinstance(exc, StarletteHTTPException):
@@ -132,27 +128,47 @@ def validation_error_info(errors: Sequence[Mapping[str, Any]]) -> ErrorInfo:
     code = "missing_required_parameter" if kind == "missing" else "invalid_value"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         code = "invalid_type"
+    elif kind == UNSUPPORTED:
+        code = UNSUPPORTED
     return ErrorInfo(message=" ".join(dict.fromkeys(parts)), type=INVALID_REQUEST,
                      param=param, code=code)
 
 
 def _locate(error: Mapping[str, Any]) -> tuple[str, str, str]:
-    loc = [str(p) for p in error["loc"]]
-    if loc and loc[0] == "body":
+    """(param, reason, error type) of one validation error; param is an OpenAI path such as
+    `messages[0].content`, extended by a `field: reason` message from a validator."""
+    loc = list(error["loc"])
+    # FastAPI prefixes where the value came from; the parameter's own name is what counts.
+    if loc and loc[0] in ("body", "path", "query", "header", "cookie"):
         loc = loc[1:]
-    # Union members and validator functions appear in locations; they are not fields.
-    fields = [p for p in loc if "[" not in p and not p.startswith("function-")]
+    segments: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            if segments:
+                segments[-1] += f"[{part}]"
+        # Union members and validator functions appear in locations; they are not fields.
+        elif "[" not in part and not part.startswith("function-"):
+            segments.append(part)
     reason = str(error["msg"]).removeprefix("Value error, ")
-    named = _NAMED_FIELD.match(reason)
+    named = domain.NAMED_FIELD.match(reason)
     if named:
-        fields.append(named["field"])
-        reason = named["reason"]
-    return ".".join(fields), reason, str(error["type"])
+        field, reason = named["field"], named["reason"]
+        # A field validator names its own field again, with an index: `input[3]`.
+        if segments and _root(field) == _root(segments[-1]):
+            segments.pop()
+        segments.append(field)
+    return ".".join(segments), reason, str(error["type"])
+
+
+def _root(path: str) -> str:
+    return path.split(".", 1)[0].split("[", 1)[0]
 
 
 def _sentence(param: str, reason: str, kind: str) -> str:
     if kind == "missing":
         return f"Missing required parameter: '{param}'."
+    if kind == UNSUPPORTED:
+        return f"Unsupported parameter: '{param}' is {reason.rstrip('.')}."
     return f"Invalid value for '{param}': {reason.rstrip('.')}."
 
 
@@ -160,7 +176,9 @@ async def _handle(request: Request, exc: Exception) -> Response:
     if isinstance(exc, StarletteHTTPException) and exc.status_code in (404, 405):
         what = "Unknown URL" if exc.status_code == 404 else "Method not allowed"
         code = "not_found" if exc.status_code == 404 else "method_not_allowed"
-        exc = HTTPProblem(exc.status_code, f"{what}: {request.method} {request.url.path}.", code)
+        # A 405 keeps Starlette's `Allow` header: the methods the route does take.
+        exc = HTTPProblem(exc.status_code, f"{what}: {request.method} {request.url.path}.", code,
+                          headers=exc.headers)
     return error_response(exc, getattr(request.state, "request_id", None))
 
 

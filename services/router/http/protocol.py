@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
+from services.common.request_text import SURROGATE_REASON, surrogate_path
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -24,10 +25,45 @@ FINISH_REASONS = {
 FinishReason = Literal["stop", "length"]
 
 
-class OpenAIRequest(BaseModel):
-    """Base of every request body: unknown fields are accepted and ignored, as OpenAI does."""
+NO_NUL = "^[^\\u0000]*$"
+"""Schema pattern of text that is recorded (and may be stored): no NUL characters."""
 
-    model_config = ConfigDict(extra="ignore")
+
+def integral(value: Any) -> Any:
+    """An integral float (`5.0`) as the int it is: JSON Schema counts it as an integer."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+AS_INT = BeforeValidator(integral)
+"""Field metadata: an int or an integral float, never a bool or a string. Put it after any
+bounds (`Annotated[int, Field(ge=1), AS_INT]`) so the schema shows `minimum`/`maximum`."""
+Integer = Annotated[int, AS_INT]
+
+
+class OpenAIRequest(BaseModel):
+    """Base of every request body: unknown fields are accepted and ignored, as OpenAI does.
+
+    Strict: a value is taken only in the JSON type the published schema gives it (no `"5"`
+    for 5, no `false` for 0), so the schema says exactly what the server accepts.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class OpenAIRequestBody(OpenAIRequest):
+    """Base of a whole request body: text no UTF-8 encoder takes (a lone UTF-16 surrogate,
+    which JSON admits as `\\ud800`) is refused before anything else, naming where it is."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = surrogate_path(data)
+        if path is not None:
+            raise ValueError(f"{path}: {SURROGATE_REASON}" if path else
+                             f"the request body is {SURROGATE_REASON}")
+        return data
 
 
 class OpenAIResponse(BaseModel):

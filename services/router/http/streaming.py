@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +28,8 @@ from services.router.http.protocol import FinishReason, UsageInfo, finish_reason
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
     from services.router.http.metrics import HttpMetrics
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ChunkStream = AsyncIterator[inference_pb2.ChatChunk]
@@ -71,6 +74,14 @@ class EventStreamResponse(StreamingResponse):
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()
+
+
+def record(request_id: str, endpoint: str, fields: dict[str, Any]) -> None:
+    """Log the informational fields a request carried (`user`, `metadata`, `store`): they
+    change nothing in the answer, and are kept with the request id."""
+    if fields:
+        shown = " ".join(f"{name}={value!r}" for name, value in fields.items())
+        log.info("request %s (%s): %s", request_id, endpoint, shown)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -209,8 +220,10 @@ class GenerationServing(ABC):
         self.metrics = metrics
 
     async def create(self, body: Any, request: Request) -> Response:
-        """Serve one request (`body` has `to_proto`, `stream`, `model`, `include_usage`)."""
+        """Serve one request (`body` has `to_proto`, `stream`, `model`, `include_usage`,
+        `recorded`)."""
         request_id: str = request.state.request_id
+        record(request_id, self.endpoint, body.recorded())
         chunks = self.gateway.chat(body.to_proto(request_id))
         prefix = self._prefix(body)
         if not body.stream:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from roundhouse.v1 import inference_pb2
 from services.router.http.chat.protocol import (
     ChatCompletionChoice,
@@ -16,9 +14,6 @@ from services.router.http.chat.protocol import (
 )
 from services.router.http.protocol import FinishReason, UsageInfo, finish_reason, new_id, now
 from services.router.http.streaming import ChunkRenderer, GenerationServing
-
-if TYPE_CHECKING:
-    pass
 
 ENDPOINT = "chat"
 

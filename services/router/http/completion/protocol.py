@@ -7,21 +7,35 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, WithJsonSchema, field_validator
 
 from roundhouse.v1 import inference_pb2
-from services.router.http.protocol import FinishReason, OpenAIResponse, UsageInfo
-from services.router.http.sampling import SamplingFields
+from services.router.http.protocol import FinishReason, Integer, OpenAIResponse, UsageInfo
+from services.router.http.sampling import SamplingFields, Unsupported
+
+TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
+PROMPT_SCHEMA: dict[str, Any] = {
+    "anyOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": 1}],
+    "description": "One text prompt (or a list holding exactly one); token prompts are not supported.",
+}
+BestOfOne = Annotated[Integer | None, Unsupported(
+    1, accepted=[{"type": "integer", "const": 1}],
+    hint="only best_of=1 is supported (no candidates to choose from)")]
+NoLogprobs = Annotated[Integer | None, Unsupported(
+    hint="leave it out or send null: log probabilities are not returned")]
+NoSuffix = Annotated[str | None, Unsupported(
+    "", accepted=[{"type": "string", "maxLength": 0}],
+    hint='leave it out or send "": text after the completion (insertion) is not implemented')]
 
 
 class CompletionRequest(SamplingFields):
     """The body of `POST /v1/completions`; one text prompt per request."""
 
-    prompt: Annotated[str, Field(min_length=1)]
+    prompt: Annotated[str, Field(min_length=1), WithJsonSchema(PROMPT_SCHEMA)]
     echo: bool = False
-    best_of: int | None = None
-    logprobs: int | None = None
-    suffix: str | None = None
+    best_of: BestOfOne = None
+    logprobs: NoLogprobs = None
+    suffix: NoSuffix = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -33,16 +47,6 @@ class CompletionRequest(SamplingFields):
                 raise ValueError("exactly one prompt per request is supported")
             value = value[0]
         return value
-
-    @model_validator(mode="after")
-    def _supported(self) -> CompletionRequest:
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of: only best_of=1 is supported")
-        if self.logprobs is not None:
-            raise ValueError("logprobs: not supported")
-        if self.suffix:
-            raise ValueError("suffix: not supported")
-        return self
 
     def to_proto(self, request_id: str) -> inference_pb2.ChatRequest:
         """The request as the router's gateway takes it."""

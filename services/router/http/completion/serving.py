@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from roundhouse.v1 import inference_pb2
 from services.router.http.completion.protocol import (
@@ -12,9 +12,6 @@ from services.router.http.completion.protocol import (
 )
 from services.router.http.protocol import FinishReason, UsageInfo, finish_reason, new_id, now
 from services.router.http.streaming import ChunkRenderer, GenerationServing
-
-if TYPE_CHECKING:
-    pass
 
 ENDPOINT = "completions"
 

@@ -13,41 +13,65 @@ from array import array
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, WithJsonSchema, field_validator
 
 from roundhouse.v1 import inference_pb2
-from services.router.http.protocol import OpenAIRequest, OpenAIResponse
-
-MAX_INPUTS = 2048
-MAX_TOKEN_ID = 2**32 - 1
+from services.common.inference_requests import MAX_INPUTS, MAX_NAME_CHARS, MAX_TOKEN_ID
+from services.router.http.protocol import AS_INT, NO_NUL, OpenAIRequestBody, OpenAIResponse, integral
 
 EmbeddingInput = str | list[int]
 
+TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
+TOKENS: dict[str, Any] = {
+    "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}, "minItems": 1,
+}
+INPUT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        TEXT,
+        TOKENS,
+        {"type": "array", "items": {"anyOf": [TEXT, TOKENS]}, "minItems": 1, "maxItems": MAX_INPUTS},
+    ],
+    "description": f"A non-empty string, one token array, or a list of 1 to {MAX_INPUTS} of "
+                   "either. Fewer fit when the model's vectors are long: every vector must come "
+                   "back in one response of at most 4 MiB (the error says how many).",
+}
 
-class EmbeddingRequest(OpenAIRequest):
+
+class EmbeddingRequest(OpenAIRequestBody):
     """The body of `POST /v1/embeddings`."""
 
-    model: Annotated[str, Field(min_length=1, max_length=256)]
-    input: list[EmbeddingInput]
+    model: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+    input: Annotated[list[EmbeddingInput], WithJsonSchema(INPUT_SCHEMA)]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, Field(ge=1)] | None = None
-    user: Annotated[str, Field(max_length=256)] | None = None
+    dimensions: Annotated[int, Field(ge=1), AS_INT] | None = None
+    user: Annotated[str, Field(
+        max_length=MAX_NAME_CHARS,
+        description="The end user the request is made for: accepted and recorded with the request.",
+        json_schema_extra={"pattern": NO_NUL},
+    )] | None = None
 
     @field_validator("input", mode="before")
     @classmethod
     def _inputs(cls, value: Any) -> list[EmbeddingInput]:
+        single = isinstance(value, str) or _is_token_array(value)
         items = _as_list_of_inputs(value)
         if not items:
             raise ValueError("must not be empty")
         if len(items) > MAX_INPUTS:
-            raise ValueError(f"at most {MAX_INPUTS} inputs per request")
+            raise ValueError(f"{len(items)} inputs, but at most {MAX_INPUTS} fit in one request; "
+                             "split it into several requests")
         for index, item in enumerate(items):
-            _check_input(index, item)
-        return items
+            _check_input("input" if single else f"input[{index}]", item)
+        return [item if isinstance(item, str) else [integral(t) for t in item] for item in items]
+
+    def recorded(self) -> dict[str, Any]:
+        """Informational fields the caller set (`user`), to be logged with the request."""
+        return {"user": self.user} if self.user is not None else {}
 
     def to_proto(self, request_id: str) -> inference_pb2.EmbedRequest:
         """The request as the router's gateway takes it."""
-        request = inference_pb2.EmbedRequest(model=self.model, request_id=request_id)
+        request = inference_pb2.EmbedRequest(model=self.model, request_id=request_id,
+                                             user=self.user or "")
         for item in self.input:
             if isinstance(item, str):
                 request.inputs.add(text=item)
@@ -61,7 +85,7 @@ def _is_token_array(value: Any) -> bool:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(integral(value), int) and not isinstance(value, bool)
 
 
 def _as_list_of_inputs(value: Any) -> list[Any]:
@@ -73,15 +97,15 @@ def _as_list_of_inputs(value: Any) -> list[Any]:
     return [value] if _is_token_array(value) else value
 
 
-def _check_input(index: int, item: Any) -> None:
+def _check_input(path: str, item: Any) -> None:
     if isinstance(item, str):
         if not item:
-            raise ValueError(f"input {index} is an empty string")
+            raise ValueError(f"{path}: must not be an empty string")
         return
     if not isinstance(item, list) or not item:
-        raise ValueError(f"input {index} must be a non-empty string or token array")
-    if not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in item):
-        raise ValueError(f"input {index}: token ids must be non-negative integers")
+        raise ValueError(f"{path}: must be a non-empty string or token array")
+    if not all(_is_int(t) and 0 <= integral(t) <= MAX_TOKEN_ID for t in item):
+        raise ValueError(f"{path}: token ids must be integers from 0 to {MAX_TOKEN_ID}")
 
 
 def encode_vector(values: Sequence[float], encoding_format: str) -> list[float] | str:

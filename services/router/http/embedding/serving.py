@@ -17,7 +17,7 @@ from services.router.http.embedding.protocol import (
 )
 from services.router.http.metrics import HttpMetrics
 from services.router.http.protocol import ModelCard
-from services.router.http.streaming import until_disconnected
+from services.router.http.streaming import record, until_disconnected
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -43,6 +43,7 @@ class EmbeddingServing:
             if card.embedding_dim is not None:
                 self._check_dimensions(body.dimensions, card.id, card.embedding_dim)
         request_id: str = request.state.request_id
+        record(request_id, ENDPOINT, body.recorded())
         result = await until_disconnected(request, self.gateway.embed(body.to_proto(request_id)))
         if body.dimensions is not None:
             self._check_dimensions(body.dimensions, result.asset_id or body.model,

@@ -1,0 +1,201 @@
+"""What every inference request must be, checked the same way at every door.
+
+The router's gateway checks each `roundhouse.v1.ChatRequest` and `EmbedRequest` before it
+resolves the model, so the OpenAI HTTP shim and the gRPC front refuse the same requests; a
+worker checks again what it is sent directly (the jobs service and tests call workers). The
+HTTP request models take their bounds from the constants here, so the published schema and
+both checks cannot drift apart.
+
+Problems are `FieldProblem`s whose path is the OpenAI parameter (`messages[0].role`,
+`top_p`, `input[3]`): over HTTP it becomes the error's `param`, over gRPC the message
+starts with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+
+from roundhouse.v1 import inference_pb2
+from services.common.errors import FieldProblem, InvalidArgument
+from services.common.request_text import NUL_REASON, shown
+
+ROLES = ("system", "user", "assistant", "tool")
+MAX_NAME_CHARS = 256
+"""Longest `model` and `user`."""
+TEMPERATURE_MIN, TEMPERATURE_MAX = 0.0, 2.0
+TOP_P_MIN, TOP_P_MAX = 0.0, 1.0
+"""`top_p` 0 keeps only the most likely token: greedy decoding."""
+MAX_TOKENS_LIMIT = 2**31 - 1
+MAX_STOP_SEQUENCES = 16
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+MAX_INPUTS = 2048
+"""Most inputs in one embedding request."""
+MAX_TOKEN_ID = 2**32 - 1
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+"""gRPC's default limit on a received message: a response must fit it for any client."""
+RESPONSE_OVERHEAD_BYTES = 1024
+"""Room for what an `EmbedResponse` carries besides the vectors (usage, asset id)."""
+MAX_LISTED_PROBLEMS = 10
+
+_FUNCTION_NAME = re.compile(FUNCTION_NAME)
+
+
+def check_chat(request: inference_pb2.ChatRequest) -> None:
+    """Raise `InvalidArgument` listing what is wrong with a chat or completion request."""
+    problems = _model_problems(request.model)
+    if request.messages and request.prompt:
+        problems.append(FieldProblem("prompt", "give either messages or prompt, not both"))
+    elif not request.messages and not request.prompt:
+        problems.append(FieldProblem(
+            "messages", "required: a conversation, or a prompt for a plain text completion"))
+    for n, message in enumerate(request.messages):
+        if message.role not in ROLES:
+            problems.append(FieldProblem(
+                f"messages[{n}].role",
+                f"{shown(message.role)} is not a role; one of {', '.join(ROLES)}"))
+    if request.HasField("temperature") and not TEMPERATURE_MIN <= request.temperature <= TEMPERATURE_MAX:
+        problems.append(FieldProblem(
+            "temperature", f"must be between {TEMPERATURE_MIN:g} and {TEMPERATURE_MAX:g}"))
+    if request.HasField("top_p") and not TOP_P_MIN <= request.top_p <= TOP_P_MAX:
+        problems.append(FieldProblem(
+            "top_p", f"must be between {TOP_P_MIN:g} and {TOP_P_MAX:g} (0: only the most likely token)"))
+    if request.HasField("max_tokens") and not 1 <= request.max_tokens <= MAX_TOKENS_LIMIT:
+        problems.append(FieldProblem("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}"))
+    problems += _stop_problems(request.stop)
+    problems += _tool_problems(request.tools)
+    if request.tools and request.prompt and not request.messages:
+        problems.append(FieldProblem("tools", "tools need messages: a raw prompt is sent to the "
+                                              "model as is, with no chat template to offer them"))
+    problems += _user_problems(request.user)
+    _raise(problems)
+
+
+def check_tools_supported(request: inference_pb2.ChatRequest, asset_id: str, supports_tools: bool) -> None:
+    """Refuse tools a model's chat template cannot take (known once the model is loaded)."""
+    if request.tools and request.messages and not supports_tools:
+        _raise([FieldProblem("tools", f"model {shown(asset_id)} does not accept tools: its chat "
+                                      "template has no place for them")])
+
+
+def check_embed(request: inference_pb2.EmbedRequest) -> None:
+    """Raise `InvalidArgument` listing what is wrong with an embedding request."""
+    problems = _model_problems(request.model)
+    count = len(request.inputs)
+    if count == 0:
+        problems.append(FieldProblem("input", "at least one input is required"))
+    elif count > MAX_INPUTS:
+        problems.append(FieldProblem(
+            "input", f"{count} inputs, but at most {MAX_INPUTS} fit in one request; "
+                     "split it into several requests"))
+    else:
+        for n, item in enumerate(request.inputs):
+            kind = item.WhichOneof("kind")
+            if kind is None:
+                problems.append(FieldProblem(f"input[{n}]", "neither text nor token ids"))
+            elif kind == "text" and not item.text:
+                problems.append(FieldProblem(f"input[{n}]", "must not be an empty string"))
+            elif kind == "tokens" and not item.tokens.ids:
+                problems.append(FieldProblem(f"input[{n}]", "must not be an empty token array"))
+            if len(problems) >= MAX_LISTED_PROBLEMS:
+                break
+    problems += _user_problems(request.user)
+    _raise(problems)
+
+
+def check_embed_size(count: int, dimensions: int) -> None:
+    """Refuse `count` vectors of `dimensions` values whose response would not fit in one
+    gRPC message (`MAX_RESPONSE_BYTES`); 0 dimensions (not known yet) passes."""
+    if dimensions <= 0 or count <= max_embed_inputs(dimensions):
+        return
+    size_mib = embed_response_bytes(count, dimensions) / 2**20
+    _raise([FieldProblem(
+        "input",
+        f"{count} vectors of {dimensions} dimensions make a response of {size_mib:.1f} MiB, over "
+        f"the {MAX_RESPONSE_BYTES // 2**20} MiB one response may carry; split the request into "
+        f"requests of at most {max_embed_inputs(dimensions)} inputs",
+    )])
+
+
+def embed_response_bytes(count: int, dimensions: int) -> int:
+    """Encoded size of an `EmbedResponse` with `count` vectors of `dimensions` floats."""
+    return count * _vector_bytes(dimensions) + RESPONSE_OVERHEAD_BYTES
+
+
+def max_embed_inputs(dimensions: int) -> int:
+    """Most vectors of `dimensions` floats one response can carry (at most `MAX_INPUTS`)."""
+    fit = (MAX_RESPONSE_BYTES - RESPONSE_OVERHEAD_BYTES) // _vector_bytes(dimensions)
+    return min(MAX_INPUTS, fit)
+
+
+def subject(request: inference_pb2.ChatRequest) -> str:
+    """The parameter holding a chat request's text: `messages`, or `prompt`."""
+    return "messages" if request.messages else "prompt"
+
+
+def locate(exc: InvalidArgument, field: str) -> InvalidArgument:
+    """`exc`, naming `field` when it names none (the model layer speaks of the request as a
+    whole: a prompt beyond the context, a template that refuses the conversation)."""
+    if exc.field is not None:
+        return exc
+    return type(exc)(f"{field}: {exc.message}", [FieldProblem(field, exc.message)])
+
+
+def _model_problems(model: str) -> list[FieldProblem]:
+    if not model:
+        return [FieldProblem("model", "required")]
+    if len(model) > MAX_NAME_CHARS:
+        return [FieldProblem("model", f"at most {MAX_NAME_CHARS} characters")]
+    return []
+
+
+def _stop_problems(stop: Sequence[str]) -> list[FieldProblem]:
+    if len(stop) > MAX_STOP_SEQUENCES:
+        return [FieldProblem("stop", f"{len(stop)} stop sequences; at most {MAX_STOP_SEQUENCES}")]
+    return [FieldProblem(f"stop[{n}]", "must not be empty") for n, s in enumerate(stop) if not s]
+
+
+def _tool_problems(tools: Sequence[inference_pb2.Tool]) -> list[FieldProblem]:
+    problems = []
+    for n, tool in enumerate(tools):
+        if not _FUNCTION_NAME.match(tool.name):
+            problems.append(FieldProblem(
+                f"tools[{n}].function.name",
+                f"{shown(tool.name)} must be 1-64 letters, digits, '_' or '-'"))
+        if tool.parameters_json and not _is_json_object(tool.parameters_json):
+            problems.append(FieldProblem(
+                f"tools[{n}].function.parameters", "must be a JSON object (a JSON Schema)"))
+    return problems
+
+
+def _user_problems(user: str) -> list[FieldProblem]:
+    if len(user) > MAX_NAME_CHARS:
+        return [FieldProblem("user", f"at most {MAX_NAME_CHARS} characters")]
+    if "\x00" in user:
+        return [FieldProblem("user", NUL_REASON)]
+    return []
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def _vector_bytes(dimensions: int) -> int:
+    # One `Embedding` on the wire: tag, length, then its packed `values`: tag, length, floats.
+    values = 4 * dimensions
+    inner = 1 + _varint_bytes(values) + values
+    return 1 + _varint_bytes(inner) + inner
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, math.ceil(value.bit_length() / 7))
+
+
+def _raise(problems: list[FieldProblem]) -> None:
+    if problems:
+        raise InvalidArgument.from_problems(problems[:MAX_LISTED_PROBLEMS])
