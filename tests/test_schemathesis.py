@@ -44,8 +44,8 @@ QUEUED_OPERATIONS = ("queued-install", "queued-unload")
 """Stand-ins in the fuzzed document for operations queued on throwaway assets at run time."""
 UNKNOWN_OPERATION = "00000000-0000-4000-8000-000000000000"
 UNKNOWN_MODEL = "no-such-model"
-TINY_EMBED_DIMENSIONS = 32
-"""The tiny embedding model's vector size (tests/tiny_models.py)."""
+TINY_EMBED_DIMENSIONS, TINY_VOCABULARY = 32, 211
+"""The tiny embedding model's vector size and vocabulary (tests/tiny_models.py)."""
 MAX_TOKENS, MAX_CHOICES = 4, 2
 EXAMPLES_PER_OPERATION = 50
 CHECKS = ("not_a_server_error", "positive_data_acceptance", "status_code_conformance",
@@ -159,10 +159,24 @@ def fuzzing_view(published: dict[str, Any]) -> dict[str, Any]:
                          ("/v1/completions", [TINY_CHAT]), ("/v1/embeddings", [TINY_EMBED])):
         properties = _body_schema(document, path)["properties"]
         properties["model"] = {"type": "string", "enum": [*models, UNKNOWN_MODEL]}
-    # Like `model`, `dimensions` is only valid per model (the model's own size): pinned too.
-    _body_schema(document, "/v1/embeddings")["properties"]["dimensions"] = {
-        "anyOf": [{"type": "integer", "enum": [TINY_EMBED_DIMENSIONS]}, {"type": "null"}]}
+    # Like `model`, these are only valid per model, so they are pinned to the tiny model's:
+    # `dimensions` (its vector size) and token ids (its vocabulary).
+    embedding = _body_schema(document, "/v1/embeddings")["properties"]
+    embedding["dimensions"] = {"anyOf": [{"type": "integer", "enum": [TINY_EMBED_DIMENSIONS]}, {"type": "null"}]}
+    _bound_token_ids(embedding["input"], TINY_VOCABULARY - 1)
     return document
+
+
+def _bound_token_ids(schema: Any, highest: int) -> None:
+    """Every integer item below `schema` (token ids) at most `highest`."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer":
+            schema["maximum"] = highest
+        for value in schema.values():
+            _bound_token_ids(value, highest)
+    elif isinstance(schema, list):
+        for value in schema:
+            _bound_token_ids(value, highest)
 
 
 # Built as the router builds it (the app needs no running service to describe itself).
