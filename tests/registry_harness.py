@@ -14,6 +14,7 @@ from services.common.db.engine import make_engine, make_sessionmaker
 from services.common.events import EventBus
 from services.common.grpc_server import GrpcServer, ServiceBinding
 from services.common.outbox import OutboxRelay
+from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.registry.server import SERVICE_NAME
 from services.registry.service import AssetRegistry
 from services.registry.servicer import RegistryServicer
@@ -30,9 +31,11 @@ class RunningRegistry:
 
 @asynccontextmanager
 async def running_registry(
-    dsn: str, nats_url: str, source_roots: list[Path]
+    dsn: str, nats_url: str, source_roots: list[Path],
+    upstreams: UpstreamRules = DEFAULT_UPSTREAM_RULES,
 ) -> AsyncIterator[RunningRegistry]:
-    """Start the registry service on 127.0.0.1:0 and yield a stub for it."""
+    """Start the registry service on 127.0.0.1:0 and yield a stub for it; `upstreams` is its
+    upstream policy (the default settings' unless given)."""
     engine = make_engine(dsn)
     bus = await EventBus.connect(nats_url, name="test-registry")
     relay = OutboxRelay(make_sessionmaker(engine), bus)
@@ -40,7 +43,7 @@ async def running_registry(
     registry = AssetRegistry(make_sessionmaker(engine), on_commit=relay.notify)
     server = GrpcServer("127.0.0.1:0", [ServiceBinding(
         registry_pb2_grpc.add_RegistryServicer_to_server,
-        RegistryServicer(registry, source_roots),
+        RegistryServicer(registry, source_roots, upstreams),
         SERVICE_NAME,
     )])
     port = await server.start()

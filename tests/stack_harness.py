@@ -11,7 +11,7 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +25,10 @@ from tiny_models import build_tiny_llama, build_tiny_sentence_model
 from roundhouse.v1 import asset_pb2, inference_pb2_grpc, registry_pb2, worker_pb2_grpc
 from services.common.asset_proto import spec_to_proto
 from services.common.assetspec import AssetSpec, parse_spec
+from services.common.db import make_engine, make_sessionmaker
 from services.common.embedded import free_port
 from services.common.events import EventBus
+from services.common.keys import KeyStore, NewKey
 from services.common.modelstore.store import ModelStore
 from services.router.server import RouterParts, start_router
 from services.router.settings import RouterSettings
@@ -93,6 +95,15 @@ class Stack:
     channel: grpc.aio.Channel
     jobs: RunningJobs
     extra: list[str] = field(default_factory=list)
+    admin_key: str | None = None
+    """An admin key's secret when the stack checks keys (`auth=True`); None otherwise."""
+    router_settings: RouterSettings | None = None
+    bus: EventBus | None = None
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """`Authorization` with the admin key (empty without auth)."""
+        return {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
 
     @property
     def inference(self) -> inference_pb2_grpc.InferenceStub:
@@ -136,7 +147,7 @@ def build_sources(root: Path) -> Path:
 async def running_stack(
     dsn: str, nats_url: str, sources: Path, store_root: Path, *, workers: int = 1,
     worker_memory_mb: int = 4096, extra_workers: list[str] | None = None,
-    worker_heartbeat_s: float = 0.5, reconcile: bool = False, **jobs: Any,
+    worker_heartbeat_s: float = 0.5, reconcile: bool = False, auth: bool = False, **jobs: Any,
 ) -> AsyncIterator[Stack]:
     """Start a registry, `workers` workers, a jobs service and a router (gRPC + HTTP), all on
     port 0.
@@ -145,7 +156,9 @@ async def running_stack(
     `worker_heartbeat_s`) and declare one dead after three missed. The jobs service wakes
     models for the router; its reconciler runs only with `reconcile` (it acts on every asset
     in the database, so only tests with a database of their own should turn it on). `jobs`
-    overrides further jobs settings.
+    overrides further jobs settings. With `auth` the router checks API keys (on Postgres at
+    `dsn`) and `Stack.admin_key` is an admin key made for it; without, it checks none
+    (`ROUNDHOUSE_AUTH=disabled`).
     """
     async with AsyncExitStack() as stack:
         registry = await stack.enter_async_context(running_registry(dsn, nats_url, [sources]))
@@ -168,27 +181,50 @@ async def running_stack(
             router_address="127.0.0.1:0", http_port=0, registry_address=registry.address,
             jobs_address=jobs_service.address, worker_addresses=addresses,
             worker_refresh_s=0.5, load_timeout_s=60, worker_heartbeat_s=worker_heartbeat_s,
+            database_url=dsn, auth="enabled" if auth else "disabled",
         )
-        router = await start_router(router_settings, bus)
-        for cleanup in router.cleanups:
-            stack.push_async_callback(cleanup)
-        router_port = await router.grpc_server.start()
-        stack.push_async_callback(router.grpc_server.stop, 0.5)
+        admin_key = await _make_admin_key(dsn) if auth else None
+        router, router_port = await stack.enter_async_context(running_router(router_settings, bus))
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}")
         stack.push_async_callback(channel.close)
         yield Stack(registry, store, sources, started, router, f"127.0.0.1:{router_port}",
-                    f"http://127.0.0.1:{router.http_port}", channel, jobs_service)
+                    f"http://127.0.0.1:{router.http_port}", channel, jobs_service,
+                    admin_key=admin_key, router_settings=router_settings, bus=bus)
+
+
+@asynccontextmanager
+async def running_router(settings: RouterSettings, bus: EventBus | None) -> AsyncIterator[tuple[RouterParts, int]]:
+    """A router (gRPC front and HTTP API) with `settings`; yields it with its gRPC port. Start a
+    second one on a running stack with `running_router(stack.router_settings, stack.bus)`."""
+    async with AsyncExitStack() as stack:
+        router = await start_router(settings, bus)
+        for cleanup in reversed(router.cleanups):  # run in the order the router lists them
+            stack.push_async_callback(cleanup)
+        port = await router.grpc_server.start()
+        stack.push_async_callback(router.grpc_server.stop, 0.5)
+        yield router, port
+
+
+async def _make_admin_key(dsn: str) -> str:
+    """A fresh admin key of its own name, straight into the key store; its secret."""
+    engine = make_engine(dsn)
+    try:
+        _, secret = await KeyStore(make_sessionmaker(engine)).create(
+            NewKey(name=f"harness-admin-{uuid.uuid4().hex[:8]}", admin=True))
+    finally:
+        await engine.dispose()
+    return secret
 
 
 @asynccontextmanager
 async def roundhouse_process(
-    command: str, settings: dict[str, str], log: Path
+    command: str, settings: dict[str, str], log: Path, args: Sequence[str] = ()
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`roundhouse COMMAND` as a real process with `settings` added to the environment, its
-    output in `log`. Left running, it gets SIGTERM at the end, then SIGKILL after 20 s."""
+    """`roundhouse COMMAND ARGS...` as a real process with `settings` added to the environment,
+    its output in `log`. Left running, it gets SIGTERM at the end, then SIGKILL after 20 s."""
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli.main", command, cwd=REPO,
+            sys.executable, "-m", "services.cli.main", command, *args, cwd=REPO,
             env={**os.environ, **settings}, stdout=out, stderr=out)
     try:
         yield process

@@ -144,8 +144,8 @@ async def test_openai_runtime_proxies_an_upstream_roundhouse(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The stack's own HTTP API is the OpenAI-compatible upstream of two `openai` assets.
-    monkeypatch.setenv("ROUNDHOUSE_TEST_UPSTREAM_KEY", "sk-test-secret")
-    upstream = {"kind": "url", "url": f"{stack.http_url}/v1", "api_key_env": "ROUNDHOUSE_TEST_UPSTREAM_KEY"}
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
+    upstream = {"kind": "url", "url": f"{stack.http_url}/v1", "api_key_env": "OPENAI_API_KEY"}
     await stack.apply(
         {"asset_id": "remote-chat", "interface": "llm-runtime", "runtime": "openai",
          "source": {**upstream, "upstream_model": TINY_CHAT}},

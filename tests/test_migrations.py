@@ -18,7 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.common.db import Asset, AssetAlias, Base, Operation, make_engine, make_sessionmaker
 from services.common.db.migrate import current, downgrade, head, upgrade
 
-TABLES = {"assets", "asset_aliases", "operations", "outbox", "api_keys"}
+TABLES = {"assets", "asset_aliases", "operations", "outbox", "api_keys", "limit_counters",
+          "limit_reservations", "usage_records"}
 
 
 def _with_database(dsn: str, name: str) -> str:

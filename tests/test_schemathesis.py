@@ -5,9 +5,10 @@ The stack (registry, worker, jobs, router) runs in-process with the tiny random-
 on an event loop of its own thread: schemathesis' tests are synchronous and call the router
 over HTTP. Schemathesis reads the app's OpenAPI document, built at import so that pytest lists
 one test per operation (a test checks it is the document the router serves), narrowed in three
-ways only: the destructive admin routes (install, load, unload, delete, cancel) may only name
-throwaway assets and their operations, so a fuzzed delete never removes a model the other
-operations use; an inference request names a real model or an unknown one, so requests reach
+ways only: the destructive admin routes (install, load, unload, delete, cancel, key revoke)
+may only name throwaway assets, their operations and throwaway keys, so a fuzzed delete never
+removes a model the other operations use nor a revoke the admin key every call sends; an
+inference request names a real model or an unknown one, so requests reach
 the worker; and every generation is bounded to a few tokens (the test lowers `max_tokens` and
 `n` before sending). Checks: no server error, no request the schema allows refused as invalid,
 every status, header, content type and body documented, and 405 for an undeclared method.
@@ -44,6 +45,8 @@ QUEUED_OPERATIONS = ("queued-install", "queued-unload")
 """Stand-ins in the fuzzed document for operations queued on throwaway assets at run time."""
 UNKNOWN_OPERATION = "00000000-0000-4000-8000-000000000000"
 UNKNOWN_MODEL = "no-such-model"
+THROWAWAY_KEYS = ("fuzz-key-a", "fuzz-key-b")
+"""What the fuzzed revoke may act on (made before fuzzing; the admin key is never named)."""
 TINY_EMBED_DIMENSIONS, TINY_VOCABULARY = 32, 211
 """The tiny embedding model's vector size and vocabulary (tests/tiny_models.py)."""
 MAX_TOKENS, MAX_CHOICES = 4, 2
@@ -89,7 +92,7 @@ def stack(db_dsn: str, nats_url: str, tmp_path_factory: pytest.TempPathFactory) 
     documents = [*tiny_documents(sources), *(throwaway_document(sources, a) for a in THROWAWAY)]
     thread = LoopThread()
     try:
-        context = running_stack(db_dsn, nats_url, sources, tmp_path_factory.mktemp("fuzz-store"))
+        context = running_stack(db_dsn, nats_url, sources, tmp_path_factory.mktemp("fuzz-store"), auth=True)
         running = thread.run(context.__aenter__())
         try:
             thread.run(running.apply(*documents))
@@ -102,15 +105,15 @@ def stack(db_dsn: str, nats_url: str, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def admin(stack: Stack) -> Iterator[httpx.Client]:
-    """A client of the admin API."""
-    with httpx.Client(base_url=f"{stack.http_url}/admin/v1", timeout=60) as client:
+    """A client of the admin API, with the admin key."""
+    with httpx.Client(base_url=f"{stack.http_url}/admin/v1", timeout=60, headers=stack.admin_headers) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def published(stack: Stack) -> dict[str, Any]:
     """The OpenAPI document the router serves."""
-    reply = httpx.get(f"{stack.http_url}/openapi.json", timeout=30)
+    reply = httpx.get(f"{stack.http_url}/openapi.json", timeout=30, headers=stack.admin_headers)
     reply.raise_for_status()
     document: dict[str, Any] = reply.json()
     return document
@@ -122,6 +125,14 @@ def queued_operations(admin: httpx.Client) -> dict[str, str]:
     kinds = ("install", "unload")
     return {stand_in: queue(admin, asset_id, kind)
             for stand_in, asset_id, kind in zip(QUEUED_OPERATIONS, LIFECYCLE_ASSETS, kinds, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def throwaway_keys(admin: httpx.Client) -> None:
+    """The keys the fuzzed revoke names, made first so that revoking them can succeed."""
+    for name in THROWAWAY_KEYS:
+        reply = admin.post("/keys", json={"name": name})
+        assert reply.status_code in (201, 409), reply.text
 
 
 def queue(admin: httpx.Client, asset_id: str, kind: str) -> str:
@@ -151,6 +162,8 @@ def fuzzing_view(published: dict[str, Any]) -> dict[str, Any]:
                    {"type": "string", "enum": list(LIFECYCLE_ASSETS)})
     _set_parameter(document, "/admin/v1/models/{asset_id}", "delete", "asset_id",
                    {"type": "string", "enum": list(DOOMED_ASSETS)})
+    _set_parameter(document, "/admin/v1/keys/{name}", "delete", "name",
+                   {"type": "string", "enum": [*THROWAWAY_KEYS, "no-such-key"]})
     for path, method in (("/admin/v1/operations/{operation_id}", "get"),
                          ("/admin/v1/operations/{operation_id}/cancel", "post")):
         _set_parameter(document, path, method, "operation_id",
@@ -212,6 +225,8 @@ def aim_at_throwaways(case: Case, queued_operations: dict[str, str]) -> None:
         parameters["operation_id"] = queued_operations[parameters["operation_id"]]
     if case.path.startswith("/admin/v1/models/") and parameters.get("asset_id") in (TINY_CHAT, TINY_EMBED):
         parameters["asset_id"] = DOOMED_ASSETS[0]
+    if case.path == "/admin/v1/keys/{name}" and parameters.get("name") not in THROWAWAY_KEYS:
+        parameters["name"] = "no-such-key"
 
 
 def test_the_router_serves_the_document_fuzzed_here(published: dict[str, Any]) -> None:
@@ -280,8 +295,8 @@ def test_pages_follow_next_page_token_and_any_well_formed_token_is_a_cursor(admi
 
 @schema.parametrize()
 def test_every_operation_answers_as_its_schema_says(
-    case: Case, stack: Stack, queued_operations: dict[str, str]
+    case: Case, stack: Stack, queued_operations: dict[str, str], throwaway_keys: None
 ) -> None:
     bound_generation(case)
     aim_at_throwaways(case, queued_operations)
-    case.call_and_validate(base_url=stack.http_url)
+    case.call_and_validate(base_url=stack.http_url, headers=stack.admin_headers)

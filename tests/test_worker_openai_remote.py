@@ -97,7 +97,7 @@ def upstream() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     sock.close()
 
 
-def remote(url: str, interface: Any = "llm-runtime", key_env: str = "RH_TEST_UPSTREAM_KEY"):
+def remote(url: str, interface: Any = "llm-runtime", key_env: str = "OPENAI_API_KEY"):
     spec = parse_spec(
         {
             "asset_id": "remote-chat",
@@ -117,7 +117,7 @@ def remote(url: str, interface: Any = "llm-runtime", key_env: str = "RH_TEST_UPS
 
 async def test_streams_chat_with_usage(upstream, monkeypatch: pytest.MonkeyPatch) -> None:
     url, received = upstream
-    monkeypatch.setenv("RH_TEST_UPSTREAM_KEY", KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
     model = remote(url)
     assert isinstance(model, OpenAIRemoteModel)
     assert model.capabilities.context_length == 32768 and model.capabilities.streaming
@@ -135,7 +135,7 @@ async def test_streams_chat_with_usage(upstream, monkeypatch: pytest.MonkeyPatch
 
 async def test_raw_prompt_uses_completions(upstream, monkeypatch: pytest.MonkeyPatch) -> None:
     url, received = upstream
-    monkeypatch.setenv("RH_TEST_UPSTREAM_KEY", KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
     model = remote(url)
     deltas = [d async for d in model.chat(ChatParams(prompt="Say it", temperature=0))]
     await model.close()
@@ -146,7 +146,7 @@ async def test_raw_prompt_uses_completions(upstream, monkeypatch: pytest.MonkeyP
 
 async def test_embeddings_keep_input_order(upstream, monkeypatch: pytest.MonkeyPatch) -> None:
     url, _ = upstream
-    monkeypatch.setenv("RH_TEST_UPSTREAM_KEY", KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
     model = remote(url, interface="embedding-runtime")
     result = await model.embed(["a", "abc", [1, 2, 3, 4], "ab"])
     await model.close()
@@ -163,7 +163,7 @@ async def test_wrong_key_is_an_upstream_error_without_the_key(
     url, _ = upstream
     caplog.set_level("DEBUG")
     wrong = "sk-wrong-key-that-must-not-leak"
-    monkeypatch.setenv("RH_TEST_UPSTREAM_KEY", wrong)
+    monkeypatch.setenv("OPENAI_API_KEY", wrong)
     model = remote(url, interface=["llm-runtime", "embedding-runtime"])
     with pytest.raises(UpstreamError) as caught:
         _ = [d async for d in model.chat(ChatParams(prompt="x"))]
@@ -181,7 +181,7 @@ async def test_no_key_sends_no_auth_and_unreachable_is_upstream_error(
     upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, _ = upstream
-    monkeypatch.delenv("RH_TEST_UPSTREAM_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     model = remote(url, key_env="")
     with pytest.raises(UpstreamError, match="401"):
         _ = [d async for d in model.chat(ChatParams(prompt="x"))]

@@ -50,7 +50,8 @@ def apply_files(path: Path, *, dry_run: bool = False, address: str | None = None
     if not path.exists():
         return _fail(f"{path}: no such file or folder")
     try:
-        loaded = load_path(path, source_roots=settings.resolved_source_roots())
+        loaded = load_path(path, source_roots=settings.resolved_source_roots(),
+                           upstreams=settings.upstream_rules())
     except InvalidSpec as exc:
         return _fail(exc.message)
     if not loaded:

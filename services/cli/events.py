@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 
 from roundhouse.v1 import events_pb2
 from services.common.events import ALL_EVENTS, SUBJECT_PREFIX, decode_event
+from services.common.secrets import mask_url
 from services.common.settings import CommonSettings
 
 CONNECT_TIMEOUT_S = 5.0
@@ -94,7 +95,7 @@ async def _tail(url: str, subject: str) -> int:
             2 * CONNECT_TIMEOUT_S,
         )
     except (nats.errors.Error, OSError, TimeoutError) as exc:
-        print(f"error: cannot reach NATS at {url} ({type(exc).__name__}); is `roundhouse up` running "
+        print(f"error: cannot reach NATS at {mask_url(url)} ({type(exc).__name__}); is `roundhouse up` running "
               "(or ROUNDHOUSE_NATS_URL set)?", file=sys.stderr)
         return 1
 
@@ -114,7 +115,7 @@ async def _tail(url: str, subject: str) -> int:
     try:
         await nc.subscribe(subject, cb=on_message)
         await nc.flush()
-        print(f"tailing {subject} on {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(f"tailing {subject} on {mask_url(url)} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -85,6 +85,74 @@ def _events(args: argparse.Namespace) -> int:
     return tail_events(args.subject)
 
 
+def _keys_create(args: argparse.Namespace) -> int:
+    from services.cli.keys import create_key
+
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    return create_key(args.name, models=models, admin=args.admin, rpm=args.rpm, tpm=args.tpm,
+                      max_parallel=args.max_parallel, budget_tokens=args.budget_tokens,
+                      budget_usd=args.budget_usd, budget_period=args.budget_period,
+                      expires_in=args.expires)
+
+
+def _keys_ls(args: argparse.Namespace) -> int:
+    from services.cli.keys import list_keys
+
+    return list_keys()
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from services.cli.keys import revoke_key
+
+    return revoke_key(args.name)
+
+
+def _add_key_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],  # noqa: SLF001
+) -> None:
+    """`keys create|ls|revoke`, over the router's admin API with the admin key."""
+    keys = commands.add_parser("keys", help="API keys (needs the admin key: ROUNDHOUSE_ADMIN_KEY "
+                               "or $ROUNDHOUSE_HOME/admin.key)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    create = key_commands.add_parser("create", help="create a key and print its secret (shown once)")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--models", metavar="ID,...", help="asset ids or aliases it may use "
+                        "(default: every model)")
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens per minute")
+    create.add_argument("--max-parallel", type=int, help="requests in flight at once")
+    create.add_argument("--budget-tokens", type=int, help="tokens per budget period")
+    create.add_argument("--budget-usd", type=float, help="US dollars per budget period")
+    create.add_argument("--budget-period", metavar="DURATION", help="budget period: 30d, 12h, ...")
+    create.add_argument("--expires", metavar="DURATION", help="stops working after: 90d, ...")
+    create.add_argument("--admin", action="store_true", help="may use the admin API")
+    create.set_defaults(func=_keys_create)
+    ls = key_commands.add_parser("ls", help="list keys: name, masked prefix, limits, usage, expiry")
+    ls.set_defaults(func=_keys_ls)
+    revoke = key_commands.add_parser("revoke", help="revoke a key; every router refuses it at once")
+    revoke.add_argument("name", metavar="NAME")
+    revoke.set_defaults(func=_keys_revoke)
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from services.cli.usage import show_usage
+
+    return show_usage(args.by, since=args.since, until=args.until)
+
+
+def _add_usage_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],  # noqa: SLF001
+) -> None:
+    """`usage [--by key|asset|day]`, over the router's admin API."""
+    usage = commands.add_parser("usage", help="requests, errors, tokens, cost and latency from the "
+                                "usage ledger, per key, asset or day")
+    usage.add_argument("--by", choices=("key", "asset", "day"), default="key",
+                       help="group per key (default), asset or day (UTC)")
+    usage.add_argument("--since", metavar="TIME", help="start, RFC 3339 (default: 30 days ago)")
+    usage.add_argument("--until", metavar="TIME", help="end, RFC 3339 (default: now)")
+    usage.set_defaults(func=_usage)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -164,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=_submit(name))
 
     _add_operation_commands(commands)
+    _add_key_commands(commands)
+    _add_usage_command(commands)
     return parser
 
 

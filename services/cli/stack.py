@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from roundhouse.v1 import registry_pb2
 from services.cli.assets import OUTCOME_WORDS, apply_specs
+from services.cli.bootstrap import admin_key_line, bootstrap_admin_key
 from services.cli.supervisor import ChildSpec, Supervisor
 from services.common.asset_proto import spec_to_proto
 from services.common.assetspec import AssetSpec
@@ -23,6 +24,7 @@ from services.common.embedded import EmbeddedNats, EmbeddedPostgres
 from services.common.modelstore.model import Progress, ProgressCallback
 from services.common.modelstore.settings import StoreSettings
 from services.common.modelstore.store import ModelStore
+from services.common.secrets import known_secrets, mask_url, redact
 from services.jobs.settings import JobsSettings
 from services.registry.settings import RegistrySettings
 from services.router.settings import RouterSettings
@@ -33,7 +35,7 @@ SERVICES = ("registry", "worker", "router", "jobs")
 
 
 def _say(line: str) -> None:
-    print(f"[roundhouse] {line}", flush=True)
+    print(f"[roundhouse] {redact(line)}", flush=True)
 
 
 def up(catalog: str | None = None) -> int:
@@ -52,12 +54,14 @@ def up(catalog: str | None = None) -> int:
         dsn = settings.database_url or _embedded_postgres(stack, home)
         nats_url = settings.nats_url or _embedded_nats(stack, home)
         for name, value in (("database_url", dsn), ("nats_url", nats_url)):
-            (run_dir / name).write_text(value + "\n")
+            _record_url(run_dir / name, value)
             stack.callback((run_dir / name).unlink, missing_ok=True)
         upgrade(dsn)
         _say("database migrated")
+        _say(admin_key_line(bootstrap_admin_key(dsn)))
         specs = [item.spec for item in load_path(Path(catalog) if catalog else CATALOG,
-                                                 source_roots=settings.resolved_source_roots())]
+                                                 source_roots=settings.resolved_source_roots(),
+                                                 upstreams=settings.upstream_rules())]
         store = ModelStore.from_settings(settings)
         for spec in specs:
             if not store.is_installed(spec):
@@ -68,11 +72,20 @@ def up(catalog: str | None = None) -> int:
         return asyncio.run(_run_services(env, specs, dsn, nats_url, home))
 
 
+def _record_url(path: Path, url: str) -> None:
+    """Record a URL for the services and CLI commands; readable by its owner only (it may
+    carry a password)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(url + "\n")
+
+
 def _embedded_postgres(stack: ExitStack, home: Path) -> str:
     server = EmbeddedPostgres(home / "postgres")
     dsn = server.start()
     stack.callback(server.stop)
-    _say(f"embedded Postgres at {dsn}")
+    _say(f"embedded Postgres at {mask_url(dsn)}")
     return dsn
 
 
@@ -80,7 +93,7 @@ def _embedded_nats(stack: ExitStack, home: Path) -> str:
     server = EmbeddedNats(home / "nats")
     url = server.start()
     stack.callback(server.stop)
-    _say(f"embedded NATS (JetStream) at {url}")
+    _say(f"embedded NATS (JetStream) at {mask_url(url)}")
     return url
 
 
@@ -102,8 +115,8 @@ async def _run_services(
 ) -> int:
     registry, router, worker, jobs = RegistrySettings(), RouterSettings(), WorkerSettings(), JobsSettings()
     supervisor = Supervisor(
-        ChildSpec(name, [sys.executable, "-m", "services.cli.main", name], env)
-        for name in SERVICES
+        (ChildSpec(name, [sys.executable, "-m", "services.cli.main", name], env) for name in SERVICES),
+        secrets=known_secrets(registry.upstream_key_envs, env),
     )
     running = asyncio.create_task(supervisor.run())  # handles Ctrl-C / SIGTERM itself
     for address in (registry.registry_address, worker.worker_address, router.router_address,
@@ -126,8 +139,8 @@ async def _run_services(
         f"  registry gRPC  {registry.registry_address}",
         f"  worker gRPC    {worker.worker_address}",
         f"  jobs gRPC      {jobs.jobs_address}",
-        f"  Postgres       {dsn}",
-        f"  NATS           {nats_url}",
+        f"  Postgres       {mask_url(dsn)}",
+        f"  NATS           {mask_url(nats_url)}",
         f"  home           {home}",
         "Ctrl-C stops everything",
     ):

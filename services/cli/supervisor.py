@@ -4,7 +4,8 @@ Each child runs in a process group of its own: a terminal's Ctrl-C reaches only 
 supervisor, which then stops the children in order, and a stop reaches whatever a child
 started too. When a child is gone, its group is SIGKILLed, so a service must stop its own
 helpers before it exits. Children carry a parent-death signal (SIGTERM), so they go away
-even when the supervisor is SIGKILLed.
+even when the supervisor is SIGKILLed. Every line relayed is scrubbed of secrets
+(`services.common.secrets.redact`), whatever the child printed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from services.common.embedded import die_with_parent
+from services.common.secrets import redact
 
 _LINE_LIMIT = 1 << 20
 
@@ -40,13 +42,14 @@ class Supervisor:
     A child that exits on its own is restarted after a delay that doubles with each exit in
     `failure_window` seconds (from `restart_delay` up to `max_restart_delay`); at
     `max_failures` exits within the window the supervisor gives up and stops everything.
-    A stop sends SIGTERM, waits `grace` seconds, then SIGKILLs what is left.
+    A stop sends SIGTERM, waits `grace` seconds, then SIGKILLs what is left. Output lines are
+    scrubbed of recognisable secrets and of each of `secrets` verbatim.
     """
 
     def __init__(
         self, children: Iterable[ChildSpec], *, out: TextIO | None = None, grace: float = 10.0,
         restart_delay: float = 0.5, max_restart_delay: float = 5.0, max_failures: int = 5,
-        failure_window: float = 60.0,
+        failure_window: float = 60.0, secrets: Iterable[str] = (),
     ) -> None:
         self.children = list(children)
         self.grace = grace
@@ -61,6 +64,7 @@ class Supervisor:
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._secrets = sorted(set(secrets), key=len, reverse=True)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -171,7 +175,7 @@ class Supervisor:
 
     def _write(self, line: str) -> None:
         out = self._out or sys.stdout
-        out.write(line + "\n")
+        out.write(redact(line, self._secrets) + "\n")
         out.flush()
 
 

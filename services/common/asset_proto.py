@@ -112,6 +112,7 @@ def spec_to_proto(spec: AssetSpec) -> asset_pb2.AssetSpec:
         metadata=asset_pb2.Metadata(**_present(doc["metadata"])),
         aliases=spec.aliases,
         labels=spec.labels,
+        pricing=asset_pb2.Pricing(**doc["pricing"]) if spec.pricing else None,
     )
 
 
@@ -143,7 +144,7 @@ def spec_document_from_proto(msg: asset_pb2.AssetSpec) -> dict[str, Any]:
         "labels": dict(msg.labels),
     }
     # Optional fields carry presence, so a zero the caller did set reaches validation.
-    for name in ("resources", "policy", "generation", "metadata"):
+    for name in ("resources", "policy", "generation", "metadata", "pricing"):
         if msg.HasField(name):
             doc[name] = json_format.MessageToDict(
                 getattr(msg, name), preserving_proto_field_name=True

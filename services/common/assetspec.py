@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from services.common.errors import FieldProblem, InvalidSpec
+from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 
 ASSET_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 PACKAGE_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
@@ -39,6 +41,15 @@ DEFAULT_LLM_AUTO_SLEEP_MIN = 15
 
 Name = Annotated[str, Field(max_length=256)]
 Text = Annotated[str, Field(max_length=4096)]
+
+
+def _int_is_number(value: Any) -> Any:
+    # YAML writes `1` for one GiB; strict mode would refuse an int for a float field.
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Number = Annotated[float, BeforeValidator(_int_is_number)]
+"""A float field that takes a YAML integer too."""
 
 
 class _Strict(BaseModel):
@@ -103,16 +114,24 @@ class Source(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str, info: ValidationInfo) -> str:
         if value and not re.match(r"^https?://[^\s/]+", value):
             raise ValueError("expected an http:// or https:// URL")
+        rules = _upstream_rules(info)
+        problem = rules.url_problem(value) if rules else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("api_key_env")
     @classmethod
-    def _env_name(cls, value: str) -> str:
+    def _env_name(cls, value: str, info: ValidationInfo) -> str:
         if value and not ENV_NAME_RE.match(value):
             raise ValueError("expected an environment variable name, not a key")
+        rules = _upstream_rules(info)
+        problem = rules.key_env_problem(value) if rules else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
@@ -124,6 +143,11 @@ class Source(_Strict):
         if self.kind == "gguf" and not self.path.endswith(".gguf"):
             raise ValueError("source kind 'gguf' needs a path to a .gguf file")
         return self
+
+
+def _upstream_rules(info: ValidationInfo) -> UpstreamRules | None:
+    """The rules to check upstreams against; None for a spec that was checked when applied."""
+    return (info.context or {}).get("upstreams")
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -138,15 +162,9 @@ class Resources(_Strict):
     """What the asset needs to run."""
 
     gpu_required: bool = False
-    min_vram_gb: Annotated[float, Field(ge=0)] = 0
+    min_vram_gb: Annotated[Number, Field(ge=0)] = 0
     memory_mb: Annotated[int, Field(gt=0)] | None = None
-    disk_gb: Annotated[float, Field(gt=0)] | None = None
-
-    @field_validator("min_vram_gb", "disk_gb", mode="before")
-    @classmethod
-    def _int_is_number(cls, value: Any) -> Any:
-        # YAML writes `1` for one GiB; strict mode would refuse an int for a float field.
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    disk_gb: Annotated[Number, Field(gt=0)] | None = None
 
 
 class Lifecycle(_Strict):
@@ -161,25 +179,25 @@ class Policy(_Strict):
 
     max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 4
     max_queue: Annotated[int, Field(ge=0, le=1_000_000)] = 64
-    queue_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
-
-    @field_validator("queue_timeout_s", mode="before")
-    @classmethod
-    def _int_is_number(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    queue_timeout_s: Annotated[Number, Field(gt=0, le=86_400)] = 30.0
 
 
 class Generation(_Strict):
     """Defaults for chat requests that leave these unset (a model card's recommendation)."""
 
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
     max_tokens: Annotated[int, Field(gt=0)] | None = None
 
-    @field_validator("temperature", "top_p", mode="before")
-    @classmethod
-    def _int_is_number(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+class Pricing(_Strict):
+    """What the model costs, in US dollars per million tokens; API keys' dollar budgets are
+    charged from it (an asset without pricing costs nothing)."""
+
+    input_per_1m: Annotated[Number, Field(ge=0, le=1_000_000)] = 0.0
+    """Per million prompt tokens."""
+    output_per_1m: Annotated[Number, Field(ge=0, le=1_000_000)] = 0.0
+    """Per million completion tokens."""
 
 
 class Metadata(_Strict):
@@ -210,6 +228,7 @@ class AssetSpec(_Strict):
     policy: Policy = Policy()
     generation: Generation = Generation()
     metadata: Metadata = Metadata()
+    pricing: Pricing | None = None
     aliases: Annotated[list[Name], Field(max_length=64)] = []
     labels: Annotated[dict[Name, Name], Field(max_length=64)] = {}
 
@@ -287,21 +306,26 @@ class AssetSpec(_Strict):
         """The spec as a plain JSON-able dict, YAML field names, defaults filled in."""
         doc = self.model_dump(mode="json", by_alias=True)
         doc["lifecycle"] = {"desired": self.desired, "auto_sleep_min": self.auto_sleep_min}
+        if self.pricing is None:
+            del doc["pricing"]
         return doc
 
 
 def parse_spec(
-    document: Any, *, source_roots: Sequence[str | Path] | None = None
+    document: Any, *, source_roots: Sequence[str | Path] | None = None,
+    upstreams: UpstreamRules | None = DEFAULT_UPSTREAM_RULES,
 ) -> AssetSpec:
     """Validate one document (a dict) into an `AssetSpec`.
 
+    `upstreams` bounds the key variable and URL of `url` sources (the settings' rules when
+    applying; None only for a spec already checked when it was applied).
     Raises `InvalidSpec` listing every problem with its field path.
     """
     if not isinstance(document, dict):
         raise InvalidSpec.from_problems(
             [FieldProblem("", f"expected a mapping, got {type(document).__name__}")]
         )
-    context = {"source_roots": [str(r) for r in source_roots or []]}
+    context = {"source_roots": [str(r) for r in source_roots or []], "upstreams": upstreams}
     try:
         return AssetSpec.model_validate(document, context=context)
     except ValidationError as exc:

@@ -10,6 +10,7 @@ import yaml
 
 from services.common.assetspec import AssetSpec, parse_spec
 from services.common.errors import FieldProblem, InvalidSpec
+from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_DOCUMENTS = 1000
@@ -36,7 +37,10 @@ class LoadedSpec:
     spec: AssetSpec
 
 
-def parse_yaml(text: str, origin: str, *, source_roots: list[Path] | None = None) -> list[LoadedSpec]:
+def parse_yaml(
+    text: str, origin: str, *, source_roots: list[Path] | None = None,
+    upstreams: UpstreamRules = DEFAULT_UPSTREAM_RULES,
+) -> list[LoadedSpec]:
     """Parse a YAML stream of asset documents; collects problems from every document."""
     if len(text.encode()) > MAX_FILE_BYTES:
         raise InvalidSpec.from_problems(
@@ -54,7 +58,7 @@ def parse_yaml(text: str, origin: str, *, source_roots: list[Path] | None = None
     for n, document in enumerate(documents, start=1):
         where = f"{origin}#{n}" if len(documents) > 1 else origin
         try:
-            loaded.append(LoadedSpec(where, parse_spec(document, source_roots=source_roots)))
+            loaded.append(LoadedSpec(where, parse_spec(document, source_roots=source_roots, upstreams=upstreams)))
         except InvalidSpec as exc:
             problems += [FieldProblem(f"{where}: {p.path}".rstrip(": "), p.reason) for p in exc.problems]
     if problems:
@@ -62,7 +66,10 @@ def parse_yaml(text: str, origin: str, *, source_roots: list[Path] | None = None
     return loaded
 
 
-def load_path(path: Path, *, source_roots: list[Path] | None = None) -> list[LoadedSpec]:
+def load_path(
+    path: Path, *, source_roots: list[Path] | None = None,
+    upstreams: UpstreamRules = DEFAULT_UPSTREAM_RULES,
+) -> list[LoadedSpec]:
     """Load a YAML file, or every `*.yaml`/`*.yml` file of a folder (sorted), all or nothing.
 
     Rejects duplicate asset ids across the whole set.
@@ -74,7 +81,8 @@ def load_path(path: Path, *, source_roots: list[Path] | None = None) -> list[Loa
             problems.append(FieldProblem(str(file), f"file is larger than {MAX_FILE_BYTES // 1024} KiB"))
             continue
         try:
-            loaded += parse_yaml(file.read_text(), str(file), source_roots=source_roots)
+            loaded += parse_yaml(file.read_text(), str(file), source_roots=source_roots,
+                                 upstreams=upstreams)
         except InvalidSpec as exc:
             problems += exc.problems
         except UnicodeDecodeError:

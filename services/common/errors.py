@@ -79,6 +79,22 @@ class Conflict(RoundhouseError):
     """The stored revision is not the one the caller expected (optimistic concurrency)."""
 
 
+class AlreadyExists(Conflict):
+    """Something with that name already exists (an API key's name, say); nothing was changed."""
+
+
+class Unauthenticated(RoundhouseError):
+    """No API key, or one that is malformed, unknown, revoked or expired."""
+
+
+class PermissionDenied(RoundhouseError):
+    """The API key is valid but may not do this (an admin route with a non-admin key)."""
+
+
+class ModelNotAllowed(PermissionDenied):
+    """The API key may not use the requested model (not in its `models`)."""
+
+
 class FailedPrecondition(RoundhouseError):
     """The request is well-formed but the system is not in a state to honour it."""
 
@@ -109,6 +125,29 @@ class Overloaded(RoundhouseError):
     """Admission refused the request: concurrency and queue are full."""
 
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(RoundhouseError):
+    """An API key is over its rate limits (requests or tokens per minute, requests in flight);
+    retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BudgetExhausted(RoundhouseError):
+    """An API key's token or dollar budget for its period is spent (or this request could
+    spend more than is left)."""
+
+
+class LimitsUnavailable(RoundhouseError):
+    """The shared limit counters (Postgres) cannot be reached; a limited key is refused rather
+    than let through unchecked."""
+
+    def __init__(self, message: str, retry_after_s: float = 2.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 

@@ -38,7 +38,8 @@ HEARTBEAT_PREFIX = "roundhouse.heartbeat.worker"
 ALL_HEARTBEATS = f"{HEARTBEAT_PREFIX}.>"
 
 # Which envelope field names the entity an event type is about.
-_ID_FIELD = {"model": "asset_id", "asset": "asset_id", "job": "job_id", "worker": "worker_id"}
+_ID_FIELD = {"model": "asset_id", "asset": "asset_id", "job": "job_id", "worker": "worker_id",
+             "key": "key_name"}
 _FORBIDDEN_IN_TOKEN = set(" \t\r\n*>")
 
 EventHandler = Callable[[events_pb2.Event], Awaitable[None]]
@@ -49,7 +50,8 @@ class EventPublishError(RuntimeError):
 
 
 def subject_for(event: events_pb2.Event) -> str:
-    """`roundhouse.events.<type>.<id>`; the id is the asset, job or worker the type is about."""
+    """`roundhouse.events.<type>.<id>`; the id is the asset, job, worker or key (by name) the
+    type is about."""
     kind, _, name = event.type.partition(".")
     field = _ID_FIELD.get(kind)
     if field is None or not name:
@@ -77,6 +79,7 @@ def new_event(
     worker_id: str = "",
     job_id: str = "",
     request_id: str = "",
+    key_name: str = "",
     model: events_pb2.ModelEventDetail | None = None,
     job: events_pb2.JobEventDetail | None = None,
     worker: events_pb2.WorkerEventDetail | None = None,
@@ -98,6 +101,7 @@ def new_event(
         worker_id=worker_id,
         job_id=job_id,
         request_id=request_id,
+        key_name=key_name,
         **given,
     )
     event.time.FromDatetime(datetime.now(UTC))

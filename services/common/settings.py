@@ -8,6 +8,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.secrets import DEFAULT_UPSTREAM_KEY_ENVS
+from services.common.upstreams import UpstreamRules
+
 
 def default_home() -> Path:
     """`~/.roundhouse`: data dir of the embedded stack and the default model store."""
@@ -34,6 +37,18 @@ class CommonSettings(BaseSettings):
 
     otel_console: bool = False
     """Print OpenTelemetry spans and metrics to stderr (for debugging)."""
+
+    upstream_key_envs: list[str] = Field(default_factory=lambda: list(DEFAULT_UPSTREAM_KEY_ENVS))
+    """Environment variables an asset's `source.api_key_env` may name (JSON list); a
+    `ROUNDHOUSE_*` name is refused whatever this says. Their values are scrubbed from logs."""
+
+    allow_link_local_upstreams: bool = False
+    """Let `url` sources point at link-local (169.254.0.0/16, fe80::/10) and cloud metadata
+    addresses; refused by default. Loopback and private networks are always allowed."""
+
+    def upstream_rules(self) -> UpstreamRules:
+        """The upstream policy these settings describe."""
+        return UpstreamRules(tuple(self.upstream_key_envs), self.allow_link_local_upstreams)
 
     def resolved_database_url(self) -> str:
         """The DSN to use: the setting, else the one `roundhouse up` recorded."""

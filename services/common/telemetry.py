@@ -3,6 +3,7 @@
 Every service calls `setup_telemetry` once at start-up. Spans and metrics are recorded
 through the global OpenTelemetry API; they are exported only to the console, and only when
 asked (`ROUNDHOUSE_OTEL_CONSOLE`). Prometheus metrics for `/metrics` are separate.
+Every log record is scrubbed of secrets (`services.common.secrets.SecretFilter`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from opentelemetry import metrics, trace
@@ -19,7 +21,12 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
+from services.common.secrets import DEFAULT_UPSTREAM_KEY_ENVS, SecretFilter
+
 LOG_FORMAT = "%(asctime)s %(levelname)s {service} %(name)s: %(message)s"
+OWN_HANDLER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+"""Loggers that log through handlers of their own (uvicorn's), not the root's: a filter on
+the root handler never sees their records, so they get the secret filter themselves."""
 
 
 @dataclass(frozen=True)
@@ -45,16 +52,18 @@ class _ServiceLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def setup_telemetry(
-    service_name: str, console: bool = False, level: str | int = "INFO"
+    service_name: str, console: bool = False, level: str | int = "INFO",
+    key_envs: Iterable[str] = DEFAULT_UPSTREAM_KEY_ENVS,
 ) -> Telemetry:
     """Install tracing and metrics providers for `service_name` and configure logging.
 
     Idempotent: OpenTelemetry's global providers can be set once per process, so the first
     call installs them and later calls return the same `Telemetry`; each call (re)applies
-    the log level and format. `console` prints spans and metrics to stderr.
+    the log level, format and secret filter (`key_envs`: the upstream key variables whose
+    values it scrubs). `console` prints spans and metrics to stderr.
     """
     global _installed
-    configure_logging(service_name, level)
+    configure_logging(service_name, level, key_envs)
     with _lock:
         if _installed is not None:
             return _installed
@@ -75,8 +84,11 @@ def setup_telemetry(
         return _installed
 
 
-def configure_logging(service_name: str, level: str | int = "INFO") -> None:
-    """One-line log records on stderr naming the service; replaces its own earlier setup."""
+def configure_logging(
+    service_name: str, level: str | int = "INFO", key_envs: Iterable[str] = DEFAULT_UPSTREAM_KEY_ENVS
+) -> None:
+    """One-line log records on stderr naming the service, scrubbed of secrets; replaces its
+    own earlier setup."""
     root = logging.getLogger()
     root.setLevel(level.upper() if isinstance(level, str) else level)
     handler = next((h for h in root.handlers if isinstance(h, _ServiceLogHandler)), None)
@@ -85,3 +97,8 @@ def configure_logging(service_name: str, level: str | int = "INFO") -> None:
         root.addHandler(handler)
     service = service_name.replace("%", "%%")
     handler.setFormatter(logging.Formatter(LOG_FORMAT.format(service=service)))
+    secret_filter = SecretFilter(key_envs)
+    for target in [handler, *(logging.getLogger(name) for name in OWN_HANDLER_LOGGERS)]:
+        for old in [f for f in target.filters if isinstance(f, SecretFilter)]:
+            target.removeFilter(old)
+        target.addFilter(secret_filter)

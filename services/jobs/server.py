@@ -147,5 +147,6 @@ async def serve(settings: JobsSettings) -> None:
 def main() -> None:
     """Entry point of `roundhouse jobs`."""
     settings = JobsSettings()
-    setup_telemetry("jobs", level=settings.log_level, console=settings.otel_console)
+    setup_telemetry("jobs", level=settings.log_level, console=settings.otel_console,
+                    key_envs=settings.upstream_key_envs)
     asyncio.run(serve(settings))

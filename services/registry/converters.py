@@ -13,6 +13,7 @@ from services.common.asset_proto import (
 )
 from services.common.assetspec import parse_spec
 from services.common.errors import FieldProblem, InvalidSpec
+from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.registry.service import ApplyItem, AssetFilter, Outcome
 
 OUTCOMES: dict[Outcome, int] = {
@@ -23,13 +24,15 @@ OUTCOMES: dict[Outcome, int] = {
 
 
 def apply_items(
-    request: registry_pb2.ApplyAssetsRequest, source_roots: list[Path]
+    request: registry_pb2.ApplyAssetsRequest, source_roots: list[Path],
+    upstreams: UpstreamRules = DEFAULT_UPSTREAM_RULES,
 ) -> list[ApplyItem]:
     """Validate every spec of an apply; one `InvalidSpec` lists the problems of all of them."""
     items, problems = [], []
     for n, entry in enumerate(request.assets):
         try:
-            spec = parse_spec(spec_document_from_proto(entry.spec), source_roots=source_roots)
+            spec = parse_spec(spec_document_from_proto(entry.spec), source_roots=source_roots,
+                              upstreams=upstreams)
         except InvalidSpec as exc:
             problems += [FieldProblem(f"assets[{n}].spec.{p.path}".rstrip("."), p.reason)
                          for p in exc.problems]

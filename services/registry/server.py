@@ -28,7 +28,7 @@ async def serve(settings: RegistrySettings) -> None:
     relay = OutboxRelay(sessions, bus)
     relay.start()
     registry = AssetRegistry(sessions, on_commit=relay.notify)
-    servicer = RegistryServicer(registry, settings.resolved_source_roots())
+    servicer = RegistryServicer(registry, settings.resolved_source_roots(), settings.upstream_rules())
     server = GrpcServer(
         settings.registry_address,
         [ServiceBinding(registry_pb2_grpc.add_RegistryServicer_to_server, servicer, SERVICE_NAME)],
@@ -43,5 +43,6 @@ async def serve(settings: RegistrySettings) -> None:
 def main() -> None:
     """Entry point of `roundhouse registry`."""
     settings = RegistrySettings()
-    setup_telemetry("registry", level=settings.log_level, console=settings.otel_console)
+    setup_telemetry("registry", level=settings.log_level, console=settings.otel_console,
+                    key_envs=settings.upstream_key_envs)
     asyncio.run(serve(settings))

@@ -289,7 +289,7 @@ def _write(
 
 def _record(row: Asset) -> AssetRecord:
     # Stored specs were validated when applied; re-check shape only, not source roots.
-    spec = parse_spec(row.spec, source_roots=["/"])
+    spec = parse_spec(row.spec, source_roots=["/"], upstreams=None)
     return AssetRecord(
         spec=spec,
         revision=row.revision,

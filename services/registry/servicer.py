@@ -16,6 +16,7 @@ from services.common.asset_proto import (
 )
 from services.common.errors import InvalidArgument
 from services.common.request_text import check_message_text
+from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.registry.converters import OUTCOMES, apply_items, asset_filter
 from services.registry.service import AssetRegistry
 
@@ -30,15 +31,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     an id, name, filter or document holding one is INVALID_ARGUMENT, never a failed query.
     """
 
-    def __init__(self, registry: AssetRegistry, source_roots: list[Path]) -> None:
+    def __init__(
+        self, registry: AssetRegistry, source_roots: list[Path],
+        upstreams: UpstreamRules = DEFAULT_UPSTREAM_RULES,
+    ) -> None:
         self._registry = registry
         self._source_roots = source_roots
+        self._upstreams = upstreams
 
     async def ApplyAssets(
         self, request: registry_pb2.ApplyAssetsRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ApplyAssetsResponse:
         check_message_text(request)
-        items = apply_items(request, self._source_roots)
+        items = apply_items(request, self._source_roots, self._upstreams)
         results = await self._registry.apply(items, dry_run=request.dry_run)
         return registry_pb2.ApplyAssetsResponse(results=[
             registry_pb2.ApplyResult(asset=record_to_proto(record), outcome=OUTCOMES[outcome])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
 
 import grpc
@@ -17,9 +18,13 @@ from services.common.asset_proto import AssetRecord
 from services.common.errors import AssetNotFound, NotFound
 from services.common.grpc_client import domain_error
 from services.common.inference_requests import check_chat, check_embed, check_embed_size
+from services.common.keys import KeyRecord
 from services.common.workerpool import WorkerHandle, WorkerPool
 from services.router.admission import Admission
 from services.router.catalog import AssetCatalog
+from services.router.keys import allowed_models, check_model
+from services.router.limits import Limiter, estimate_chat, estimate_embed
+from services.router.usage import UsageLedger, UsageTicket
 from services.router.waking import ModelWaker
 
 log = logging.getLogger(__name__)
@@ -38,32 +43,71 @@ class Gateway:
         workers: WorkerPool,
         admission: Admission,
         waker: ModelWaker,
+        *,
+        limits: Limiter | None = None,
+        usage: UsageLedger | None = None,
     ) -> None:
         self.catalog = catalog
         self.workers = workers
         self.admission = admission
         self.waker = waker
+        self.limits = limits or Limiter(None)
+        self.usage = usage or UsageLedger(None)
 
-    async def list_models(self) -> list[AssetRecord]:
-        """Every asset, as the registry has it. Never wakes a model."""
-        return await self.catalog.list()
+    async def list_models(self, *, key: KeyRecord | None = None) -> list[AssetRecord]:
+        """Every asset `key` may use (all without a key), as the registry has it. Never wakes
+        a model."""
+        return allowed_models(key, await self.catalog.list())
 
-    async def get_model(self, name: str) -> AssetRecord:
-        """One asset by id or alias, whatever its interface or state."""
+    async def get_model(self, name: str, *, key: KeyRecord | None = None) -> AssetRecord:
+        """One asset by id or alias, whatever its interface or state, if `key` may use it."""
         for record in await self.catalog.list():
             if name == record.spec.asset_id or name in record.spec.aliases:
+                check_model(key, record, name)
                 return record
         raise AssetNotFound(f"model '{name}' not found")
 
     async def chat(
-        self, request: inference_pb2.ChatRequest, *, timeout: float | None = None
+        self, request: inference_pb2.ChatRequest, *, timeout: float | None = None,
+        key: KeyRecord | None = None,
     ) -> AsyncIterator[inference_pb2.ChatChunk]:
         """Stream a completion from a worker. Closing the iterator cancels the worker's call.
 
-        An invalid request fails on the first iteration, before any model is resolved or woken.
+        An invalid request fails on the first iteration, before any model is resolved or woken;
+        one for a model outside `key`'s scope (None: auth is off) right after the name is
+        resolved, before admission or a wake. Then `key`'s limits are reserved (a refusal never
+        reaches a worker nor wakes a model), and settled with the real usage when the stream
+        ends; every request is recorded in the usage ledger.
         """
-        check_chat(request)
-        record = await self.catalog.resolve(request.model, LLM)
+        async with self._accounted(key, request.model, LLM, request.request_id) as ticket:
+            check_chat(request)
+            record = await self.catalog.resolve(request.model, LLM)
+            check_model(key, record, request.model)
+            ticket.asset = record
+            ticket.reservation = await self.limits.reserve(key, estimate_chat(
+                request, record, self.limits.default_completion_tokens))
+            async with aclosing(self._chat(record, request, timeout, ticket)) as chunks:
+                async for chunk in chunks:
+                    ticket.chunk(chunk)
+                    yield chunk
+
+    @asynccontextmanager
+    async def _accounted(self, key: KeyRecord | None, model: str, interface: str,
+                         request_id: str) -> AsyncIterator[UsageTicket]:
+        """A usage ticket for the request's life; at its end the ledger records it and the
+        limits settle its reservation."""
+        ticket = self.usage.open(key, model, interface, request_id)
+        try:
+            yield ticket
+        except BaseException as exc:
+            ticket.failed(exc)
+            raise
+        finally:
+            self.usage.record(ticket)
+            await self.limits.settle(ticket.reservation, ticket.tokens, ticket.cost_usd)
+
+    async def _chat(self, record: AssetRecord, request: inference_pb2.ChatRequest,
+                    timeout: float | None, ticket: UsageTicket) -> AsyncIterator[inference_pb2.ChatChunk]:
         asset_id = record.spec.asset_id
         log.debug("request %s: chat with %s for user %r", request.request_id, asset_id, request.user)
         forwarded = inference_pb2.ChatRequest()
@@ -71,7 +115,7 @@ class Gateway:
         forwarded.model = asset_id
         async with self.admission.gate(asset_id, record.spec.policy).slot():
             for attempt in (1, 2):
-                worker = await self.waker.place(record)
+                worker = await self.waker.place(record, on_wake=ticket.mark_woke)
                 call = worker.inference.Chat(forwarded, timeout=timeout)
                 worker.in_flight[asset_id] += 1
                 started = False
@@ -91,26 +135,34 @@ class Gateway:
                     worker.in_flight[asset_id] -= 1
 
     async def embed(
-        self, request: inference_pb2.EmbedRequest, *, timeout: float | None = None
+        self, request: inference_pb2.EmbedRequest, *, timeout: float | None = None,
+        key: KeyRecord | None = None,
     ) -> inference_pb2.EmbedResponse:
         """Embed on a worker holding the model.
 
-        Refused before any model is resolved or woken when invalid, and before a worker is
-        asked when the vectors could not come back in one message (the asset's dimension is
-        known from its metadata or detected capabilities).
+        Refused before any model is resolved or woken when invalid, right after the name is
+        resolved when outside `key`'s scope, and before a worker is asked when the vectors
+        could not come back in one message (the asset's dimension is known from its metadata
+        or detected capabilities). `key`'s limits are reserved and settled as for `chat`.
         """
-        check_embed(request)
-        record = await self.catalog.resolve(request.model, EMBEDDING)
-        check_embed_size(len(request.inputs), embedding_dim(record))
-        log.debug("request %s: embed %d inputs with %s for user %r", request.request_id,
-                  len(request.inputs), record.spec.asset_id, request.user)
-        forwarded = inference_pb2.EmbedRequest()
-        forwarded.CopyFrom(request)
-        forwarded.model = record.spec.asset_id
-        async with self.admission.gate(record.spec.asset_id, record.spec.policy).slot():
-            return await self._unary(
-                record, lambda w: w.inference.Embed(forwarded, timeout=timeout)
-            )
+        async with self._accounted(key, request.model, EMBEDDING, request.request_id) as ticket:
+            check_embed(request)
+            record = await self.catalog.resolve(request.model, EMBEDDING)
+            check_model(key, record, request.model)
+            check_embed_size(len(request.inputs), embedding_dim(record))
+            ticket.asset = record
+            ticket.reservation = await self.limits.reserve(key, estimate_embed(request, record))
+            log.debug("request %s: embed %d inputs with %s for user %r", request.request_id,
+                      len(request.inputs), record.spec.asset_id, request.user)
+            forwarded = inference_pb2.EmbedRequest()
+            forwarded.CopyFrom(request)
+            forwarded.model = record.spec.asset_id
+            async with self.admission.gate(record.spec.asset_id, record.spec.policy).slot():
+                result = await self._unary(
+                    record, lambda w: w.inference.Embed(forwarded, timeout=timeout), ticket
+                )
+            ticket.used(result.usage)
+            return result
 
     async def ready(self) -> bool:
         """Registry reachable and at least one worker answering."""
@@ -123,11 +175,12 @@ class Gateway:
         return True
 
     async def _unary(
-        self, record: AssetRecord, start: Callable[[WorkerHandle], grpc.aio.UnaryUnaryCall[Any, T]]
+        self, record: AssetRecord, start: Callable[[WorkerHandle], grpc.aio.UnaryUnaryCall[Any, T]],
+        ticket: UsageTicket,
     ) -> T:
         asset_id = record.spec.asset_id
         for attempt in (1, 2):
-            worker = await self.waker.place(record)
+            worker = await self.waker.place(record, on_wake=ticket.mark_woke)
             worker.in_flight[asset_id] += 1
             try:
                 call = start(worker)

@@ -7,21 +7,28 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import asyncpg
 import grpc
 import uvicorn
 
 from roundhouse.v1 import events_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2_grpc, registry_pb2_grpc
+from services.common.db import make_engine, make_sessionmaker
 from services.common.events import EventBus
 from services.common.grpc_server import GrpcServer, ServiceBinding, run_until_signal
+from services.common.keys import KeyStore
 from services.common.liveness import WorkerLiveness
+from services.common.outbox import OutboxRelay
 from services.common.telemetry import setup_telemetry
 from services.common.workerpool import WorkerPool
 from services.router.admission import Admission
 from services.router.catalog import AssetCatalog
 from services.router.gateway import Gateway
 from services.router.http.app import create_app
+from services.router.keys import KeyAuthenticator
+from services.router.limits import Limiter
 from services.router.servicer import InferenceFrontServicer
 from services.router.settings import RouterSettings
+from services.router.usage import UsageLedger
 from services.router.waking import ModelWaker
 
 log = logging.getLogger(__name__)
@@ -60,13 +67,17 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
     jobs_channel = grpc.aio.insecure_channel(settings.jobs_address)
     jobs = jobs_pb2_grpc.JobsStub(jobs_channel)
     waker = ModelWaker(workers, jobs, wait_s=settings.load_timeout_s)
-    gateway = Gateway(catalog, workers, Admission(), waker)
+    limiter, ledger, close_usage = await _start_limits_and_usage(settings)
+    gateway = Gateway(catalog, workers, Admission(), waker, limits=limiter, usage=ledger)
+    store, authenticator, on_key_revoked = await _start_keys(settings, bus, stoppers)
 
     grpc_server = GrpcServer(settings.router_address, [ServiceBinding(
-        inference_pb2_grpc.add_InferenceServicer_to_server, InferenceFrontServicer(gateway),
-        SERVICE_NAME,
+        inference_pb2_grpc.add_InferenceServicer_to_server,
+        InferenceFrontServicer(gateway, authenticator), SERVICE_NAME,
     )])
-    app = create_app(gateway, jobs, max_body_bytes=settings.max_body_bytes)
+    app = create_app(gateway, jobs, max_body_bytes=settings.max_body_bytes,
+                     authenticator=authenticator, key_store=store, on_key_revoked=on_key_revoked,
+                     metrics_auth=settings.metrics_auth)
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
                             log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
     http_server = uvicorn.Server(config)
@@ -87,7 +98,70 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
         await jobs_channel.close(None)
 
     return RouterParts(gateway, grpc_server, http_server, http_port,
-                       [stop_http, *stoppers, workers.close, close_channels])
+                       [stop_http, close_usage, *stoppers, workers.close, close_channels])
+
+
+async def _start_limits_and_usage(
+    settings: RouterSettings,
+) -> tuple[Limiter, UsageLedger, Callable[[], Awaitable[None]]]:
+    """The limiter and the usage ledger on one asyncpg pool (no connection is opened before the
+    first request), and their cleanup: settle what is settling, write the ledger's last rows,
+    close the pool."""
+    dsn = settings.resolved_database_url().replace("postgresql+asyncpg://", "postgresql://", 1)
+    pool = await asyncpg.create_pool(dsn, min_size=0, max_size=settings.limits_pool_size)
+    limiter = Limiter(pool, hold_s=settings.limit_reservation_ttl_s,
+                      default_completion_tokens=settings.limit_default_completion_tokens)
+    ledger = UsageLedger(pool, flush_s=settings.usage_flush_s,
+                         max_buffered=settings.usage_max_buffered)
+    ledger.start()
+
+    async def close() -> None:
+        await limiter.close()
+        await ledger.close()
+        await pool.close()
+
+    return limiter, ledger, close
+
+
+async def _start_keys(
+    settings: RouterSettings, bus: EventBus | None, stoppers: list[Callable[[], Awaitable[None]]]
+) -> tuple[KeyStore, KeyAuthenticator | None, Callable[[str], None]]:
+    """The key store on Postgres, the authenticator (None with `auth=disabled`), and what to do
+    after a revocation here: drop the key from this router's cache and publish `key.revoked`
+    (through the outbox) so every other router drops it too."""
+    engine = make_engine(settings.resolved_database_url())
+    stoppers.append(engine.dispose)
+    sessions = make_sessionmaker(engine)
+    store = KeyStore(sessions)
+    if settings.admin_key is not None:
+        await store.ensure_admin(settings.admin_key.get_secret_value())
+    authenticator: KeyAuthenticator | None = None
+    if settings.auth == "disabled":
+        log.warning("ROUNDHOUSE_AUTH=disabled: API keys are not checked; anyone who reaches "
+                    "this router may use every model and the admin API")
+    else:
+        authenticator = KeyAuthenticator(store, cache_s=settings.key_cache_s)
+    relay: OutboxRelay | None = None
+    if bus is not None:
+        relay = OutboxRelay(sessions, bus)
+        relay.start()
+        stoppers.insert(0, relay.stop)
+        if authenticator is not None:
+            checker = authenticator
+
+            async def on_key_event(event: events_pb2.Event) -> None:
+                checker.forget(event.key_name)
+
+            await bus.subscribe("roundhouse.events.key.revoked.>", on_key_event)
+            bus.on_reconnect(checker.forget_all)  # revocations may have been missed meanwhile
+
+    def on_key_revoked(name: str) -> None:
+        if authenticator is not None:
+            authenticator.forget(name)
+        if relay is not None:
+            relay.notify()
+
+    return store, authenticator, on_key_revoked
 
 
 async def serve(settings: RouterSettings) -> None:
@@ -107,5 +181,6 @@ async def serve(settings: RouterSettings) -> None:
 def main() -> None:
     """Entry point of `roundhouse router`."""
     settings = RouterSettings()
-    setup_telemetry("router", level=settings.log_level, console=settings.otel_console)
+    setup_telemetry("router", level=settings.log_level, console=settings.otel_console,
+                    key_envs=settings.upstream_key_envs)
     asyncio.run(serve(settings))

@@ -7,19 +7,37 @@ from collections.abc import AsyncIterator
 import grpc
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc
+from services.common.keys import KeyRecord
 from services.router.gateway import Gateway
+from services.router.keys import KeyAuthenticator, credential_from
 
 
 class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
-    """`roundhouse.v1.Inference` by model name or alias; the caller's deadline goes downstream."""
+    """`roundhouse.v1.Inference` by model name or alias; the caller's deadline goes downstream.
 
-    def __init__(self, gateway: Gateway) -> None:
+    Callers present an API key in `authorization` metadata (`Bearer rh-...`, or `x-api-key`),
+    checked like the HTTP API's: UNAUTHENTICATED without a valid one, PERMISSION_DENIED for a
+    model outside its scope. No authenticator: auth is off.
+    """
+
+    def __init__(self, gateway: Gateway, authenticator: KeyAuthenticator | None = None) -> None:
         self._gateway = gateway
+        self._authenticator = authenticator
+
+    async def _key(self, context: grpc.aio.ServicerContext) -> KeyRecord | None:
+        if self._authenticator is None:
+            return None
+        metadata = {str(k).lower(): v for k, v in (context.invocation_metadata() or ())}
+        authorization, api_key = metadata.get("authorization"), metadata.get("x-api-key")
+        secret = credential_from(authorization if isinstance(authorization, str) else None,
+                                 api_key if isinstance(api_key, str) else None)
+        return await self._authenticator.authenticate(secret)
 
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.ChatChunk]:
-        stream = self._gateway.chat(request, timeout=context.time_remaining())
+        key = await self._key(context)
+        stream = self._gateway.chat(request, timeout=context.time_remaining(), key=key)
         try:
             async for chunk in stream:
                 yield chunk
@@ -29,4 +47,5 @@ class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        return await self._gateway.embed(request, timeout=context.time_remaining())
+        key = await self._key(context)
+        return await self._gateway.embed(request, timeout=context.time_remaining(), key=key)

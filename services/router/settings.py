@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field, SecretStr
+
 from services.common.settings import FleetSettings
 
 
@@ -28,3 +32,48 @@ class RouterSettings(FleetSettings):
 
     max_body_bytes: int = 8 * 1024 * 1024
     """Largest HTTP request body accepted; larger gets 413."""
+
+    limit_reservation_ttl_s: float = Field(default=900.0, gt=0)
+    """How long a request's reservation against its key's limits lives if its router never
+    settles it (a crash): then its max_parallel slot is freed; its estimate stays charged."""
+
+    limit_default_completion_tokens: int = Field(default=256, gt=0)
+    """Completion tokens reserved for a request without `max_tokens` when its asset sets no
+    `generation.max_tokens` (what it really used is charged when it ends)."""
+
+    limits_pool_size: int = Field(default=10, gt=0)
+    """Postgres connections of the limits and usage ledger (one statement per limited request)."""
+
+    usage_flush_s: float = Field(default=0.5, gt=0)
+    """How often the usage ledger writes its buffered rows to Postgres."""
+
+    usage_max_buffered: int = Field(default=100_000, gt=0)
+    """Ledger rows kept in memory while Postgres is away; beyond it the oldest are dropped
+    (and logged)."""
+
+    auth: Literal["enabled", "disabled"] = "enabled"
+    """API keys on every `/v1` and `/admin/v1` route and on the gRPC front (`ROUNDHOUSE_AUTH`).
+    `disabled` turns every check off (a warning is logged at start): for trusted networks only."""
+
+    metrics_auth: bool = False
+    """`/metrics` needs a key too (`ROUNDHOUSE_METRICS_AUTH=true`); open otherwise."""
+
+    key_cache_s: float = Field(default=10.0, gt=0)
+    """How long a router trusts a key it looked up before asking Postgres again; a revocation
+    reaches every router at once anyway (a `key.revoked` event)."""
+
+    admin_key: SecretStr | None = None
+    """The admin key's secret (`ROUNDHOUSE_ADMIN_KEY`, `rh-...`): the router stores its hash as the
+    admin key at start, and the CLI sends it. Unset: `roundhouse up` makes one and writes it
+    to `$ROUNDHOUSE_HOME/admin.key`, which the CLI reads."""
+
+    router_url: str | None = None
+    """Base URL of the router's HTTP API for the CLI (`ROUNDHOUSE_ROUTER_URL`). Unset:
+    `http://<http_host>:<http_port>`."""
+
+    def resolved_router_url(self) -> str:
+        """The router's HTTP base URL, without a trailing slash."""
+        if self.router_url:
+            return self.router_url.rstrip("/")
+        host = "127.0.0.1" if self.http_host in ("0.0.0.0", "::", "") else self.http_host
+        return f"http://{host}:{self.http_port}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -31,13 +32,16 @@ class ModelWaker:
         self._jobs = jobs
         self._wakes: dict[str, asyncio.Task[None]] = {}
 
-    async def place(self, record: AssetRecord) -> WorkerHandle:
+    async def place(self, record: AssetRecord, *,
+                    on_wake: Callable[[], None] | None = None) -> WorkerHandle:
         """A healthy worker holding the asset; `ModelNotReady` (503) when it cannot be loaded
-        within the wake timeout."""
+        within the wake timeout. `on_wake` is called when the request has to wait for a wake."""
         asset_id = record.spec.asset_id
         worker = self._pool.pick(asset_id)
         if worker is not None:
             return worker
+        if on_wake is not None:
+            on_wake()
         task = self._wakes.get(asset_id)
         if task is None:
             task = asyncio.create_task(self._wake(asset_id), name=f"wake-{asset_id}")

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.events import EventBus
 from services.common.grpc_server import GrpcServer, ServiceBinding, run_until_signal
 from services.common.modelstore.store import ModelStore
+from services.common.secrets import mask_url
 from services.common.telemetry import setup_telemetry
 from services.worker.heartbeat import Heartbeat
 from services.worker.holdings import MIB
-from services.worker.service import ModelHost
+from services.worker.service import ModelHost, load_from_store
 from services.worker.servicer import WorkerControlServicer, WorkerInferenceServicer
 from services.worker.settings import WorkerSettings
 
@@ -30,7 +32,9 @@ class WorkerServer:
 
     def __init__(self, settings: WorkerSettings, store: ModelStore, bus: EventBus | None = None) -> None:
         self._settings = settings
-        self.host = ModelHost(store=store, memory_budget_bytes=settings.worker_memory_mb * MIB, bus=bus)
+        loader = functools.partial(load_from_store, upstreams=settings.upstream_rules())
+        self.host = ModelHost(store=store, memory_budget_bytes=settings.worker_memory_mb * MIB, bus=bus,
+                              loader=loader)
         self.grpc = GrpcServer(settings.worker_address, [
             ServiceBinding(inference_pb2_grpc.add_InferenceServicer_to_server,
                            WorkerInferenceServicer(self.host), INFERENCE),
@@ -110,12 +114,13 @@ async def _connect_events(settings: WorkerSettings, worker: WorkerServer) -> Eve
         return None
     bus = await EventBus.connect(url, name="roundhouse-worker", ensure_stream=False)
     worker.attach_bus(bus)
-    log.info("publishing model events and heartbeats to %s", url)
+    log.info("publishing model events and heartbeats to %s", mask_url(url))
     return bus
 
 
 def main() -> None:
     """Entry point of `roundhouse worker`."""
     settings = WorkerSettings()
-    setup_telemetry("worker", level=settings.log_level, console=settings.otel_console)
+    setup_telemetry("worker", level=settings.log_level, console=settings.otel_console,
+                    key_envs=settings.upstream_key_envs)
     asyncio.run(serve(settings))

@@ -15,6 +15,7 @@ from services.common.asset_proto import AssetRecord
 from services.common.errors import FailedPrecondition, ModelNotReady, NotFound, QuotaExceeded
 from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
+from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.worker.converters import model_event
 from services.worker.holdings import (
     MIB,
@@ -35,10 +36,13 @@ Loader = Callable[[AssetRecord, ModelStore], HostedModel]
 FailureListener = Callable[[FailedModelInfo], None]
 
 
-def load_from_store(record: AssetRecord, store: ModelStore) -> HostedModel:
+def load_from_store(
+    record: AssetRecord, store: ModelStore, *, upstreams: UpstreamRules = DEFAULT_UPSTREAM_RULES
+) -> HostedModel:
     """Load an asset from the worker's model store (blocking: run it in a thread).
 
-    Remote (`url`) assets count as installed with no folder.
+    Remote (`url`) assets count as installed with no folder, and are checked against
+    `upstreams` first.
     """
     installed = store.installed(record.spec)
     if installed is None:
@@ -46,7 +50,7 @@ def load_from_store(record: AssetRecord, store: ModelStore) -> HostedModel:
             f"model '{record.spec.asset_id}' is not installed in the model store at "
             f"{store.root}; install it first"
         )
-    return load_model(record.spec, installed.path)
+    return load_model(record.spec, installed.path, upstreams=upstreams)
 
 UNLOAD_EVENTS = {"evict": "model.evicted", "sleep": "model.sleeping"}
 """The event an unload publishes, by its reason; any other reason is `model.unloaded`."""

@@ -376,6 +376,32 @@ class Generation(_message.Message):
 Global___Generation: _TypeAlias = Generation  # noqa: Y015
 
 @_typing.final
+class Pricing(_message.Message):
+    """What a model costs, in US dollars per million tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_PER_1M_FIELD_NUMBER: _builtins.int
+    OUTPUT_PER_1M_FIELD_NUMBER: _builtins.int
+    input_per_1m: _builtins.float
+    """Per million prompt tokens."""
+    output_per_1m: _builtins.float
+    """Per million completion tokens."""
+    def __init__(
+        self,
+        *,
+        input_per_1m: _builtins.float = ...,
+        output_per_1m: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_per_1m", b"input_per_1m", "output_per_1m", b"output_per_1m"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Pricing: _TypeAlias = Pricing  # noqa: Y015
+
+@_typing.final
 class Metadata(_message.Message):
     """Descriptive facts about the model. Values detected at load fill the gaps."""
 
@@ -469,6 +495,7 @@ class AssetSpec(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    PRICING_FIELD_NUMBER: _builtins.int
     asset_id: _builtins.str
     """Unique id, `^[a-z0-9][a-z0-9._-]{0,127}$`."""
     display_name: _builtins.str
@@ -517,6 +544,10 @@ class AssetSpec(_message.Message):
     def generation(self) -> Global___Generation:
         """Defaults for chat requests."""
 
+    @_builtins.property
+    def pricing(self) -> Global___Pricing:
+        """What the model costs; API keys' dollar budgets are charged from it. Unset: free."""
+
     def __init__(
         self,
         *,
@@ -535,10 +566,11 @@ class AssetSpec(_message.Message):
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         generation: Global___Generation | None = ...,
+        pricing: Global___Pricing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "lifecycle", b"lifecycle", "metadata", b"metadata", "policy", b"policy", "resources", b"resources", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "lifecycle", b"lifecycle", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing", "resources", b"resources", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "asset_class", b"asset_class", "asset_id", b"asset_id", "display_name", b"display_name", "generation", b"generation", "interface_version", b"interface_version", "interfaces", b"interfaces", "labels", b"labels", "lifecycle", b"lifecycle", "metadata", b"metadata", "policy", b"policy", "resources", b"resources", "runtime", b"runtime", "source", b"source", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "asset_class", b"asset_class", "asset_id", b"asset_id", "display_name", b"display_name", "generation", b"generation", "interface_version", b"interface_version", "interfaces", b"interfaces", "labels", b"labels", "lifecycle", b"lifecycle", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing", "resources", b"resources", "runtime", b"runtime", "source", b"source", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

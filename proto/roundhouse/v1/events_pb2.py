@@ -27,7 +27,7 @@ from roundhouse.v1 import asset_pb2 as roundhouse_dot_v1_dot_asset__pb2
 from roundhouse.v1 import jobs_pb2 as roundhouse_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aroundhouse/v1/events.proto\x12\rroundhouse.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19roundhouse/v1/asset.proto\x1a\x18roundhouse/v1/jobs.proto\"\xfa\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x30\n\x05model\x18\n \x01(\x0b\x32\x1f.roundhouse.v1.ModelEventDetailH\x00\x12,\n\x03job\x18\x0b \x01(\x0b\x32\x1d.roundhouse.v1.JobEventDetailH\x00\x12\x32\n\x06worker\x18\x0c \x01(\x0b\x32 .roundhouse.v1.WorkerEventDetailH\x00\x12\x30\n\x05\x61sset\x18\r \x01(\x0b\x32\x1f.roundhouse.v1.AssetEventDetailH\x00\x42\x08\n\x06\x64\x65tail\"y\n\x10ModelEventDetail\x12\x14\n\x0cload_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0cidle_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x65victed_for\x18\x05 \x01(\t\"\xa9\x01\n\x0eJobEventDetail\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.roundhouse.v1.OperationType\x12\x10\n\x08progress\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12\x12\n\nbytes_done\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\"d\n\x11WorkerEventDetail\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tasset_ids\x18\x04 \x03(\t\"\\\n\x10\x41ssetEventDetail\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hange\x18\x02 \x01(\t\x12&\n\x04spec\x18\x03 \x01(\x0b\x32\x18.roundhouse.v1.AssetSpecb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aroundhouse/v1/events.proto\x12\rroundhouse.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19roundhouse/v1/asset.proto\x1a\x18roundhouse/v1/jobs.proto\"\x8c\x03\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x10\n\x08\x61sset_id\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x10\n\x08key_name\x18\t \x01(\t\x12\x30\n\x05model\x18\n \x01(\x0b\x32\x1f.roundhouse.v1.ModelEventDetailH\x00\x12,\n\x03job\x18\x0b \x01(\x0b\x32\x1d.roundhouse.v1.JobEventDetailH\x00\x12\x32\n\x06worker\x18\x0c \x01(\x0b\x32 .roundhouse.v1.WorkerEventDetailH\x00\x12\x30\n\x05\x61sset\x18\r \x01(\x0b\x32\x1f.roundhouse.v1.AssetEventDetailH\x00\x42\x08\n\x06\x64\x65tail\"y\n\x10ModelEventDetail\x12\x14\n\x0cload_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0cidle_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x65victed_for\x18\x05 \x01(\t\"\xa9\x01\n\x0eJobEventDetail\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.roundhouse.v1.OperationType\x12\x10\n\x08progress\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12\x12\n\nbytes_done\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\"d\n\x11WorkerEventDetail\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tasset_ids\x18\x04 \x03(\t\"\\\n\x10\x41ssetEventDetail\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hange\x18\x02 \x01(\t\x12&\n\x04spec\x18\x03 \x01(\x0b\x32\x18.roundhouse.v1.AssetSpecb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'roundhouse.v1.events_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENT']._serialized_start=132
-  _globals['_EVENT']._serialized_end=510
-  _globals['_MODELEVENTDETAIL']._serialized_start=512
-  _globals['_MODELEVENTDETAIL']._serialized_end=633
-  _globals['_JOBEVENTDETAIL']._serialized_start=636
-  _globals['_JOBEVENTDETAIL']._serialized_end=805
-  _globals['_WORKEREVENTDETAIL']._serialized_start=807
-  _globals['_WORKEREVENTDETAIL']._serialized_end=907
-  _globals['_ASSETEVENTDETAIL']._serialized_start=909
-  _globals['_ASSETEVENTDETAIL']._serialized_end=1001
+  _globals['_EVENT']._serialized_end=528
+  _globals['_MODELEVENTDETAIL']._serialized_start=530
+  _globals['_MODELEVENTDETAIL']._serialized_end=651
+  _globals['_JOBEVENTDETAIL']._serialized_start=654
+  _globals['_JOBEVENTDETAIL']._serialized_end=823
+  _globals['_WORKEREVENTDETAIL']._serialized_start=825
+  _globals['_WORKEREVENTDETAIL']._serialized_end=925
+  _globals['_ASSETEVENTDETAIL']._serialized_start=927
+  _globals['_ASSETEVENTDETAIL']._serialized_end=1019
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,7 @@ class Event(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     WORKER_FIELD_NUMBER: _builtins.int
@@ -45,7 +46,7 @@ class Event(_message.Message):
     """Unique id; consumers use it to drop duplicates."""
     type: _builtins.str
     """Dotted type, the subject without prefix and id: `model.loaded`, `job.progress`,
-    `worker.down`, `asset.applied`, ...
+    `worker.down`, `asset.applied`, `key.revoked`, ...
     """
     source: _builtins.str
     """The service that published it: `registry`, `router`, `worker`, `jobs`."""
@@ -57,6 +58,8 @@ class Event(_message.Message):
     """The operation concerned, if any."""
     request_id: _builtins.str
     """Correlation id of the request that caused it, if any."""
+    key_name: _builtins.str
+    """The API key concerned, by name (`key.*`: revoked); never its secret."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -80,6 +83,7 @@ class Event(_message.Message):
         worker_id: _builtins.str = ...,
         job_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        key_name: _builtins.str = ...,
         model: Global___ModelEventDetail | None = ...,
         job: Global___JobEventDetail | None = ...,
         worker: Global___WorkerEventDetail | None = ...,
@@ -87,7 +91,7 @@ class Event(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "detail", b"detail", "job", b"job", "model", b"model", "time", b"time", "worker", b"worker"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "asset_id", b"asset_id", "detail", b"detail", "event_id", b"event_id", "job", b"job", "job_id", b"job_id", "model", b"model", "request_id", b"request_id", "source", b"source", "time", b"time", "type", b"type", "worker", b"worker", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "asset_id", b"asset_id", "detail", b"detail", "event_id", b"event_id", "job", b"job", "job_id", b"job_id", "key_name", b"key_name", "model", b"model", "request_id", b"request_id", "source", b"source", "time", b"time", "type", b"type", "worker", b"worker", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_detail: _TypeAlias = _typing.Literal["model", "job", "worker", "asset"]  # noqa: Y015
     _WhichOneofArgType_detail: _TypeAlias = _typing.Literal["detail", b"detail"]  # noqa: Y015
@@ -219,7 +223,11 @@ Global___WorkerEventDetail: _TypeAlias = WorkerEventDetail  # noqa: Y015
 
 @_typing.final
 class AssetEventDetail(_message.Message):
-    """`asset.*`: applied, deleted."""
+    """`key.*`: revoked (no detail; `key_name` names the key). Routers drop it from their
+    key cache at once.
+
+    `asset.*`: applied, deleted.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

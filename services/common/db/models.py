@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Index,
     LargeBinary,
     MetaData,
+    Numeric,
     Text,
     func,
     text,
@@ -163,12 +165,96 @@ class OutboxEvent(Base):
 
 
 class ApiKey(Base):
-    """An API key for the HTTP API; only a hash of the secret is stored."""
+    """An API key for the HTTP and gRPC fronts; only a hash of the secret is stored.
+
+    A name is unique among unrevoked keys: a revoked key's name may be given to a new key.
+    """
 
     __tablename__ = "api_keys"
+    __table_args__ = (
+        Index("uq_api_keys_active_name", "name", unique=True,
+              postgresql_where=text("revoked_at IS NULL")),
+    )
 
     key_id: Mapped[str] = mapped_column(primary_key=True)
     name: Mapped[str]
     key_hash: Mapped[str] = mapped_column(unique=True)
     created_at: Mapped[datetime] = _created_at()
     revoked_at: Mapped[datetime | None]
+    prefix: Mapped[str] = mapped_column(server_default=text("''"))
+    """The start of the secret, safe to show."""
+    admin: Mapped[bool] = mapped_column(server_default=text("false"))
+    models: Mapped[list[Any]] = mapped_column(JSONB(), server_default=text("'[]'::jsonb"))
+    """Asset ids or aliases the key may use; empty: every model."""
+    rpm: Mapped[int | None]
+    tpm: Mapped[int | None]
+    max_parallel: Mapped[int | None]
+    budget_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(18, 6))
+    budget_period_s: Mapped[int | None] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime | None]
+
+
+USD = Numeric(20, 9)
+"""Dollar amounts: nine decimals, so a single token of a cheap model still counts."""
+
+
+class LimitCounter(Base):
+    """One API key's usage in its current minute and budget period, shared by every router.
+
+    Written only by the `rh_limit_reserve` / `rh_limit_settle` functions (migration 0004).
+    """
+
+    __tablename__ = "limit_counters"
+
+    key_id: Mapped[str] = mapped_column(primary_key=True)
+    minute_start: Mapped[datetime]
+    minute_requests: Mapped[int] = mapped_column(server_default=text("0"))
+    minute_tokens: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    budget_start: Mapped[datetime]
+    budget_tokens: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    budget_usd: Mapped[Decimal] = mapped_column(USD, server_default=text("0"))
+
+
+class LimitReservation(Base):
+    """What one request in flight reserved (its estimate) until it settles or expires."""
+
+    __tablename__ = "limit_reservations"
+    __table_args__ = (Index("ix_limit_reservations_key_id", "key_id"),)
+
+    reservation_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    key_id: Mapped[str]
+    minute_start: Mapped[datetime]
+    budget_start: Mapped[datetime]
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    usd: Mapped[Decimal] = mapped_column(USD)
+    expires_at: Mapped[datetime]
+
+
+class UsageRecord(Base):
+    """One request in the usage ledger (written in batches by the router)."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_records_at", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    """When the request arrived."""
+    request_id: Mapped[str]
+    key_id: Mapped[str]
+    """Empty when auth is off."""
+    asset_id: Mapped[str]
+    """The asset that answered (empty when the name did not resolve)."""
+    route: Mapped[str]
+    """The model name the client sent."""
+    interface: Mapped[str]
+    prompt_tokens: Mapped[int]
+    completion_tokens: Mapped[int]
+    cost_usd: Mapped[Decimal] = mapped_column(USD)
+    latency_ms: Mapped[float]
+    ttft_ms: Mapped[float | None]
+    status: Mapped[str]
+    """`ok`, `cancelled`, or the failure as a snake-case name (`rate_limited`,
+    `budget_exhausted`, `model_not_ready`...; `internal` for an unexpected one)."""
+    woke: Mapped[bool]
+    """Whether the request had to wake its model."""

@@ -15,17 +15,24 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from services.router.http.admin import admin_router
+from services.router.http.auth import AuthMiddleware, document_security
 from services.router.http.chat.serving import ChatServing
 from services.router.http.completion.serving import CompletionServing
 from services.router.http.embedding.serving import EmbeddingServing
 from services.router.http.errors import install_error_handlers
+from services.router.http.keys import keys_router
 from services.router.http.metrics import HttpMetrics
 from services.router.http.middleware import RequestContextMiddleware
 from services.router.http.routes import openai_router
+from services.router.http.usage import usage_router
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from roundhouse.v1.jobs_pb2_grpc import JobsStub
+    from services.common.keys import KeyStore
     from services.router.gateway import Gateway
+    from services.router.keys import KeyAuthenticator
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +41,16 @@ READY_TIMEOUT_S = 5.0
 
 
 def create_app(
-    gateway: Gateway, jobs: JobsStub, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    gateway: Gateway, jobs: JobsStub, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    authenticator: KeyAuthenticator | None = None, key_store: KeyStore | None = None,
+    on_key_revoked: Callable[[str], None] | None = None, metrics_auth: bool = False,
 ) -> FastAPI:
-    """The HTTP API in front of `gateway`, with the admin API over `jobs`.
+    """The HTTP API in front of `gateway`, with the admin API over `jobs` and `key_store`.
 
     Routes: `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, `/v1/completions`,
-    `/v1/embeddings`, `/admin/v1/...` (see `admin`), `/healthz`, `/readyz`, `/metrics`.
-    Bodies over `max_body_bytes`
+    `/v1/embeddings`, `/admin/v1/...` (see `admin` and `keys`), `/healthz`, `/readyz`,
+    `/metrics`. Keys are checked by `authenticator` (see `auth`; None: not at all);
+    `on_key_revoked(name)` runs after a revocation here. Bodies over `max_body_bytes`
     are refused with 413. Every error has OpenAI's shape; every response has `x-request-id`.
     """
     metrics = HttpMetrics()
@@ -52,13 +62,18 @@ def create_app(
     app.state.gateway = gateway
     app.state.jobs = jobs
     app.state.metrics = metrics
+    app.state.key_store = key_store
+    app.state.on_key_revoked = on_key_revoked
     app.state.chat = ChatServing(gateway, metrics)
     app.state.completion = CompletionServing(gateway, metrics)
     app.state.embedding = EmbeddingServing(gateway, metrics)
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(keys_router)
+    app.include_router(usage_router)
     _add_operational_routes(app)
+    app.add_middleware(AuthMiddleware, authenticator=authenticator, metrics_auth=metrics_auth)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
     app.openapi = lambda: _exact_openapi(app)  # type: ignore[method-assign]
     return app
@@ -71,7 +86,8 @@ _FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
 
 def _exact_openapi(app: FastAPI) -> dict[str, Any]:
     """The OpenAPI document as the server behaves: no 422 anywhere (invalid input is a 400 with
-    the `ErrorResponse` body, documented by the routes that can refuse input)."""
+    the `ErrorResponse` body, documented by the routes that can refuse input), and the API
+    keys each `/v1` and `/admin/v1` route takes, with their 401 and 403."""
     if app.openapi_schema is None:
         document = get_openapi(title=app.title, version=app.version, openapi_version=app.openapi_version,
                                summary=app.summary, description=app.description, routes=app.routes)
@@ -81,6 +97,7 @@ def _exact_openapi(app: FastAPI) -> dict[str, Any]:
         schemas = document.get("components", {}).get("schemas", {})
         for name in _FASTAPI_VALIDATION:
             schemas.pop(name, None)
+        document_security(document, "#/components/schemas/ErrorResponse")
         app.openapi_schema = document
     return app.openapi_schema
 

@@ -49,6 +49,10 @@ class ClientClosedRequest(HTTPProblem):
 
 # (domain error, status, type, code, param); the first match wins, so subclasses come first.
 _DOMAIN_ERRORS: list[tuple[type[domain.RoundhouseError], int, str, str, str | None]] = [
+    (domain.Unauthenticated, 401, INVALID_REQUEST, "invalid_api_key", None),
+    (domain.ModelNotAllowed, 403, "permission_error", "model_not_allowed", "model"),
+    (domain.PermissionDenied, 403, "permission_error", "permission_denied", None),
+    (domain.AlreadyExists, 409, INVALID_REQUEST, "already_exists", None),
     (domain.AssetNotFound, 404, INVALID_REQUEST, "model_not_found", "model"),
     (domain.WrongInterface, 400, INVALID_REQUEST, "model_not_supported", "model"),
     (domain.AssetDisabled, 409, INVALID_REQUEST, "model_disabled", "model"),
@@ -57,6 +61,9 @@ _DOMAIN_ERRORS: list[tuple[type[domain.RoundhouseError], int, str, str, str | No
     (domain.ContextLengthExceeded, 400, INVALID_REQUEST, "context_length_exceeded", None),
     (domain.InvalidArgument, 400, INVALID_REQUEST, "invalid_value", None),
     (domain.Overloaded, 429, "rate_limit_error", "model_overloaded", None),
+    (domain.RateLimited, 429, "rate_limit_error", "rate_limit_exceeded", None),
+    (domain.BudgetExhausted, 429, "insufficient_quota", "insufficient_quota", None),
+    (domain.LimitsUnavailable, 503, "service_unavailable_error", "limits_unavailable", None),
     (domain.ModelNotReady, 503, "service_unavailable_error", "model_not_ready", None),
     (domain.UpstreamError, 502, "upstream_error", "upstream_error", None),
     (domain.QuotaExceeded, 503, "service_unavailable_error", "insufficient_capacity", None),

@@ -18,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.router.http.errors import HTTPProblem, error_response
 from services.router.http.metrics import HttpMetrics
+from services.router.http.ratelimit import ratelimit_headers
+from services.router.limits import open_report
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class RequestContextMiddleware:
     response, errors and streams included. A body larger than `max_body_bytes` is refused
     with 413, by its Content-Length or, without one, once the bytes read pass the limit;
     the body the app reads is the one read here, so it is never read unbounded.
+    A request whose key has rate limits gets the `x-ratelimit-*` headers, refused or served.
     """
 
     def __init__(self, app: ASGIApp, *, metrics: HttpMetrics, max_body_bytes: int) -> None:
@@ -54,6 +57,7 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         response: MutableMapping[str, Any] = {"started": False, "status": 500}
+        limits = open_report()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -61,6 +65,8 @@ class RequestContextMiddleware:
                 headers = [(k, v) for k, v in message.get("headers", [])
                            if k.lower() != REQUEST_ID_HEADER.encode()]
                 headers.append((REQUEST_ID_HEADER.encode(), request_id.encode("ascii")))
+                if limits.status is not None:
+                    headers += ratelimit_headers(limits.status)
                 message = {**message, "headers": headers}
             await send(message)
 

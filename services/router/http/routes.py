@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from services.router.http.auth import request_key
 from services.router.http.chat.protocol import ChatCompletionRequest, ChatCompletionResponse
 from services.router.http.completion.protocol import CompletionRequest, CompletionResponse
 from services.router.http.embedding.protocol import EmbeddingRequest, EmbeddingResponse
@@ -32,15 +33,15 @@ openai_router = APIRouter(prefix="/v1", responses=ERRORS)
 
 @openai_router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    """Every asset, as OpenAI model objects; nothing is loaded to answer."""
-    records = await request.app.state.gateway.list_models()
+    """Every asset the API key may use, as OpenAI model objects; nothing is loaded to answer."""
+    records = await request.app.state.gateway.list_models(key=request_key(request))
     return ModelList(data=[ModelCard.from_record(r) for r in records])
 
 
 @openai_router.get("/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> ModelCard:
     """One asset by id or alias."""
-    return ModelCard.from_record(await request.app.state.gateway.get_model(model_id))
+    return ModelCard.from_record(await request.app.state.gateway.get_model(model_id, key=request_key(request)))
 
 
 @openai_router.post("/chat/completions", response_model=ChatCompletionResponse,

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from roundhouse.v1 import inference_pb2
 from services.common.errors import UpstreamError
+from services.router.http.auth import request_key
 from services.router.http.errors import ClientClosedRequest, error_payload
 from services.router.http.protocol import FinishReason, UsageInfo, finish_reason
 
@@ -224,7 +225,7 @@ class GenerationServing(ABC):
         `recorded`)."""
         request_id: str = request.state.request_id
         record(request_id, self.endpoint, body.recorded())
-        chunks = self.gateway.chat(body.to_proto(request_id))
+        chunks = self.gateway.chat(body.to_proto(request_id), key=request_key(request))
         prefix = self._prefix(body)
         if not body.stream:
             text, last = await collect(request, chunks)

@@ -1,7 +1,9 @@
 """A remote OpenAI-compatible upstream (Ollama, vLLM, LM Studio, a cloud API) as a hosted model.
 
 The API key is read from the environment variable the spec names and is only ever put in
-the Authorization header: every error message is scrubbed of it before it leaves here.
+the Authorization header: every error message is scrubbed of it before it leaves here. The
+variable and the URL are checked against the worker's `UpstreamRules` before either is used,
+whatever the registry accepted.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 import httpx
 
 from services.common.assetspec import AssetSpec
-from services.common.errors import UpstreamError
+from services.common.errors import FieldProblem, InvalidSpec, UpstreamError
+from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.worker.models.types import (
     Capabilities,
     ChatDelta,
@@ -41,7 +44,18 @@ class UpstreamHTTPError(UpstreamError):
 class OpenAIRemoteModel(HostedModel):
     """Proxies chat (streamed) and embeddings to `source.url`, under `source.upstream_model`."""
 
-    def __init__(self, spec: AssetSpec, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, spec: AssetSpec, transport: httpx.AsyncBaseTransport | None = None, *,
+        upstreams: UpstreamRules = DEFAULT_UPSTREAM_RULES,
+    ) -> None:
+        """Check the upstream against `upstreams` (`InvalidSpec` naming the field), then
+        prepare the client; `resolve` the host so a name for a metadata address is refused."""
+        problems = [FieldProblem(f"source.{name}", problem) for name, problem in (
+            ("api_key_env", upstreams.key_env_problem(spec.source.api_key_env)),
+            ("url", upstreams.url_problem(spec.source.url, resolve=True)),
+        ) if problem]
+        if problems:
+            raise InvalidSpec.from_problems(problems)
         self.asset_id = spec.asset_id
         self.interfaces = tuple(spec.interface)
         self.upstream_model = spec.source.upstream_model or spec.asset_id

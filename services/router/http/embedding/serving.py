@@ -8,6 +8,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from services.common.errors import FieldProblem, InvalidArgument
+from services.router.http.auth import request_key
 from services.router.http.embedding.protocol import (
     EmbeddingData,
     EmbeddingRequest,
@@ -39,12 +40,13 @@ class EmbeddingServing:
         against the registry before embedding when the length is known, else after.
         """
         if body.dimensions is not None:
-            card = ModelCard.from_record(await self.gateway.get_model(body.model))
+            card = ModelCard.from_record(await self.gateway.get_model(body.model, key=request_key(request)))
             if card.embedding_dim is not None:
                 self._check_dimensions(body.dimensions, card.id, card.embedding_dim)
         request_id: str = request.state.request_id
         record(request_id, ENDPOINT, body.recorded())
-        result = await until_disconnected(request, self.gateway.embed(body.to_proto(request_id)))
+        result = await until_disconnected(request, self.gateway.embed(body.to_proto(request_id),
+                                                                  key=request_key(request)))
         if body.dimensions is not None:
             self._check_dimensions(body.dimensions, result.asset_id or body.model,
                                    result.dimensions or len(result.embeddings[0].values))

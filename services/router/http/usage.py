@@ -1,0 +1,74 @@
+"""`GET /admin/v1/usage`: the usage ledger summed per API key, asset or day (an admin key is
+needed, as for every `/admin/v1` route; see `auth`)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict
+
+from services.common.errors import FieldProblem, InvalidArgument
+from services.router.http.protocol import ErrorResponse
+from services.router.usage import GroupBy, UsageLedger
+
+DEFAULT_SPAN = timedelta(days=30)
+
+usage_router = APIRouter(prefix="/admin/v1", tags=["admin"])
+
+
+class UsageRow(BaseModel):
+    """One group's totals over the period."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    group: str
+    """The key id (empty: requests made with auth off), the asset id, or the day (UTC,
+    `YYYY-MM-DD`)."""
+    requests: int
+    errors: int
+    """Requests that did not succeed (refused by a limit, failed, cancelled...)."""
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    p50_latency_ms: float
+    p95_latency_ms: float
+
+
+class UsageReport(BaseModel):
+    """`GET /admin/v1/usage`."""
+
+    group_by: GroupBy
+    since: datetime
+    until: datetime
+    rows: list[UsageRow]
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+@usage_router.get("/usage", response_model=UsageReport, responses={
+    400: {"model": ErrorResponse, "description": "`since` is not before `until`, or a bad value."}})
+async def usage(
+    request: Request,
+    group_by: Annotated[GroupBy, Query(description="Sum per `key`, `asset` or `day`.")] = "key",
+    since: Annotated[datetime | None, Query(
+        description="Start (RFC 3339; UTC if no offset); default: 30 days before `until`.")] = None,
+    until: Annotated[datetime | None, Query(
+        description="End, excluded (RFC 3339; UTC if no offset); default: now.")] = None,
+) -> dict[str, Any]:
+    """Requests, errors, tokens in and out, cost and p50/p95 latency from the usage ledger,
+    every router's requests included (this router's are written before it answers)."""
+    end = _utc(until) if until is not None else datetime.now(UTC)
+    start = _utc(since) if since is not None else end - DEFAULT_SPAN
+    if start >= end:
+        raise InvalidArgument.from_problems([FieldProblem("since", "must be before until")])
+    ledger: UsageLedger = request.app.state.gateway.usage
+    rows = await ledger.summary(group_by, start, end)
+    return {"group_by": group_by, "since": start, "until": end,
+            "rows": [UsageRow(group=r.group, requests=r.requests, errors=r.errors,
+                              prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                              cost_usd=float(r.cost_usd), p50_latency_ms=r.p50_latency_ms,
+                              p95_latency_ms=r.p95_latency_ms) for r in rows]}

@@ -1,0 +1,86 @@
+"""Key lookup: a presented secret → its `KeyRecord`, or `Unauthenticated`.
+
+Lookups are cached by secret hash for `cache_s` seconds (10 by default), so a busy key costs
+one Postgres query per period, not one per request. A revocation does not wait for that:
+every router subscribes to `key.revoked` events and drops the key from its cache at once,
+and the whole cache when NATS reconnects (events may have been missed meanwhile). Expiry is
+checked on every request, cached or not. Unknown secrets are never cached: a flood of
+made-up keys would otherwise fill memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from services.common.errors import Unauthenticated
+from services.common.keys import KeyRecord, KeyStore, hash_secret, is_usable
+from services.common.keys.secrets import looks_like_secret
+
+log = logging.getLogger(__name__)
+
+BEARER = "bearer "
+INVALID_KEY = ("Incorrect API key provided. Pass a Roundhouse key (rh-...) as "
+               "'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
+MISSING_KEY = ("You didn't provide an API key. Pass a Roundhouse key (rh-...) as "
+               "'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
+
+
+def credential_from(authorization: str | None, api_key: str | None) -> str:
+    """The secret an HTTP request or gRPC call presents: `Authorization: Bearer <key>` (the
+    `Bearer` word may be left out in gRPC metadata), else `x-api-key`. Unauthenticated when
+    there is none or the header is malformed."""
+    if authorization is not None:
+        value = authorization.strip()
+        if value.lower().startswith(BEARER):
+            value = value[len(BEARER):].strip()
+        if not value:
+            raise Unauthenticated(MISSING_KEY)
+        return value
+    if api_key is not None and api_key.strip():
+        return api_key.strip()
+    raise Unauthenticated(MISSING_KEY)
+
+
+class KeyAuthenticator:
+    """Checks presented secrets against the key store, with a short cache."""
+
+    def __init__(self, store: KeyStore, *, cache_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self._cache_s = cache_s
+        self._clock = clock
+        self._cache: dict[str, tuple[float, KeyRecord]] = {}
+
+    async def authenticate(self, secret: str) -> KeyRecord:
+        """The usable key with this secret; Unauthenticated when malformed, unknown, revoked or
+        expired (one message for all: a caller learns nothing about which)."""
+        if not looks_like_secret(secret):
+            raise Unauthenticated(INVALID_KEY)
+        digest = hash_secret(secret)
+        cached = self._cache.get(digest)
+        now = self._clock()
+        if cached is not None and cached[0] > now:
+            record = cached[1]
+        else:
+            found = await self.store.find(digest)
+            if found is None:
+                self._cache.pop(digest, None)
+                raise Unauthenticated(INVALID_KEY)
+            record = found
+            self._cache[digest] = (now + self._cache_s, record)
+        if not is_usable(record):
+            raise Unauthenticated(INVALID_KEY)
+        return record
+
+    def forget(self, name: str) -> None:
+        """Drop every cached key of that name (it was revoked)."""
+        for digest, (_, record) in list(self._cache.items()):
+            if record.name == name:
+                del self._cache[digest]
+        log.info("API key %s dropped from the key cache", name)
+
+    def forget_all(self) -> None:
+        """Drop the whole cache (revocations may have been missed)."""
+        self._cache.clear()

@@ -1,0 +1,61 @@
+"""What a request may use, estimated before it runs, and what tokens cost.
+
+The prompt is estimated at one token per four characters, rounded up, plus four tokens per
+chat message (its role and the template's markers); token-id inputs count exactly. The
+completion is the request's `max_tokens`, else the asset's `generation.max_tokens`, else the
+router's `limit_default_completion_tokens`. A request that sets `max_tokens` therefore never
+uses more than it reserved, up to the prompt estimate; the real usage replaces the estimate
+when the request settles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from roundhouse.v1 import inference_pb2
+from services.common.asset_proto import AssetRecord
+from services.common.assetspec import Pricing
+
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+MILLION = Decimal(1_000_000)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Tokens and dollars a request may use at most (as far as the router can tell)."""
+
+    tokens: int
+    usd: Decimal
+
+
+def _text_tokens(text: str) -> int:
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
+def cost(pricing: Pricing | None, prompt_tokens: int, completion_tokens: int) -> Decimal:
+    """US dollars for that many tokens at the asset's prices (0 without pricing)."""
+    if pricing is None:
+        return Decimal(0)
+    return (Decimal(str(pricing.input_per_1m)) * prompt_tokens
+            + Decimal(str(pricing.output_per_1m)) * completion_tokens) / MILLION
+
+
+def estimate_chat(request: inference_pb2.ChatRequest, record: AssetRecord,
+                  default_completion_tokens: int) -> Estimate:
+    """The most a chat or completion request is expected to use."""
+    prompt = _text_tokens(request.prompt) + sum(
+        _text_tokens(m.content) + TOKENS_PER_MESSAGE for m in request.messages)
+    if request.HasField("max_tokens"):
+        completion = request.max_tokens
+    else:
+        completion = record.spec.generation.max_tokens or default_completion_tokens
+    return Estimate(prompt + completion, cost(record.spec.pricing, prompt, completion))
+
+
+def estimate_embed(request: inference_pb2.EmbedRequest, record: AssetRecord) -> Estimate:
+    """What an embedding request uses: its inputs' tokens."""
+    tokens = sum(len(i.tokens.ids) if i.HasField("tokens") else _text_tokens(i.text)
+                 for i in request.inputs)
+    return Estimate(tokens, cost(record.spec.pricing, tokens, 0))

@@ -1,0 +1,52 @@
+"""Reading the usage ledger back: totals and latency percentiles per key, asset or day."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+import asyncpg
+
+GroupBy = Literal["key", "asset", "day"]
+_GROUPS: dict[str, str] = {
+    "key": "key_id",
+    "asset": "asset_id",
+    "day": "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+}
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    """One group's totals."""
+
+    group: str
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+    p50_latency_ms: float
+    p95_latency_ms: float
+
+
+async def summarize(pool: asyncpg.Pool, group_by: GroupBy, since: datetime,
+                    until: datetime) -> list[UsageSummary]:
+    """Requests in [since, until) grouped by `group_by`, in group order."""
+    group = _GROUPS[group_by]  # one of three fixed expressions, never client text
+    rows = await pool.fetch(
+        f"""SELECT {group} AS grp, count(*) AS requests,
+                   count(*) FILTER (WHERE status <> 'ok') AS errors,
+                   coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+                   coalesce(sum(completion_tokens), 0) AS completion_tokens,
+                   coalesce(sum(cost_usd), 0) AS cost_usd,
+                   percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50,
+                   percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95
+            FROM usage_records WHERE at >= $1 AND at < $2
+            GROUP BY grp ORDER BY grp""",  # noqa: S608
+        since, until, timeout=30)
+    return [UsageSummary(group=r["grp"], requests=r["requests"], errors=r["errors"],
+                         prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],
+                         cost_usd=r["cost_usd"], p50_latency_ms=r["p50"], p95_latency_ms=r["p95"])
+            for r in rows]

@@ -1,0 +1,97 @@
+"""One request's line in the usage ledger, filled in as the request goes through the router."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from roundhouse.v1 import inference_pb2
+from services.common.asset_proto import AssetRecord
+from services.common.errors import RoundhouseError
+from services.router.limits.estimate import cost
+from services.router.limits.limiter import Reservation
+
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def status_of(exc: BaseException) -> str:
+    """How a failure is written in the ledger: the domain error's name in snake case
+    (`RateLimited` → `rate_limited`), `cancelled` for a client that went away, else
+    `internal`."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "cancelled"
+    if isinstance(exc, RoundhouseError):
+        return _CAMEL.sub("_", type(exc).__name__).lower()
+    return "internal"
+
+
+class UsageTicket:
+    """What the ledger records of one request: who, which model, tokens, cost, timings."""
+
+    __slots__ = ("at", "started", "request_id", "key_id", "route", "interface", "asset",
+                 "prompt_tokens", "completion_tokens", "first_token_s", "status", "woke",
+                 "latency_s", "reservation")
+
+    def __init__(self, key_id: str, route: str, interface: str, request_id: str) -> None:
+        self.at = datetime.now(UTC)
+        self.started = time.perf_counter()
+        self.request_id, self.key_id, self.route, self.interface = (
+            request_id, key_id, route, interface)
+        self.asset: AssetRecord | None = None
+        self.prompt_tokens = self.completion_tokens = 0
+        self.first_token_s: float | None = None
+        self.latency_s = 0.0
+        self.status = "ok"
+        self.woke = False
+        self.reservation: Reservation | None = None
+        """What the limits reserved for the request, settled when it ends."""
+
+    def mark_woke(self) -> None:
+        """The request had to wake its model."""
+        self.woke = True
+
+    def chunk(self, chunk: inference_pb2.ChatChunk) -> None:
+        """A chunk of the answer arrived: the first one times the first token; usage counts."""
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+        if chunk.HasField("usage"):
+            self.used(chunk.usage)
+
+    def used(self, usage: inference_pb2.Usage) -> None:
+        """The tokens the worker reports."""
+        self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+
+    def failed(self, exc: BaseException) -> None:
+        """The request ended with `exc`."""
+        self.status = status_of(exc)
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def cost_usd(self) -> Decimal:
+        """What the tokens cost at the answering asset's prices."""
+        pricing = self.asset.spec.pricing if self.asset is not None else None
+        return cost(pricing, self.prompt_tokens, self.completion_tokens)
+
+    def finish(self) -> None:
+        """The request is over: its latency stops here."""
+        self.latency_s = time.perf_counter() - self.started
+
+    def row(self) -> tuple[object, ...]:
+        """The ledger row, in `COLUMNS` order."""
+        return (self.at, self.request_id, self.key_id,
+                self.asset.spec.asset_id if self.asset is not None else "", self.route,
+                self.interface, self.prompt_tokens, self.completion_tokens, self.cost_usd,
+                self.latency_s * 1000,
+                None if self.first_token_s is None else self.first_token_s * 1000,
+                self.status, self.woke)
+
+
+COLUMNS = ("at", "request_id", "key_id", "asset_id", "route", "interface", "prompt_tokens",
+           "completion_tokens", "cost_usd", "latency_ms", "ttft_ms", "status", "woke")

@@ -1,0 +1,281 @@
+"""API keys end to end: a stack that checks keys, the official `openai` client, real Postgres
+and NATS. What a caller notices: 401 without a valid key, 403 outside the key's scope, admin
+routes for admin keys only, and a revoked key refused at once by every router."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+from polling import wait_until
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_router, running_stack, tiny_documents
+
+from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2
+from services.common.events import EventBus
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    db_dsn: str, nats_url: str, sources: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
+    async with running_stack(db_dsn, nats_url, sources, tmp_path_factory.mktemp("store"),
+                             auth=True) as running:
+        await running.apply(*tiny_documents(sources))
+        yield running
+
+
+@pytest.fixture
+async def admin(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=f"{stack.http_url}/admin/v1", timeout=60,
+                                 headers=stack.admin_headers) as client:
+        yield client
+
+
+@pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.http_url, timeout=60) as plain:
+        yield plain
+
+
+_names = iter(range(10_000))
+
+
+async def new_key(admin: httpx.AsyncClient, **fields: Any) -> str:
+    """A fresh key of a fresh name; its secret."""
+    reply = await admin.post("/keys", json={"name": f"test-key-{next(_names)}", **fields})
+    assert reply.status_code == 201, reply.text
+    secret: str = reply.json()["key"]
+    return secret
+
+
+def client(stack: Stack, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+async def holds(stack: Stack, asset_id: str) -> bool:
+    info = await stack.workers[0].control.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest())
+    return any(m.asset_id == asset_id for m in info.models)
+
+
+async def test_a_model_outside_the_key_never_reaches_a_worker_nor_wakes_it(
+    stack: Stack, admin: httpx.AsyncClient
+) -> None:
+    assert not await holds(stack, TINY_CHAT)
+    key = await new_key(admin, models=[TINY_EMBED])
+    async with client(stack, key) as api:
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            await api.chat.completions.create(model=TINY_CHAT, messages=HELLO, max_tokens=2)
+        assert refused.value.code == "model_not_allowed"
+        with pytest.raises(openai.PermissionDeniedError):
+            await api.chat.completions.create(model="tiny-alias", messages=HELLO, max_tokens=2)
+        reply = await api.embeddings.create(model=TINY_EMBED, input="hi")
+        assert len(reply.data[0].embedding) > 0
+    assert not await holds(stack, TINY_CHAT)
+    operations = (await admin.get("/operations", params={"asset_id": TINY_CHAT})).json()["operations"]
+    assert operations == []
+
+
+async def test_a_key_for_an_alias_may_use_its_model_and_lists_only_it(
+    stack: Stack, admin: httpx.AsyncClient
+) -> None:
+    key = await new_key(admin, models=["tiny-alias"])
+    async with client(stack, key) as api:
+        reply = await api.chat.completions.create(model=TINY_CHAT, messages=HELLO, max_tokens=2)
+        assert reply.model == TINY_CHAT
+        assert [m.id for m in (await api.models.list()).data] == [TINY_CHAT]
+        assert (await api.models.retrieve("tiny-alias")).id == TINY_CHAT
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            await api.embeddings.create(model=TINY_EMBED, input="hi")
+        assert refused.value.code == "model_not_allowed"
+        with pytest.raises(openai.PermissionDeniedError):
+            await api.models.retrieve(TINY_EMBED)
+    every = await new_key(admin)
+    async with client(stack, every) as api:
+        assert {m.id for m in (await api.models.list()).data} >= {TINY_CHAT, TINY_EMBED}
+
+
+async def test_unknown_revoked_and_expired_keys_are_401(stack: Stack, admin: httpx.AsyncClient) -> None:
+    async with client(stack, "rh-not-a-key-we-made") as api:
+        with pytest.raises(openai.AuthenticationError) as refused:
+            await api.models.list()
+        assert refused.value.code == "invalid_api_key"
+    reply = await admin.post("/keys", json={"name": "soon-revoked"})
+    secret = reply.json()["key"]
+    async with client(stack, secret) as api:
+        await api.models.list()
+        assert (await admin.delete("/keys/soon-revoked")).status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            await api.models.list()
+    expiring = await new_key(admin, expires_in="1s")
+    async with client(stack, expiring) as api:
+
+        async def refused() -> bool:
+            try:
+                await api.models.list()
+            except openai.AuthenticationError:
+                return True
+            return False
+
+        await wait_until(refused, timeout=10, interval=0.2)
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": ""},
+    {"Authorization": "Bearer"},
+    {"Authorization": "Bearer rh-two words"},
+    {"Authorization": "Basic dXNlcjpwYXNz"},
+    {"Authorization": "Bearer rh-" + "a" * 10_240},
+    {"Authorization": "Bearer rh-' OR 1=1 --"},
+    {"Authorization": "Bearer rh-ключ".encode()},
+    {"x-api-key": "rh-\x7f"},
+])
+async def test_missing_or_malformed_keys_are_401(
+    http: httpx.AsyncClient, headers: dict[str, Any]
+) -> None:
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+                         ("GET", "/admin/v1/workers"), ("GET", "/v1/no-such-route")):
+        reply = await http.request(method, path, headers=headers, json={"model": TINY_CHAT, "messages": HELLO})
+        assert reply.status_code == 401, reply.text
+        assert reply.json()["error"]["code"] == "invalid_api_key"
+        assert reply.headers["x-request-id"]
+
+
+async def test_x_api_key_works_like_bearer(stack: Stack, admin: httpx.AsyncClient, http: httpx.AsyncClient) -> None:
+    key = await new_key(admin)
+    reply = await http.get("/v1/models", headers={"x-api-key": key})
+    assert reply.status_code == 200
+
+
+async def test_admin_routes_and_docs_need_an_admin_key(
+    stack: Stack, admin: httpx.AsyncClient, http: httpx.AsyncClient
+) -> None:
+    key = await new_key(admin)
+    plain = {"Authorization": f"Bearer {key}"}
+    for path in ("/admin/v1/workers", "/admin/v1/keys", "/docs", "/openapi.json"):
+        reply = await http.get(path, headers=plain)
+        assert reply.status_code == 403, path
+        assert reply.json()["error"]["code"] == "permission_denied"
+        assert (await http.get(path)).status_code == 401, path
+        assert (await http.get(path, headers=stack.admin_headers)).status_code == 200, path
+    refused = await http.post("/admin/v1/keys", headers=plain, json={"name": "by-a-plain-key", "admin": True})
+    assert refused.status_code == 403
+    names = [k["name"] for k in (await admin.get("/keys")).json()["keys"]]
+    assert "by-a-plain-key" not in names
+
+
+async def test_health_readiness_and_metrics_are_open(http: httpx.AsyncClient) -> None:
+    assert (await http.get("/healthz")).status_code == 200
+    assert (await http.get("/readyz")).status_code == 200
+    assert (await http.get("/metrics")).status_code == 200
+
+
+async def test_the_grpc_front_takes_the_same_keys(stack: Stack, admin: httpx.AsyncClient) -> None:
+    inference = inference_pb2_grpc.InferenceStub(stack.channel)
+    request = inference_pb2.EmbedRequest(model=TINY_EMBED, inputs=[inference_pb2.EmbedInput(text="hi")])
+    with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
+        await inference.Embed(request, timeout=30)
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await inference.Embed(request, timeout=30, metadata=(("authorization", "Bearer rh-unknown"),))
+    assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    chat_only = await new_key(admin, models=[TINY_CHAT])
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await inference.Embed(request, timeout=30, metadata=(("authorization", f"Bearer {chat_only}"),))
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    chat = inference_pb2.ChatRequest(model=TINY_CHAT, max_tokens=2, messages=[
+        inference_pb2.ChatMessage(role="user", content="hi")])
+    chunks = [c async for c in inference.Chat(chat, timeout=60, metadata=(("authorization", f"Bearer {chat_only}"),))]
+    assert chunks[-1].finish_reason
+    with pytest.raises(grpc.aio.AioRpcError) as stream_refused:
+        [c async for c in inference.Chat(chat, timeout=60)]
+    assert stream_refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_revoked_key_stops_at_once_on_every_router(
+    stack: Stack, admin: httpx.AsyncClient, nats_url: str
+) -> None:
+    assert stack.router_settings is not None
+    # Router two trusts its cache for ten minutes: only the revocation event can stop the key.
+    settings = stack.router_settings.model_copy(update={"key_cache_s": 600.0})
+    bus = await EventBus.connect(nats_url, name="second-router", ensure_stream=False)
+    try:
+        async with running_router(settings, bus) as (second, _):
+            urls = [stack.http_url, f"http://127.0.0.1:{second.http_port}"]
+            reply = await admin.post("/keys", json={"name": "two-routers"})
+            key = reply.json()["key"]
+            async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {key}"}) as caller:
+                for url in urls:
+                    assert (await caller.get(f"{url}/v1/models")).status_code == 200
+                assert (await admin.delete("/keys/two-routers")).status_code == 200
+                assert (await caller.get(f"{urls[0]}/v1/models")).status_code == 401
+
+                async def refused_by_the_second() -> bool:
+                    return (await caller.get(f"{urls[1]}/v1/models")).status_code == 401
+
+                await wait_until(refused_by_the_second, timeout=5, interval=0.05)
+    finally:
+        await bus.close()
+
+
+async def test_created_keys_show_once_and_list_without_secrets(admin: httpx.AsyncClient) -> None:
+    reply = await admin.post("/keys", json={
+        "name": "listed", "models": ["tiny-alias"], "rpm": 60, "tpm": 10_000, "max_parallel": 2,
+        "budget_tokens": 100_000, "budget_usd": 5.5, "budget_period": "30d", "expires_in": "90d"})
+    assert reply.status_code == 201, reply.text
+    created = reply.json()
+    assert created["key"].startswith("rh-") and created["key"].startswith(created["prefix"])
+    assert created["budget_period_s"] == 30 * 86400 and created["budget_usd"] == 5.5
+    listing = await admin.get("/keys")
+    assert created["key"] not in listing.text
+    [listed] = [k for k in listing.json()["keys"] if k["name"] == "listed"]
+    assert listed["rpm"] == 60 and listed["models"] == ["tiny-alias"] and listed["expires_at"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"name": "x", "rpm": -1}, "rpm"),
+    ({"name": "x", "tpm": 0}, "tpm"),
+    ({"name": "x", "max_parallel": 10**12}, "max_parallel"),
+    ({"name": "x", "budget_usd": -5}, "budget_usd"),
+    ({"name": "x", "budget_tokens": 10**20}, "budget_tokens"),
+    ({"name": "x", "budget_period": "forever"}, "budget_period"),
+    ({"name": "x", "expires_in": "99999d"}, "expires_in"),
+    ({"name": "x", "models": ["Not An Id"]}, "models[0]"),
+    ({"name": "'; DROP TABLE api_keys; --"}, "name"),
+    ({"name": "ключ"}, "name"),
+    ({"name": "a" * 65}, "name"),
+    ({"name": "x", "colour": "red"}, "colour"),
+])
+async def test_bad_keys_are_400s_naming_the_field_and_change_nothing(
+    admin: httpx.AsyncClient, body: dict[str, Any], param: str
+) -> None:
+    before = (await admin.get("/keys")).json()
+    reply = await admin.post("/keys", json=body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+    assert (await admin.get("/keys")).json() == before
+
+
+async def test_a_taken_name_is_409_and_an_unknown_revoke_is_404(admin: httpx.AsyncClient) -> None:
+    assert (await admin.post("/keys", json={"name": "taken"})).status_code == 201
+    before = (await admin.get("/keys")).json()
+    again = await admin.post("/keys", json={"name": "taken"})
+    assert again.status_code == 409 and "taken" in again.json()["error"]["message"]
+    for name in ("no-such-key", "'; DROP TABLE api_keys; --", "ключ", "a" * 10_000):
+        reply = await admin.delete(f"/keys/{name}")
+        assert reply.status_code == 404, reply.text
+    assert (await admin.get("/keys")).json() == before
+    assert (await admin.delete("/keys/taken")).status_code == 200
+    assert (await admin.post("/keys", json={"name": "taken"})).status_code == 201
