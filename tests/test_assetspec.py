@@ -44,6 +44,14 @@ def test_proto_roundtrip_keeps_every_field() -> None:
         assert back.to_document() == loaded.spec.to_document()
 
 
+def test_pricing_takes_yaml_integers_and_travels_over_grpc() -> None:
+    spec = parse_spec(valid(pricing={"input_per_1m": 2, "output_per_1m": 0.5}))
+    assert spec.pricing is not None and spec.pricing.input_per_1m == 2.0
+    back = spec_from_proto(spec_to_proto(spec))
+    assert back.pricing == spec.pricing
+    assert spec_from_proto(spec_to_proto(parse_spec(valid()))).pricing is None
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -62,6 +70,8 @@ def test_proto_roundtrip_keeps_every_field() -> None:
         ({"runtime": "openai"}, "runtime: 'openai' goes with source kind 'url'"),
         ({"colour": "red"}, "colour: unknown field"),
         ({"metadata": {"description": "x" * 5000}}, "metadata.description: String should have"),
+        ({"pricing": {"input_per_1m": -1}}, "pricing.input_per_1m: Input should be greater"),
+        ({"pricing": {"per_token": 1}}, "pricing.per_token: unknown field"),
     ],
 )
 def test_bad_field_is_named_with_reason(change: dict, expected: str) -> None:

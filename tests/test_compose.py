@@ -50,3 +50,11 @@ def test_environment_names_real_settings(
     settings = SETTINGS[name]()  # parsed exactly as the service would parse its environment
     assert settings.resolved_database_url().startswith("postgresql://")
     assert settings.resolved_nats_url().startswith("nats://")
+
+
+def test_the_router_takes_its_admin_key_from_the_operator_never_from_the_file(
+    services: dict[str, dict],
+) -> None:
+    router = services["router"]["environment"]
+    assert router["ROUNDHOUSE_ADMIN_KEY"].startswith("${ROUNDHOUSE_ADMIN_KEY:?")
+    assert router.get("ROUNDHOUSE_AUTH", "enabled") == "enabled"

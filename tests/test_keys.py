@@ -279,3 +279,23 @@ async def test_a_taken_name_is_409_and_an_unknown_revoke_is_404(admin: httpx.Asy
     assert (await admin.get("/keys")).json() == before
     assert (await admin.delete("/keys/taken")).status_code == 200
     assert (await admin.post("/keys", json={"name": "taken"})).status_code == 201
+
+
+async def test_metrics_auth_and_auth_disabled_are_explicit(
+    stack: Stack, admin: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert stack.router_settings is not None and stack.bus is not None
+    key = await new_key(admin)
+    guarded = stack.router_settings.model_copy(update={"metrics_auth": True})
+    async with running_router(guarded, stack.bus) as (router, _), httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{router.http_port}", timeout=30) as http:
+        assert (await http.get("/metrics")).status_code == 401
+        assert (await http.get("/metrics", headers={"Authorization": f"Bearer {key}"})).status_code == 200
+        assert (await http.get("/healthz")).status_code == 200
+    caplog.set_level("WARNING", logger="services.router.server")
+    open_settings = stack.router_settings.model_copy(update={"auth": "disabled"})
+    async with running_router(open_settings, stack.bus) as (router, _), httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{router.http_port}", timeout=30) as http:
+        assert (await http.get("/v1/models")).status_code == 200
+        assert (await http.get("/admin/v1/workers")).status_code == 200
+    assert any("ROUNDHOUSE_AUTH=disabled" in r.getMessage() for r in caplog.records)

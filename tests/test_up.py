@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from openai import OpenAI
+from openai import AuthenticationError, OpenAI
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc
 from services.common.embedded import free_port
@@ -95,9 +96,9 @@ def cosine(a: list[float], b: list[float]) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def check_openai_client(base_url: str) -> None:
-    """What an app sees through the official client."""
-    client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=180)
+def check_openai_client(base_url: str, key: str) -> None:
+    """What an app sees through the official client, with a key."""
+    client = OpenAI(base_url=f"{base_url}/v1", api_key=key, timeout=180)
     question = [{"role": "user", "content": "What is the capital of France?"}]
     reply = client.chat.completions.create(
         model="smollm2-135m-instruct", messages=question, max_tokens=40, temperature=0
@@ -119,32 +120,49 @@ def check_openai_client(base_url: str) -> None:
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
 
 
-async def check_grpc_stubs(router_address: str) -> None:
-    """What an internal service sees with only the roundhouse.v1 stubs."""
+async def check_grpc_stubs(router_address: str, key: str) -> None:
+    """What an internal service sees with only the roundhouse.v1 stubs and a key."""
+    metadata = (("authorization", f"Bearer {key}"),)
     async with grpc.aio.insecure_channel(router_address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         chunks = [c async for c in stub.Chat(inference_pb2.ChatRequest(
             model="smollm2-135m-instruct", max_tokens=40, temperature=0,
             messages=[inference_pb2.ChatMessage(role="user", content="What is the capital of France?")],
-        ), timeout=180)]
+        ), timeout=180, metadata=metadata)]
         assert "paris" in "".join(c.delta for c in chunks).lower()
         assert chunks[-1].finish_reason in (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
         assert chunks[-1].usage.completion_tokens > 0
         reply = await stub.Embed(inference_pb2.EmbedRequest(
-            model="default-embedding", inputs=[inference_pb2.EmbedInput(text="hello world")]), timeout=60)
+            model="default-embedding", inputs=[inference_pb2.EmbedInput(text="hello world")]), timeout=60,
+            metadata=metadata)
         assert reply.dimensions == 384 and len(reply.embeddings[0].values) == 384
 
 
+def admin_key(up: UpProcess, env: dict[str, str]) -> str:
+    """The admin key `roundhouse up` wrote: its path printed, the file private, the key never
+    printed."""
+    path = Path(env["ROUNDHOUSE_HOME"]) / "admin.key"
+    assert any(f"admin key in {path}" in line for line in up.seen), up.seen
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = path.read_text().strip()
+    assert key.startswith("rh-") and not any(key in line for line in up.seen)
+    return key
+
+
 def test_up_serves_catalog_and_keeps_it_across_restarts(up_env: dict[str, str]) -> None:
+    base_url = f"http://127.0.0.1:{up_env['ROUNDHOUSE_HTTP_PORT']}"
     first = UpProcess(up_env)
     try:
         first.wait_for(READY_LINE, timeout=240)
         assert any("catalog: smollm2-135m-instruct created" in line for line in first.seen)
+        key = admin_key(first, up_env)
         listing = models_ls(up_env)
         assert "Language models (1)" in listing and "smollm2-135m-instruct" in listing
         assert "Embedding models (1)" in listing and "all-minilm-l6-v2" in listing
-        check_openai_client(f"http://127.0.0.1:{up_env['ROUNDHOUSE_HTTP_PORT']}")
-        asyncio.run(check_grpc_stubs(up_env["ROUNDHOUSE_ROUTER_ADDRESS"]))
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=f"{base_url}/v1", api_key="rh-not-a-key", max_retries=0).models.list()
+        check_openai_client(base_url, key)
+        asyncio.run(check_grpc_stubs(up_env["ROUNDHOUSE_ROUTER_ADDRESS"], key))
     finally:
         assert first.interrupt() == 0
 
@@ -154,5 +172,7 @@ def test_up_serves_catalog_and_keeps_it_across_restarts(up_env: dict[str, str]) 
         catalog = [line for line in second.seen if "catalog:" in line]
         assert len(catalog) == 2 and all("unchanged (revision 1)" in line for line in catalog)
         assert "smollm2-135m-instruct" in models_ls(up_env)
+        assert admin_key(second, up_env) == key  # the same key across restarts
+        assert [m.id for m in OpenAI(base_url=f"{base_url}/v1", api_key=key).models.list().data]
     finally:
         assert second.interrupt() == 0

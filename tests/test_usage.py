@@ -15,19 +15,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+import grpc
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
 from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_router, running_stack, tiny_documents
 
-from roundhouse.v1 import worker_pb2
-from services.cli.usage import render_usage
+from roundhouse.v1 import inference_pb2, worker_pb2
+from services.cli.usage import render_usage, show_usage
 from services.common.embedded import free_port
 from services.common.events import EventBus
 from services.router.usage import UsageLedger, UsageTicket
 
-HELLO = [{"role": "user", "content": "hello"}]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 PRICES = {"input_per_1m": 1000, "output_per_1m": 3000}
 """Dear on purpose: a handful of tokens costs a visible fraction of a dollar."""
 
@@ -304,8 +306,8 @@ async def test_usage_rows_match_what_the_clients_saw(
     by_day = (await admin.get("/usage", params={"group_by": "day"})).json()["rows"]
     assert sum(r["requests"] for r in by_day) == sum(r["requests"] for r in by_asset)
     assert (await admin.get("/usage", params={"group_by": "week"})).status_code == 400
-    later = (await admin.get("/usage", params={"since": "2999-01-01T00:00:00Z"})).status_code
-    assert later == 400  # since after until (now)
+    later = await admin.get("/usage", params={"since": "2999-01-01T00:00:00Z"})
+    assert later.status_code == 200 and later.json()["rows"] == []  # after until (now): empty
 
 
 async def test_a_spent_budget_is_429_insufficient_quota(
@@ -343,3 +345,32 @@ async def test_two_routers_never_let_a_key_past_its_rpm(
     refused = [r for r in results if isinstance(r, openai.RateLimitError)]
     assert len(refused) == 7 and all(r.code == "rate_limit_exceeded" for r in refused)
     assert len([r for r in results if not isinstance(r, Exception)]) == 3
+
+
+async def test_the_grpc_front_refuses_over_the_limit_with_resource_exhausted(
+    stack: Stack, admin: httpx.AsyncClient
+) -> None:
+    await clear_of_minute_boundary()
+    key, _ = await new_key(admin, rpm=1)
+    metadata = (("authorization", f"Bearer {key}"),)
+    request = inference_pb2.EmbedRequest(model=TINY_EMBED,
+                                         inputs=[inference_pb2.EmbedInput(text="hi")])
+    assert (await stack.inference.Embed(request, timeout=60, metadata=metadata)).embeddings
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.inference.Embed(request, timeout=60, metadata=metadata)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "requests per minute" in (refused.value.details() or "")
+
+
+async def test_roundhouse_usage_prints_the_ledger_per_asset(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert stack.admin_key is not None
+    async with client(stack.http_url, stack.admin_key) as api:
+        await api.embeddings.create(model=TINY_EMBED, input="for the table")
+    monkeypatch.setenv("ROUNDHOUSE_ROUTER_URL", stack.http_url)
+    monkeypatch.setenv("ROUNDHOUSE_ADMIN_KEY", stack.admin_key)
+    assert await asyncio.to_thread(show_usage, "asset") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["asset", "requests", "errors"]
+    assert any(line.split()[0] == TINY_EMBED and int(line.split()[1]) >= 1 for line in lines[1:])

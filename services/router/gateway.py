@@ -7,7 +7,7 @@ so the HTTP shim and the gRPC front refuse the same requests in the same words.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -104,10 +104,11 @@ class Gateway:
             raise
         finally:
             self.usage.record(ticket)
-            await self.limits.settle(ticket.reservation, ticket.tokens, ticket.cost_usd)
+            self.limits.settle(ticket.reservation, ticket.tokens, ticket.cost_usd)
 
     async def _chat(self, record: AssetRecord, request: inference_pb2.ChatRequest,
-                    timeout: float | None, ticket: UsageTicket) -> AsyncIterator[inference_pb2.ChatChunk]:
+                    timeout: float | None, ticket: UsageTicket,
+                    ) -> AsyncGenerator[inference_pb2.ChatChunk, None]:
         asset_id = record.spec.asset_id
         log.debug("request %s: chat with %s for user %r", request.request_id, asset_id, request.user)
         forwarded = inference_pb2.ChatRequest()

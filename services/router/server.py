@@ -7,7 +7,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import asyncpg
 import grpc
 import uvicorn
 
@@ -25,7 +24,7 @@ from services.router.catalog import AssetCatalog
 from services.router.gateway import Gateway
 from services.router.http.app import create_app
 from services.router.keys import KeyAuthenticator
-from services.router.limits import Limiter
+from services.router.limits import Limiter, create_pool
 from services.router.servicer import InferenceFrontServicer
 from services.router.settings import RouterSettings
 from services.router.usage import UsageLedger
@@ -107,8 +106,7 @@ async def _start_limits_and_usage(
     """The limiter and the usage ledger on one asyncpg pool (no connection is opened before the
     first request), and their cleanup: settle what is settling, write the ledger's last rows,
     close the pool."""
-    dsn = settings.resolved_database_url().replace("postgresql+asyncpg://", "postgresql://", 1)
-    pool = await asyncpg.create_pool(dsn, min_size=0, max_size=settings.limits_pool_size)
+    pool = await create_pool(settings.resolved_database_url(), max_size=settings.limits_pool_size)
     limiter = Limiter(pool, hold_s=settings.limit_reservation_ttl_s,
                       default_completion_tokens=settings.limit_default_completion_tokens)
     ledger = UsageLedger(pool, flush_s=settings.usage_flush_s,

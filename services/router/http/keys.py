@@ -120,7 +120,7 @@ def _store(request: Request) -> KeyStore:
     return store
 
 
-NO_STORE = {503: _error("This router has no key store.")}
+NO_STORE: dict[int | str, dict[str, Any]] = {503: _error("This router has no key store.")}
 
 
 @keys_router.post("", status_code=201, response_model=KeyCreated, responses={

@@ -20,9 +20,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "The body is too large."},
     424: {"model": ErrorResponse, "description": "The model failed (its load, or its engine); "
                                                  "the message says why. Not worth retrying at once."},
-    429: {"model": ErrorResponse, "description": "The model is overloaded; see Retry-After."},
+    429: {"model": ErrorResponse, "description": "The model is overloaded or the API key is over a rate "
+                                                 "limit (`rate_limit_exceeded`); see Retry-After. Or the "
+                                                 "key's budget is spent (`insufficient_quota`)."},
     502: {"model": ErrorResponse, "description": "The model's remote upstream failed."},
-    503: {"model": ErrorResponse, "description": "The model is not ready; see Retry-After."},
+    503: {"model": ErrorResponse, "description": "The model is not ready, or the API key's limits cannot be "
+                                                 "checked now; see Retry-After."},
 }
 STREAM: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE if streamed."},

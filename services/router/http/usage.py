@@ -9,11 +9,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
 
-from services.common.errors import FieldProblem, InvalidArgument
 from services.router.http.protocol import ErrorResponse
 from services.router.usage import GroupBy, UsageLedger
 
 DEFAULT_SPAN = timedelta(days=30)
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
 
 usage_router = APIRouter(prefix="/admin/v1", tags=["admin"])
 
@@ -46,11 +47,16 @@ class UsageReport(BaseModel):
 
 
 def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    """`value` in UTC (UTC when it has no offset), within years 1 to 9999 (a time whose offset
+    takes it past either end is clamped there)."""
+    try:
+        return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:
+        return EARLIEST if value.year == 1 else LATEST
 
 
 @usage_router.get("/usage", response_model=UsageReport, responses={
-    400: {"model": ErrorResponse, "description": "`since` is not before `until`, or a bad value."}})
+    400: {"model": ErrorResponse, "description": "A parameter is invalid; `error.param` names it."}})
 async def usage(
     request: Request,
     group_by: Annotated[GroupBy, Query(description="Sum per `key`, `asset` or `day`.")] = "key",
@@ -60,11 +66,13 @@ async def usage(
         description="End, excluded (RFC 3339; UTC if no offset); default: now.")] = None,
 ) -> dict[str, Any]:
     """Requests, errors, tokens in and out, cost and p50/p95 latency from the usage ledger,
-    every router's requests included (this router's are written before it answers)."""
+    every router's requests included (this router's are written before it answers). A period
+    that ends before it starts is empty."""
     end = _utc(until) if until is not None else datetime.now(UTC)
-    start = _utc(since) if since is not None else end - DEFAULT_SPAN
-    if start >= end:
-        raise InvalidArgument.from_problems([FieldProblem("since", "must be before until")])
+    if since is not None:
+        start = _utc(since)
+    else:
+        start = end - DEFAULT_SPAN if end - EARLIEST > DEFAULT_SPAN else EARLIEST
     ledger: UsageLedger = request.app.state.gateway.usage
     rows = await ledger.summary(group_by, start, end)
     return {"group_by": group_by, "since": start, "until": end,

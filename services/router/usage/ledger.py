@@ -77,7 +77,9 @@ class UsageLedger:
         async with self._lock:
             while self._pending:
                 batch = [self._pending[i] for i in range(min(self.batch_rows, len(self._pending)))]
-                async with self._pool.acquire(timeout=5) as conn:
+                async with self._pool.acquire(timeout=5) as conn, conn.transaction():
+                    # The pool's commits skip the disk flush (see `limits.create_pool`); these don't.
+                    await conn.execute("SET LOCAL synchronous_commit = on")
                     await conn.copy_records_to_table("usage_records", records=batch,
                                                      columns=COLUMNS, timeout=10)
                 for _ in batch:

@@ -40,12 +40,16 @@ DECLARE
     m timestamptz := date_trunc('minute', t);
     c limit_counters%ROWTYPE;
     flying integer;
+    stale integer;
     verdict text := 'ok';
 BEGIN
-    -- Concurrent first requests of a key: one inserts, the others wait for it, then lock.
-    INSERT INTO limit_counters (key_id, minute_start, budget_start) VALUES (p_key, m, t)
-        ON CONFLICT (key_id) DO NOTHING;
     SELECT * INTO c FROM limit_counters WHERE key_id = p_key FOR UPDATE;
+    IF NOT FOUND THEN
+        -- Concurrent first requests of a key: one inserts, the others wait for it, then lock.
+        INSERT INTO limit_counters (key_id, minute_start, budget_start) VALUES (p_key, m, t)
+            ON CONFLICT (key_id) DO NOTHING;
+        SELECT * INTO c FROM limit_counters WHERE key_id = p_key FOR UPDATE;
+    END IF;
     IF c.minute_start < m THEN
         c.minute_start := m; c.minute_requests := 0; c.minute_tokens := 0;
     END IF;
@@ -54,8 +58,12 @@ BEGIN
             secs => p_period_s * floor(extract(epoch FROM t - c.budget_start) / p_period_s));
         c.budget_tokens := 0; c.budget_usd := 0;
     END IF;
-    DELETE FROM limit_reservations r WHERE r.key_id = p_key AND r.expires_at <= t;
-    SELECT count(*) INTO flying FROM limit_reservations r WHERE r.key_id = p_key;
+    SELECT count(*), count(*) FILTER (WHERE r.expires_at <= t) INTO flying, stale
+        FROM limit_reservations r WHERE r.key_id = p_key;
+    IF stale > 0 THEN
+        DELETE FROM limit_reservations r WHERE r.key_id = p_key AND r.expires_at <= t;
+        flying := flying - stale;
+    END IF;
     IF p_budget_tokens IS NOT NULL AND c.budget_tokens + p_tokens > p_budget_tokens THEN
         verdict := 'budget_tokens';
     ELSIF p_budget_usd IS NOT NULL AND c.budget_usd + p_usd > p_budget_usd THEN
