@@ -293,14 +293,18 @@ async def test_usage_rows_match_what_the_clients_saw(
     assert rows[2]["cost_usd"] == 0  # the embedding model has no pricing
     assert rows[0]["ttft_ms"] is not None and rows[0]["latency_ms"] >= rows[0]["ttft_ms"]
 
-    key_id = rows[0]["key_id"]
     report = (await admin.get("/usage", params={"group_by": "key"})).json()
-    (mine,) = [r for r in report["rows"] if r["group"] == key_id]
+    (mine,) = [r for r in report["rows"] if r["group"] == name]  # keys by name
     assert (mine["requests"], mine["errors"]) == (3, 0)
     assert mine["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)
     assert mine["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
     assert mine["cost_usd"] == pytest.approx(float(sum(chat_cost)))
     assert 0 < mine["p50_latency_ms"] <= mine["p95_latency_ms"]
+    # `roundhouse keys ls` shows the same totals through the key listing.
+    (listed,) = [k for k in (await admin.get("/keys")).json()["keys"] if k["name"] == name]
+    assert listed["usage"] == {"requests": 3, "prompt_tokens": mine["prompt_tokens"],
+                               "completion_tokens": mine["completion_tokens"],
+                               "cost_usd": pytest.approx(mine["cost_usd"])}
     by_asset = (await admin.get("/usage", params={"group_by": "asset"})).json()["rows"]
     assert {TINY_CHAT, TINY_EMBED} <= {r["group"] for r in by_asset}
     by_day = (await admin.get("/usage", params={"group_by": "day"})).json()["rows"]

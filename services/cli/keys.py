@@ -12,9 +12,6 @@ import httpx
 from services.cli.bootstrap import admin_key_path, read_admin_key
 from services.router.settings import RouterSettings
 
-NO_USAGE = "-"
-"""Shown for usage until the usage ledger exists."""
-
 
 def _fail(lines: str) -> int:
     for line in lines.splitlines() or [""]:
@@ -83,13 +80,21 @@ def render_keys(keys: list[dict[str, Any]]) -> str:
     table = [["NAME", "KEY", "ADMIN", "MODELS", "LIMITS", "USAGE", "EXPIRES"]]
     for key in keys:
         table.append([key["name"], f"{key['prefix']}…", "yes" if key["admin"] else "no",
-                      ",".join(key["models"]) or "*", _limits(key), NO_USAGE,
+                      ",".join(key["models"]) or "*", _limits(key), _usage(key.get("usage")),
                       (key.get("expires_at") or "never")[:19].replace("T", " ")])
     if len(table) == 1:
         return "(no keys)\n"
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n"
                    for r in table)
+
+
+def _usage(usage: dict[str, Any] | None) -> str:
+    if not usage or not usage.get("requests"):
+        return "-"
+    tokens = usage["prompt_tokens"] + usage["completion_tokens"]
+    text = f"{usage['requests']} req, {tokens} tok"
+    return f"{text}, ${usage['cost_usd']:.4f}" if usage.get("cost_usd") else text
 
 
 def _limits(key: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ allows is accepted and any other is a 400 naming the field.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -65,6 +65,15 @@ class KeyCreate(BaseModel):
     """May use the admin API (and create keys)."""
 
 
+class KeyUsage(BaseModel):
+    """What a key has used so far, from the usage ledger (every router's requests)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
 class KeyView(BaseModel):
     """An API key as the admin API shows it: never its secret, only its prefix."""
 
@@ -84,6 +93,8 @@ class KeyView(BaseModel):
     created_at: datetime | None
     expires_at: datetime | None
     revoked_at: datetime | None
+    usage: KeyUsage | None = None
+    """Usage so far (listings only)."""
 
     @classmethod
     def from_record(cls, record: KeyRecord) -> KeyView:
@@ -145,7 +156,18 @@ async def list_keys(
 ) -> dict[str, Any]:
     """Every key, oldest first; never a secret."""
     records = await _store(request).list(include_revoked=include_revoked)
-    return {"keys": [KeyView.from_record(r) for r in records]}
+    used = await _usage_by_name(request)
+    return {"keys": [KeyView.from_record(r).model_copy(update={"usage": used.get(r.name, KeyUsage())})
+                     for r in records]}
+
+
+async def _usage_by_name(request: Request) -> dict[str, KeyUsage]:
+    """Every key's usage so far, by name, from the ledger (this router's pending rows written first)."""
+    ledger = request.app.state.gateway.usage
+    rows = await ledger.summary("key", datetime.min.replace(tzinfo=UTC), datetime.now(UTC))
+    return {r.group: KeyUsage(requests=r.requests, prompt_tokens=r.prompt_tokens,
+                              completion_tokens=r.completion_tokens, cost_usd=float(r.cost_usd))
+            for r in rows}
 
 
 @keys_router.delete("/{name}", response_model=KeyView, responses={

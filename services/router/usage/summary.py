@@ -11,9 +11,10 @@ import asyncpg
 
 GroupBy = Literal["key", "asset", "day"]
 _GROUPS: dict[str, str] = {
-    "key": "key_id",
-    "asset": "asset_id",
-    "day": "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    # A key by its name (what operators know it by); requests served without a key as ''.
+    "key": "coalesce(k.name, u.key_id)",
+    "asset": "u.asset_id",
+    "day": "to_char(u.at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
 }
 
 
@@ -37,13 +38,14 @@ async def summarize(pool: asyncpg.Pool, group_by: GroupBy, since: datetime,
     group = _GROUPS[group_by]  # one of three fixed expressions, never client text
     rows = await pool.fetch(
         f"""SELECT {group} AS grp, count(*) AS requests,
-                   count(*) FILTER (WHERE status <> 'ok') AS errors,
-                   coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
-                   coalesce(sum(completion_tokens), 0) AS completion_tokens,
-                   coalesce(sum(cost_usd), 0) AS cost_usd,
-                   percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50,
-                   percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95
-            FROM usage_records WHERE at >= $1 AND at < $2
+                   count(*) FILTER (WHERE u.status <> 'ok') AS errors,
+                   coalesce(sum(u.prompt_tokens), 0) AS prompt_tokens,
+                   coalesce(sum(u.completion_tokens), 0) AS completion_tokens,
+                   coalesce(sum(u.cost_usd), 0) AS cost_usd,
+                   percentile_cont(0.5) WITHIN GROUP (ORDER BY u.latency_ms) AS p50,
+                   percentile_cont(0.95) WITHIN GROUP (ORDER BY u.latency_ms) AS p95
+            FROM usage_records u LEFT JOIN api_keys k ON k.key_id = u.key_id
+            WHERE u.at >= $1 AND u.at < $2
             GROUP BY grp ORDER BY grp""",  # noqa: S608
         since, until, timeout=30)
     return [UsageSummary(group=r["grp"], requests=r["requests"], errors=r["errors"],
