@@ -23,6 +23,7 @@ from tiny_models import build_tiny_llama
 
 from roundhouse.v1 import asset_pb2, events_pb2, jobs_pb2, jobs_pb2_grpc, registry_pb2
 from services.common.events import EventBus
+from services.common.grpc_client import open_channel
 from services.common.modelstore import ModelStore
 from services.jobs.registry_client import RegistryClient
 from services.jobs.runners import Runner
@@ -64,11 +65,12 @@ async def running_jobs(
     settings: JobsSettings,
     runners: Callable[[ModelStore, RegistryClient], Mapping[str, Runner]] | None = None,
 ) -> AsyncIterator[RunningJobs]:
-    """Start the jobs service on 127.0.0.1:0 and yield a stub for it."""
+    """Start the jobs service on 127.0.0.1:0 and yield a stub for it (with the TLS and internal
+    token of `settings`)."""
     app = await build_app(settings, runners)
     port = await app.start()
     address = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(address)
+    channel = open_channel(address, settings)
     try:
         yield RunningJobs(app, address, jobs_pb2_grpc.JobsStub(channel))
     finally:

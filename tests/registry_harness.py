@@ -12,8 +12,10 @@ import grpc
 from roundhouse.v1 import registry_pb2_grpc
 from services.common.db.engine import make_engine, make_sessionmaker
 from services.common.events import EventBus
+from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer, ServiceBinding
 from services.common.outbox import OutboxRelay
+from services.common.settings import CommonSettings
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.registry.server import SERVICE_NAME
 from services.registry.service import AssetRegistry
@@ -32,10 +34,11 @@ class RunningRegistry:
 @asynccontextmanager
 async def running_registry(
     dsn: str, nats_url: str, source_roots: list[Path],
-    upstreams: UpstreamRules = DEFAULT_UPSTREAM_RULES,
+    upstreams: UpstreamRules = DEFAULT_UPSTREAM_RULES, settings: CommonSettings | None = None,
 ) -> AsyncIterator[RunningRegistry]:
     """Start the registry service on 127.0.0.1:0 and yield a stub for it; `upstreams` is its
-    upstream policy (the default settings' unless given)."""
+    upstream policy (the default settings' unless given). `settings`: its TLS and internal
+    token, which the stub uses too (none by default)."""
     engine = make_engine(dsn)
     bus = await EventBus.connect(nats_url, name="test-registry")
     relay = OutboxRelay(make_sessionmaker(engine), bus)
@@ -45,12 +48,10 @@ async def running_registry(
         registry_pb2_grpc.add_RegistryServicer_to_server,
         RegistryServicer(registry, source_roots, upstreams),
         SERVICE_NAME,
-    )])
+    )], settings)
     port = await server.start()
     address = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(
-        address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
-    )
+    channel = open_channel(address, settings, [("grpc.max_send_message_length", 64 * 1024 * 1024)])
     try:
         yield RunningRegistry(address, channel, registry_pb2_grpc.RegistryStub(channel))
     finally:

@@ -21,6 +21,7 @@ import grpc
 from jobs_harness import RunningJobs, jobs_settings, running_jobs
 from registry_harness import RunningRegistry, running_registry
 from tiny_models import build_tiny_llama, build_tiny_sentence_model
+from tls_files import TlsFiles
 
 from roundhouse.v1 import asset_pb2, inference_pb2_grpc, registry_pb2, worker_pb2_grpc
 from services.common.asset_proto import spec_to_proto
@@ -28,8 +29,10 @@ from services.common.assetspec import AssetSpec, parse_spec
 from services.common.db import make_engine, make_sessionmaker
 from services.common.embedded import free_port
 from services.common.events import EventBus
+from services.common.grpc_client import open_channel
 from services.common.keys import KeyStore, NewKey
 from services.common.modelstore.store import ModelStore
+from services.common.settings import CommonSettings
 from services.router.server import RouterParts, start_router
 from services.router.settings import RouterSettings
 from services.worker.server import WorkerServer
@@ -62,18 +65,20 @@ class RunningWorker:
 @asynccontextmanager
 async def running_worker(
     store: ModelStore, *, memory_mb: int = 4096, bus: EventBus | None = None,
-    heartbeat_s: float = 0.5,
+    heartbeat_s: float = 0.5, internal_token: str | None = None, tls: TlsFiles | None = None,
 ) -> AsyncIterator[RunningWorker]:
     """Start a worker on 127.0.0.1:0 serving from `store`; stopped (models unloaded) on exit.
 
-    With a bus it announces itself and heartbeats every `heartbeat_s`.
+    With a bus it announces itself and heartbeats every `heartbeat_s`. With `internal_token`
+    it requires the token, with `tls` it serves TLS; the harness's channel has both.
     """
     settings = WorkerSettings(worker_address="127.0.0.1:0", worker_memory_mb=memory_mb,
-                              worker_heartbeat_s=heartbeat_s)
+                              worker_heartbeat_s=heartbeat_s, internal_token=internal_token,
+                              **(tls.server() if tls else {}))
     server = WorkerServer(settings, store, bus)
     port = await server.start()
     address = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(address)
+    channel = open_channel(address, settings)
     try:
         yield RunningWorker(server, address, channel)
     finally:
@@ -147,7 +152,8 @@ def build_sources(root: Path) -> Path:
 async def running_stack(
     dsn: str, nats_url: str, sources: Path, store_root: Path, *, workers: int = 1,
     worker_memory_mb: int = 4096, extra_workers: list[str] | None = None,
-    worker_heartbeat_s: float = 0.5, reconcile: bool = False, auth: bool = False, **jobs: Any,
+    worker_heartbeat_s: float = 0.5, reconcile: bool = False, auth: bool = False,
+    internal_token: str | None = None, tls: TlsFiles | None = None, **jobs: Any,
 ) -> AsyncIterator[Stack]:
     """Start a registry, `workers` workers, a jobs service and a router (gRPC + HTTP), all on
     port 0.
@@ -158,16 +164,21 @@ async def running_stack(
     in the database, so only tests with a database of their own should turn it on). `jobs`
     overrides further jobs settings. With `auth` the router checks API keys (on Postgres at
     `dsn`) and `Stack.admin_key` is an admin key made for it; without, it checks none
-    (`ROUNDHOUSE_AUTH=disabled`).
+    (`ROUNDHOUSE_AUTH=disabled`). With `internal_token` the registry, workers and jobs service
+    require it and every service sends it; with `tls` every gRPC server serves TLS and every
+    client trusts its CA (`Stack.channel`, to the router's front, too, without the token).
     """
+    security: dict[str, Any] = {"internal_token": internal_token, **(tls.server() if tls else {})}
     async with AsyncExitStack() as stack:
-        registry = await stack.enter_async_context(running_registry(dsn, nats_url, [sources]))
+        registry = await stack.enter_async_context(running_registry(
+            dsn, nats_url, [sources], settings=CommonSettings(**security)))
         store = ModelStore(store_root, [sources])
         bus = await EventBus.connect(nats_url, name="test-stack", ensure_stream=False)
         stack.push_async_callback(bus.close)
         started = [
             await stack.enter_async_context(running_worker(
-                store, memory_mb=worker_memory_mb, bus=bus, heartbeat_s=worker_heartbeat_s))
+                store, memory_mb=worker_memory_mb, bus=bus, heartbeat_s=worker_heartbeat_s,
+                internal_token=internal_token, tls=tls))
             for _ in range(workers)
         ]
         addresses = [w.address for w in started] + (extra_workers or [])
@@ -175,17 +186,18 @@ async def running_stack(
             dsn, nats_url, store_root.parent / f"jobs-{uuid.uuid4().hex[:8]}", registry.address,
             model_store=store_root, source_roots=[sources], worker_addresses=addresses,
             worker_refresh_s=0.5, worker_heartbeat_s=worker_heartbeat_s, jobs_reconcile=reconcile,
-            jobs_instance_id=f"stack-jobs-{uuid.uuid4().hex[:8]}", **jobs)
+            jobs_instance_id=f"stack-jobs-{uuid.uuid4().hex[:8]}", **security, **jobs)
         jobs_service = await stack.enter_async_context(running_jobs(settings))
         router_settings = RouterSettings(
             router_address="127.0.0.1:0", http_port=0, registry_address=registry.address,
             jobs_address=jobs_service.address, worker_addresses=addresses,
             worker_refresh_s=0.5, load_timeout_s=60, worker_heartbeat_s=worker_heartbeat_s,
-            database_url=dsn, auth="enabled" if auth else "disabled",
+            database_url=dsn, auth="enabled" if auth else "disabled", **security,
         )
         admin_key = await _make_admin_key(dsn) if auth else None
         router, router_port = await stack.enter_async_context(running_router(router_settings, bus))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}")
+        front = CommonSettings(home=store_root.parent / "app-home", **(tls.client() if tls else {}))
+        channel = open_channel(f"127.0.0.1:{router_port}", front)
         stack.push_async_callback(channel.close)
         yield Stack(registry, store, sources, started, router, f"127.0.0.1:{router_port}",
                     f"http://127.0.0.1:{router.http_port}", channel, jobs_service,

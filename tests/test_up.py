@@ -20,7 +20,7 @@ import psutil
 import pytest
 from openai import AuthenticationError, OpenAI
 
-from roundhouse.v1 import inference_pb2, inference_pb2_grpc
+from roundhouse.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
 from services.common.embedded import free_port
 
 pytestmark = pytest.mark.catalog
@@ -138,6 +138,23 @@ async def check_grpc_stubs(router_address: str, key: str) -> None:
         assert reply.dimensions == 384 and len(reply.embeddings[0].values) == 384
 
 
+def check_internal_token(up: UpProcess, env: dict[str, str]) -> None:
+    """The services require the token `roundhouse up` made (the CLI found it in its private
+    file); it was never printed."""
+    path = Path(env["ROUNDHOUSE_HOME"]) / "run" / "internal_token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = path.read_text().strip()
+    assert len(token) >= 32 and not any(token in line for line in up.seen)
+
+    async def list_without_token() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(env["ROUNDHOUSE_REGISTRY_ADDRESS"]) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await registry_pb2_grpc.RegistryStub(channel).ListAssets(registry_pb2.ListAssetsRequest(), timeout=10)
+        return refused.value.code()
+
+    assert asyncio.run(list_without_token()) == grpc.StatusCode.UNAUTHENTICATED
+
+
 def admin_key(up: UpProcess, env: dict[str, str]) -> str:
     """The admin key `roundhouse up` wrote: its path printed, the file private, the key never
     printed."""
@@ -159,6 +176,7 @@ def test_up_serves_catalog_and_keeps_it_across_restarts(up_env: dict[str, str]) 
         listing = models_ls(up_env)
         assert "Language models (1)" in listing and "smollm2-135m-instruct" in listing
         assert "Embedding models (1)" in listing and "all-minilm-l6-v2" in listing
+        check_internal_token(first, up_env)
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=f"{base_url}/v1", api_key="rh-not-a-key", max_retries=0).models.list()
         check_openai_client(base_url, key)

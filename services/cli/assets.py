@@ -12,7 +12,9 @@ from roundhouse.v1 import asset_pb2, registry_pb2, registry_pb2_grpc
 from services.common.asset_proto import spec_to_proto
 from services.common.documents import load_path
 from services.common.errors import InvalidSpec
+from services.common.grpc_client import open_channel
 from services.common.registry_reads import list_all_assets
+from services.common.settings import CommonSettings
 from services.registry.settings import RegistrySettings
 
 OUTCOME_WORDS = {
@@ -26,6 +28,9 @@ def _rpc_failure(what: str, address: str, exc: grpc.aio.AioRpcError) -> int:
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
         return _fail(f"cannot reach the registry at {address}; is `roundhouse up` running "
                      "(or ROUNDHOUSE_REGISTRY_ADDRESS set)?")
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return _fail(f"the registry at {address} refused the internal token; is "
+                     "ROUNDHOUSE_INTERNAL_TOKEN the one its `roundhouse up` uses?")
     return _fail(f"{what} ({exc.code().name}):\n{exc.details()}")
 
 
@@ -36,10 +41,10 @@ def _fail(lines: str) -> int:
 
 
 async def apply_specs(
-    address: str, request: registry_pb2.ApplyAssetsRequest, timeout: float = 30.0
+    address: str, request: registry_pb2.ApplyAssetsRequest, settings: CommonSettings, timeout: float = 30.0
 ) -> registry_pb2.ApplyAssetsResponse:
-    """Send one ApplyAssets request to the registry at `address`."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    """Send one ApplyAssets request to the registry at `address` (TLS and token per `settings`)."""
+    async with open_channel(address, settings) as channel:
         stub = registry_pb2_grpc.RegistryStub(channel)
         return await stub.ApplyAssets(request, timeout=timeout)
 
@@ -62,7 +67,7 @@ def apply_files(path: Path, *, dry_run: bool = False, address: str | None = None
     )
     address = address or settings.registry_address
     try:
-        response = asyncio.run(apply_specs(address, request))
+        response = asyncio.run(apply_specs(address, request, settings))
     except grpc.aio.AioRpcError as exc:
         return _rpc_failure("the registry refused the apply", address, exc)
     suffix = " (dry run)" if dry_run else ""
@@ -73,9 +78,9 @@ def apply_files(path: Path, *, dry_run: bool = False, address: str | None = None
     return 0
 
 
-async def fetch_all(address: str) -> list[asset_pb2.Asset]:
+async def fetch_all(address: str, settings: CommonSettings) -> list[asset_pb2.Asset]:
     """Every asset, following pagination."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, settings) as channel:
         return await list_all_assets(registry_pb2_grpc.RegistryStub(channel), timeout_s=30)
 
 
@@ -120,9 +125,10 @@ def _dims(a: asset_pb2.Asset) -> str:
 
 def list_models(address: str | None = None) -> int:
     """Print the admin view of every asset, read from the registry (and so from Postgres)."""
-    address = address or RegistrySettings().registry_address
+    settings = RegistrySettings()
+    address = address or settings.registry_address
     try:
-        assets = asyncio.run(fetch_all(address))
+        assets = asyncio.run(fetch_all(address, settings))
     except grpc.aio.AioRpcError as exc:
         return _rpc_failure("cannot list assets", address, exc)
     print(render_models(assets), end="")

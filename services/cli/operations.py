@@ -12,6 +12,7 @@ from typing import TextIO
 import grpc
 
 from roundhouse.v1 import jobs_pb2, jobs_pb2_grpc
+from services.common.grpc_client import open_channel
 from services.common.operation_names import STATUSES, TYPES, status_name, type_name
 from services.jobs.settings import JobsSettings
 
@@ -30,10 +31,11 @@ def _fail(lines: str) -> int:
 
 def _run(call: JobsCall, address: str | None = None) -> int:
     """Open a channel to the jobs service, run `call` on its stub, map gRPC errors to exit 1."""
-    address = address or JobsSettings().jobs_address
+    settings = JobsSettings()
+    address = address or settings.jobs_address
 
     async def go() -> int:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_channel(address, settings) as channel:
             return await call(jobs_pb2_grpc.JobsStub(channel))
 
     try:
@@ -42,6 +44,9 @@ def _run(call: JobsCall, address: str | None = None) -> int:
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             return _fail(f"cannot reach the jobs service at {address}; is `roundhouse up` "
                          "running (or ROUNDHOUSE_JOBS_ADDRESS set)?")
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            return _fail(f"the jobs service at {address} refused the internal token; is "
+                         "ROUNDHOUSE_INTERNAL_TOKEN the one its `roundhouse up` uses?")
         return _fail(exc.details() or exc.code().name)
 
 

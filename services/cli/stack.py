@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import secrets
 import sys
 from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import SecretStr
 
 from roundhouse.v1 import registry_pb2
 from services.cli.assets import OUTCOME_WORDS, apply_specs
@@ -21,10 +23,12 @@ from services.common.assetspec import AssetSpec
 from services.common.db.migrate import upgrade
 from services.common.documents import load_path
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
+from services.common.grpc_client import open_channel
 from services.common.modelstore.model import Progress, ProgressCallback
 from services.common.modelstore.settings import StoreSettings
 from services.common.modelstore.store import ModelStore
 from services.common.secrets import known_secrets, mask_url, redact
+from services.common.settings import INTERNAL_TOKEN_FILE, CommonSettings
 from services.jobs.settings import JobsSettings
 from services.registry.settings import RegistrySettings
 from services.router.settings import RouterSettings
@@ -53,8 +57,12 @@ def up(catalog: str | None = None) -> int:
             return 1
         dsn = settings.database_url or _embedded_postgres(stack, home)
         nats_url = settings.nats_url or _embedded_nats(stack, home)
-        for name, value in (("database_url", dsn), ("nats_url", nats_url)):
-            _record_url(run_dir / name, value)
+        # A fresh internal token each start, unless one is set: the children require it, and
+        # CLI commands find it recorded here.
+        token = settings.internal_token.get_secret_value() if settings.internal_token else ""
+        token = token or secrets.token_urlsafe(32)
+        for name, value in (("database_url", dsn), ("nats_url", nats_url), (INTERNAL_TOKEN_FILE, token)):
+            _record(run_dir / name, value)
             stack.callback((run_dir / name).unlink, missing_ok=True)
         upgrade(dsn)
         _say("database migrated")
@@ -68,17 +76,18 @@ def up(catalog: str | None = None) -> int:
                 _say(f"installing {spec.asset_id} into {store.root}")
                 store.install(spec, progress=_progress_printer(spec.asset_id))
         _say(f"model store ready: {', '.join(s.asset_id for s in specs)}")
-        env = {**os.environ, "ROUNDHOUSE_DATABASE_URL": dsn, "ROUNDHOUSE_NATS_URL": nats_url}
+        env = {**os.environ, "ROUNDHOUSE_DATABASE_URL": dsn, "ROUNDHOUSE_NATS_URL": nats_url,
+               "ROUNDHOUSE_INTERNAL_TOKEN": token}
         return asyncio.run(_run_services(env, specs, dsn, nats_url, home))
 
 
-def _record_url(path: Path, url: str) -> None:
-    """Record a URL for the services and CLI commands; readable by its owner only (it may
-    carry a password)."""
+def _record(path: Path, value: str) -> None:
+    """Record a URL or the token for the services and CLI commands; readable by its owner
+    only (it may be or carry a secret)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as out:
-        out.write(url + "\n")
+        out.write(value + "\n")
 
 
 def _embedded_postgres(stack: ExitStack, home: Path) -> str:
@@ -113,7 +122,8 @@ def _progress_printer(asset_id: str) -> ProgressCallback:
 async def _run_services(
     env: dict[str, str], specs: list[AssetSpec], dsn: str, nats_url: str, home: Path
 ) -> int:
-    registry, router, worker, jobs = RegistrySettings(), RouterSettings(), WorkerSettings(), JobsSettings()
+    registry = RegistrySettings(internal_token=SecretStr(env["ROUNDHOUSE_INTERNAL_TOKEN"]))
+    router, worker, jobs = RouterSettings(), WorkerSettings(), JobsSettings()
     supervisor = Supervisor(
         (ChildSpec(name, [sys.executable, "-m", "services.cli.main", name], env) for name in SERVICES),
         secrets=known_secrets(registry.upstream_key_envs, env),
@@ -121,14 +131,14 @@ async def _run_services(
     running = asyncio.create_task(supervisor.run())  # handles Ctrl-C / SIGTERM itself
     for address in (registry.registry_address, worker.worker_address, router.router_address,
                     jobs.jobs_address):
-        if not await _wait_serving(address, running):
+        if not await _wait_serving(address, registry, running):
             supervisor.request_stop()
             await running
             return 1
     request = registry_pb2.ApplyAssetsRequest(
         assets=[registry_pb2.AssetApply(spec=spec_to_proto(s)) for s in specs]
     )
-    response = await apply_specs(registry.registry_address, request)
+    response = await apply_specs(registry.registry_address, request, registry)
     for result in response.results:
         _say(f"catalog: {result.asset.spec.asset_id} {OUTCOME_WORDS[result.outcome]} "
              f"(revision {result.asset.revision})")
@@ -148,10 +158,12 @@ async def _run_services(
     return await running
 
 
-async def _wait_serving(address: str, running: asyncio.Task[int], timeout_s: float = 120.0) -> bool:
+async def _wait_serving(
+    address: str, settings: CommonSettings, running: asyncio.Task[int], timeout_s: float = 120.0
+) -> bool:
     """Poll the gRPC health of `address` until SERVING, a deadline, or the stack stopping."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, settings) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while not running.done():
             try:

@@ -1,8 +1,10 @@
-"""The gRPC server every service reuses: health, reflection, error mapping, graceful stop."""
+"""The gRPC server every service reuses: health, reflection, error mapping, the internal token,
+TLS, graceful stop."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,12 +16,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import errors
+from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 ERROR_CLASS_KEY = "roundhouse-error"
 RETRY_AFTER_KEY = "retry-after"
+INTERNAL_TOKEN_KEY = "x-roundhouse-internal-token"
+"""Metadata key that carries the internal token (see `CommonSettings.internal_token`)."""
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+"""Method prefixes callable without the internal token: probes and tooling."""
 
 _CODES: list[tuple[type[errors.RoundhouseError], grpc.StatusCode]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -105,6 +112,58 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+class InternalTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses (UNAUTHENTICATED) every call that does not carry the internal token, except
+    health and reflection."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_SERVICES) \
+                or self._carries_token(handler_call_details):
+            return handler
+        return _refusing(handler)
+
+    def _carries_token(self, details: grpc.HandlerCallDetails) -> bool:
+        sent = next((v for k, v in details.invocation_metadata or () if k == INTERNAL_TOKEN_KEY), "")
+        sent_bytes = sent.encode() if isinstance(sent, str) else bytes(sent)
+        return hmac.compare_digest(sent_bytes, self._token)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that only answers UNAUTHENTICATED."""
+    async def refuse(_: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong internal token")
+
+    async def refuse_stream(_: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong internal token")
+        yield  # unreachable: makes this an async generator, as a streaming handler must be
+
+    wire = (handler.request_deserializer, handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, *wire)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, *wire)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, *wire)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, *wire)
+
+
+def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from `tls_cert` / `tls_key`, or None (plaintext) when they are unset."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ValueError("ROUNDHOUSE_TLS_CERT and ROUNDHOUSE_TLS_KEY must be set together")
+    return grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
+
+
 @dataclass(frozen=True)
 class ServiceBinding:
     """One gRPC service to host: the generated `add_*_to_server`, its servicer, its full name."""
@@ -115,14 +174,26 @@ class ServiceBinding:
 
 
 class GrpcServer:
-    """An aio server with health (SERVING once started), reflection and error mapping."""
+    """An aio server with health (SERVING once started), reflection and error mapping.
 
-    def __init__(self, address: str, bindings: Sequence[ServiceBinding]) -> None:
+    With `settings`, it serves TLS when `tls_cert` / `tls_key` are set and, when `internal` and
+    `internal_token` is set, refuses calls without the token. Without, plaintext and open.
+    """
+
+    def __init__(
+        self, address: str, bindings: Sequence[ServiceBinding], settings: CommonSettings | None = None,
+        *, internal: bool = True,
+    ) -> None:
         self._address = address
         self._bindings = list(bindings)
+        self._credentials = server_credentials(settings) if settings is not None else None
+        token = settings.internal_token if settings is not None and internal else None
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+        if token is not None and token.get_secret_value():
+            interceptors.insert(0, InternalTokenInterceptor(token.get_secret_value()))
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in grpc-stubs
         self._server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -142,7 +213,10 @@ class GrpcServer:
              reflection.SERVICE_NAME],
             self._server,
         )
-        self.port = self._server.add_insecure_port(self._address)
+        if self._credentials is not None:
+            self.port = self._server.add_secure_port(self._address, self._credentials)
+        else:
+            self.port = self._server.add_insecure_port(self._address)
         if self.port == 0:
             raise RuntimeError(f"could not bind gRPC server to {self._address}")
         await self._server.start()

@@ -3,8 +3,8 @@
 `mask_url` and `mask_key` mask one value the code knows to be sensitive; `redact` scrubs free
 text (a log message, a line of a child's output) of every secret it can recognise: URL
 passwords and tokens, `password=` parameters, Roundhouse keys (`rh-...`), `Bearer` values,
-and the values of the upstream key variables and of the credentials in
-`ROUNDHOUSE_DATABASE_URL` / `ROUNDHOUSE_NATS_URL` as currently set. `SecretFilter` applies
+and the values of the upstream key variables, of `ROUNDHOUSE_INTERNAL_TOKEN` and of the
+credentials in `ROUNDHOUSE_DATABASE_URL` / `ROUNDHOUSE_NATS_URL` as currently set. `SecretFilter` applies
 `redact` to every log record; `setup_telemetry` installs it in every service.
 """
 
@@ -30,6 +30,9 @@ DEFAULT_UPSTREAM_KEY_ENVS = (
 
 CREDENTIAL_URL_ENVS = ("ROUNDHOUSE_DATABASE_URL", "ROUNDHOUSE_NATS_URL")
 """Settings whose URLs may carry a password or token."""
+
+SECRET_ENVS = ("ROUNDHOUSE_INTERNAL_TOKEN",)
+"""Settings whose whole value is a secret."""
 
 MIN_SECRET_LEN = 6
 """Shorter values are not scrubbed verbatim: masking every `x` in a log helps nobody."""
@@ -94,9 +97,10 @@ def url_secrets(url: str) -> list[str]:
 def known_secrets(
     key_envs: Iterable[str] = DEFAULT_UPSTREAM_KEY_ENVS, environ: Mapping[str, str] | None = None
 ) -> list[str]:
-    """Secret values set in the environment now: upstream keys, credentials in our URLs."""
+    """Secret values set in the environment now: upstream keys, the internal token,
+    credentials in our URLs."""
     env = os.environ if environ is None else environ
-    values = [env.get(name, "") for name in key_envs]
+    values = [env.get(name, "") for name in (*key_envs, *SECRET_ENVS)]
     for name in CREDENTIAL_URL_ENVS:
         values += url_secrets(env.get(name, ""))
     # Longest first, so a secret that contains another is masked whole.

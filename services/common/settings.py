@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.secrets import DEFAULT_UPSTREAM_KEY_ENVS
 from services.common.upstreams import UpstreamRules
+
+INTERNAL_TOKEN_FILE = "internal_token"
+"""Name of the file under `home/run` where `roundhouse up` records the internal token."""
 
 
 def default_home() -> Path:
@@ -46,6 +49,23 @@ class CommonSettings(BaseSettings):
     """Let `url` sources point at link-local (169.254.0.0/16, fe80::/10) and cloud metadata
     addresses; refused by default. Loopback and private networks are always allowed."""
 
+    internal_token: SecretStr | None = None
+    """Shared secret of the internal services (registry, jobs, workers): set, they refuse gRPC
+    calls without it (`x-roundhouse-internal-token` metadata), health and reflection aside, and
+    every client sends it. `roundhouse up` makes a fresh one on each start and records it under
+    `home`. The router's public `Inference` front never asks for it (apps use API keys)."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain this service's gRPC server presents; with `tls_key`, it serves
+    TLS only."""
+
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`."""
+
+    tls_ca: Path | None = None
+    """PEM CA certificates gRPC clients (services and CLI) trust. Set (or `tls_cert` set),
+    clients connect over TLS; without it they trust the system's roots."""
+
     def upstream_rules(self) -> UpstreamRules:
         """The upstream policy these settings describe."""
         return UpstreamRules(tuple(self.upstream_key_envs), self.allow_link_local_upstreams)
@@ -57,6 +77,20 @@ class CommonSettings(BaseSettings):
     def resolved_nats_url(self) -> str:
         """The NATS URL to use: the setting, else the one `roundhouse up` recorded."""
         return self.nats_url or _recorded(self.home, "nats_url")
+
+    def resolved_internal_token(self) -> str | None:
+        """The token clients send: the setting, else the one a running `roundhouse up` recorded
+        under `home`, else None (servers require only the setting itself)."""
+        if self.internal_token is not None:
+            return self.internal_token.get_secret_value()
+        try:
+            return (self.home / "run" / INTERNAL_TOKEN_FILE).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def client_tls(self) -> bool:
+        """Whether gRPC clients connect over TLS."""
+        return self.tls_ca is not None or self.tls_cert is not None
 
 
 class FleetSettings(CommonSettings):

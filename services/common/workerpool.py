@@ -17,7 +17,9 @@ import grpc
 
 from roundhouse.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.errors import ModelNotReady
+from services.common.grpc_client import open_channel
 from services.common.grpc_server import MAX_MESSAGE_BYTES
+from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,11 @@ class WorkerHandle:
 class WorkerPool:
     """Keeps a picture of every worker: configured addresses plus any that heartbeat."""
 
-    def __init__(self, addresses: list[str], *, refresh_s: float = 2.0) -> None:
+    def __init__(
+        self, addresses: list[str], *, refresh_s: float = 2.0, settings: CommonSettings | None = None,
+    ) -> None:
+        """`settings`: TLS and the internal token of the channels to workers (see `open_channel`)."""
+        self._settings = settings
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    # A worker that starts after the router is found within a second or two.
@@ -74,7 +80,7 @@ class WorkerPool:
         self._task: asyncio.Task[None] | None = None
 
     def _add(self, address: str) -> WorkerHandle:
-        channel = grpc.aio.insecure_channel(address, options=self._options)
+        channel = open_channel(address, self._settings, self._options)
         worker = WorkerHandle(address, channel, worker_pb2_grpc.WorkerControlStub(channel),
                               inference_pb2_grpc.InferenceStub(channel))
         self.workers.append(worker)

@@ -10,8 +10,9 @@ import grpc
 
 from roundhouse.v1 import asset_pb2, registry_pb2, registry_pb2_grpc
 from services.common.asset_proto import STATES, AssetRecord, record_from_proto
-from services.common.grpc_client import domain_error
+from services.common.grpc_client import domain_error, open_channel
 from services.common.registry_reads import list_all_assets
+from services.common.settings import CommonSettings
 
 UNAVAILABLE = "the registry is unavailable"
 
@@ -19,10 +20,11 @@ UNAVAILABLE = "the registry is unavailable"
 class RegistryClient:
     """Typed calls to `roundhouse.v1.Registry` over one channel."""
 
-    def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, address: str, settings: CommonSettings | None = None, *, timeout_s: float = 10.0) -> None:
+        """`settings`: TLS and the internal token (see `open_channel`)."""
         self.address = address
         self._timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = open_channel(address, settings)
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
     async def get_asset(self, asset_id: str) -> AssetRecord:

@@ -97,9 +97,9 @@ async def build_app(
         notifier.notify(operation_id)
 
     repository = OperationRepository(make_sessionmaker(engine), on_change=on_change)
-    registry = RegistryClient(settings.registry_address)
+    registry = RegistryClient(settings.registry_address, settings)
     store = ModelStore.from_settings(settings)
-    pool = WorkerPool(settings.worker_addresses, refresh_s=settings.worker_refresh_s)
+    pool = WorkerPool(settings.worker_addresses, refresh_s=settings.worker_refresh_s, settings=settings)
     await pool.start()
     table = runners(store, registry) if runners else default_runners(store, registry, pool, settings)
     executor = Executor(
@@ -127,7 +127,7 @@ async def build_app(
     await liveness.start()
     server = GrpcServer(settings.jobs_address, [
         ServiceBinding(jobs_pb2_grpc.add_JobsServicer_to_server, JobsServicer(service), SERVICE_NAME)
-    ])
+    ], settings)
     stops = [reconciler.stop] if reconciler else []
     return JobsApp(server, executor, service, reconciler,
                    [*stops, executor.stop, liveness.stop, pool.close, relay.stop,

@@ -32,6 +32,7 @@ async def serve(settings: RegistrySettings) -> None:
     server = GrpcServer(
         settings.registry_address,
         [ServiceBinding(registry_pb2_grpc.add_RegistryServicer_to_server, servicer, SERVICE_NAME)],
+        settings,
     )
     await run_until_signal(
         server,

@@ -7,12 +7,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
 import uvicorn
 
 from roundhouse.v1 import events_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2_grpc, registry_pb2_grpc
 from services.common.db import make_engine, make_sessionmaker
 from services.common.events import EventBus
+from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer, ServiceBinding, run_until_signal
 from services.common.keys import KeyStore
 from services.common.liveness import WorkerLiveness
@@ -48,7 +48,7 @@ class RouterParts:
 
 async def start_router(settings: RouterSettings, bus: EventBus | None) -> RouterParts:
     """Build and start every piece; the caller stops them with `stop_router`."""
-    registry_channel = grpc.aio.insecure_channel(settings.registry_address)
+    registry_channel = open_channel(settings.registry_address, settings)
     catalog = AssetCatalog(registry_pb2_grpc.RegistryStub(registry_channel))
     if bus is not None:
         async def on_asset_event(_: events_pb2.Event) -> None:
@@ -56,14 +56,14 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
 
         await bus.subscribe("roundhouse.events.asset.>", on_asset_event)
         bus.on_reconnect(catalog.invalidate)  # events may have been missed meanwhile
-    workers = WorkerPool(settings.worker_addresses, refresh_s=settings.worker_refresh_s)
+    workers = WorkerPool(settings.worker_addresses, refresh_s=settings.worker_refresh_s, settings=settings)
     await workers.start()
     stoppers: list[Callable[[], Awaitable[None]]] = []
     if bus is not None:
         liveness = WorkerLiveness(workers, bus, dead_after_s=settings.dead_after_s())
         await liveness.start()
         stoppers.append(liveness.stop)
-    jobs_channel = grpc.aio.insecure_channel(settings.jobs_address)
+    jobs_channel = open_channel(settings.jobs_address, settings)
     jobs = jobs_pb2_grpc.JobsStub(jobs_channel)
     waker = ModelWaker(workers, jobs, wait_s=settings.load_timeout_s)
     limiter, ledger, close_usage = await _start_limits_and_usage(settings)
@@ -73,7 +73,7 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
     grpc_server = GrpcServer(settings.router_address, [ServiceBinding(
         inference_pb2_grpc.add_InferenceServicer_to_server,
         InferenceFrontServicer(gateway, authenticator), SERVICE_NAME,
-    )])
+    )], settings, internal=False)  # apps call the front with API keys, never the internal token
     app = create_app(gateway, jobs, max_body_bytes=settings.max_body_bytes,
                      authenticator=authenticator, key_store=store, on_key_revoked=on_key_revoked,
                      metrics_auth=settings.metrics_auth)

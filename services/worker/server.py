@@ -40,7 +40,7 @@ class WorkerServer:
                            WorkerInferenceServicer(self.host), INFERENCE),
             ServiceBinding(worker_pb2_grpc.add_WorkerControlServicer_to_server,
                            WorkerControlServicer(self.host), CONTROL),
-        ])
+        ], settings)
         self._bus = bus
         self._serving = False
         self.heartbeat: Heartbeat | None = None
