@@ -4,7 +4,10 @@ routes for admin keys only, and a revoked key refused at once by every router.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,13 @@ from polling import wait_until
 from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_router, running_stack, tiny_documents
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2
+from services.common.db import make_engine, make_sessionmaker
+from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.events import EventBus
+from services.common.keys import ADMIN_KEY_NAME, KeyRecord, KeyStore, NewKey, hash_secret, new_secret
+from services.common.keys.validation import check_new_key
+from services.router.http import create_app
+from services.router.keys import KeyAuthenticator
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -301,3 +310,203 @@ async def test_metrics_auth_and_auth_disabled_are_explicit(
         assert (await http.get("/v1/models")).status_code == 200
         assert (await http.get("/admin/v1/workers")).status_code == 200
     assert any("ROUNDHOUSE_AUTH=disabled" in r.getMessage() for r in caplog.records)
+
+
+async def test_routers_starting_together_agree_on_one_admin_key(db_dsn: str) -> None:
+    """Several routers start at once with the same `ROUNDHOUSE_ADMIN_KEY` (a Kubernetes rollout):
+    all start, one admin key, and the next restart keeps it."""
+    secret = new_secret()
+    engines = [make_engine(db_dsn) for _ in range(6)]
+    try:
+        stores = [KeyStore(make_sessionmaker(engine)) for engine in engines]
+        records = await asyncio.gather(*(store.ensure_admin(secret) for store in stores))
+        assert len({r.key_id for r in records}) == 1
+        admins = [k for k in await stores[0].list() if k.name == ADMIN_KEY_NAME]
+        assert [k.key_id for k in admins] == [records[0].key_id]
+        assert (await stores[1].ensure_admin(secret)).key_id == records[0].key_id
+        assert await KeyAuthenticator(stores[2]).authenticate(secret)
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+async def test_rotating_the_admin_key_revokes_the_old_and_never_brings_it_back(sessionmaker: Any) -> None:
+    store = KeyStore(sessionmaker)
+    first, second = new_secret(), new_secret()
+    await store.ensure_admin(first)
+    await store.ensure_admin(second)
+    with pytest.raises(Unauthenticated):
+        await KeyAuthenticator(store).authenticate(first)
+    with pytest.raises(InvalidArgument, match="revoked keys stay revoked, so set ROUNDHOUSE_ADMIN_KEY"):
+        await store.ensure_admin(first)
+    assert (await KeyAuthenticator(store).authenticate(second)).admin  # the refusal changed nothing
+
+
+@pytest.mark.parametrize("new", [NewKey(name="ends-in-newline\n"), NewKey(name="x", expires_in="30d\n"),
+                                 NewKey(name="x", models=["tiny-chat\n"])])
+def test_a_trailing_newline_is_no_valid_name_duration_or_model(new: NewKey) -> None:
+    with pytest.raises(InvalidArgument):
+        check_new_key(new)
+
+
+class GatedStore:
+    """A key store whose lookups read the row at once but answer only when released, so a test
+    can land a revocation between the read and the answer."""
+
+    def __init__(self, record: KeyRecord) -> None:
+        self.record = record
+        self.lookups = 0
+        self.reading = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def find(self, key_hash: str) -> KeyRecord | None:
+        self.lookups += 1
+        row = self.record
+        self.reading.set()
+        await self.release.wait()
+        return row
+
+
+@pytest.mark.parametrize("forget", ["forget", "forget_all"])
+async def test_a_lookup_racing_a_revocation_does_not_keep_the_key_alive(forget: str) -> None:
+    secret = new_secret()
+    live = KeyRecord(key_id="k1", name="racing", prefix=secret[:7], admin=False, models=())
+    store = GatedStore(live)
+    authenticator = KeyAuthenticator(store, cache_s=600)  # type: ignore[arg-type]
+    lookup = asyncio.create_task(authenticator.authenticate(secret))
+    await store.reading.wait()  # the lookup has read the row from before the revocation
+    store.record = replace(live, revoked_at=datetime.now(UTC))
+    if forget == "forget":
+        authenticator.forget("racing")  # the `key.revoked` event: nothing cached yet to drop
+    else:
+        authenticator.forget_all()
+    store.release.set()
+    await lookup  # the request already under way is served
+    with pytest.raises(Unauthenticated):
+        await authenticator.authenticate(secret)
+    assert store.lookups == 2
+
+
+async def test_a_looked_up_key_is_cached() -> None:
+    secret = new_secret()
+    store = GatedStore(KeyRecord(key_id="k2", name="cached", prefix=secret[:7], admin=False, models=()))
+    store.release.set()
+    authenticator = KeyAuthenticator(store, cache_s=600)  # type: ignore[arg-type]
+    await authenticator.authenticate(secret)
+    await authenticator.authenticate(secret)
+    assert store.lookups == 1
+
+
+class KnownKeys:
+    """A key store holding a plain key and an admin key."""
+
+    def __init__(self) -> None:
+        self.plain, self.admin = new_secret(), new_secret()
+        self.records = {hash_secret(s): KeyRecord(key_id=s[-6:], name=name, prefix=s[:7], admin=admin, models=())
+                        for s, name, admin in ((self.plain, "plain", False), (self.admin, "boss", True))}
+
+    async def find(self, key_hash: str) -> KeyRecord | None:
+        return self.records.get(key_hash)
+
+
+class UntouchedGateway:
+    """Stands where the gateway goes; any use of it fails the test."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the gateway was used ({name}) on a path that must not reach it")
+
+
+@dataclass
+class Answer:
+    status: int
+    body_chunks_read: int
+
+
+async def call_asgi(app: Any, method: str, path: str, *, secret: str | None = None, root_path: str = "",
+                    body_chunks: int = 0, content_length: int | None = None) -> Answer:
+    """One request straight into the ASGI app, its path exactly as given (no client normalises it)."""
+    headers = [(b"authorization", f"Bearer {secret}".encode())] if secret else []
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": root_path,
+             "query_string": b"", "headers": headers, "client": ("127.0.0.1", 1), "server": ("router", 80)}
+    read = 0
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        if read < body_chunks:
+            read += 1
+            return {"type": "http.request", "body": b"x" * 65536, "more_body": read < body_chunks}
+        if body_chunks == 0 and read == 0:
+            read = -1
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # a client that stays connected
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    await app(scope, receive, send)
+    return Answer(statuses[0], max(read, 0))
+
+
+@pytest.fixture
+def keys() -> KnownKeys:
+    return KnownKeys()
+
+
+def keyed_app(keys: KnownKeys, **options: Any) -> Any:
+    return create_app(UntouchedGateway(), UntouchedGateway(), max_body_bytes=1024,  # type: ignore[arg-type]
+                      authenticator=KeyAuthenticator(keys), **options)  # type: ignore[arg-type]
+
+
+ADMIN_PATHS = ["/admin/v1/keys", "//admin/v1/keys", "/v1/../admin/v1/keys", "/admin/v1/keys/", "/admin/v1",
+               "/admin//v1/workers", "/./admin/v1/workers", "/docs", "/docs/", "/openapi.json", "/redoc"]
+
+
+@pytest.mark.parametrize("root_path", ["", "/x"])
+@pytest.mark.parametrize("path", ADMIN_PATHS)
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "POST", "DELETE"])
+async def test_admin_paths_need_an_admin_key_however_written(
+    keys: KnownKeys, root_path: str, path: str, method: str
+) -> None:
+    app = keyed_app(keys)
+    assert (await call_asgi(app, method, root_path + path, root_path=root_path)).status == 401
+    assert (await call_asgi(app, method, root_path + path, root_path=root_path, secret=keys.plain)).status == 403
+    admitted = await call_asgi(app, method, root_path + path, root_path=root_path, secret=keys.admin)
+    assert admitted.status not in (401, 403)
+
+
+@pytest.mark.parametrize("root_path", ["", "/x"])
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/", "//v1/models", "/v1", "/unknown", "/healthz/",
+                                  "//healthz", "/healthz/../v1/models", "/metrics/", ""])
+async def test_every_other_path_needs_a_key(keys: KnownKeys, root_path: str, path: str) -> None:
+    app = keyed_app(keys)
+    for method in ("GET", "HEAD", "OPTIONS"):
+        assert (await call_asgi(app, method, root_path + path, root_path=root_path)).status == 401, method
+
+
+@pytest.mark.parametrize("root_path", ["", "/x"])
+async def test_only_health_readiness_and_metrics_are_open(keys: KnownKeys, root_path: str) -> None:
+    app = keyed_app(keys)
+    assert (await call_asgi(app, "GET", f"{root_path}/healthz", root_path=root_path)).status == 200
+    assert (await call_asgi(app, "GET", f"{root_path}/metrics", root_path=root_path)).status == 200
+    guarded = keyed_app(keys, metrics_auth=True)
+    assert (await call_asgi(guarded, "GET", f"{root_path}/metrics", root_path=root_path)).status == 401
+    metrics = await call_asgi(guarded, "GET", f"{root_path}/metrics", root_path=root_path, secret=keys.plain)
+    assert metrics.status == 200
+
+
+@pytest.mark.parametrize("content_length", [None, 100 * 1024 * 1024])
+async def test_a_request_without_a_key_is_refused_before_its_body_is_read(
+    keys: KnownKeys, content_length: int | None
+) -> None:
+    app = keyed_app(keys)
+    refused = await call_asgi(app, "POST", "/v1/chat/completions", body_chunks=1600, content_length=content_length)
+    assert refused == Answer(401, 0)
+    too_large = await call_asgi(app, "POST", "/v1/chat/completions", secret=keys.plain, body_chunks=1600,
+                                content_length=content_length)
+    assert too_large.status == 413 and too_large.body_chunks_read <= 1

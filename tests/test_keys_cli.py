@@ -13,6 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from pydantic import ValidationError
 from stack_harness import TINY_CHAT, Stack, build_sources, running_stack, tiny_documents
 
 from services.cli.bootstrap import admin_key_line, bootstrap_admin_key
@@ -60,7 +61,7 @@ async def test_create_list_use_and_revoke_a_key(stack: Stack, tmp_path: Path) ->
         listing = await roundhouse(env, "keys", "ls")
         assert listing.returncode == 0, listing.stderr
         [row] = [line for line in listing.stdout.splitlines() if line.startswith("cli-app ")]
-        assert f"{secret[:8]}…" in row and secret not in listing.stdout
+        assert f" {secret[:7]}… " in row and secret[:8] not in listing.stdout
         assert "rpm=60" in row and "usd=5" in row and "per=30d" in row and " - " in row
         assert "NAME" in listing.stdout and "USAGE" in listing.stdout
 
@@ -123,3 +124,39 @@ async def test_an_explicit_admin_key_is_ensured_and_no_file_written(db_dsn: str,
     finally:
         await engine.dispose()
     assert found is not None and found.admin
+
+
+async def test_an_admin_key_mounted_from_a_file_works_in_router_and_cli(stack: Stack, tmp_path: Path) -> None:
+    """A Kubernetes secret read from a file ends in a newline: the router and the CLI both strip it."""
+    assert stack.admin_key is not None
+    mounted = stack.admin_key + "\n"
+    assert RouterSettings(admin_key=mounted).admin_key.get_secret_value() == stack.admin_key  # type: ignore[union-attr]
+    listing = await roundhouse(cli_env(stack, tmp_path, admin_key=mounted), "keys", "ls")
+    assert listing.returncode == 0, listing.stderr
+    (tmp_path / "admin.key").write_text(f"  {stack.admin_key}\r\n")
+    from_file = await roundhouse(cli_env(stack, tmp_path, admin_key=None), "keys", "ls")
+    assert from_file.returncode == 0, from_file.stderr
+
+
+@pytest.mark.parametrize("value", ["sk-not-ours-0123456789", "rh-two words", "   ", "ключ-rh-"])
+async def test_an_admin_key_that_is_no_roundhouse_key_fails_clearly_and_is_never_echoed(
+    stack: Stack, tmp_path: Path, value: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        RouterSettings(admin_key=value)
+    assert "ROUNDHOUSE_ADMIN_KEY is not a Roundhouse key" in str(refused.value)
+    shown = value.strip() or "<nothing>"
+    assert shown not in str(refused.value)
+    cli = await roundhouse(cli_env(stack, tmp_path, admin_key=value), "keys", "ls")
+    assert cli.returncode == 1 and cli.stdout == ""
+    assert cli.stderr.startswith("error: ROUNDHOUSE_ADMIN_KEY is not a Roundhouse key"), cli.stderr
+    assert shown not in cli.stderr and "Traceback" not in cli.stderr
+
+
+async def test_cli_errors_never_show_the_router_url_password(stack: Stack, tmp_path: Path) -> None:
+    env = cli_env(stack, tmp_path, admin_key=stack.admin_key)
+    env["ROUNDHOUSE_ROUTER_URL"] = "http://operator:hunter2-password@127.0.0.1:9"
+    for args in (("keys", "ls"), ("usage",)):
+        failed = await roundhouse(env, *args)
+        assert failed.returncode == 1 and "cannot reach the router at http://operator:***@127.0.0.1:9" in failed.stderr
+        assert "hunter2" not in failed.stderr

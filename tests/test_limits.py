@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import asyncpg
 import pytest
+from limits_harness import clear_of_minute_boundary
 from polling import wait_until
 
 from services.common.embedded import free_port
@@ -36,13 +36,6 @@ async def routers(db_dsn: str) -> AsyncIterator[tuple[Limiter, Limiter]]:
         await pool.close()
 
 
-async def _clear_of_minute_boundary() -> None:
-    """Fixed windows renew at the minute: a burst straddling it would be two windows."""
-    into_minute = time.time() % 60
-    if into_minute > 55:
-        await asyncio.sleep(60.5 - into_minute)
-
-
 async def burst(routers: tuple[Limiter, Limiter], key: KeyRecord, n: int,
                 estimate: Estimate = SMALL) -> tuple[list[Reservation], list[Exception]]:
     """`n` concurrent first requests of `key`, alternately on either router."""
@@ -55,7 +48,7 @@ async def burst(routers: tuple[Limiter, Limiter], key: KeyRecord, n: int,
 
 
 async def test_a_burst_of_first_requests_admits_exactly_rpm(routers: tuple[Limiter, Limiter]) -> None:
-    await _clear_of_minute_boundary()
+    await clear_of_minute_boundary()
     key = key_with(rpm=10)
     admitted, refused = await burst(routers, key, 40)
     assert len(admitted) == 10
@@ -98,7 +91,7 @@ async def test_never_more_than_max_parallel_in_flight(routers: tuple[Limiter, Li
 
 
 async def test_tokens_per_minute_are_never_overshot(routers: tuple[Limiter, Limiter]) -> None:
-    await _clear_of_minute_boundary()
+    await clear_of_minute_boundary()
     key = key_with(tpm=1000)
     admitted, refused = await burst(routers, key, 30)
     assert len(admitted) == 10
@@ -170,7 +163,7 @@ async def test_abandoned_reservations_expire(db_dsn: str) -> None:
 
 
 async def test_headers_status_is_published_to_the_request(routers: tuple[Limiter, Limiter]) -> None:
-    await _clear_of_minute_boundary()
+    await clear_of_minute_boundary()
     key = key_with(rpm=5, tpm=1000)
     report = open_report()
     await routers[0].reserve(key, SMALL)
@@ -194,5 +187,72 @@ async def test_an_unreachable_store_refuses_limited_keys() -> None:
     try:
         with pytest.raises(LimitsUnavailable):
             await Limiter(pool, timeout_s=2).reserve(key_with(rpm=1), SMALL)
+    finally:
+        await pool.close()
+
+
+class RepliesHeldBack:
+    """A pool whose reserve replies wait for `reply`: a request cancelled meanwhile is cancelled
+    after Postgres committed its reservation, the moment a client hanging up can hit."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.committed = asyncio.Event()
+        self.reply = asyncio.Event()
+
+    async def fetchrow(self, *args: object, **kwargs: object) -> asyncpg.Record | None:
+        row = await self.pool.fetchrow(*args, **kwargs)
+        self.committed.set()
+        await self.reply.wait()
+        return row
+
+    async def execute(self, *args: object, **kwargs: object) -> str:
+        return await self.pool.execute(*args, **kwargs)
+
+
+async def test_a_reserve_cancelled_after_it_committed_holds_no_parallel_slot(db_dsn: str) -> None:
+    pool = await asyncpg.create_pool(db_dsn, min_size=0, max_size=2)
+    try:
+        held = RepliesHeldBack(pool)
+        limiter = Limiter(held)  # type: ignore[arg-type]
+        key = key_with(max_parallel=1)
+        request = asyncio.create_task(limiter.reserve(key, SMALL))
+        await held.committed.wait()
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        held.reply.set()
+        # The slot is free at once, not after the reservation's 900 s hold.
+        assert await limiter.reserve(key, SMALL) is not None
+        with pytest.raises(RateLimited, match="in flight"):
+            await Limiter(pool).reserve(key, SMALL)
+    finally:
+        await pool.close()
+
+
+class FailsFirstSettles:
+    """A pool whose first `failures` settles fail as if Postgres had gone for a moment."""
+
+    def __init__(self, pool: asyncpg.Pool, failures: int) -> None:
+        self.pool, self.failures = pool, failures
+
+    async def fetchrow(self, *args: object, **kwargs: object) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(*args, **kwargs)
+
+    async def execute(self, *args: object, **kwargs: object) -> str:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionResetError("connection lost")
+        return await self.pool.execute(*args, **kwargs)
+
+
+async def test_a_settle_that_fails_once_is_retried(db_dsn: str) -> None:
+    pool = await asyncpg.create_pool(db_dsn, min_size=0, max_size=2)
+    try:
+        limiter = Limiter(FailsFirstSettles(pool, failures=1))  # type: ignore[arg-type]
+        key = key_with(max_parallel=1)
+        reservation = await limiter.reserve(key, SMALL)
+        await limiter.settle(reservation, 10, Decimal(0))
+        assert await limiter.reserve(key, SMALL) is not None  # the slot came back
     finally:
         await pool.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -19,6 +18,7 @@ import grpc
 import httpx
 import openai
 import pytest
+from limits_harness import clear_of_minute_boundary
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
 from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_router, running_stack, tiny_documents
@@ -153,6 +153,28 @@ async def test_nothing_is_lost_while_postgres_is_briefly_away_and_the_buffer_is_
         await link.down()
 
 
+async def test_a_row_postgres_refuses_does_not_block_the_rows_after_it(db_dsn: str) -> None:
+    pool = await asyncpg.create_pool(db_dsn, min_size=0, max_size=2)
+    ledger = UsageLedger(pool, flush_s=3600)
+    try:
+        before = tickets(ledger, 2)
+        refused = ledger.open(None, "some-model", "llm-runtime", f"ledger-{uuid.uuid4().hex}")
+        refused.prompt_tokens = 2**31  # past the column's integer: Postgres refuses the row
+        ledger.record(refused)
+        odd = f"ledger-{uuid.uuid4().hex}"
+        ledger.record(ledger.open(None, "nul\x00model" + "m" * 10_000, "llm-runtime", odd + "\x00"))
+        after = tickets(ledger, 2)
+        await ledger.flush()
+        assert (ledger.pending, ledger.rejected) == (0, 1)
+        assert len(await rows_of(db_dsn, before + after)) == 4
+        assert await rows_of(db_dsn, [refused.request_id]) == []
+        (cleaned,) = await rows_of(db_dsn, [odd + "\ufffd"])
+        assert cleaned["route"].startswith("nul\ufffdmodel") and len(cleaned["route"]) <= 256
+    finally:
+        await ledger.close()
+        await pool.close()
+
+
 def test_the_cli_table_has_a_line_per_group() -> None:
     text = render_usage("asset", [
         {"group": "tiny-chat", "requests": 3, "errors": 1, "prompt_tokens": 30,
@@ -214,13 +236,6 @@ async def ledger_rows(dsn: str, key_name: str) -> list[asyncpg.Record]:
             "WHERE k.name = $1 ORDER BY r.at", key_name)
     finally:
         await conn.close()
-
-
-async def clear_of_minute_boundary() -> None:
-    """Rate windows renew at the minute: a test of one window keeps clear of the boundary."""
-    into_minute = time.time() % 60
-    if into_minute > 50:
-        await asyncio.sleep(60.5 - into_minute)
 
 
 async def holds(stack: Stack, asset_id: str) -> bool:
@@ -295,6 +310,7 @@ async def test_usage_rows_match_what_the_clients_saw(
 
     report = (await admin.get("/usage", params={"group_by": "key"})).json()
     (mine,) = [r for r in report["rows"] if r["group"] == name]  # keys by name
+    assert mine["key_id"] == rows[0]["key_id"]
     assert (mine["requests"], mine["errors"]) == (3, 0)
     assert mine["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)
     assert mine["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
@@ -312,6 +328,58 @@ async def test_usage_rows_match_what_the_clients_saw(
     assert (await admin.get("/usage", params={"group_by": "week"})).status_code == 400
     later = await admin.get("/usage", params={"since": "2999-01-01T00:00:00Z"})
     assert later.status_code == 200 and later.json()["rows"] == []  # after until (now): empty
+
+
+async def test_a_stream_the_client_leaves_is_charged_what_it_streamed(
+    stack: Stack, admin: httpx.AsyncClient, own_db: str
+) -> None:
+    await clear_of_minute_boundary()
+    key, name = await new_key(admin, tpm=100_000)
+    async with client(stack.http_url, key) as api:
+        stream = await api.chat.completions.create(
+            model=TINY_CHAT, messages=HELLO, max_tokens=4000, stream=True)
+        seen = 0
+        async for chunk in stream:
+            seen += bool(chunk.choices and chunk.choices[0].delta.content)
+            if seen == 3:
+                break
+        await stream.close()
+
+        async def recorded() -> bool:
+            return len(await ledger_rows(own_db, name)) == 1
+
+        await wait_until(recorded, timeout=30, interval=0.1)
+        (row,) = await ledger_rows(own_db, name)
+        assert row["status"] == "cancelled"
+        assert row["prompt_tokens"] > 0 and 3 <= row["completion_tokens"] < 4000
+        assert row["cost_usd"] > 0
+        after = await api.chat.completions.with_raw_response.create(
+            model=TINY_CHAT, messages=HELLO, max_tokens=1)
+    # This minute holds what the left stream was charged plus the new request's estimate
+    # ("hello": 2 tokens + 4 for the message, and 1 of completion), not a whole 4000.
+    charged = row["prompt_tokens"] + row["completion_tokens"]
+    assert int(after.headers["x-ratelimit-remaining-tokens"]) == 100_000 - charged - 7
+
+
+async def test_a_reused_key_name_starts_from_no_usage(
+    stack: Stack, admin: httpx.AsyncClient
+) -> None:
+    name = f"reused-{uuid.uuid4().hex[:8]}"
+    first = await admin.post("/keys", json={"name": name})
+    async with client(stack.http_url, first.json()["key"]) as api:
+        await api.embeddings.create(model=TINY_EMBED, input="one")
+        await api.embeddings.create(model=TINY_EMBED, input="two")
+    assert (await admin.delete(f"/keys/{name}")).status_code == 200
+    second = await admin.post("/keys", json={"name": name})
+    async with client(stack.http_url, second.json()["key"]) as api:
+        await api.embeddings.create(model=TINY_EMBED, input="three")
+    (listed,) = [k for k in (await admin.get("/keys")).json()["keys"] if k["name"] == name]
+    assert listed["usage"]["requests"] == 1
+    rows = [r for r in (await admin.get("/usage", params={"group_by": "key"})).json()["rows"]
+            if r["group"].startswith(f"{name} (")]
+    assert sorted(r["requests"] for r in rows) == [1, 2]
+    assert len({r["key_id"] for r in rows}) == 2
+    assert all(r["group"] == f"{name} ({r['key_id'][:8]})" for r in rows)
 
 
 async def test_a_spent_budget_is_429_insufficient_quota(

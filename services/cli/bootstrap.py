@@ -10,11 +10,12 @@ from the file.
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
+from services.cli.private_files import write_private
 from services.common.db import make_engine, make_sessionmaker
 from services.common.keys import KeyStore, new_secret
+from services.common.keys.tokens import operator_secret
 from services.router.settings import RouterSettings
 
 ADMIN_KEY_FILE = "admin.key"
@@ -27,14 +28,17 @@ def admin_key_path(home: Path) -> Path:
 
 def read_admin_key(settings: RouterSettings | None = None) -> str | None:
     """The admin key the CLI sends: `ROUNDHOUSE_ADMIN_KEY`, else `$ROUNDHOUSE_HOME/admin.key`;
-    None when neither exists."""
+    None when neither exists (or the file is empty). Both are read as the router reads the
+    setting (`tokens.operator_secret`): stripped, and ValueError when not a Roundhouse key."""
     settings = settings or RouterSettings()
     if settings.admin_key is not None:
-        return settings.admin_key.get_secret_value().strip() or None
+        return settings.admin_key.get_secret_value()  # checked by the setting's validator
+    path = admin_key_path(settings.home)
     try:
-        return admin_key_path(settings.home).read_text().strip() or None
+        text = path.read_text()
     except FileNotFoundError:
         return None
+    return operator_secret(text, str(path)) if text.strip() else None
 
 
 def bootstrap_admin_key(dsn: str, settings: RouterSettings | None = None) -> Path | None:
@@ -46,12 +50,12 @@ def bootstrap_admin_key(dsn: str, settings: RouterSettings | None = None) -> Pat
     settings = settings or RouterSettings()
     path = admin_key_path(settings.home)
     if settings.admin_key is not None:
-        asyncio.run(_ensure(dsn, settings.admin_key.get_secret_value().strip()))
+        asyncio.run(_ensure(dsn, settings.admin_key.get_secret_value()))
         return None
     secret = read_admin_key(settings.model_copy(update={"admin_key": None}))
     if secret is None:
         secret = new_secret()
-        _write_private(path, secret)
+        write_private(path, secret)
     asyncio.run(_ensure(dsn, secret))
     return path
 
@@ -61,15 +65,6 @@ def admin_key_line(path: Path | None) -> str:
     if path is None:
         return "admin key: the one in ROUNDHOUSE_ADMIN_KEY"
     return f"admin key in {path} (send it as 'Authorization: Bearer <key>')"
-
-
-def _write_private(path: Path, secret: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Created 0600 from the start: never readable by others, not even for a moment.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(secret + "\n")
-    path.chmod(0o600)
 
 
 async def _ensure(dsn: str, secret: str) -> None:

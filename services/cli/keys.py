@@ -1,5 +1,5 @@
 """`roundhouse keys create|ls|revoke`: API keys over the router's admin HTTP API, with the
-admin key (see `bootstrap.read_admin_key`)."""
+admin key (see `admin_api`)."""
 
 from __future__ import annotations
 
@@ -7,47 +7,15 @@ import sys
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
-from services.cli.bootstrap import admin_key_path, read_admin_key
-from services.router.settings import RouterSettings
-
-
-def _fail(lines: str) -> int:
-    for line in lines.splitlines() or [""]:
-        print(f"error: {line}", file=sys.stderr)
-    return 1
-
-
-def _call(method: str, path: str, **kwargs: Any) -> httpx.Response | int:
-    """One admin API call; an exit code (error printed) when it cannot be made or is refused."""
-    settings = RouterSettings()
-    secret = read_admin_key(settings)
-    if secret is None:
-        return _fail(f"no admin key: set ROUNDHOUSE_ADMIN_KEY or start `roundhouse up`, which "
-                     f"writes {admin_key_path(settings.home)}")
-    url = settings.resolved_router_url()
-    try:
-        reply = httpx.request(method, f"{url}/admin/v1{path}", timeout=30,
-                              headers={"Authorization": f"Bearer {secret}"}, **kwargs)
-    except httpx.HTTPError:
-        return _fail(f"cannot reach the router at {url}; is `roundhouse up` running "
-                     "(or ROUNDHOUSE_ROUTER_URL set)?")
-    if reply.is_success:
-        return reply
-    try:
-        error = reply.json()["error"]
-        message = error["message"]
-    except (ValueError, KeyError, TypeError):
-        message = f"HTTP {reply.status_code}"
-    return _fail(message)
+from services.cli.admin_api import call_admin
+from services.common.secrets import ELLIPSIS
 
 
 def create_key(name: str, *, models: list[str], admin: bool = False, **limits: Any) -> int:
     """Create a key and print its secret (the only time it is shown)."""
     body = {"name": name, "models": models, "admin": admin,
             **{k: v for k, v in limits.items() if v is not None}}
-    reply = _call("POST", "/keys", json=body)
+    reply = call_admin("POST", "/keys", json=body)
     if isinstance(reply, int):
         return reply
     created = reply.json()
@@ -59,7 +27,7 @@ def create_key(name: str, *, models: list[str], admin: bool = False, **limits: A
 
 def list_keys() -> int:
     """Print every unrevoked key as a table (never a secret)."""
-    reply = _call("GET", "/keys")
+    reply = call_admin("GET", "/keys")
     if isinstance(reply, int):
         return reply
     print(render_keys(reply.json()["keys"]), end="")
@@ -68,7 +36,7 @@ def list_keys() -> int:
 
 def revoke_key(name: str) -> int:
     """Revoke a key by name; every router refuses it from now on."""
-    reply = _call("DELETE", f"/keys/{quote(name, safe='')}")
+    reply = call_admin("DELETE", f"/keys/{quote(name, safe='')}")
     if isinstance(reply, int):
         return reply
     print(f"key '{name}' revoked")
@@ -76,10 +44,10 @@ def revoke_key(name: str) -> int:
 
 
 def render_keys(keys: list[dict[str, Any]]) -> str:
-    """The keys as a table: name, masked prefix, models, limits, usage, expiry."""
+    """The keys as a table: name, masked key (`rh-abcd…`), models, limits, usage, expiry."""
     table = [["NAME", "KEY", "ADMIN", "MODELS", "LIMITS", "USAGE", "EXPIRES"]]
     for key in keys:
-        table.append([key["name"], f"{key['prefix']}…", "yes" if key["admin"] else "no",
+        table.append([key["name"], key["prefix"] + ELLIPSIS, "yes" if key["admin"] else "no",
                       ",".join(key["models"]) or "*", _limits(key), _usage(key.get("usage")),
                       (key.get("expires_at") or "never")[:19].replace("T", " ")])
     if len(table) == 1:

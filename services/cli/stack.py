@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from roundhouse.v1 import registry_pb2
 from services.cli.assets import OUTCOME_WORDS, apply_specs
 from services.cli.bootstrap import admin_key_line, bootstrap_admin_key
+from services.cli.private_files import write_private
 from services.cli.supervisor import ChildSpec, Supervisor
 from services.common.asset_proto import spec_to_proto
 from services.common.assetspec import AssetSpec
@@ -62,7 +63,7 @@ def up(catalog: str | None = None) -> int:
         token = settings.internal_token.get_secret_value() if settings.internal_token else ""
         token = token or secrets.token_urlsafe(32)
         for name, value in (("database_url", dsn), ("nats_url", nats_url), (INTERNAL_TOKEN_FILE, token)):
-            _record(run_dir / name, value)
+            write_private(run_dir / name, value)  # it may be or carry a secret
             stack.callback((run_dir / name).unlink, missing_ok=True)
         upgrade(dsn)
         _say("database migrated")
@@ -79,15 +80,6 @@ def up(catalog: str | None = None) -> int:
         env = {**os.environ, "ROUNDHOUSE_DATABASE_URL": dsn, "ROUNDHOUSE_NATS_URL": nats_url,
                "ROUNDHOUSE_INTERNAL_TOKEN": token}
         return asyncio.run(_run_services(env, specs, dsn, nats_url, home))
-
-
-def _record(path: Path, value: str) -> None:
-    """Record a URL or the token for the services and CLI commands; readable by its owner
-    only (it may be or carry a secret)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(value + "\n")
 
 
 def _embedded_postgres(stack: ExitStack, home: Path) -> str:

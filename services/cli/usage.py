@@ -1,15 +1,11 @@
 """`roundhouse usage [--by key|asset|day]`: the usage ledger as a table, from the router's
-`GET /admin/v1/usage` (with the admin key when there is one, see `bootstrap.read_admin_key`)."""
+`GET /admin/v1/usage` (with the admin key when there is one, see `admin_api`)."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-import httpx
-
-from services.cli.bootstrap import read_admin_key
-from services.router.settings import RouterSettings
+from services.cli.admin_api import call_admin
 
 COLUMNS = ("requests", "errors", "tokens in", "tokens out", "cost usd", "p50 ms", "p95 ms")
 
@@ -17,24 +13,10 @@ COLUMNS = ("requests", "errors", "tokens in", "tokens out", "cost usd", "p50 ms"
 def show_usage(group_by: str, since: str | None = None, until: str | None = None) -> int:
     """Print the ledger summed per `group_by`; exit code 1 (error printed) when the router
     cannot answer."""
-    settings = RouterSettings()
-    secret = read_admin_key(settings)
-    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     params = {"group_by": group_by, **{k: v for k, v in (("since", since), ("until", until)) if v}}
-    url = settings.resolved_router_url()
-    try:
-        reply = httpx.get(f"{url}/admin/v1/usage", params=params, headers=headers, timeout=30)
-    except httpx.HTTPError:
-        print(f"error: cannot reach the router at {url}; is `roundhouse up` running (or "
-              "ROUNDHOUSE_ROUTER_URL set)?", file=sys.stderr)
-        return 1
-    if not reply.is_success:
-        try:
-            message = reply.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {reply.status_code}"
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+    reply = call_admin("GET", "/usage", key_required=False, params=params)
+    if isinstance(reply, int):
+        return reply
     print(render_usage(group_by, reply.json()["rows"]), end="")
     return 0
 

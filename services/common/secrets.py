@@ -19,8 +19,9 @@ from urllib.parse import unquote, urlsplit
 MASK = "***"
 ELLIPSIS = "…"
 KEY_PREFIX = "rh-"
+"""How every Roundhouse API key starts."""
 KEY_SHOWN = 4
-"""How many characters of a Roundhouse key after `rh-` may be shown."""
+"""How many characters of a Roundhouse key after `rh-` may be shown (`rh-abcd…`)."""
 
 DEFAULT_UPSTREAM_KEY_ENVS = (
     "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "MISTRAL_API_KEY", "GROQ_API_KEY",
@@ -46,10 +47,15 @@ _ROUNDHOUSE_KEY = re.compile(r"\brh-[A-Za-z0-9_-]{12,}")
 _BEARER = re.compile(r"(?P<word>\bBearer\s+)(?P<value>[^\s'\",]+)", re.IGNORECASE)
 
 
+def shown_key_part(key: str) -> str:
+    """The part of a Roundhouse key that may be shown: `rh-` and 4 characters (`rh-abcd`)."""
+    return key[: len(KEY_PREFIX) + KEY_SHOWN]
+
+
 def mask_key(key: str) -> str:
     """A key as it may be shown: `rh-abcd…` for a Roundhouse key, `***` for anything else."""
     if key.startswith(KEY_PREFIX) and len(key) > len(KEY_PREFIX) + KEY_SHOWN:
-        return key[: len(KEY_PREFIX) + KEY_SHOWN] + ELLIPSIS
+        return shown_key_part(key) + ELLIPSIS
     return MASK
 
 

@@ -84,8 +84,8 @@ class Gateway:
             record = await self.catalog.resolve(request.model, LLM)
             check_model(key, record, request.model)
             ticket.asset = record
-            ticket.reservation = await self.limits.reserve(key, estimate_chat(
-                request, record, self.limits.default_completion_tokens))
+            ticket.estimate = estimate_chat(request, record, self.limits.default_completion_tokens)
+            ticket.reservation = await self.limits.reserve(key, ticket.estimate)
             async with aclosing(self._chat(record, request, timeout, ticket)) as chunks:
                 async for chunk in chunks:
                     ticket.chunk(chunk)
@@ -95,7 +95,7 @@ class Gateway:
     async def _accounted(self, key: KeyRecord | None, model: str, interface: str,
                          request_id: str) -> AsyncIterator[UsageTicket]:
         """A usage ticket for the request's life; at its end the ledger records it and the
-        limits settle its reservation."""
+        limits settle its reservation, both with what it used (see `UsageTicket.finish`)."""
         ticket = self.usage.open(key, model, interface, request_id)
         try:
             yield ticket
@@ -103,6 +103,7 @@ class Gateway:
             ticket.failed(exc)
             raise
         finally:
+            ticket.finish()
             self.usage.record(ticket)
             self.limits.settle(ticket.reservation, ticket.tokens, ticket.cost_usd)
 
@@ -118,6 +119,7 @@ class Gateway:
             for attempt in (1, 2):
                 worker = await self.waker.place(record, on_wake=ticket.mark_woke)
                 call = worker.inference.Chat(forwarded, timeout=timeout)
+                ticket.mark_dispatched()
                 worker.in_flight[asset_id] += 1
                 started = False
                 try:
@@ -152,7 +154,8 @@ class Gateway:
             check_model(key, record, request.model)
             check_embed_size(len(request.inputs), embedding_dim(record))
             ticket.asset = record
-            ticket.reservation = await self.limits.reserve(key, estimate_embed(request, record))
+            ticket.estimate = estimate_embed(request, record)
+            ticket.reservation = await self.limits.reserve(key, ticket.estimate)
             log.debug("request %s: embed %d inputs with %s for user %r", request.request_id,
                       len(request.inputs), record.spec.asset_id, request.user)
             forwarded = inference_pb2.EmbedRequest()
@@ -185,6 +188,7 @@ class Gateway:
             worker.in_flight[asset_id] += 1
             try:
                 call = start(worker)
+                ticket.mark_dispatched()
                 with self.workers.tracking(worker, call):
                     return await call
             except grpc.aio.AioRpcError as exc:

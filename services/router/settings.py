@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
 
+from services.common.keys.tokens import operator_secret
 from services.common.settings import FleetSettings
 
 
 class RouterSettings(FleetSettings):
     """Settings of the router: its two front doors and where it finds the rest."""
+
+    # A refused value is never echoed in the error: it may be the admin key.
+    model_config = SettingsConfigDict(hide_input_in_errors=True)
 
     router_address: str = "127.0.0.1:50051"
     """Where the `Inference` gRPC front listens (`host:port`; port 0 picks a free one)."""
@@ -64,12 +69,20 @@ class RouterSettings(FleetSettings):
 
     admin_key: SecretStr | None = None
     """The admin key's secret (`ROUNDHOUSE_ADMIN_KEY`, `rh-...`): the router stores its hash as the
-    admin key at start, and the CLI sends it. Unset: `roundhouse up` makes one and writes it
-    to `$ROUNDHOUSE_HOME/admin.key`, which the CLI reads."""
+    admin key at start, and the CLI sends it. Surrounding whitespace (the newline of a secret
+    mounted from a file) is stripped; anything but a Roundhouse key fails at start. Unset:
+    `roundhouse up` makes one and writes it to `$ROUNDHOUSE_HOME/admin.key`, which the CLI reads."""
 
     router_url: str | None = None
     """Base URL of the router's HTTP API for the CLI (`ROUNDHOUSE_ROUTER_URL`). Unset:
     `http://<http_host>:<http_port>`."""
+
+    @field_validator("admin_key", mode="after")
+    @classmethod
+    def _admin_key_is_a_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        return SecretStr(operator_secret(value.get_secret_value(), "ROUNDHOUSE_ADMIN_KEY"))
 
     def resolved_router_url(self) -> str:
         """The router's HTTP base URL, without a trailing slash."""

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
+from services.common.secrets import ELLIPSIS
+
 
 @dataclass(frozen=True)
 class KeyLimits:
@@ -33,7 +35,7 @@ class KeyRecord:
     key_id: str
     name: str
     prefix: str
-    """The start of the secret, safe to show (`rh-abcd`)."""
+    """The start of the secret that may be shown (`rh-abcd`, see `secrets.shown_key_part`)."""
     admin: bool
     models: tuple[str, ...]
     """Asset ids or aliases it may use; empty: every model."""
@@ -44,5 +46,5 @@ class KeyRecord:
 
     @property
     def masked(self) -> str:
-        """How the key is shown anywhere: its prefix and an ellipsis."""
-        return f"{self.prefix}…"
+        """How the key is shown anywhere (logs, the CLI): its prefix and an ellipsis, `rh-abcd…`."""
+        return self.prefix + ELLIPSIS

@@ -12,9 +12,11 @@ from services.common.errors import FieldProblem, InvalidArgument
 from services.common.keys.model import KeyLimits
 
 KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-"""A key's name: it is also a NATS subject token (`roundhouse.events.key.revoked.<name>`)."""
+"""A key's name: it is also a NATS subject token (`roundhouse.events.key.revoked.<name>`).
+Match it with `fullmatch` (`$` alone lets a trailing newline through); the anchors are for
+pydantic's `pattern`."""
 DURATION_RE = re.compile(r"^(?:([1-9][0-9]{0,4})([smh])|([1-9][0-9]{0,3})(d)|([1-9][0-9]{0,2})(w))$")
-"""A duration: up to 99999 s, m or h, 9999 d or 999 w (27 years at most)."""
+"""A duration: up to 99999 s, m or h, 9999 d or 999 w (27 years at most); `fullmatch` it."""
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_RATE = 1_000_000_000
 MAX_BUDGET_TOKENS = 10**15
@@ -26,7 +28,7 @@ MAX_MODELS = 256
 
 def parse_duration(text: str, path: str = "duration") -> int:
     """Seconds in `30d`, `12h`, `90m`, `45s`, `2w`; InvalidArgument naming `path` otherwise."""
-    match = DURATION_RE.match(text) if isinstance(text, str) else None
+    match = DURATION_RE.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         raise InvalidArgument.from_problems([FieldProblem(
             path, "must be a number and a unit s, m, h, d or w, such as 30d or 12h "
@@ -65,13 +67,13 @@ class CheckedKey:
 def check_new_key(new: NewKey) -> CheckedKey:
     """Every problem of `new` at once (InvalidArgument, one line per field), or the checked key."""
     problems: list[FieldProblem] = []
-    if not isinstance(new.name, str) or not KEY_NAME_RE.match(new.name):
+    if not isinstance(new.name, str) or not KEY_NAME_RE.fullmatch(new.name):
         problems.append(FieldProblem("name", "must be 1 to 64 letters, digits, '-' or '_', "
                                              "starting with a letter or digit"))
     if len(new.models) > MAX_MODELS:
         problems.append(FieldProblem("models", f"at most {MAX_MODELS} models"))
     for i, model in enumerate(new.models[:MAX_MODELS]):
-        if not isinstance(model, str) or not ASSET_ID_RE.match(model):
+        if not isinstance(model, str) or not ASSET_ID_RE.fullmatch(model):
             problems.append(FieldProblem(f"models[{i}]", "is not an asset id or alias"))
     for name, top in (("rpm", MAX_RATE), ("tpm", MAX_RATE), ("max_parallel", MAX_RATE),
                       ("budget_tokens", MAX_BUDGET_TOKENS)):

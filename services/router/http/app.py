@@ -22,7 +22,7 @@ from services.router.http.embedding.serving import EmbeddingServing
 from services.router.http.errors import install_error_handlers
 from services.router.http.keys import keys_router
 from services.router.http.metrics import HttpMetrics
-from services.router.http.middleware import RequestContextMiddleware
+from services.router.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from services.router.http.routes import openai_router
 from services.router.http.usage import usage_router
 
@@ -73,8 +73,11 @@ def create_app(
     app.include_router(keys_router)
     app.include_router(usage_router)
     _add_operational_routes(app)
+    # Added innermost first: request context, then authentication, then the body limit, so a
+    # request without a valid key is refused before its body is read.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     app.add_middleware(AuthMiddleware, authenticator=authenticator, metrics_auth=metrics_auth)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.openapi = lambda: _exact_openapi(app)  # type: ignore[method-assign]
     return app
 

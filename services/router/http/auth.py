@@ -2,30 +2,41 @@
 each request carries (`request.state.key`).
 
 A plain ASGI middleware inside `RequestContextMiddleware` (so refusals get a request id and
-OpenAI's error shape), run before routing and body parsing: a request without a valid key
-learns nothing about the routes or what they would accept.
+OpenAI's error shape) and outside the body limit, routing and body parsing: a request without
+a valid key learns nothing about the routes or what they would accept, and its body is never
+read.
 
-- `/v1/...`: any valid key (its model scope is checked once the model is resolved);
-- `/admin/v1/...`, `/docs`, `/redoc`, `/openapi.json`: an admin key;
-- `/metrics`: open, or any valid key with `metrics_auth`;
-- `/healthz`, `/readyz` and anything else (unknown paths answer 404): open.
+It decides on the path Starlette routes on (the request path less `root_path`), and denies by
+default:
+
+- `/healthz`, `/readyz`: open; `/metrics`: open, or any valid key with `metrics_auth`;
+- `/admin/v1...`, `/docs...`, `/redoc...`, `/openapi.json`: an admin key (judged on the path
+  with repeated slashes and dot segments resolved, so `//admin/v1/keys` and
+  `/v1/../admin/v1/keys` count as admin paths too);
+- anything else (the `/v1` API, unknown paths, which then answer 404): any valid key (its
+  model scope is checked once the model is resolved).
 
 With no authenticator (`ROUNDHOUSE_AUTH=disabled`) nothing is checked and the key is None.
 """
 
 from __future__ import annotations
 
+import posixpath
+import re
 from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import Headers
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.keys import KeyRecord
 from services.router.keys import KeyAuthenticator, check_admin, credential_from
 
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+METRICS_PATH = "/metrics"
 ADMIN_PATHS = ("/admin/v1/", "/docs", "/redoc", "/openapi.json")
-KEY_PATHS = ("/v1/",)
+_SLASHES = re.compile(r"/{2,}")
 SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer",
                "description": "A Roundhouse API key (`rh-...`): `Authorization: Bearer <key>`."},
@@ -40,11 +51,13 @@ def request_key(request: Request) -> KeyRecord | None:
 
 
 def _needs(path: str, metrics_auth: bool) -> str | None:
-    if path == "/admin/v1" or path.startswith(ADMIN_PATHS):
+    """What a request to the route path `path` needs: None (open), "key" or "admin"."""
+    if path in OPEN_PATHS or (path == METRICS_PATH and not metrics_auth):
+        return None
+    resolved = posixpath.normpath(_SLASHES.sub("/", path) or "/")
+    if resolved == "/admin/v1" or resolved.startswith(ADMIN_PATHS):
         return "admin"
-    if path == "/v1" or path.startswith(KEY_PATHS) or (metrics_auth and path == "/metrics"):
-        return "key"
-    return None
+    return "key"
 
 
 class AuthMiddleware:
@@ -61,7 +74,7 @@ class AuthMiddleware:
         if scope["type"] == "http":
             state = scope.setdefault("state", {})
             state["key"] = None
-            needs = _needs(scope["path"], self.metrics_auth)
+            needs = _needs(get_route_path(scope), self.metrics_auth)
             if self.authenticator is not None and needs is not None:
                 headers = Headers(scope=scope)
                 secret = credential_from(headers.get("authorization"), headers.get("x-api-key"))

@@ -8,7 +8,7 @@ allows is accepted and any other is a 400 naming the field.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -28,6 +28,7 @@ from services.common.keys.validation import (
     USD_STEP,
 )
 from services.router.http.protocol import ErrorResponse
+from services.router.usage import UsageLedger
 
 Rate = Annotated[int | None, Field(ge=1, le=MAX_RATE)]
 Duration = Annotated[str | None, Field(pattern=DURATION_RE.pattern)]
@@ -81,7 +82,7 @@ class KeyView(BaseModel):
 
     name: str
     prefix: str
-    """The start of the secret (`rh-abcde`), to tell keys apart."""
+    """The start of the secret that may be shown (`rh-abcd`), to tell keys apart."""
     admin: bool
     models: list[str]
     rpm: int | None
@@ -156,18 +157,19 @@ async def list_keys(
 ) -> dict[str, Any]:
     """Every key, oldest first; never a secret."""
     records = await _store(request).list(include_revoked=include_revoked)
-    used = await _usage_by_name(request)
-    return {"keys": [KeyView.from_record(r).model_copy(update={"usage": used.get(r.name, KeyUsage())})
+    used = await _usage_by_key_id(request, [r.key_id for r in records])
+    return {"keys": [KeyView.from_record(r).model_copy(update={"usage": used.get(r.key_id, KeyUsage())})
                      for r in records]}
 
 
-async def _usage_by_name(request: Request) -> dict[str, KeyUsage]:
-    """Every key's usage so far, by name, from the ledger (this router's pending rows written first)."""
-    ledger = request.app.state.gateway.usage
-    rows = await ledger.summary("key", datetime.min.replace(tzinfo=UTC), datetime.now(UTC))
-    return {r.group: KeyUsage(requests=r.requests, prompt_tokens=r.prompt_tokens,
-                              completion_tokens=r.completion_tokens, cost_usd=float(r.cost_usd))
-            for r in rows}
+async def _usage_by_key_id(request: Request, key_ids: list[str]) -> dict[str, KeyUsage]:
+    """The usage so far of each key, by key id (a name reused after a revoke starts from
+    nothing), from the ledger (this router's pending rows written first)."""
+    ledger: UsageLedger = request.app.state.gateway.usage
+    totals = await ledger.key_totals(key_ids)
+    return {key_id: KeyUsage(requests=t.requests, prompt_tokens=t.prompt_tokens,
+                             completion_tokens=t.completion_tokens, cost_usd=float(t.cost_usd))
+            for key_id, t in totals.items()}
 
 
 @keys_router.delete("/{name}", response_model=KeyView, responses={

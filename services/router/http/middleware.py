@@ -1,6 +1,7 @@
-"""The outermost layer of the HTTP API: request ids, the body size limit and metrics.
+"""The layers around the HTTP API: outermost request ids, errors and metrics; innermost (after
+authentication, see `auth`) the body size limit.
 
-A plain ASGI middleware (not Starlette's `BaseHTTPMiddleware`) so that streamed responses
+Plain ASGI middlewares (not Starlette's `BaseHTTPMiddleware`) so that streamed responses
 pass through untouched and the client's disconnect still reaches the endpoint.
 """
 
@@ -35,19 +36,17 @@ def accept_request_id(value: str | None) -> str:
 
 
 class RequestContextMiddleware:
-    """Tags every request with an id, bounds its body and records it in `HttpMetrics`.
+    """Tags every request with an id, renders every error and records it in `HttpMetrics`.
 
     The id is stored as `request.state.request_id` and returned in `x-request-id` on every
-    response, errors and streams included. A body larger than `max_body_bytes` is refused
-    with 413, by its Content-Length or, without one, once the bytes read pass the limit;
-    the body the app reads is the one read here, so it is never read unbounded.
+    response, errors and streams included. An exception raised inside (a refused key, a body
+    over the limit, a domain error) becomes OpenAI's error shape here.
     A request whose key has rate limits gets the `x-ratelimit-*` headers, refused or served.
     """
 
-    def __init__(self, app: ASGIApp, *, metrics: HttpMetrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: HttpMetrics) -> None:
         self.app = app
         self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,8 +70,7 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            bounded = await self._read_body(scope, receive)
-            await self.app(scope, bounded, send_with_id)
+            await self.app(scope, receive, send_with_id)
         except Exception as exc:
             if response["started"]:
                 log.error("request %s failed after its response started", request_id,
@@ -83,6 +81,23 @@ class RequestContextMiddleware:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.observe_request(route, scope["method"], response["status"],
                                          time.perf_counter() - started)
+
+
+class BodyLimitMiddleware:
+    """Bounds every request body: larger than `max_body_bytes` is refused with 413, by its
+    Content-Length or, without one, once the bytes read pass the limit. The body the app
+    reads is the one read here, so it is never read unbounded. Inside `auth`: a request
+    without a valid key is refused before a byte of its body is read."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, await self._read_body(scope, receive), send)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> Receive:
         """Read the whole body, refusing it past the limit; return a receive that replays it."""

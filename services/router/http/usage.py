@@ -25,8 +25,12 @@ class UsageRow(BaseModel):
     model_config = ConfigDict(use_attribute_docstrings=True)
 
     group: str
-    """The key id (empty: requests made with auth off), the asset id, or the day (UTC,
-    `YYYY-MM-DD`)."""
+    """By key: the key's name, followed by the first 8 characters of its id in parentheses
+    when several keys (revoked ones included) have had that name; empty for requests made
+    with auth off. By asset: the asset id. By day: the day (UTC, `YYYY-MM-DD`)."""
+    key_id: str | None = None
+    """By key: the key's id, which never changes nor passes to another key ('' for requests
+    made with auth off); null otherwise."""
     requests: int
     errors: int
     """Requests that did not succeed (refused by a limit, failed, cancelled...)."""
@@ -76,7 +80,7 @@ async def usage(
     ledger: UsageLedger = request.app.state.gateway.usage
     rows = await ledger.summary(group_by, start, end)
     return {"group_by": group_by, "since": start, "until": end,
-            "rows": [UsageRow(group=r.group, requests=r.requests, errors=r.errors,
+            "rows": [UsageRow(group=r.group, key_id=r.key_id, requests=r.requests, errors=r.errors,
                               prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                               cost_usd=float(r.cost_usd), p50_latency_ms=r.p50_latency_ms,
                               p95_latency_ms=r.p95_latency_ms) for r in rows]}

@@ -6,6 +6,10 @@ every router subscribes to `key.revoked` events and drops the key from its cache
 and the whole cache when NATS reconnects (events may have been missed meanwhile). Expiry is
 checked on every request, cached or not. Unknown secrets are never cached: a flood of
 made-up keys would otherwise fill memory.
+
+A lookup that was under way while a revocation arrived may have read the row from before it;
+such a result is used for that one request but not cached (`_generation` tells), or the key
+would live on for `cache_s` after its revocation event came and went.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable
 
 from services.common.errors import Unauthenticated
 from services.common.keys import KeyRecord, KeyStore, hash_secret, is_usable
-from services.common.keys.secrets import looks_like_secret
+from services.common.keys.tokens import looks_like_secret
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,8 @@ class KeyAuthenticator:
         self._cache_s = cache_s
         self._clock = clock
         self._cache: dict[str, tuple[float, KeyRecord]] = {}
+        self._generation = 0
+        """Bumped by every `forget`/`forget_all`: a lookup begun before one is not cached."""
 
     async def authenticate(self, secret: str) -> KeyRecord:
         """The usable key with this secret; Unauthenticated when malformed, unknown, revoked or
@@ -64,23 +70,28 @@ class KeyAuthenticator:
         if cached is not None and cached[0] > now:
             record = cached[1]
         else:
+            generation = self._generation
             found = await self.store.find(digest)
             if found is None:
                 self._cache.pop(digest, None)
                 raise Unauthenticated(INVALID_KEY)
             record = found
-            self._cache[digest] = (now + self._cache_s, record)
+            if generation == self._generation:
+                self._cache[digest] = (now + self._cache_s, record)
         if not is_usable(record):
             raise Unauthenticated(INVALID_KEY)
         return record
 
     def forget(self, name: str) -> None:
-        """Drop every cached key of that name (it was revoked)."""
+        """Drop every cached key of that name (it was revoked), and keep lookups under way
+        from caching what they read before the revocation."""
+        self._generation += 1
         for digest, (_, record) in list(self._cache.items()):
             if record.name == name:
                 del self._cache[digest]
         log.info("API key %s dropped from the key cache", name)
 
     def forget_all(self) -> None:
-        """Drop the whole cache (revocations may have been missed)."""
+        """Drop the whole cache (revocations may have been missed), lookups under way included."""
+        self._generation += 1
         self._cache.clear()

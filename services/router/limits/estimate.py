@@ -6,6 +6,10 @@ completion is the request's `max_tokens`, else the asset's `generation.max_token
 router's `limit_default_completion_tokens`. A request that sets `max_tokens` therefore never
 uses more than it reserved, up to the prompt estimate; the real usage replaces the estimate
 when the request settles.
+
+Characters / 4 is an English-text rule of thumb: it underestimates scripts that take a token
+(or more) per character, CJK among them, so such a prompt may reserve less than it uses. The
+estimate only decides admission; settling charges what the worker reports.
 """
 
 from __future__ import annotations
@@ -28,10 +32,19 @@ class Estimate:
 
     tokens: int
     usd: Decimal
+    prompt_tokens: int = 0
+    """The prompt's part of `tokens` (what a request that stopped early is charged for its
+    prompt when the worker reported no usage)."""
 
 
-def _text_tokens(text: str) -> int:
-    return -(-len(text) // CHARS_PER_TOKEN)
+def text_tokens(text: str) -> int:
+    """The tokens `text` is estimated at: its characters / 4, rounded up."""
+    return chars_tokens(len(text))
+
+
+def chars_tokens(chars: int) -> int:
+    """The tokens that many characters of text are estimated at (/ 4, rounded up)."""
+    return -(-chars // CHARS_PER_TOKEN)
 
 
 def cost(pricing: Pricing | None, prompt_tokens: int, completion_tokens: int) -> Decimal:
@@ -45,17 +58,17 @@ def cost(pricing: Pricing | None, prompt_tokens: int, completion_tokens: int) ->
 def estimate_chat(request: inference_pb2.ChatRequest, record: AssetRecord,
                   default_completion_tokens: int) -> Estimate:
     """The most a chat or completion request is expected to use."""
-    prompt = _text_tokens(request.prompt) + sum(
-        _text_tokens(m.content) + TOKENS_PER_MESSAGE for m in request.messages)
+    prompt = text_tokens(request.prompt) + sum(
+        text_tokens(m.content) + TOKENS_PER_MESSAGE for m in request.messages)
     if request.HasField("max_tokens"):
         completion = request.max_tokens
     else:
         completion = record.spec.generation.max_tokens or default_completion_tokens
-    return Estimate(prompt + completion, cost(record.spec.pricing, prompt, completion))
+    return Estimate(prompt + completion, cost(record.spec.pricing, prompt, completion), prompt)
 
 
 def estimate_embed(request: inference_pb2.EmbedRequest, record: AssetRecord) -> Estimate:
     """What an embedding request uses: its inputs' tokens."""
-    tokens = sum(len(i.tokens.ids) if i.HasField("tokens") else _text_tokens(i.text)
+    tokens = sum(len(i.tokens.ids) if i.HasField("tokens") else text_tokens(i.text)
                  for i in request.inputs)
-    return Estimate(tokens, cost(record.spec.pricing, tokens, 0))
+    return Estimate(tokens, cost(record.spec.pricing, tokens, 0), tokens)

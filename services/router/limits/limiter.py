@@ -7,12 +7,16 @@ estimate and records a reservation, all before the lock is released. Routers sha
 database therefore see one sequence of checks per key, bursts of first requests included.
 
 `settle` replaces the estimate by the real usage and frees the request's parallel slot, off
-the request's path (a task of its own); the next reservation of the same key on this router
-waits for it, so a client's next request always sees its previous one settled. A
-router that dies mid-request never settles: its reservations expire after `hold_s` (the
-parallel slot is freed then; the estimate stays charged to its windows, an upper bound of
-what the request could have used). Windows are fixed: rpm and tpm count per calendar minute
-(UTC), budgets per `budget_period_s` from the key's first request (never renewed without one).
+the request's path (a task of its own, retried a few times with a bounded backoff); the next
+reservation of the same key on this router waits for it (up to the statement timeout), so a
+client's next request sees its previous one settled. A `reserve` that is cancelled or fails
+once its statement may have reached Postgres lets the statement finish and settles the
+reservation it may have made (settling is idempotent), so a request cancelled at the wrong
+moment holds no parallel slot. A router that dies mid-request never settles: its reservations
+expire after `hold_s` (the parallel slot is freed then, even if the request still runs; the
+estimate stays charged to its windows, an upper bound of what the request could have used).
+Windows are fixed: rpm and tpm count per calendar minute (UTC), budgets per `budget_period_s`
+from the key's first request (never renewed without one).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import asyncio
 import logging
 import math
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -38,6 +42,9 @@ RESERVE = "SELECT * FROM rh_limit_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $1
 SETTLE = "SELECT rh_limit_settle($1, $2, $3)"
 STORE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 PARALLEL_RETRY_S = 1.0
+SETTLE_ATTEMPTS = 3
+SETTLE_BACKOFF_S = 0.2
+"""The first retry's delay; each further one doubles it."""
 
 
 @dataclass(frozen=True)
@@ -100,16 +107,22 @@ class Limiter:
         limits = key.limits
         settling = self._settling.get(key.key_id)
         if settling:
-            await asyncio.wait(settling)
+            await asyncio.wait(settling, timeout=self._timeout_s)
         reservation = Reservation(uuid.uuid4(), key.key_id, estimate)
+        statement = asyncio.ensure_future(self._pool.fetchrow(
+            RESERVE, key.key_id, reservation.reservation_id, estimate.tokens, estimate.usd,
+            limits.rpm, limits.tpm, limits.max_parallel, limits.budget_tokens,
+            limits.budget_usd, limits.budget_period_s, self.hold_s, timeout=self._timeout_s))
         try:
-            row = await self._pool.fetchrow(
-                RESERVE, key.key_id, reservation.reservation_id, estimate.tokens, estimate.usd,
-                limits.rpm, limits.tpm, limits.max_parallel, limits.budget_tokens,
-                limits.budget_usd, limits.budget_period_s, self.hold_s, timeout=self._timeout_s)
-        except STORE_ERRORS as exc:
-            log.warning("limit check for key %s failed: %s", key.key_id, exc)
-            raise LimitsUnavailable("rate limits cannot be checked now; retry later") from None
+            # Shielded: a cancelled request lets the statement end, then settles what it made.
+            row = await asyncio.shield(statement)
+        except BaseException as exc:
+            if not _never_sent(exc):
+                self._track(reservation, self._release(statement, reservation))
+            if isinstance(exc, STORE_ERRORS):
+                log.warning("limit check for key %s failed: %s", key.key_id, exc)
+                raise LimitsUnavailable("rate limits cannot be checked now; retry later") from None
+            raise
         assert row is not None
         reset_s = max(0.0, row["minute_reset_s"])
         publish(LimitStatus(
@@ -124,13 +137,17 @@ class Limiter:
     def settle(self, reservation: Reservation | None, tokens: int, usd: Decimal) -> Awaitable[None]:
         """Replace the reservation's estimate by what the request used (`tokens`, `usd`) and
         free its parallel slot, in the background; await the result to wait for it. Never
-        fails: if the store is away the reservation expires.
+        fails: if the store is still away after a few tries the reservation expires.
         """
         if reservation is None or self._pool is None:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
-        task = asyncio.create_task(self._settle(reservation, tokens, usd))
+        return self._track(reservation, self._settle(reservation, tokens, usd))
+
+    def _track(self, reservation: Reservation, settling: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        """Run `settling` as a task the key's next reservation on this router waits for."""
+        task = asyncio.create_task(settling)
         tasks = self._settling.setdefault(reservation.key_id, set())
         tasks.add(task)
 
@@ -142,20 +159,47 @@ class Limiter:
         task.add_done_callback(forget)
         return task
 
+    async def _release(self, statement: asyncio.Future[asyncpg.Record | None],
+                       reservation: Reservation) -> None:
+        """Once the reserve statement of a request that went away has ended (its own timeout
+        bounds it), give back whatever it reserved."""
+        await asyncio.wait([statement])
+        if not statement.cancelled() and statement.exception() is None:
+            row = statement.result()
+            if row is None or row["outcome"] != "ok":
+                return  # refused: nothing was reserved
+        await self._settle(reservation, 0, Decimal(0))
+
     async def _settle(self, reservation: Reservation, tokens: int, usd: Decimal) -> None:
         assert self._pool is not None
-        try:
-            await self._pool.execute(SETTLE, reservation.reservation_id, tokens, usd,
-                                     timeout=self._timeout_s)
-        except STORE_ERRORS as exc:
-            log.warning("settling reservation %s of key %s failed (it expires after %gs): %s",
-                        reservation.reservation_id, reservation.key_id, self.hold_s, exc)
+        for attempt in range(1, SETTLE_ATTEMPTS + 1):
+            try:
+                await self._pool.execute(SETTLE, reservation.reservation_id, tokens, usd,
+                                         timeout=self._timeout_s)
+                return
+            except STORE_ERRORS as exc:
+                if attempt == SETTLE_ATTEMPTS:
+                    log.warning("settling reservation %s of key %s failed %d times (it expires "
+                                "after %gs): %s", reservation.reservation_id, reservation.key_id,
+                                attempt, self.hold_s, exc)
+                    return
+            await asyncio.sleep(SETTLE_BACKOFF_S * 2 ** (attempt - 1))  # retry backoff
 
     async def close(self) -> None:
-        """Wait for settles still under way (at most their statement timeout)."""
+        """Wait for settles still under way, for at most the statement timeout; those left
+        then expire."""
         tasks = [t for pending in self._settling.values() for t in pending]
         if tasks:
+            await asyncio.wait(tasks, timeout=self._timeout_s)
+            for task in tasks:
+                task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether the reserve statement surely never reached Postgres (no connection could be made;
+    a timeout, although an OSError too, may come after the statement committed)."""
+    return isinstance(exc, OSError) and not isinstance(exc, TimeoutError)
 
 
 def _refusal(outcome: str, key: KeyRecord, estimate: Estimate, row: asyncpg.Record,

@@ -1,7 +1,14 @@
-"""Reading the usage ledger back: totals and latency percentiles per key, asset or day."""
+"""Reading the usage ledger back: totals and latency percentiles per key, asset or day, and a
+key's totals for the key listing.
+
+Keys are grouped by their id: a name freed by a revoke and given to a new key does not carry
+the old key's usage over. A key's row is labelled with its name, followed by the first eight
+characters of its id when several keys (revoked ones included) have had that name.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -10,12 +17,18 @@ from typing import Literal
 import asyncpg
 
 GroupBy = Literal["key", "asset", "day"]
-_GROUPS: dict[str, str] = {
-    # A key by its name (what operators know it by); requests served without a key as ''.
-    "key": "coalesce(k.name, u.key_id)",
-    "asset": "u.asset_id",
-    "day": "to_char(u.at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+KEY_ID_SHOWN = 8
+"""Characters of a key's id that tell apart the keys that have had the same name."""
+_KEY_LABEL = (f"CASE WHEN k.name IS NULL THEN u.key_id WHEN k.holders = 1 THEN k.name "
+              f"ELSE k.name || ' (' || left(u.key_id, {KEY_ID_SHOWN}) || ')' END")
+_GROUPS: dict[str, tuple[str, str, str]] = {
+    # (the key id column, the label, the grouping); requests served without a key as ''.
+    "key": ("u.key_id", _KEY_LABEL, "u.key_id, k.name, k.holders"),
+    "asset": ("NULL::text", "u.asset_id", "grp"),
+    "day": ("NULL::text", "to_char(u.at AT TIME ZONE 'UTC', 'YYYY-MM-DD')", "grp"),
 }
+_NAMED = """LEFT JOIN (SELECT key_id, name, count(*) OVER (PARTITION BY name) AS holders
+                      FROM api_keys) k ON k.key_id = u.key_id"""
 
 
 @dataclass(frozen=True)
@@ -30,25 +43,51 @@ class UsageSummary:
     cost_usd: Decimal
     p50_latency_ms: float
     p95_latency_ms: float
+    key_id: str | None = None
+    """The key's id when grouped by key ('' for requests made with auth off), else None."""
+
+
+@dataclass(frozen=True)
+class KeyTotals:
+    """What one key has used so far."""
+
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
 
 
 async def summarize(pool: asyncpg.Pool, group_by: GroupBy, since: datetime,
                     until: datetime) -> list[UsageSummary]:
-    """Requests in [since, until) grouped by `group_by`, in group order."""
-    group = _GROUPS[group_by]  # one of three fixed expressions, never client text
+    """Requests in [since, until) grouped by `group_by`, in label order."""
+    key_id, label, grouping = _GROUPS[group_by]  # fixed expressions, never client text
     rows = await pool.fetch(
-        f"""SELECT {group} AS grp, count(*) AS requests,
+        f"""SELECT {key_id} AS key_id, {label} AS grp, count(*) AS requests,
                    count(*) FILTER (WHERE u.status <> 'ok') AS errors,
                    coalesce(sum(u.prompt_tokens), 0) AS prompt_tokens,
                    coalesce(sum(u.completion_tokens), 0) AS completion_tokens,
                    coalesce(sum(u.cost_usd), 0) AS cost_usd,
                    percentile_cont(0.5) WITHIN GROUP (ORDER BY u.latency_ms) AS p50,
                    percentile_cont(0.95) WITHIN GROUP (ORDER BY u.latency_ms) AS p95
-            FROM usage_records u LEFT JOIN api_keys k ON k.key_id = u.key_id
+            FROM usage_records u {_NAMED if group_by == "key" else ""}
             WHERE u.at >= $1 AND u.at < $2
-            GROUP BY grp ORDER BY grp""",  # noqa: S608
+            GROUP BY {grouping} ORDER BY grp, key_id""",  # noqa: S608
         since, until, timeout=30)
     return [UsageSummary(group=r["grp"], requests=r["requests"], errors=r["errors"],
                          prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],
-                         cost_usd=r["cost_usd"], p50_latency_ms=r["p50"], p95_latency_ms=r["p95"])
+                         cost_usd=r["cost_usd"], p50_latency_ms=r["p50"], p95_latency_ms=r["p95"],
+                         key_id=r["key_id"])
             for r in rows]
+
+
+async def key_totals(pool: asyncpg.Pool, key_ids: Iterable[str]) -> dict[str, KeyTotals]:
+    """All-time totals of each of `key_ids` that has used anything, by key id (sums only: no
+    percentiles to sort for)."""
+    rows = await pool.fetch(
+        """SELECT key_id, count(*) AS requests, sum(prompt_tokens) AS prompt_tokens,
+                  sum(completion_tokens) AS completion_tokens, sum(cost_usd) AS cost_usd
+           FROM usage_records WHERE key_id = ANY($1::text[]) GROUP BY key_id""",
+        list(key_ids), timeout=30)
+    return {r["key_id"]: KeyTotals(requests=r["requests"], prompt_tokens=r["prompt_tokens"],
+                                   completion_tokens=r["completion_tokens"], cost_usd=r["cost_usd"])
+            for r in rows}

@@ -1,4 +1,14 @@
-"""One request's line in the usage ledger, filled in as the request goes through the router."""
+"""One request's line in the usage ledger, filled in as the request goes through the router.
+
+The tokens are the worker's count when it reports one (the last chunk of a stream, an
+embedding's reply). A request that stops before that (the client went away, the worker
+failed mid-stream, an upstream that reports no usage) is charged what it is known to have
+used: its estimated prompt (see `limits.estimate`) plus the completion streamed so far, at
+its characters / 4 rounded up but never fewer tokens than chunks that carried text (a worker
+sends at least one token per chunk). A request that
+never produced output is charged its prompt only if the client left once a worker had it (the
+worker may have read the prompt); one that a worker refused or failed costs nothing.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +21,7 @@ from decimal import Decimal
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
 from services.common.errors import RoundhouseError
-from services.router.limits.estimate import cost
+from services.router.limits.estimate import Estimate, chars_tokens, cost
 from services.router.limits.limiter import Reservation
 
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
@@ -33,7 +43,8 @@ class UsageTicket:
 
     __slots__ = ("at", "started", "request_id", "key_id", "route", "interface", "asset",
                  "prompt_tokens", "completion_tokens", "first_token_s", "status", "woke",
-                 "latency_s", "reservation")
+                 "latency_s", "reservation", "estimate", "dispatched", "reported",
+                 "streamed_chunks", "streamed_chars", "ended")
 
     def __init__(self, key_id: str, route: str, interface: str, request_id: str) -> None:
         self.at = datetime.now(UTC)
@@ -48,21 +59,34 @@ class UsageTicket:
         self.woke = False
         self.reservation: Reservation | None = None
         """What the limits reserved for the request, settled when it ends."""
+        self.estimate: Estimate | None = None
+        """What the request was estimated to use before it ran."""
+        self.dispatched = self.reported = self.ended = False
+        self.streamed_chunks = self.streamed_chars = 0
 
     def mark_woke(self) -> None:
         """The request had to wake its model."""
         self.woke = True
 
+    def mark_dispatched(self) -> None:
+        """A worker was asked to run the request."""
+        self.dispatched = True
+
     def chunk(self, chunk: inference_pb2.ChatChunk) -> None:
-        """A chunk of the answer arrived: the first one times the first token; usage counts."""
+        """A chunk of the answer arrived: the first one times the first token; its text counts
+        until the worker reports the usage."""
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.started
+        if chunk.delta:
+            self.streamed_chunks += 1
+            self.streamed_chars += len(chunk.delta)
         if chunk.HasField("usage"):
             self.used(chunk.usage)
 
     def used(self, usage: inference_pb2.Usage) -> None:
         """The tokens the worker reports."""
         self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        self.reported = True
 
     def failed(self, exc: BaseException) -> None:
         """The request ended with `exc`."""
@@ -80,8 +104,18 @@ class UsageTicket:
         return cost(pricing, self.prompt_tokens, self.completion_tokens)
 
     def finish(self) -> None:
-        """The request is over: its latency stops here."""
+        """The request is over: its latency stops here, and without the worker's count its
+        tokens are what it is known to have used (see the module's docstring). Only the first
+        call counts."""
+        if self.ended:
+            return
+        self.ended = True
         self.latency_s = time.perf_counter() - self.started
+        if self.reported:
+            return
+        if self.streamed_chunks or (self.dispatched and self.status == "cancelled"):
+            self.prompt_tokens = self.estimate.prompt_tokens if self.estimate is not None else 0
+            self.completion_tokens = max(self.streamed_chunks, chars_tokens(self.streamed_chars))
 
     def row(self) -> tuple[object, ...]:
         """The ledger row, in `COLUMNS` order."""
