@@ -7,6 +7,7 @@ settings classes: a typo in either would only show up at deploy time otherwise.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,14 @@ from services.worker.settings import WorkerSettings
 COMPOSE = Path(__file__).resolve().parents[1] / "deploy" / "docker-compose.yml"
 SETTINGS = {"registry": RegistrySettings, "router": RouterSettings, "worker": WorkerSettings,
             "jobs": JobsSettings}
+OPERATOR_SHELL = {"ROUNDHOUSE_ADMIN_KEY": "rh-" + "k" * 43}
+"""What the operator's shell holds when it runs compose (variables the file interpolates)."""
+INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?::?[-?][^}]*)?\}")
+
+
+def interpolated(value: object) -> str:
+    """`value` as compose would pass it: `${NAME...}` replaced from `OPERATOR_SHELL`."""
+    return INTERPOLATION.sub(lambda m: OPERATOR_SHELL[m["name"]], str(value))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +55,7 @@ def test_environment_names_real_settings(
     unknown = [key for key in env if key.removeprefix("ROUNDHOUSE_").lower() not in known]
     assert not unknown, f"{name}: settings that do not exist: {unknown}"
     for key, value in env.items():
-        monkeypatch.setenv(key, str(value))
+        monkeypatch.setenv(key, interpolated(value))
     settings = SETTINGS[name]()  # parsed exactly as the service would parse its environment
     assert settings.resolved_database_url().startswith("postgresql://")
     assert settings.resolved_nats_url().startswith("nats://")
