@@ -151,6 +151,15 @@ def catalog_store(server_root: Path) -> Any:
 
 
 @pytest.fixture(scope="session")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A source root with the tiny chat and embedding models (`stack_harness.build_sources`),
+    built once per session; a module may add models of its own beside them."""
+    from stack_harness import build_sources
+
+    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(server_root: Path) -> Path:
     """A tiny transformers model folder, built once per session."""
     from jobs_harness import tiny_llama as build_once

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from polling import wait_until
-from stack_harness import TINY_CHAT, RunningWorker, build_sources, running_worker, tiny_documents
+from stack_harness import TINY_CHAT, RunningWorker, running_worker, tiny_documents
 from tiny_models import spec_for
 
 from roundhouse.v1 import events_pb2, inference_pb2, worker_pb2
@@ -28,11 +28,6 @@ from services.worker.models import ChatDelta, ChatParams, TransformersChatModel,
 
 HELLO = [{"role": "user", "content": "hello w1 w2"}]
 CRASH = "crash injected by test_engine_failure"
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,12 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 from polling import wait_until
-from stack_harness import TINY_CHAT, build_sources, running_stack
+from stack_harness import TINY_CHAT, running_stack
 from test_lifecycle import witness
 
 from roundhouse.v1 import jobs_pb2
 
 CRASH = "crash injected by test_engine_recovery"
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 async def test_a_crashed_engine_ends_its_streams_cleanly_and_is_reloaded_by_the_reconciler(

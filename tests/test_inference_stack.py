@@ -10,14 +10,9 @@ import grpc
 import httpx
 import openai
 import pytest
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_stack, tiny_documents
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_stack, tiny_documents
 
 from roundhouse.v1 import inference_pb2, worker_pb2
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs_harness import jobs_settings, running_jobs
 from registry_harness import running_registry
-from stack_harness import TINY_CHAT, build_sources, running_stack, running_worker, tiny_documents
+from stack_harness import TINY_CHAT, running_stack, running_worker, tiny_documents
 from tls_files import TlsFiles, make_tls_files
 
 from roundhouse.v1 import (
@@ -32,11 +32,6 @@ from services.common.settings import CommonSettings
 
 TOKEN = "internal-token-for-tests-0123456789"
 # The stack tests use a database of their own: the loads they cause are no other module's business.
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from polling import wait_until
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_router, running_stack, tiny_documents
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_router, running_stack, tiny_documents
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2
 from services.common.db import make_engine, make_sessionmaker
@@ -28,11 +28,6 @@ from services.router.http import create_app
 from services.router.keys import KeyAuthenticator
 
 HELLO = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 @pytest.fixture(scope="module")

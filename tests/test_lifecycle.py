@@ -19,7 +19,7 @@ import pytest
 from jobs_harness import watch_until_done
 from openai import AsyncOpenAI
 from polling import wait_until
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_stack, tiny_documents, worker_process
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_stack, tiny_documents, worker_process
 
 from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, jobs_pb2, registry_pb2
 from services.common.asset_proto import spec_to_proto
@@ -28,11 +28,6 @@ from services.common.events import EventBus
 
 BUDGET_MB, MODEL_MB = 60, 40
 """Each worker has room for one tiny model as declared below, not two."""
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 def chat_model(sources: Path, asset_id: str, **lifecycle: object) -> dict:

@@ -14,18 +14,13 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 from polling import wait_until
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_stack
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_stack
 
 from roundhouse.v1 import asset_pb2, inference_pb2, jobs_pb2, registry_pb2
 from services.common.asset_proto import spec_to_proto
 from services.common.assetspec import parse_spec
 
 WORKER_MB = 60
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 def chat_asset(sources: Path, asset_id: str, memory_mb: int) -> dict:

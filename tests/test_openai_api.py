@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_stack, tiny_documents
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_stack, tiny_documents
 
 from roundhouse.v1 import worker_pb2
 
@@ -24,11 +24,6 @@ HELLO = [{"role": "user", "content": "hello"}]
 # left must stop well within that.
 LONG = 4000
 STOPPED_WITHIN_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 @pytest.fixture(scope="module")

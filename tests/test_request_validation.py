@@ -20,7 +20,7 @@ import openai
 import pytest
 from google.protobuf import struct_pb2
 from pydantic import ValidationError
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_stack, tiny_documents
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_stack, tiny_documents
 from tiny_models import NO_SYSTEM, build_tiny_llama
 
 from roundhouse.v1 import asset_pb2, inference_pb2, jobs_pb2, registry_pb2, worker_pb2
@@ -48,11 +48,6 @@ TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"typ
 IDLE_EMBED = "idle-embed"
 # A chat model whose template has no place for tools.
 NO_TOOLS = "tiny-no-tools"
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 @pytest.fixture(scope="module")

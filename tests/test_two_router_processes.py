@@ -26,7 +26,7 @@ from jobs_harness import jobs_settings, running_jobs
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
 from registry_harness import running_registry
-from stack_harness import TINY_CHAT, TINY_EMBED, build_sources, roundhouse_process, running_worker, tiny_documents
+from stack_harness import TINY_CHAT, TINY_EMBED, roundhouse_process, running_worker, tiny_documents
 
 from roundhouse.v1 import registry_pb2
 from services.common.asset_proto import spec_to_proto
@@ -56,11 +56,6 @@ class Seen:
     served: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Prompt and completion tokens of each answered request."""
     refused: dict[str, openai.APIStatusError] = field(default_factory=dict)
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 async def _ready(url: str, process: asyncio.subprocess.Process, log: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 from limits_harness import clear_of_minute_boundary
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_router, running_stack, tiny_documents
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_router, running_stack, tiny_documents
 
 from roundhouse.v1 import inference_pb2, worker_pb2
 from services.cli.usage import render_usage, show_usage
@@ -190,11 +190,6 @@ def test_the_cli_table_has_a_line_per_group() -> None:
 
 
 # -- through a stack that checks keys --------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 @pytest.fixture(scope="module")
@@ -380,6 +375,33 @@ async def test_a_reused_key_name_starts_from_no_usage(
     assert sorted(r["requests"] for r in rows) == [1, 2]
     assert len({r["key_id"] for r in rows}) == 2
     assert all(r["group"] == f"{name} ({r['key_id'][:8]})" for r in rows)
+
+
+async def test_the_model_routes_carry_the_rate_limit_headers_without_spending_a_request(
+    stack: Stack, admin: httpx.AsyncClient
+) -> None:
+    await clear_of_minute_boundary()
+    key, _ = await new_key(admin, rpm=10, tpm=1000)
+    unlimited, _ = await new_key(admin)
+    async with client(stack.http_url, key) as api:
+        vectors = await api.embeddings.create(model=TINY_EMBED, input="hello there")
+        left = str(1000 - vectors.usage.total_tokens)
+
+        async def settled() -> bool:
+            listed = await api.models.with_raw_response.list()
+            return listed.headers["x-ratelimit-remaining-tokens"] == left
+
+        await wait_until(settled, timeout=5, interval=0.05)
+        for reply in (await api.models.with_raw_response.list(),
+                      await api.models.with_raw_response.retrieve(TINY_EMBED)):
+            assert reply.headers["x-ratelimit-limit-requests"] == "10"
+            assert reply.headers["x-ratelimit-remaining-requests"] == "9"
+            assert reply.headers["x-ratelimit-reset-requests"].endswith("s")
+            assert reply.headers["x-ratelimit-limit-tokens"] == "1000"
+            assert reply.headers["x-ratelimit-remaining-tokens"] == left
+    async with client(stack.http_url, unlimited) as api:
+        reply = await api.models.with_raw_response.list()
+        assert not any(h.startswith("x-ratelimit-") for h in reply.headers)
 
 
 async def test_a_spent_budget_is_429_insufficient_quota(

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from polling import wait_until
-from stack_harness import TINY_CHAT, build_sources, running_stack, running_worker, tiny_documents, worker_process
+from stack_harness import TINY_CHAT, running_stack, running_worker, tiny_documents, worker_process
 
 from roundhouse.v1 import events_pb2, inference_pb2, worker_pb2, worker_pb2_grpc
 from services.common.asset_proto import record_to_proto
@@ -20,11 +20,6 @@ from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 @asynccontextmanager

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from polling import wait_until
-from stack_harness import TINY_CHAT, TINY_EMBED, RunningWorker, build_sources, running_worker, tiny_documents
+from stack_harness import TINY_CHAT, TINY_EMBED, RunningWorker, running_worker, tiny_documents
 
 from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, worker_pb2
 from services.common.asset_proto import AssetRecord, record_to_proto
@@ -21,11 +21,6 @@ from services.common.modelstore.store import ModelStore
 from services.worker.settings import WorkerSettings
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
 @pytest.fixture(scope="module")
