@@ -14,8 +14,8 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.worker.models.batching import BatchSettings
 from services.worker.models.causal_lm import TransformersChatModel
-from services.worker.models.continuous_batching import BatchingSettings
 from services.worker.models.encoder import SentenceEmbeddingModel
+from services.worker.models.engine import BatchingSettings
 from services.worker.models.openai_remote import OpenAIRemoteModel, UpstreamHTTPError
 from services.worker.models.types import (
     EMBEDDING,

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from services.common.assetspec import AssetSpec, Generation
 from services.common.errors import ContextLengthExceeded
 from services.worker.models.chat_template import PromptBuilder, accepts_system_role, accepts_tools
-from services.worker.models.continuous_batching import BatchedGeneration, BatchingSettings
-from services.worker.models.generation import Sampling, ThreadedGeneration
+from services.worker.models.engine import BatchingSettings, ChatEngine
+from services.worker.models.generation import Sampling
 from services.worker.models.streaming_text import IncrementalDecoder, StopMatcher
 from services.worker.models.types import (
     LLM,
@@ -27,7 +27,6 @@ from services.worker.models.types import (
     FinishReason,
     HostedModel,
     Usage,
-    failed_model_error,
 )
 
 log = logging.getLogger(__name__)
@@ -62,10 +61,9 @@ def detect_context_length(model: Any, tokenizer: Any, spec: AssetSpec) -> int:
 class TransformersChatModel(HostedModel):
     """A causal LM and its tokenizer, streaming completions as tokens are produced.
 
-    Requests go to continuous batching when it can serve them (no seed, fits its cache),
-    else to a `generate` thread of their own. If the batching engine dies, the model fails
-    as a whole: every request it runs ends with `ModelNotReady`, and none goes to the
-    `generate` path instead (see `HostedModel.on_failure`).
+    Every request goes through the model's `ChatEngine` (batched decode steps). If the engine
+    dies, the model fails as a whole: every request it runs ends with `ModelNotReady`
+    (see `HostedModel.on_failure`).
     """
 
     def __init__(
@@ -74,7 +72,7 @@ class TransformersChatModel(HostedModel):
         model: Any,
         tokenizer: Any,
         capabilities: Capabilities,
-        batched: BatchedGeneration | None,
+        engine: ChatEngine,
     ) -> None:
         self.asset_id = asset_id
         self.capabilities = capabilities
@@ -90,8 +88,7 @@ class TransformersChatModel(HostedModel):
         if generation.do_sample:
             self._default_temperature = generation.temperature or 1.0
             self._default_top_p = generation.top_p or 1.0
-        self._threaded = ThreadedGeneration(model, self._eos, _pad_token_id(model, tokenizer))
-        self._batched = batched
+        self._batched = engine
         self._engine_watched = False
 
     def apply_defaults(self, generation: Generation) -> None:
@@ -106,20 +103,14 @@ class TransformersChatModel(HostedModel):
     def load(cls, spec: AssetSpec, folder: Path, batching: BatchingSettings | None = None) -> TransformersChatModel:
         """Load from a Hugging Face folder and measure capabilities. Blocking: run in a thread.
 
-        `batching=None` uses the default continuous-batching sizes; if the model cannot be
-        batched, every request gets its own generation thread.
+        `batching=None` uses the engine's default sizes.
         """
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         model.eval().requires_grad_(False)
         context = detect_context_length(model, tokenizer, spec)
-        batched = None
-        try:
-            eos, pad = _eos_token_ids(model, tokenizer), _pad_token_id(model, tokenizer)
-            batched = BatchedGeneration(model, context, eos, pad, batching, name=spec.asset_id)
-        except Exception:
-            log.warning("%s: continuous batching unavailable", spec.asset_id, exc_info=True)
-        memory = module_bytes(model) + (batched.cache_bytes if batched else 0)
+        engine = ChatEngine(model, context, _eos_token_ids(model, tokenizer), batching, name=spec.asset_id)
+        memory = module_bytes(model) + engine.cache_bytes
         capabilities = Capabilities(
             context_length=context,
             supports_system_role=accepts_system_role(tokenizer),
@@ -128,40 +119,34 @@ class TransformersChatModel(HostedModel):
             memory_bytes=memory,
             streaming=True,
         )
-        hosted = cls(spec.asset_id, model, tokenizer, capabilities, batched)
+        hosted = cls(spec.asset_id, model, tokenizer, capabilities, engine)
         hosted.apply_defaults(spec.generation)
         return hosted
 
     def on_failure(self, callback: FailureCallback) -> None:
-        """Call `callback(reason)` on the event loop once the batching engine dies; call on the loop."""
+        """Call `callback(reason)` on the event loop once the chat engine dies; call on the loop."""
         super().on_failure(callback)
         self._watch_engine()
 
     def _watch_engine(self) -> None:
         # On the loop (the engine reports there); at the first request if no holder asked.
-        if self._batched is not None and not self._engine_watched:
+        if not self._engine_watched:
             self._engine_watched = True
             self._batched.watch(self._engine_failed)
 
     def _engine_failed(self, reason: str) -> None:
-        # The batching engine ended its own streams; the `generate` threads end here.
-        if self.failure is not None:
-            return
-        self._threaded.fail_all(failed_model_error(self.asset_id, reason))
+        # The engine ended its own streams.
         self._mark_failed(reason)
 
     def crash_engine(self, reason: str = "crash injected by a test") -> None:
-        """Test hook: make the batching engine's loop raise at its next turn (see
-        `BatchedGeneration.crash`). Used by end-to-end tests in-process; never in serving."""
-        if self._batched is None:
-            raise RuntimeError(f"model '{self.asset_id}' has no batching engine to crash")
+        """Test hook: make the chat engine's thread raise at its next turn (see
+        `ChatEngine.crash`). Used by end-to-end tests in-process; never in serving."""
         self._batched.crash(reason)
 
     @property
     def active_streams(self) -> int:
-        """Requests still generating, in either engine."""
-        batched = self._batched.active_streams if self._batched else 0
-        return batched + self._threaded.active_streams
+        """Requests the engine still holds."""
+        return self._batched.active_streams
 
     def count_tokens(self, params: ChatParams) -> int:
         """Prompt tokens the request would use (after the chat template)."""
@@ -177,16 +162,10 @@ class TransformersChatModel(HostedModel):
             top_p=self._default_top_p if params.top_p is None else params.top_p,
             seed=params.seed,
         )
-        stream = None
-        batched = self._batched
         self._watch_engine()
-        if batched is not None:
-            batched.check()  # a death not reported yet is found here, and fails the model
+        self._batched.check()  # a death not reported yet is found here, and fails the model
         self.check_serving()  # it may have failed while the prompt was built
-        if batched is not None and batched.accepts(len(prompt_ids), max_new, sampling):
-            stream = batched.submit(prompt_ids, sampling, max_new)
-        if stream is None:
-            stream = self._threaded.submit(prompt_ids, sampling, max_new)
+        stream = self._batched.submit(prompt_ids, sampling, max_new)
         decoder = IncrementalDecoder(self._tokenizer)
         stops = StopMatcher(params.stop)
         completion = 0
@@ -234,10 +213,8 @@ class TransformersChatModel(HostedModel):
         return max_tokens if max_tokens is not None else room
 
     async def close(self) -> None:
-        """Stop batching, cancel running threads and drop the weights."""
-        if self._batched is not None:
-            await self._batched.close()
-        self._threaded.cancel_all()
+        """Stop the engine (its running requests fail) and drop the weights."""
+        await self._batched.close()
         self._model = None
         gc.collect()
 
@@ -249,8 +226,3 @@ def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
             if token_id is not None and token_id not in ids:
                 ids.append(int(token_id))
     return ids
-
-
-def _pad_token_id(model: Any, tokenizer: Any) -> int | None:
-    pad = model.generation_config.pad_token_id
-    return pad if pad is not None else tokenizer.pad_token_id

@@ -1,0 +1,278 @@
+"""The chat engine: one thread steps every running sequence through one batched forward pass.
+
+Each turn the thread drops cancelled sequences, prefills one chunk of the next newcomer
+(which joins the batch once its prompt is in and its first token drawn), then decodes one
+token for every running sequence together; finished sequences leave between turns.
+
+The engine can die (an exception in a turn). Its thread then marks it failed before it
+ends: every stream it was serving ends with `ModelNotReady`, it refuses new requests, and
+its owner is told (see `ChatEngine.watch`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from services.common.errors import InvalidArgument, ModelNotReady
+from services.worker.models.engine.kv_cache import kv_bytes_per_token
+from services.worker.models.engine.outbox import Outbox
+from services.worker.models.engine.sampling import SamplingRow, SamplingRows, sample
+from services.worker.models.engine.scheduler import Batch, Scheduler, Sequence
+from services.worker.models.generation import Sampling, TokenStream
+from services.worker.models.types import failed_model_error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """Sizing of the chat engine."""
+
+    cache_tokens: int | None = None
+    """KV-cache budget of the running batch, in padded tokens (rows x longest row). Default:
+    the model's context length, within `max_cache_bytes`. A request larger than the budget
+    runs when the batch is empty."""
+    max_cache_bytes: int = 512 * 1024 * 1024
+    """Upper bound of the default budget."""
+    max_batch_tokens: int = 512
+    """Prompt tokens per prefill pass (longer prompts are prefilled in chunks)."""
+    max_requests_per_batch: int = 16
+    """Sequences decoded together."""
+
+
+class ChatEngine:
+    """Streams requests through batched decode steps on the model's device.
+
+    Temperature, top-p, greedy and seed are per request; a seeded request draws the same
+    tokens alone or in any batch. Once the engine's thread dies (other than by `close`),
+    `failure` says why, every stream it served has ended with `ModelNotReady`, and `submit`
+    refuses with that error.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        context_length: int,
+        eos_token_ids: list[int],
+        settings: BatchingSettings | None = None,
+        *,
+        name: str = "model",
+    ) -> None:
+        self.settings = settings or BatchingSettings()
+        self.name = name
+        """Who the engine serves (the asset id), for messages."""
+        self.failure: str | None = None
+        """Why the engine failed; None while it serves."""
+        tokens = self.settings.cache_tokens
+        if tokens is None:
+            tokens = min(context_length, self.settings.max_cache_bytes // kv_bytes_per_token(model))
+        self.capacity_tokens = max(1, tokens)
+        self.cache_bytes = self.capacity_tokens * kv_bytes_per_token(model)
+        self._model = model
+        self._device = model.device
+        # transformers renamed `past_key_values` to `cache` (5.2x); take whichever this one has.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._eos = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=self._device)
+        self._eos_ids = set(eos_token_ids)
+        self._scheduler = Scheduler(self.capacity_tokens, self.settings.max_requests_per_batch)
+        self._batch = Batch(self._device)
+        self._outbox = Outbox()
+        self._streams: dict[str, TokenStream] = {}
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_failure: Callable[[str], None] | None = None
+        self._unreported: str | None = None
+        self._death: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"chat-engine-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def active_streams(self) -> int:
+        """Requests the engine holds: running, waiting, or cancelled but not yet dropped."""
+        return max(self._batch.rows + self._scheduler.queued, len(self._streams))
+
+    def watch(self, on_failure: Callable[[str], None]) -> None:
+        """Call `on_failure(reason)` on this event loop once the engine fails; call on the loop.
+
+        If it failed already, the call comes at once (on the loop's next turn).
+        """
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._loop, self._on_failure = loop, on_failure
+            unreported, self._unreported = self._unreported, None
+        if self.failure is not None:
+            loop.call_soon(on_failure, self.failure)
+        elif unreported is not None:
+            loop.call_soon(self._fail, unreported)
+
+    def check(self) -> None:
+        """Raise `ModelNotReady` if the engine failed; call on the event loop.
+
+        An engine whose thread died unseen (no report yet) is marked failed here.
+        """
+        if self.failure is None and not self._closing.is_set() and not self._thread.is_alive():
+            self._fail(self._death or _crashed("its thread stopped unexpectedly"))
+        if self.failure is not None:
+            raise failed_model_error(self.name, self.failure)
+
+    def submit(self, prompt_ids: list[int], sampling: Sampling, max_new_tokens: int) -> TokenStream:
+        """Queue a request; its tokens arrive on the returned stream. Call on the event loop.
+
+        Raises `InvalidArgument` for an empty prompt, `ModelNotReady` when the engine failed
+        or is closing.
+        """
+        if not prompt_ids:
+            raise InvalidArgument("the prompt is empty: at least one token is needed")
+        if max_new_tokens < 1:
+            raise InvalidArgument("max_tokens must be at least 1")
+        self.check()
+        if self._closing.is_set():
+            raise ModelNotReady(f"model '{self.name}' is being unloaded; retry")
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._loop = self._loop or loop
+        sequence_id = uuid.uuid4().hex
+        stream = TokenStream(loop, lambda: self._cancel(sequence_id))
+        with self._lock:
+            self._streams[sequence_id] = stream
+        self._scheduler.add(Sequence(sequence_id, list(prompt_ids), max_new_tokens, SamplingRow.of(sampling), stream))
+        return stream
+
+    def crash(self, reason: str = "crash injected by a test") -> None:
+        """Test hook: make the engine's thread raise `RuntimeError(reason)` at its next turn, as a
+        broken engine would. Used by end-to-end tests in-process; never in serving."""
+        self._scheduler.crash(reason)
+
+    def _cancel(self, sequence_id: str) -> None:
+        with self._lock:
+            known = self._streams.pop(sequence_id, None) is not None
+        if known:
+            self._scheduler.cancel(sequence_id)
+
+    def _run(self) -> None:
+        """The engine's thread: take turns until closed; on an exception, fail everything."""
+        try:
+            with torch.inference_mode():
+                while (turn := self._scheduler.next_turn(self._batch)) is not None:
+                    self._batch.drop(turn.cancelled)
+                    if turn.prefill is not None:
+                        self._prefill(turn.prefill)
+                    if self._batch.rows:
+                        self._decode()
+                    self._outbox.flush()
+        except BaseException as exc:  # noqa: B036 - whatever ends the loop must reach the owner
+            self._forget_all()  # before the report: a failed engine holds nothing
+            if not self._closing.is_set():
+                log.exception("%s: the chat engine's step failed", self.name)
+                self._died(_crashed(str(exc) or type(exc).__name__))
+        finally:
+            self._forget_all()
+
+    def _forget_all(self) -> None:
+        self._scheduler.clear()
+        self._batch = Batch(self._device)
+
+    def _prefill(self, sequence: Sequence) -> None:
+        """Run the next chunk of a newcomer's prompt; once it is all in, draw its first token."""
+        sequence.cache = sequence.cache or DynamicCache()
+        start = sequence.prefilled
+        end = min(len(sequence.prompt), start + self.settings.max_batch_tokens)
+        ids = torch.tensor([sequence.prompt[start:end]], dtype=torch.long, device=self._device)
+        out = self._model(
+            input_ids=ids,
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self._device),
+            position_ids=torch.arange(start, end, device=self._device)[None],
+            **{self._cache_kwarg: sequence.cache}, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        sequence.prefilled = end
+        if end < len(sequence.prompt):
+            return
+        self._scheduler.prefilled()
+        rows = SamplingRows.of([sequence.sampling], self._device)
+        token = sample(out.logits[:, -1], rows, torch.zeros((1,), dtype=torch.long, device=self._device))
+        first = int(token)
+        self._outbox.put(sequence.stream, first)
+        if first in self._eos_ids or sequence.max_new <= 1:
+            self._finished(sequence)
+            sequence.cache = None
+            return
+        self._batch.join(sequence, token, rows)
+
+    def _decode(self) -> None:
+        """One token for every running sequence, in one forward pass."""
+        batch = self._batch
+        mask, positions = batch.cache.step_inputs()
+        out = self._model(
+            input_ids=batch.last[:, None], attention_mask=mask, position_ids=positions,
+            **{self._cache_kwarg: batch.cache.cache}, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        batch.cache.advance(mask)
+        assert batch.sampling is not None
+        tokens = sample(out.logits[:, -1], batch.sampling, batch.generated)
+        batch.last = tokens
+        batch.generated = batch.generated + 1
+        finished = torch.isin(tokens, self._eos) | (batch.generated >= batch.max_new)
+        for sequence, token in zip(batch.sequences, tokens.tolist(), strict=True):
+            self._outbox.put(sequence.stream, token)
+        if bool(finished.any()):
+            for sequence in batch.keep(~finished):
+                self._finished(sequence)
+
+    def _finished(self, sequence: Sequence) -> None:
+        with self._lock:
+            self._streams.pop(sequence.id, None)
+        self._outbox.end(sequence.stream)
+
+    def _died(self, reason: str) -> None:
+        """Engine thread: report the death to the watcher's loop (or to whoever comes first)."""
+        self._death = reason
+        with self._lock:
+            loop = self._loop
+            if loop is None:
+                self._unreported = reason
+                return
+        try:
+            loop.call_soon_threadsafe(self._fail, reason)
+        except RuntimeError:  # the event loop is closed: nobody is left to tell
+            pass
+
+    def _fail(self, reason: str) -> None:
+        """Mark the engine failed, end its streams and tell the owner; call on the event loop."""
+        if self.failure is not None or self._closing.is_set():
+            return
+        self.failure = reason
+        log.error("%s: %s; its requests fail and it takes no more", self.name, reason)
+        error = failed_model_error(self.name, reason)
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.fail(error)
+        if self._on_failure is not None:
+            self._on_failure(reason)
+
+    async def close(self) -> None:
+        """Stop the thread; requests still running fail. Idempotent."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._scheduler.stop()
+        await asyncio.to_thread(self._thread.join, 30)
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.fail(ModelNotReady(f"model '{self.name}' was unloaded while serving this request; retry"))
+
+
+def _crashed(detail: str) -> str:
+    return f"its chat engine crashed: {detail}"

@@ -1,0 +1,64 @@
+"""Tokens from the engine's thread to the event loop(s), several per message when the loop lags.
+
+The engine puts each step's tokens here; at most one delivery per event loop is pending at
+a time, so when a consumer's loop is slower than the model, the tokens of several steps
+reach its stream as one list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from services.worker.models.generation import TokenStream
+
+
+class Outbox:
+    """Per-stream pending tokens and endings, handed to each stream's loop in batches."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: dict[TokenStream, list[int]] = {}
+        self._ends: dict[TokenStream, BaseException | None] = {}
+        self._scheduled: set[asyncio.AbstractEventLoop] = set()
+
+    def put(self, stream: TokenStream, token: int) -> None:
+        """Queue a token of `stream` (engine thread)."""
+        with self._lock:
+            self._tokens.setdefault(stream, []).append(token)
+
+    def end(self, stream: TokenStream, error: BaseException | None = None) -> None:
+        """Queue the end of `stream`, after its queued tokens (engine thread)."""
+        with self._lock:
+            self._ends[stream] = error
+
+    def flush(self) -> None:
+        """Schedule a delivery on every loop that has something pending and none scheduled."""
+        with self._lock:
+            loops = {s.loop for s in (*self._tokens, *self._ends)} - self._scheduled
+            self._scheduled |= loops
+        for loop in loops:
+            try:
+                loop.call_soon_threadsafe(self._deliver, loop)
+            except RuntimeError:  # that event loop is closed: nobody is listening there
+                self._discard(loop)
+
+    def _discard(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._scheduled.discard(loop)
+            self._tokens = {s: t for s, t in self._tokens.items() if s.loop is not loop}
+            self._ends = {s: e for s, e in self._ends.items() if s.loop is not loop}
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._scheduled.discard(loop)
+            tokens = {s: t for s, t in self._tokens.items() if s.loop is loop}
+            ends = {s: e for s, e in self._ends.items() if s.loop is loop}
+            for stream in tokens:
+                del self._tokens[stream]
+            for stream in ends:
+                del self._ends[stream]
+        for stream, token_ids in tokens.items():
+            stream.put(token_ids)
+        for stream, error in ends.items():
+            stream.end(error)

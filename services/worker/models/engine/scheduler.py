@@ -1,0 +1,174 @@
+"""Which sequences run: the waiting queue, the one being prefilled, and the running batch.
+
+The engine's thread asks for its next turn (`Scheduler.next_turn`), which blocks while there
+is nothing to do. Newcomers wait in arrival order; the head is admitted to prefill when the
+batch has room for it (row count, and the padded cache within its token budget). A batch that
+is empty always admits, so a request larger than the budget still runs, alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from services.worker.models.engine.kv_cache import BatchCache
+from services.worker.models.engine.sampling import SamplingRow, SamplingRows
+from services.worker.models.generation import TokenStream
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine."""
+
+    id: str
+    prompt: list[int]
+    max_new: int
+    sampling: SamplingRow
+    stream: TokenStream
+    prefilled: int = 0
+    """Prompt tokens already in `cache` (a long prompt is prefilled in chunks)."""
+    cache: DynamicCache | None = None
+    """Its own cache while it is prefilled; it moves into the batch's when it joins."""
+
+
+@dataclass
+class Turn:
+    """What one step of the engine does."""
+
+    cancelled: set[str] = field(default_factory=set)
+    prefill: Sequence | None = None
+
+
+class Scheduler:
+    """The queue and admission; thread-safe (the event loop adds and cancels, the engine takes turns)."""
+
+    def __init__(self, capacity_tokens: int, max_rows: int) -> None:
+        self.capacity_tokens = capacity_tokens
+        self.max_rows = max_rows
+        self._wake = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: Sequence | None = None
+        self._cancelled: set[str] = set()
+        self._stopping = False
+        self._crash: str | None = None
+
+    @property
+    def queued(self) -> int:
+        """Sequences waiting or being prefilled."""
+        with self._wake:
+            return len(self._waiting) + (self._prefilling is not None)
+
+    def add(self, sequence: Sequence) -> None:
+        """Queue a newcomer."""
+        with self._wake:
+            self._waiting.append(sequence)
+            self._wake.notify()
+
+    def cancel(self, sequence_id: str) -> None:
+        """Drop a sequence at the next turn, wherever it is."""
+        with self._wake:
+            self._waiting = deque(s for s in self._waiting if s.id != sequence_id)
+            self._cancelled.add(sequence_id)
+            self._wake.notify()
+
+    def stop(self) -> None:
+        """Make `next_turn` return None."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+
+    def crash(self, reason: str) -> None:
+        """Make `next_turn` raise `RuntimeError(reason)` (a test hook)."""
+        with self._wake:
+            self._crash = reason
+            self._wake.notify()
+
+    def clear(self) -> None:
+        """Forget every sequence (the engine died or stopped)."""
+        with self._wake:
+            self._waiting.clear()
+            self._prefilling = None
+
+    def prefilled(self) -> None:
+        """The sequence being prefilled is done (joined the batch, or finished)."""
+        with self._wake:
+            self._prefilling = None
+
+    def next_turn(self, batch: Batch) -> Turn | None:
+        """Wait until there is work; None once stopping."""
+        with self._wake:
+            while True:
+                if self._crash is not None:
+                    raise RuntimeError(self._crash)
+                if self._stopping:
+                    return None
+                turn = Turn(cancelled=self._cancelled)
+                self._cancelled = set()
+                if self._prefilling is not None and self._prefilling.id in turn.cancelled:
+                    self._prefilling = None
+                if self._prefilling is None and self._waiting and self._fits(self._waiting[0], batch):
+                    self._prefilling = self._waiting.popleft()
+                turn.prefill = self._prefilling
+                if turn.prefill is not None or batch.rows or turn.cancelled:
+                    return turn
+                self._wake.wait()
+
+    def _fits(self, sequence: Sequence, batch: Batch) -> bool:
+        if batch.rows == 0:
+            return True
+        rows = batch.rows + 1
+        columns = max(batch.cache.columns, len(sequence.prompt))
+        return rows <= self.max_rows and rows * columns <= self.capacity_tokens
+
+
+class Batch:
+    """The running sequences and their per-row state, as tensors in batch-row order."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sequences: list[Sequence] = []
+        self.cache = BatchCache(device)
+        self.last = torch.zeros((0,), dtype=torch.long, device=device)
+        """The last token of each row: the next step's input."""
+        self.generated = torch.zeros((0,), dtype=torch.long, device=device)
+        self.max_new = torch.zeros((0,), dtype=torch.long, device=device)
+        self.sampling: SamplingRows | None = None
+
+    @property
+    def rows(self) -> int:
+        """Running sequences."""
+        return len(self.sequences)
+
+    def join(self, sequence: Sequence, first_token: torch.Tensor, sampling: SamplingRows) -> None:
+        """Add a sequence whose prompt is prefilled (its `cache`) and first token drawn."""
+        assert sequence.cache is not None
+        self.cache.join(sequence.cache, len(sequence.prompt))
+        sequence.cache = None
+        one = torch.ones((1,), dtype=torch.long, device=self.device)
+        self.sequences.append(sequence)
+        self.last = torch.cat([self.last, first_token.reshape(1)])
+        self.generated = torch.cat([self.generated, one])
+        self.max_new = torch.cat([self.max_new, one * sequence.max_new])
+        self.sampling = sampling if self.sampling is None else self.sampling.concat(sampling)
+
+    def keep(self, keep: torch.Tensor) -> list[Sequence]:
+        """Keep the rows where `keep` (bool, per row) is set; return the sequences dropped."""
+        index = keep.nonzero().flatten()
+        kept = set(index.tolist())
+        dropped = [s for i, s in enumerate(self.sequences) if i not in kept]
+        self.sequences = [self.sequences[i] for i in sorted(kept)]
+        self.cache.keep(index)
+        self.last, self.generated, self.max_new = self.last[index], self.generated[index], self.max_new[index]
+        self.sampling = self.sampling.select(index) if self.sampling is not None and self.rows else None
+        return dropped
+
+    def drop(self, sequence_ids: set[str]) -> list[Sequence]:
+        """Drop the rows of these sequences (cancelled); return those found."""
+        if not any(s.id in sequence_ids for s in self.sequences):
+            return []
+        keep = torch.tensor([s.id not in sequence_ids for s in self.sequences], device=self.device)
+        return self.keep(keep)
