@@ -56,11 +56,14 @@ class Gateway:
 
     async def list_models(self, *, key: KeyRecord | None = None) -> list[AssetRecord]:
         """Every asset `key` may use (all without a key), as the registry has it. Never wakes
-        a model."""
+        a model. The key's limit status is published (see `Limiter.report`)."""
+        await self.limits.report(key)
         return allowed_models(key, await self.catalog.list())
 
     async def get_model(self, name: str, *, key: KeyRecord | None = None) -> AssetRecord:
-        """One asset by id or alias, whatever its interface or state, if `key` may use it."""
+        """One asset by id or alias, whatever its interface or state, if `key` may use it. The
+        key's limit status is published (see `Limiter.report`)."""
+        await self.limits.report(key)
         for record in await self.catalog.list():
             if name == record.spec.asset_id or name in record.spec.aliases:
                 check_model(key, record, name)

@@ -108,7 +108,8 @@ async def _start_limits_and_usage(
     close the pool."""
     pool = await create_pool(settings.resolved_database_url(), max_size=settings.limits_pool_size)
     limiter = Limiter(pool, hold_s=settings.limit_reservation_ttl_s,
-                      default_completion_tokens=settings.limit_default_completion_tokens)
+                      default_completion_tokens=settings.limit_default_completion_tokens,
+                      settle_delay_s=settings.limit_settle_delay_s)
     ledger = UsageLedger(pool, flush_s=settings.usage_flush_s,
                          max_buffered=settings.usage_max_buffered)
     ledger.start()

@@ -46,6 +46,13 @@ class RouterSettings(FleetSettings):
     """Completion tokens reserved for a request without `max_tokens` when its asset sets no
     `generation.max_tokens` (what it really used is charged when it ends)."""
 
+    limit_settle_delay_s: float = Field(default=0.05, ge=0)
+    """How long a finished request's settle (its real usage replacing its estimate, its
+    max_parallel slot freed) waits for the key's next request on this router to carry it in
+    its own reservation statement before it is sent on its own. Within this router the next
+    request always sees it settled; other routers see the slot and the estimate held up to
+    this much longer (never more admitted than the limits allow)."""
+
     limits_pool_size: int = Field(default=10, gt=0)
     """Postgres connections of the limits and usage ledger (one statement per limited request)."""
 

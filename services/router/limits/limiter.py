@@ -7,14 +7,20 @@ estimate and records a reservation, all before the lock is released. Routers sha
 database therefore see one sequence of checks per key, bursts of first requests included.
 
 `settle` replaces the estimate by the real usage and frees the request's parallel slot, off
-the request's path (a task of its own, retried a few times with a bounded backoff); the next
-reservation of the same key on this router waits for it (up to the statement timeout), so a
-client's next request sees its previous one settled. A `reserve` that is cancelled or fails
-once its statement may have reached Postgres lets the statement finish and settles the
-reservation it may have made (settling is idempotent), so a request cancelled at the wrong
-moment holds no parallel slot. A router that dies mid-request never settles: its reservations
-expire after `hold_s` (the parallel slot is freed then, even if the request still runs; the
-estimate stays charged to its windows, an upper bound of what the request could have used).
+the request's path. It waits up to `settle_delay_s` for the key's next reservation on this
+router to carry it: the reserve statement settles the key's unsettled reservations first, in
+the same transaction. Otherwise it is sent on its own (one statement for the key's unsettled
+reservations, retried a few times with a bounded backoff). A reservation is released once, so
+a settle that goes out twice is harmless. A client's next request on this router therefore
+sees its previous one settled without waiting for a round trip, and a busy key costs one
+statement per request; other routers may see a finished request's slot and estimate held up
+to `settle_delay_s` longer (never more admitted than the limits allow). A `reserve` that is
+cancelled or fails once its statement may have reached Postgres lets the statement finish
+and settles the reservation it may have made (the key's next reservation on this router
+waits for that statement), so a request cancelled at the wrong moment holds no parallel slot.
+A router that dies mid-request never settles: its reservations expire after `hold_s` (the
+parallel slot is freed then, even if the request still runs; the estimate stays charged to
+its windows, an upper bound of what the request could have used).
 Windows are fixed: rpm and tpm count per calendar minute (UTC), budgets per `budget_period_s`
 from the key's first request (never renewed without one).
 """
@@ -25,7 +31,7 @@ import asyncio
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -34,12 +40,20 @@ import asyncpg
 from services.common.errors import BudgetExhausted, LimitsUnavailable, RateLimited
 from services.common.keys import KeyLimits, KeyRecord
 from services.router.limits.estimate import Estimate
-from services.router.limits.report import LimitStatus, publish
+from services.router.limits.report import LimitStatus, is_reported, publish
 
 log = logging.getLogger(__name__)
 
-RESERVE = "SELECT * FROM rh_limit_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-SETTLE = "SELECT rh_limit_settle($1, $2, $3)"
+RESERVE = ("SELECT * FROM rh_limit_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
+           "$14)")
+SETTLE = "SELECT rh_limit_settle($1, $2, $3, $4)"
+STATUS = """
+SELECT coalesce(c.minute_requests, 0) AS minute_requests, coalesce(c.minute_tokens, 0) AS minute_tokens,
+       extract(epoch FROM date_trunc('minute', n.t) + interval '1 minute' - n.t)::double precision
+           AS minute_reset_s
+FROM (SELECT clock_timestamp() AS t) n
+LEFT JOIN limit_counters c ON c.key_id = $1 AND c.minute_start = date_trunc('minute', n.t)
+"""
 STORE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 PARALLEL_RETRY_S = 1.0
 SETTLE_ATTEMPTS = 3
@@ -54,6 +68,15 @@ class Reservation:
     reservation_id: uuid.UUID
     key_id: str
     estimate: Estimate
+
+
+@dataclass(frozen=True)
+class _Unsettled:
+    """A settle this router has not seen committed yet."""
+
+    tokens: int
+    usd: Decimal
+    done: asyncio.Future[None]
 
 
 async def create_pool(dsn: str, *, max_size: int = 10) -> asyncpg.Pool:
@@ -84,13 +107,23 @@ class Limiter:
     """The limit step of the router: `reserve` before a request runs, `settle` after."""
 
     def __init__(self, pool: asyncpg.Pool | None, *, hold_s: float = 900.0,
-                 timeout_s: float = 5.0, default_completion_tokens: int = 256) -> None:
+                 timeout_s: float = 5.0, default_completion_tokens: int = 256,
+                 settle_delay_s: float = 0.0) -> None:
         self._pool = pool
         self.hold_s = hold_s
+        self.settle_delay_s = settle_delay_s
+        """How long a settle waits for the key's next reservation on this router to carry it
+        before it is sent on its own (0: at once)."""
         self.default_completion_tokens = default_completion_tokens
         """The completion a request without `max_tokens` is expected to use (see `estimate`)."""
         self._timeout_s = timeout_s
-        self._settling: dict[str, set[asyncio.Task[None]]] = {}
+        self._settling: set[asyncio.Task[None]] = set()
+        self._unsettled: dict[str, dict[uuid.UUID, _Unsettled]] = {}
+        """Per key: settles not seen committed yet, by reservation id."""
+        self._releasing: dict[str, set[asyncio.Future[asyncpg.Record | None]]] = {}
+        """Per key: reserve statements of requests that went away, still running."""
+        self._due: dict[str, asyncio.TimerHandle] = {}
+        """Per key: when its unsettled reservations are sent on their own."""
 
     async def reserve(self, key: KeyRecord | None, estimate: Estimate) -> Reservation | None:
         """Reserve `estimate` for one request of `key`; None when nothing limits it (no key, or
@@ -105,95 +138,161 @@ class Limiter:
         if self._pool is None:
             raise LimitsUnavailable("rate limits cannot be checked: the router has no database")
         limits = key.limits
-        settling = self._settling.get(key.key_id)
-        if settling:
-            await asyncio.wait(settling, timeout=self._timeout_s)
+        releasing = self._releasing.get(key.key_id)
+        if releasing:
+            await asyncio.wait(releasing, timeout=self._timeout_s)
+        carried = list(self._unsettled.get(key.key_id, {}).items())
         reservation = Reservation(uuid.uuid4(), key.key_id, estimate)
         statement = asyncio.ensure_future(self._pool.fetchrow(
             RESERVE, key.key_id, reservation.reservation_id, estimate.tokens, estimate.usd,
             limits.rpm, limits.tpm, limits.max_parallel, limits.budget_tokens,
-            limits.budget_usd, limits.budget_period_s, self.hold_s, timeout=self._timeout_s))
+            limits.budget_usd, limits.budget_period_s, self.hold_s,
+            [rid for rid, _ in carried], [u.tokens for _, u in carried],
+            [u.usd for _, u in carried], timeout=self._timeout_s))
         try:
             # Shielded: a cancelled request lets the statement end, then settles what it made.
             row = await asyncio.shield(statement)
         except BaseException as exc:
             if not _never_sent(exc):
-                self._track(reservation, self._release(statement, reservation))
+                self._release_when_done(statement, reservation)
             if isinstance(exc, STORE_ERRORS):
                 log.warning("limit check for key %s failed: %s", key.key_id, exc)
                 raise LimitsUnavailable("rate limits cannot be checked now; retry later") from None
             raise
         assert row is not None
-        reset_s = max(0.0, row["minute_reset_s"])
-        publish(LimitStatus(
-            rpm=limits.rpm, remaining_requests=max(0, (limits.rpm or 0) - row["minute_requests"]),
-            tpm=limits.tpm, remaining_tokens=max(0, (limits.tpm or 0) - row["minute_tokens"]),
-            reset_s=reset_s))
+        for rid, _ in carried:
+            self._settled(reservation.key_id, rid)
+        reset_s = _publish(limits, row)
         outcome = row["outcome"]
         if outcome != "ok":
             raise _refusal(outcome, key, estimate, row, reset_s)
         return reservation
 
+    async def report(self, key: KeyRecord | None) -> None:
+        """Publish the per-minute status of a key with an rpm or tpm for a request that reserves
+        nothing (the model list): one read of its counters, no lock, nothing charged. Only when
+        the request's front opened a report; if the store does not answer, nothing is published.
+        """
+        if (key is None or self._pool is None or not is_reported()
+                or (key.limits.rpm is None and key.limits.tpm is None)):
+            return
+        try:
+            row = await self._pool.fetchrow(STATUS, key.key_id, timeout=self._timeout_s)
+        except STORE_ERRORS as exc:
+            log.warning("reading the limits of key %s failed: %s", key.key_id, exc)
+            return
+        assert row is not None
+        _publish(key.limits, row)
+
     def settle(self, reservation: Reservation | None, tokens: int, usd: Decimal) -> Awaitable[None]:
         """Replace the reservation's estimate by what the request used (`tokens`, `usd`) and
-        free its parallel slot, in the background; await the result to wait for it. Never
-        fails: if the store is still away after a few tries the reservation expires.
+        free its parallel slot, in the background: within the key's next reservation on this
+        router if that comes within `settle_delay_s`, else on its own. Await the result to wait
+        for it. Never fails: if the store is still away after a few tries the reservation
+        expires.
         """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
         if reservation is None or self._pool is None:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
-        return self._track(reservation, self._settle(reservation, tokens, usd))
+        key_id = reservation.key_id
+        self._unsettled.setdefault(key_id, {})[reservation.reservation_id] = _Unsettled(tokens, usd, done)
+        if key_id not in self._due:
+            self._due[key_id] = loop.call_later(self.settle_delay_s, self._send, key_id)
+        return done
 
-    def _track(self, reservation: Reservation, settling: Coroutine[None, None, None]) -> asyncio.Task[None]:
-        """Run `settling` as a task the key's next reservation on this router waits for."""
-        task = asyncio.create_task(settling)
-        tasks = self._settling.setdefault(reservation.key_id, set())
-        tasks.add(task)
+    def _send(self, key_id: str) -> None:
+        """Send the key's unsettled reservations in one statement, in a task of their own."""
+        self._due.pop(key_id, None)
+        batch = dict(self._unsettled.get(key_id, {}))
+        if batch:
+            task = asyncio.create_task(self._settle(key_id, batch))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
-        def forget(_: asyncio.Task[None]) -> None:
-            tasks.discard(task)
-            if not tasks:
-                self._settling.pop(reservation.key_id, None)
+    def _settled(self, key_id: str, reservation_id: uuid.UUID) -> None:
+        """The settle of that reservation committed (or is given up): no reserve carries it."""
+        pending = self._unsettled.get(key_id)
+        unsettled = pending.pop(reservation_id, None) if pending is not None else None
+        if unsettled is not None and not unsettled.done.done():
+            unsettled.done.set_result(None)
+        if pending is not None and not pending:
+            del self._unsettled[key_id]
+            due = self._due.pop(key_id, None)
+            if due is not None:
+                due.cancel()
 
-        task.add_done_callback(forget)
-        return task
-
-    async def _release(self, statement: asyncio.Future[asyncpg.Record | None],
-                       reservation: Reservation) -> None:
+    def _release_when_done(self, statement: asyncio.Future[asyncpg.Record | None],
+                           reservation: Reservation) -> None:
         """Once the reserve statement of a request that went away has ended (its own timeout
-        bounds it), give back whatever it reserved."""
-        await asyncio.wait([statement])
-        if not statement.cancelled() and statement.exception() is None:
-            row = statement.result()
-            if row is None or row["outcome"] != "ok":
-                return  # refused: nothing was reserved
-        await self._settle(reservation, 0, Decimal(0))
+        bounds it), give back whatever it reserved. Until then the key's next reservation on
+        this router waits for it, then carries the release along."""
+        releasing = self._releasing.setdefault(reservation.key_id, set())
+        releasing.add(statement)
 
-    async def _settle(self, reservation: Reservation, tokens: int, usd: Decimal) -> None:
+        def release(_: asyncio.Future[asyncpg.Record | None]) -> None:
+            releasing.discard(statement)
+            if not releasing and self._releasing.get(reservation.key_id) is releasing:
+                del self._releasing[reservation.key_id]
+            if not statement.cancelled() and statement.exception() is None:
+                row = statement.result()
+                if row is None or row["outcome"] != "ok":
+                    return  # refused: nothing was reserved
+            self.settle(reservation, 0, Decimal(0))
+
+        statement.add_done_callback(release)
+
+    async def _settle(self, key_id: str, batch: dict[uuid.UUID, _Unsettled]) -> None:
         assert self._pool is not None
-        for attempt in range(1, SETTLE_ATTEMPTS + 1):
-            try:
-                await self._pool.execute(SETTLE, reservation.reservation_id, tokens, usd,
-                                         timeout=self._timeout_s)
-                return
-            except STORE_ERRORS as exc:
-                if attempt == SETTLE_ATTEMPTS:
-                    log.warning("settling reservation %s of key %s failed %d times (it expires "
-                                "after %gs): %s", reservation.reservation_id, reservation.key_id,
-                                attempt, self.hold_s, exc)
+        try:
+            for attempt in range(1, SETTLE_ATTEMPTS + 1):
+                pending = self._unsettled.get(key_id, {})
+                batch = {rid: u for rid, u in batch.items() if rid in pending}
+                if not batch:
+                    return  # a reserve of the key carried them
+                try:
+                    await self._pool.execute(SETTLE, key_id, list(batch),
+                                             [u.tokens for u in batch.values()],
+                                             [u.usd for u in batch.values()], timeout=self._timeout_s)
                     return
-            await asyncio.sleep(SETTLE_BACKOFF_S * 2 ** (attempt - 1))  # retry backoff
+                except STORE_ERRORS as exc:
+                    if attempt == SETTLE_ATTEMPTS:
+                        log.warning("settling %d reservations of key %s failed %d times (they "
+                                    "expire after %gs): %s", len(batch), key_id, attempt,
+                                    self.hold_s, exc)
+                        return
+                await asyncio.sleep(SETTLE_BACKOFF_S * 2 ** (attempt - 1))  # retry backoff
+        finally:
+            for rid in batch:
+                self._settled(key_id, rid)
 
     async def close(self) -> None:
-        """Wait for settles still under way, for at most the statement timeout; those left
-        then expire."""
-        tasks = [t for pending in self._settling.values() for t in pending]
+        """Send the settles still waiting, and wait for those under way, for at most the
+        statement timeout; those left then expire."""
+        releasing = [f for pending in self._releasing.values() for f in pending]
+        if releasing:
+            await asyncio.wait(releasing, timeout=self._timeout_s)
+        for key_id in list(self._due):
+            self._due[key_id].cancel()
+            self._send(key_id)
+        tasks = list(self._settling)
         if tasks:
             await asyncio.wait(tasks, timeout=self._timeout_s)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _publish(limits: KeyLimits, row: asyncpg.Record) -> float:
+    """Publish the key's per-minute status from a reserve or status row; the seconds until its
+    minute window resets."""
+    reset_s = max(0.0, row["minute_reset_s"])
+    publish(LimitStatus(
+        rpm=limits.rpm, remaining_requests=max(0, (limits.rpm or 0) - row["minute_requests"]),
+        tpm=limits.tpm, remaining_tokens=max(0, (limits.tpm or 0) - row["minute_tokens"]),
+        reset_s=reset_s))
+    return reset_s
 
 
 def _never_sent(exc: BaseException) -> bool:

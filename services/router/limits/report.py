@@ -41,6 +41,11 @@ def open_report() -> LimitReport:
     return report
 
 
+def is_reported() -> bool:
+    """Whether the request running in this context has a report to fill in."""
+    return _current.get() is not None
+
+
 def publish(status: LimitStatus) -> None:
     """Record `status` in the current request's report, if its front opened one."""
     report = _current.get()

@@ -5,8 +5,10 @@ current budget period's tokens and dollars. `limit_reservations` holds what requ
 reserved (their estimate), so max_parallel counts them and settling releases the unused part;
 a reservation expires, so a router that dies mid-request leaks nothing for long.
 `rh_limit_reserve` checks and reserves every limit of a key in one statement (the key's
-counter row is locked for its duration, so any number of routers stay exact);
-`rh_limit_settle` replaces an estimate by the real usage. `usage_records` is the ledger.
+counter row is locked for its duration, so any number of routers stay exact), settling first
+the key's reservations it is handed; `rh_limit_settle` replaces estimates by the real usage.
+Both lock the counter row before a reservation row, so they never deadlock each other.
+`usage_records` is the ledger.
 
 Revision ID: 0004
 Revises: 0003
@@ -25,11 +27,39 @@ down_revision: str | Sequence[str] | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+RELEASE = """
+CREATE FUNCTION rh_limit_release(
+    c limit_counters, p_settle uuid[], p_tokens bigint[], p_usd numeric[])
+RETURNS limit_counters
+LANGUAGE plpgsql AS $$
+DECLARE
+    r limit_reservations%ROWTYPE;
+BEGIN
+    -- `c` is the key's counter row, locked by the caller, who writes back what is returned.
+    FOR i IN 1 .. coalesce(cardinality(p_settle), 0) LOOP
+        DELETE FROM limit_reservations WHERE reservation_id = p_settle[i] AND key_id = c.key_id
+            RETURNING * INTO r;
+        CONTINUE WHEN NOT FOUND;  -- settled already, or expired: its estimate stays charged
+        -- The difference goes to the windows the estimate was charged to, if they are current.
+        IF c.minute_start = r.minute_start THEN
+            c.minute_tokens := greatest(0, c.minute_tokens + p_tokens[i] - r.tokens);
+        END IF;
+        IF c.budget_start = r.budget_start THEN
+            c.budget_tokens := greatest(0, c.budget_tokens + p_tokens[i] - r.tokens);
+            c.budget_usd := greatest(0, c.budget_usd + p_usd[i] - r.usd);
+        END IF;
+    END LOOP;
+    RETURN c;
+END;
+$$;
+"""
+
 RESERVE = """
 CREATE FUNCTION rh_limit_reserve(
     p_key text, p_reservation uuid, p_tokens bigint, p_usd numeric,
     p_rpm integer, p_tpm bigint, p_parallel integer,
-    p_budget_tokens bigint, p_budget_usd numeric, p_period_s bigint, p_hold_s double precision)
+    p_budget_tokens bigint, p_budget_usd numeric, p_period_s bigint, p_hold_s double precision,
+    p_settle uuid[], p_settle_tokens bigint[], p_settle_usd numeric[])
 RETURNS TABLE (
     outcome text, minute_requests integer, minute_tokens bigint, minute_reset_s double precision,
     in_flight integer, budget_tokens bigint, budget_usd numeric, budget_reset_s double precision)
@@ -42,6 +72,7 @@ DECLARE
     flying integer;
     stale integer;
     verdict text := 'ok';
+    settling boolean := cardinality(p_settle) > 0;
 BEGIN
     SELECT * INTO c FROM limit_counters WHERE key_id = p_key FOR UPDATE;
     IF NOT FOUND THEN
@@ -49,6 +80,10 @@ BEGIN
         INSERT INTO limit_counters (key_id, minute_start, budget_start) VALUES (p_key, m, t)
             ON CONFLICT (key_id) DO NOTHING;
         SELECT * INTO c FROM limit_counters WHERE key_id = p_key FOR UPDATE;
+    END IF;
+    IF settling THEN
+        -- Earlier requests of the key whose settle this router has not seen committed yet.
+        c := rh_limit_release(c, p_settle, p_settle_tokens, p_settle_usd);
     END IF;
     IF c.minute_start < m THEN
         c.minute_start := m; c.minute_requests := 0; c.minute_tokens := 0;
@@ -81,11 +116,15 @@ BEGIN
         c.budget_tokens := c.budget_tokens + p_tokens;
         c.budget_usd := c.budget_usd + p_usd;
         flying := flying + 1;
+    END IF;
+    IF verdict = 'ok' OR settling THEN
         UPDATE limit_counters SET
             minute_start = c.minute_start, minute_requests = c.minute_requests,
             minute_tokens = c.minute_tokens, budget_start = c.budget_start,
             budget_tokens = c.budget_tokens, budget_usd = c.budget_usd
         WHERE key_id = p_key;
+    END IF;
+    IF verdict = 'ok' THEN
         INSERT INTO limit_reservations
             (reservation_id, key_id, minute_start, budget_start, tokens, usd, expires_at)
         VALUES (p_reservation, p_key, c.minute_start, c.budget_start, p_tokens, p_usd,
@@ -101,26 +140,19 @@ $$;
 """
 
 SETTLE = """
-CREATE FUNCTION rh_limit_settle(p_reservation uuid, p_tokens bigint, p_usd numeric)
-RETURNS boolean
+CREATE FUNCTION rh_limit_settle(p_key text, p_settle uuid[], p_tokens bigint[], p_usd numeric[])
+RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    r limit_reservations%ROWTYPE;
+    c limit_counters%ROWTYPE;
 BEGIN
-    DELETE FROM limit_reservations WHERE reservation_id = p_reservation RETURNING * INTO r;
-    IF NOT FOUND THEN
-        RETURN false;  -- expired: its estimate stays charged
+    SELECT * INTO c FROM limit_counters WHERE key_id = p_key FOR UPDATE;
+    IF FOUND THEN
+        c := rh_limit_release(c, p_settle, p_tokens, p_usd);
+        UPDATE limit_counters SET minute_tokens = c.minute_tokens,
+            budget_tokens = c.budget_tokens, budget_usd = c.budget_usd
+        WHERE key_id = p_key;
     END IF;
-    -- The difference goes to the windows the estimate was charged to, if they are current.
-    UPDATE limit_counters SET
-        minute_tokens = CASE WHEN minute_start = r.minute_start
-            THEN greatest(0, minute_tokens + p_tokens - r.tokens) ELSE minute_tokens END,
-        budget_tokens = CASE WHEN budget_start = r.budget_start
-            THEN greatest(0, budget_tokens + p_tokens - r.tokens) ELSE budget_tokens END,
-        budget_usd = CASE WHEN budget_start = r.budget_start
-            THEN greatest(0, budget_usd + p_usd - r.usd) ELSE budget_usd END
-    WHERE key_id = r.key_id;
-    RETURN true;
 END;
 $$;
 """
@@ -152,8 +184,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("reservation_id", name="pk_limit_reservations"),
     )
     op.create_index("ix_limit_reservations_key_id", "limit_reservations", ["key_id"])
-    op.execute(RESERVE)
+    op.execute(RELEASE)
     op.execute(SETTLE)
+    op.execute(RESERVE)
     op.create_table(
         "usage_records",
         sa.Column("id", sa.BigInteger(), autoincrement=True, nullable=False),
@@ -177,8 +210,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("usage_records")
-    op.execute("DROP FUNCTION rh_limit_settle(uuid, bigint, numeric)")
+    op.execute("DROP FUNCTION rh_limit_settle(text, uuid[], bigint[], numeric[])")
     op.execute("DROP FUNCTION rh_limit_reserve(text, uuid, bigint, numeric, integer, bigint, "
-               "integer, bigint, numeric, bigint, double precision)")
+               "integer, bigint, numeric, bigint, double precision, uuid[], bigint[], numeric[])")
+    op.execute("DROP FUNCTION rh_limit_release(limit_counters, uuid[], bigint[], numeric[])")
     op.drop_table("limit_reservations")
     op.drop_table("limit_counters")
