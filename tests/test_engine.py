@@ -7,6 +7,7 @@ joins or leaves around it; cancelled sequences free their place; limits and EOS 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from polling import wait_until
 from tiny_models import build_tiny_llama
 from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from services.common.errors import InvalidArgument, ModelNotReady
 from services.worker.models.engine import BatchingSettings, ChatEngine
@@ -98,6 +100,45 @@ async def test_cancelling_frees_the_place_for_the_next_request(model: Any) -> No
         await engine.close()
 
 
+async def test_the_running_batch_never_outgrows_its_cache_budget(model: Any) -> None:
+    # Each request ends at 10 + 29 = 39 columns: two fit in 96 tokens, three do not.
+    engine = ChatEngine(model, 4096, [], BatchingSettings(cache_tokens=96), name="tiny")
+    try:
+        prompts = [list(range(10 * i + 1, 10 * i + 11)) for i in range(4)]
+        expected = [await alone(engine, p, 30) for p in prompts]
+        assert await asyncio.gather(*(alone(engine, p, 30) for p in prompts)) == expected
+        assert 39 < engine.peak_cache_tokens <= engine.capacity_tokens == 96  # batched, within budget
+        big = await alone(engine, list(range(1, 90)), 20)  # larger than the budget: it runs alone
+        assert len(big) == 20
+    finally:
+        await engine.close()
+
+
+class SlidingWindowLlama:
+    """The tiny Llama, but its cache layers come back as sliding windows (as Mistral's can)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.config, self.device, self.dtype = model, model.config, model.device, model.dtype
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def forward(self, cache: Any = None, past_key_values: Any = None, **kwargs: Any) -> Any:
+        cache = cache if cache is not None else past_key_values
+        out = self.model(**{self.cache_kwarg: cache}, **kwargs)
+        for i, layer in enumerate(cache.layers):
+            if type(layer) is DynamicLayer:
+                sliding = DynamicSlidingWindowLayer(sliding_window=4096)
+                sliding.keys, sliding.values, sliding.is_initialized = layer.keys, layer.values, True
+                cache.layers[i] = sliding
+        return out
+
+    __call__ = forward
+
+
+def test_a_model_the_engine_cannot_batch_fails_when_the_engine_is_built(model: Any) -> None:
+    with pytest.raises(RuntimeError, match="cannot serve model 'tiny'.*DynamicSlidingWindowLayer"):
+        ChatEngine(SlidingWindowLlama(model), 4096, [], name="tiny")
+
+
 async def test_max_tokens_and_end_of_sequence_are_honoured(model: Any, engine: ChatEngine) -> None:
     full = await alone(engine, PROMPTS[1], 16)
     assert len(full) == 16 and await alone(engine, PROMPTS[1], 1) == full[:1]
@@ -125,7 +166,7 @@ async def test_a_consumer_slower_than_the_model_gets_several_tokens_at_once(engi
 async def test_a_crash_fails_every_stream_and_refuses_new_work(engine: ChatEngine) -> None:
     failures: asyncio.Queue[str] = asyncio.Queue()
     engine.watch(failures.put_nowait)
-    streams = [engine.submit(p, GREEDY, 3000) for p in PROMPTS[:2]]
+    streams = [engine.submit(p, GREEDY, 1000) for p in PROMPTS[:2]]  # two fit the cache budget
     for stream in streams:
         await anext(stream)
     engine.crash("boom in a test")

@@ -1,4 +1,4 @@
-"""A chat model whose batching engine dies: its requests end cleanly, it serves nothing more, and
+"""A chat model whose chat engine dies: its requests end cleanly, it serves nothing more, and
 the worker drops it, reports it (`model.degraded`, `failed_models`, an immediate heartbeat)
 and serves it again once it is loaded again."""
 
@@ -67,8 +67,8 @@ async def ending_error(stream: AsyncIterator[ChatDelta]) -> BaseException:
 async def test_a_crashed_engine_ends_every_stream_and_serves_nothing_more(model: TransformersChatModel) -> None:
     failures: asyncio.Queue[str] = asyncio.Queue()
     model.on_failure(failures.put_nowait)
-    batched = model.chat(ChatParams(messages=HELLO, max_tokens=3000))
-    threaded = model.chat(ChatParams(messages=HELLO, max_tokens=3000, seed=7))  # seeded: its own thread
+    batched = model.chat(ChatParams(messages=HELLO, max_tokens=1000))  # two fit the cache budget
+    threaded = model.chat(ChatParams(messages=HELLO, max_tokens=1000, seed=7))  # seeded: same engine
     await first_delta(batched)
     await first_delta(threaded)
 
@@ -80,10 +80,10 @@ async def test_a_crashed_engine_ends_every_stream_and_serves_nothing_more(model:
         assert "model 'doomed' failed on this worker" in error.message and CRASH in error.message
     assert CRASH in await asyncio.wait_for(failures.get(), 30)
     assert model.failure is not None and CRASH in model.failure
-    await wait_until(lambda: model.active_streams == 0)  # the generate thread stopped too
+    await wait_until(lambda: model.active_streams == 0)  # the engine holds none of them
     for params in (ChatParams(messages=HELLO, max_tokens=4), ChatParams(messages=HELLO, max_tokens=4, seed=7)):
         with pytest.raises(ModelNotReady, match="failed on this worker"):
-            model.chat(params)  # neither engine answers: not even the seeded thread path
+            model.chat(params)  # seeded or not, the engine refuses
 
 
 async def test_an_idle_engine_that_dies_is_reported(model: TransformersChatModel) -> None:

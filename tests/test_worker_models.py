@@ -55,8 +55,8 @@ async def test_capabilities_are_detected(tiny_llm: TransformersChatModel) -> Non
     assert caps.context_length == 4096
     assert caps.supports_system_role and caps.supports_tools and caps.streaming
     assert caps.parameter_count == sum(p.numel() for p in tiny_llm._model.parameters())
-    assert tiny_llm._batched is not None and tiny_llm._batched.capacity_tokens == 4096
-    assert caps.memory_bytes >= caps.parameter_count * 4 + tiny_llm._batched.cache_bytes
+    assert tiny_llm._engine is not None and tiny_llm._engine.capacity_tokens == 4096
+    assert caps.memory_bytes >= caps.parameter_count * 4 + tiny_llm._engine.cache_bytes
     assert tiny_llm.interfaces == ("llm-runtime",)
 
 
@@ -65,7 +65,7 @@ async def test_requests_larger_than_the_batch_cache_generate_in_a_thread(tmp_pat
     spec = spec_for("small-cache", "llm-runtime", folder)
     model = await asyncio.to_thread(load_model, spec, folder, chat_batching=BatchingSettings(cache_tokens=128))
     try:
-        assert model._batched.capacity_tokens == 128
+        assert model._engine.capacity_tokens == 128
         deltas = await run(model, messages=HELLO, max_tokens=200, temperature=0)
         assert deltas[-1].usage.completion_tokens == 200 and deltas[-1].finish_reason == "length"
     finally:

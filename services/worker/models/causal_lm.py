@@ -88,7 +88,7 @@ class TransformersChatModel(HostedModel):
         if generation.do_sample:
             self._default_temperature = generation.temperature or 1.0
             self._default_top_p = generation.top_p or 1.0
-        self._batched = engine
+        self._engine = engine
         self._engine_watched = False
 
     def apply_defaults(self, generation: Generation) -> None:
@@ -109,18 +109,23 @@ class TransformersChatModel(HostedModel):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         model.eval().requires_grad_(False)
         context = detect_context_length(model, tokenizer, spec)
+        system_role, tools = accepts_system_role(tokenizer), accepts_tools(tokenizer)
+        # The engine's thread starts with it: built last, and stopped if what follows fails.
         engine = ChatEngine(model, context, _eos_token_ids(model, tokenizer), batching, name=spec.asset_id)
-        memory = module_bytes(model) + engine.cache_bytes
-        capabilities = Capabilities(
-            context_length=context,
-            supports_system_role=accepts_system_role(tokenizer),
-            supports_tools=accepts_tools(tokenizer),
-            parameter_count=sum(p.numel() for p in model.parameters()),
-            memory_bytes=memory,
-            streaming=True,
-        )
-        hosted = cls(spec.asset_id, model, tokenizer, capabilities, engine)
-        hosted.apply_defaults(spec.generation)
+        try:
+            capabilities = Capabilities(
+                context_length=context,
+                supports_system_role=system_role,
+                supports_tools=tools,
+                parameter_count=sum(p.numel() for p in model.parameters()),
+                memory_bytes=module_bytes(model) + engine.cache_bytes,
+                streaming=True,
+            )
+            hosted = cls(spec.asset_id, model, tokenizer, capabilities, engine)
+            hosted.apply_defaults(spec.generation)
+        except BaseException:
+            engine.stop()
+            raise
         return hosted
 
     def on_failure(self, callback: FailureCallback) -> None:
@@ -132,7 +137,7 @@ class TransformersChatModel(HostedModel):
         # On the loop (the engine reports there); at the first request if no holder asked.
         if not self._engine_watched:
             self._engine_watched = True
-            self._batched.watch(self._engine_failed)
+            self._engine.watch(self._engine_failed)
 
     def _engine_failed(self, reason: str) -> None:
         # The engine ended its own streams.
@@ -141,12 +146,12 @@ class TransformersChatModel(HostedModel):
     def crash_engine(self, reason: str = "crash injected by a test") -> None:
         """Test hook: make the chat engine's thread raise at its next turn (see
         `ChatEngine.crash`). Used by end-to-end tests in-process; never in serving."""
-        self._batched.crash(reason)
+        self._engine.crash(reason)
 
     @property
     def active_streams(self) -> int:
         """Requests the engine still holds."""
-        return self._batched.active_streams
+        return self._engine.active_streams
 
     def count_tokens(self, params: ChatParams) -> int:
         """Prompt tokens the request would use (after the chat template)."""
@@ -163,9 +168,9 @@ class TransformersChatModel(HostedModel):
             seed=params.seed,
         )
         self._watch_engine()
-        self._batched.check()  # a death not reported yet is found here, and fails the model
+        self._engine.check()  # a death not reported yet is found here, and fails the model
         self.check_serving()  # it may have failed while the prompt was built
-        stream = self._batched.submit(prompt_ids, sampling, max_new)
+        stream = self._engine.submit(prompt_ids, sampling, max_new)
         decoder = IncrementalDecoder(self._tokenizer)
         stops = StopMatcher(params.stop)
         completion = 0
@@ -214,7 +219,7 @@ class TransformersChatModel(HostedModel):
 
     async def close(self) -> None:
         """Stop the engine (its running requests fail) and drop the weights."""
-        await self._batched.close()
+        await self._engine.close()
         self._model = None
         gc.collect()
 

@@ -7,13 +7,10 @@ Generation runs in the engine's thread; new token ids reach the event loop throu
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 _END = object()
 
@@ -36,7 +33,7 @@ class Sampling:
 class TokenStream:
     """New token ids of one request, as an async iterator of lists; `cancel()` stops generation.
 
-    Producers (a generation thread or a batching engine) call the `*_threadsafe` methods.
+    The producer (the chat engine's thread) delivers through `loop.call_soon_threadsafe`.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[], None]) -> None:
@@ -55,14 +52,6 @@ class TokenStream:
     def end(self, error: BaseException | None = None) -> None:
         """Mark the stream finished (with an error if generation failed); call on the event loop."""
         self._queue.put_nowait(error if error is not None else _END)
-
-    def put_threadsafe(self, token_ids: list[int]) -> None:
-        """Deliver tokens from another thread."""
-        self.loop.call_soon_threadsafe(self.put, token_ids)
-
-    def end_threadsafe(self, error: BaseException | None = None) -> None:
-        """Finish the stream from another thread."""
-        self.loop.call_soon_threadsafe(self.end, error)
 
     def fail(self, error: BaseException) -> None:
         """End the stream with `error` now (the consumer sees it after the tokens already

@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from services.common.errors import InvalidArgument, ModelNotReady
-from services.worker.models.engine.kv_cache import kv_bytes_per_token
+from services.worker.models.engine.kv_cache import BatchCache, kv_bytes_per_token
 from services.worker.models.engine.outbox import Outbox
 from services.worker.models.engine.sampling import SamplingRow, SamplingRows, sample
 from services.worker.models.engine.scheduler import Batch, Scheduler, Sequence
@@ -53,10 +53,10 @@ class BatchingSettings:
 class ChatEngine:
     """Streams requests through batched decode steps on the model's device.
 
-    Temperature, top-p, greedy and seed are per request; a seeded request draws the same
-    tokens alone or in any batch. Once the engine's thread dies (other than by `close`),
-    `failure` says why, every stream it served has ended with `ModelNotReady`, and `submit`
-    refuses with that error.
+    Temperature, top-p, greedy and seed are per request; a seeded request gets the same random
+    draws alone or in any batch (its logits may differ by reduction order on a GPU or in bf16).
+    Once the engine's thread dies (other than by `close`), `failure` says why, every stream it
+    served has ended with `ModelNotReady`, and `submit` refuses with that error.
     """
 
     def __init__(
@@ -78,6 +78,8 @@ class ChatEngine:
             tokens = min(context_length, self.settings.max_cache_bytes // kv_bytes_per_token(model))
         self.capacity_tokens = max(1, tokens)
         self.cache_bytes = self.capacity_tokens * kv_bytes_per_token(model)
+        self.peak_cache_tokens = 0
+        """The largest padded cache (rows x columns) the running batch has held, for tests and metrics."""
         self._model = model
         self._device = model.device
         # transformers renamed `past_key_values` to `cache` (5.2x); take whichever this one has.
@@ -94,8 +96,39 @@ class ChatEngine:
         self._on_failure: Callable[[str], None] | None = None
         self._unreported: str | None = None
         self._death: str | None = None
+        self.probe()
         self._thread = threading.Thread(target=self._run, name=f"chat-engine-{name}", daemon=True)
         self._thread.start()
+
+    def probe(self) -> None:
+        """Check that the engine can run this model, as it will: prefill two short prompts, join
+        them into one padded batch and decode a step. Raises `RuntimeError` saying why not (a
+        cache that is not plain keys and values, a forward without `position_ids` or
+        `logits_to_keep`...), so that a model the engine cannot serve fails to load.
+        """
+        try:
+            with torch.inference_mode():
+                batch = BatchCache(self._device)
+                for prompt in ([1, 2, 3], [4, 5]):
+                    cache = DynamicCache()
+                    ids = torch.tensor([prompt], dtype=torch.long, device=self._device)
+                    self._model(
+                        input_ids=ids, attention_mask=torch.ones_like(ids),
+                        position_ids=torch.arange(len(prompt), device=self._device)[None],
+                        **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=1,
+                    )  # fmt: skip
+                    batch.join(cache, len(prompt))
+                mask, positions = batch.step_inputs()
+                out = self._model(
+                    input_ids=torch.ones((2, 1), dtype=torch.long, device=self._device), attention_mask=mask,
+                    position_ids=positions, **{self._cache_kwarg: batch.cache}, use_cache=True, logits_to_keep=1,
+                )  # fmt: skip
+                batch.advance(mask)
+                if tuple(out.logits.shape[:2]) != (2, 1):
+                    raise TypeError(f"a batched step returned logits of shape {tuple(out.logits.shape)}")
+        except Exception as exc:
+            detail = str(exc) or type(exc).__name__
+            raise RuntimeError(f"the chat engine cannot serve model '{self.name}': {detail}") from exc
 
     @property
     def active_streams(self) -> int:
@@ -208,6 +241,7 @@ class ChatEngine:
             sequence.cache = None
             return
         self._batch.join(sequence, token, rows)
+        self._measure()
 
     def _decode(self) -> None:
         """One token for every running sequence, in one forward pass."""
@@ -218,6 +252,7 @@ class ChatEngine:
             **{self._cache_kwarg: batch.cache.cache}, use_cache=True, logits_to_keep=1,
         )  # fmt: skip
         batch.cache.advance(mask)
+        self._measure()
         assert batch.sampling is not None
         tokens = sample(out.logits[:, -1], batch.sampling, batch.generated)
         batch.last = tokens
@@ -228,6 +263,10 @@ class ChatEngine:
         if bool(finished.any()):
             for sequence in batch.keep(~finished):
                 self._finished(sequence)
+
+    def _measure(self) -> None:
+        cache = self._batch.cache
+        self.peak_cache_tokens = max(self.peak_cache_tokens, cache.rows * cache.columns)
 
     def _finished(self, sequence: Sequence) -> None:
         with self._lock:
@@ -265,13 +304,28 @@ class ChatEngine:
         """Stop the thread; requests still running fail. Idempotent."""
         if self._closing.is_set():
             return
-        self._closing.set()
-        self._scheduler.stop()
-        await asyncio.to_thread(self._thread.join, 30)
+        await asyncio.to_thread(self.stop)
         with self._lock:
             streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.fail(ModelNotReady(f"model '{self.name}' was unloaded while serving this request; retry"))
+
+
+    def stop(self) -> None:
+        """Stop the thread and drop the model, blocking (up to 30 s for a step in progress).
+
+        `close` is the way on the event loop; this one is for an owner without one (a load that
+        failed after the engine was built). Streams are not ended here.
+        """
+        self._closing.set()
+        self._scheduler.stop()
+        self._thread.join(30)
+        if self._thread.is_alive():
+            log.error("%s: the chat engine's thread is still running 30 s after it was told to stop", self.name)
+        # Nothing here keeps the weights or the caches alive, even if the thread is stuck in a step.
+        self._model = None
+        self._batch = Batch(self._device)
+        self._scheduler.clear()
 
 
 def _crashed(detail: str) -> str:

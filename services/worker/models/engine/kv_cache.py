@@ -97,7 +97,9 @@ def _layers(cache: DynamicCache) -> list[tuple[DynamicLayer, torch.Tensor, torch
     """Each layer with its keys and values; only plain key/value layers can be padded and joined."""
     layers = []
     for layer in cache.layers:
-        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+        # Exactly DynamicLayer: its subclasses (sliding windows...) keep other shapes than all columns.
+        plain = type(layer) is DynamicLayer and not getattr(layer, "is_sliding", False)
+        if not plain or layer.keys is None or layer.values is None:
             raise TypeError(f"the chat engine cannot batch a cache layer of type {type(layer).__name__}")
         layers.append((layer, layer.keys, layer.values))
     return layers

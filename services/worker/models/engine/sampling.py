@@ -1,8 +1,9 @@
 """Next-token choice on tensors, for a whole batch at once: greedy, temperature and top-p.
 
 Random draws come from a counter-based hash of (seed, step), not from a shared RNG: a
-sequence draws the same numbers whether it runs alone or in any batch, so a seeded request
-is reproducible however it is batched, with no per-sequence Python work per token.
+sequence gets the same random draws whether it runs alone or in any batch, with no
+per-sequence Python work per token. (The logits it draws from may still differ slightly with
+the batch, by reduction order on a GPU or in bf16, so a draw can land on another token.)
 """
 
 from __future__ import annotations
@@ -93,9 +94,11 @@ def sample(logits: torch.Tensor, rows: SamplingRows, step: torch.Tensor) -> torc
     scaled = logits.float() / rows.temperature.clamp_min(1e-6)[:, None]
     probs, order = scaled.softmax(dim=-1).sort(dim=-1, descending=True)
     before = probs.cumsum(dim=-1) - probs
-    kept = probs * (before < rows.top_p[:, None])  # the most likely token is always kept
+    inside = before < rows.top_p[:, None]  # the most likely token is always kept
+    kept = probs * inside
     cumulative = kept.double().cumsum(dim=-1)
     target = uniforms(rows.seed, step) * cumulative[:, -1]
-    index = (cumulative <= target[:, None]).sum(dim=-1).clamp_max(logits.shape[-1] - 1)
+    # u x total can round up to total: the draw is then the last kept token, never one past top-p.
+    index = torch.minimum((cumulative <= target[:, None]).sum(dim=-1), inside.sum(dim=-1) - 1)
     drawn = order.gather(-1, index[:, None]).squeeze(-1)
     return torch.where(rows.greedy, best, drawn)

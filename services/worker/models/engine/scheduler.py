@@ -2,8 +2,11 @@
 
 The engine's thread asks for its next turn (`Scheduler.next_turn`), which blocks while there
 is nothing to do. Newcomers wait in arrival order; the head is admitted to prefill when the
-batch has room for it (row count, and the padded cache within its token budget). A batch that
-is empty always admits, so a request larger than the budget still runs, alone.
+batch has room for it: a free row, and a padded cache that stays within its token budget until
+every row, the newcomer's included, has generated all it may (`(rows + 1) x` the longest row
+at its end). Rows only shrink or end after that, so the running batch never outgrows the
+budget. A batch that is empty always admits, so a request larger than the budget still runs,
+alone.
 """
 
 from __future__ import annotations
@@ -121,7 +124,8 @@ class Scheduler:
         if batch.rows == 0:
             return True
         rows = batch.rows + 1
-        columns = max(batch.cache.columns, len(sequence.prompt))
+        # The newcomer joins with its prompt and its first token drawn: max_new - 1 steps left.
+        columns = max(batch.final_columns(), len(sequence.prompt) + sequence.max_new - 1)
         return rows <= self.max_rows and rows * columns <= self.capacity_tokens
 
 
@@ -142,6 +146,12 @@ class Batch:
     def rows(self) -> int:
         """Running sequences."""
         return len(self.sequences)
+
+    def final_columns(self) -> int:
+        """The longest row once every row has decoded all it may: the most columns it can reach."""
+        if not self.rows:
+            return 0
+        return int((self.cache.lengths + self.max_new - self.generated).max())
 
     def join(self, sequence: Sequence, first_token: torch.Tensor, sampling: SamplingRows) -> None:
         """Add a sequence whose prompt is prefilled (its `cache`) and first token drawn."""
