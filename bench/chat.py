@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench.results import record
 from bench.stack import print_table
 from services.worker.models.engine import BatchingSettings, ChatEngine
 from services.worker.models.generation import Sampling
@@ -103,12 +104,12 @@ async def joining_ttft(engine: ChatEngine, streams: int, joiners: int) -> list[f
 
 
 async def measure(model: Any, streams: int, tokens: int, device: str, rounds: int) -> None:
-    """Run every measurement and print the table, the 8-stream ratio last."""
+    """Run every measurement, print the table, the 8-stream ratio last, and record the figures."""
     engine = ChatEngine(model, 8192, [], BatchingSettings(max_requests_per_batch=max(16, streams + 1)))
     try:
         await through_engine(engine, prompts(2), 4)  # warm-up
         static_generate(model, prompts(2), 4, device)
-        rows, ratios = [], []
+        rows, ratios, figures = [], [], {}
         for n in (1, streams):
             batch = prompts(n)
             reference = ours = 0.0
@@ -117,6 +118,8 @@ async def measure(model: Any, streams: int, tokens: int, device: str, rounds: in
                 ours = max(ours, await through_engine(engine, batch, tokens))
             ratios.append(ours / reference)
             rows.append([str(n), f"{reference:.1f}", f"{ours:.1f}", f"{ours / reference:.2f}"])
+            figures[f"streams_{n}"] = {"generate_tokens_per_s": reference, "engine_tokens_per_s": ours,
+                                       "ratio": ours / reference}
         ttft = await joining_ttft(engine, streams, 20)
     finally:
         await engine.close()
@@ -128,6 +131,9 @@ async def measure(model: Any, streams: int, tokens: int, device: str, rounds: in
     q = statistics.quantiles(ttft, n=100, method="inclusive")
     print(f"\nTTFT joining {streams} running streams: p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms")
     print(f"ratio engine / generate, {streams} streams: {ratios[-1]:.2f}")
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
+    record("chat", {"device": device, "gpu": gpu, "forced_tokens": tokens, "rounds": rounds, **figures,
+                    f"ttft_joining_{streams}_streams_ms": {"p50": q[49] * 1000, "p99": q[98] * 1000}})
 
 
 def main() -> None:

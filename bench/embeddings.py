@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 
+from bench.results import record
 from bench.stack import print_table, running_stack
 
 SUBJECTS = ["The operator", "A small model", "The router", "Every worker", "Our database",
@@ -34,7 +35,7 @@ def sentences(n: int, seed: int = 7) -> list[str]:
             for _ in range(n)]
 
 
-async def through_http(base_url: str, texts: list[str]) -> float:
+async def through_http(base_url: str, headers: dict[str, str], texts: list[str]) -> float:
     """Sentences per second with CLIENTS clients, one sentence per request.
 
     aiohttp keeps the load generator's own CPU use small (it shares the machine's cores
@@ -44,7 +45,7 @@ async def through_http(base_url: str, texts: list[str]) -> float:
     for text in texts:
         queue.put_nowait(text)
     connector = aiohttp.TCPConnector(limit=CLIENTS)
-    async with aiohttp.ClientSession(base_url, connector=connector) as session:
+    async with aiohttp.ClientSession(base_url, connector=connector, headers=headers) as session:
         async def embed(text: str) -> None:
             async with session.post("/v1/embeddings", json={"model": MODEL, "input": text}) as reply:
                 reply.raise_for_status()
@@ -78,8 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     texts = sentences(args.requests)
     with running_stack() as stack:
-        http_rate = asyncio.run(through_http(stack.http_url, texts))
-        local_rate = in_process(str(stack.model_store / MODEL), texts)
+        http_rate = asyncio.run(through_http(stack.http_url, stack.auth_headers, texts))
+        local_rate = in_process(str(stack.folder(MODEL)), texts)
     print_table(
         f"Embeddings, {MODEL}, {len(texts)} sentences",
         ["path", "sentences/s"],
@@ -87,6 +88,9 @@ def main() -> None:
          [f"HTTP API, {CLIENTS} concurrent clients", f"{http_rate:.1f}"],
          ["ratio HTTP / in-process (target >= 0.85)", f"{http_rate / local_rate:.2f}"]],
     )
+    record("embeddings", {"model": MODEL, "sentences": len(texts), "clients": CLIENTS,
+                          "in_process_sentences_per_s": local_rate, "http_sentences_per_s": http_rate,
+                          "ratio": http_rate / local_rate})
 
 
 if __name__ == "__main__":

@@ -33,14 +33,14 @@ from typing import Any
 
 import httpx
 
-from bench.router_overhead import percentile
-from bench.stack import catalog_folder, print_table
+from bench.results import record
+from bench.router_overhead import percentile, summary
+from bench.stack import bench_store, catalog_folder, catalog_spec, print_table
 from roundhouse.v1 import registry_pb2, registry_pb2_grpc
 from services.common.asset_proto import spec_to_proto
 from services.common.assetspec import AssetSpec, parse_spec
 from services.common.db import make_engine, make_sessionmaker
 from services.common.db.migrate import upgrade
-from services.common.documents import load_path
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
 from services.common.events import EventBus
 from services.common.grpc_client import open_channel
@@ -60,7 +60,6 @@ from services.worker.server import WorkerServer
 from services.worker.settings import WorkerSettings
 
 CATALOG_MODEL = "all-minilm-l6-v2"
-CATALOG_DIR = Path(__file__).resolve().parents[1] / "deploy" / "catalog"
 TINY_MODEL = "tiny-embed"
 BIG = 1_000_000_000
 
@@ -79,12 +78,8 @@ class FrontDoors:
 
 def choose_model(root: Path) -> tuple[AssetSpec, ModelStore]:
     """The catalog MiniLM if the bench store holds it, else a tiny model built under `root`."""
-    bench_store = Path(os.environ.get("ROUNDHOUSE_BENCH_STORE", Path.home() / ".roundhouse" / "models"))
-    if catalog_folder(bench_store, CATALOG_MODEL).exists():
-        (item,) = [i for i in load_path(CATALOG_DIR) if i.spec.asset_id == CATALOG_MODEL]
-        store = ModelStore(bench_store, [])
-        store.install(item.spec)  # already there: only checked
-        return item.spec, store
+    if catalog_folder(bench_store(), CATALOG_MODEL) is not None:
+        return catalog_spec(CATALOG_MODEL), ModelStore(bench_store(), [])
     from tests.tiny_models import build_tiny_sentence_model
 
     sources = root / "sources"
@@ -231,6 +226,9 @@ def main() -> None:
                 ["path", "p50", "p99", "mean"], rows)
     added = percentile(keyed, 50) - percentile(open_, 50)
     print(f"added by the key and limit checks at p50: {added:.3f} ms (target <= 0.3 ms)")
+    record("front_door", {"model": doors.model, "calls": len(keyed), "round": args.round, "gap_ms": args.gap_ms,
+                          **{f"{name.replace(' ', '_')}_ms": summary(v) for name, v in times.items()},
+                          "added_p50_ms": added})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.results import record
 from bench.stack import print_table, running_stack
 
 MODEL = "smollm2-135m-instruct"
@@ -79,12 +80,13 @@ def put_to_sleep(admin: httpx.Client) -> None:
         raise RuntimeError(f"unload failed: {done}")
 
 
-def wake_to_first_token(base_url: str) -> float:
+def wake_to_first_token(base_url: str, headers: dict[str, str]) -> float:
     """Seconds from sending a streamed chat request to its first content chunk."""
     body = {"model": MODEL, "max_tokens": 1, "stream": True,
             "messages": [{"role": "user", "content": "Say hello."}]}
     started = time.perf_counter()
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=300) as reply:
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=headers,
+                      timeout=300) as reply:
         reply.raise_for_status()
         for line in reply.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -108,15 +110,17 @@ def gguf_path() -> Path:
 
 
 def main() -> None:
+    """Measure, print both tables and record the figures."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     wakes, baselines, colds, store_loads = [], [], [], []
-    with running_stack() as stack, httpx.Client(base_url=f"{stack.http_url}/admin/v1", timeout=60) as admin:
-        folder = str(stack.model_store / MODEL)
+    with running_stack() as stack, httpx.Client(base_url=f"{stack.http_url}/admin/v1", timeout=60,
+                                                headers=stack.auth_headers) as admin:
+        folder = str(stack.folder(MODEL))
         for _ in range(args.rounds):
             put_to_sleep(admin)
-            wakes.append(wake_to_first_token(stack.http_url))
+            wakes.append(wake_to_first_token(stack.http_url, stack.auth_headers))
             measured = in_process(folder)
             baselines.append(measured["first_token_s"])
             colds.append(measured["cold_first_token_s"])
@@ -124,17 +128,22 @@ def main() -> None:
     gguf = gguf_path()
     gguf_loads = [in_process(str(gguf.parent), gguf.name)["load_s"] for _ in range(2)]
     wake, base = statistics.median(wakes), statistics.median(baselines)
+    cold, store_load, gguf_load = (statistics.median(v) for v in (colds, store_loads, gguf_loads))
     print_table(
         f"Wake, {MODEL}, median of {args.rounds}",
         ["sleeping → first token via HTTP s", "from_pretrained + 1 token s (warm process)",
          "same, cold process", "ratio (vs warm)"],
-        [[f"{wake:.2f}", f"{base:.2f}", f"{statistics.median(colds):.2f}", f"{wake / base:.2f}"]],
+        [[f"{wake:.2f}", f"{base:.2f}", f"{cold:.2f}", f"{wake / base:.2f}"]],
     )
     print_table(
         "Load seconds, first load in a fresh process (imports excluded)",
         ["from the converted store folder", "from the package's GGUF"],
-        [[f"{statistics.median(store_loads):.2f}", f"{statistics.median(gguf_loads):.2f}"]],
+        [[f"{store_load:.2f}", f"{gguf_load:.2f}"]],
     )
+    record("wake", {"model": MODEL, "rounds": args.rounds, "wake_first_token_s": wakes,
+                    "warm_from_pretrained_first_token_s": baselines, "cold_from_pretrained_first_token_s": colds,
+                    "ratio_median": wake / base, "first_load_store_s": store_loads,
+                    "first_load_gguf_s": gguf_loads})
 
 
 if __name__ == "__main__":

