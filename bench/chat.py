@@ -87,8 +87,12 @@ async def through_engine(engine: ChatEngine, batch: list[list[int]], tokens: int
 
 async def joining_ttft(engine: ChatEngine, streams: int, joiners: int) -> list[float]:
     """Seconds to first token of `joiners` requests, one after another, each joining `streams`
-    long-running streams."""
-    running = [engine.submit(p, GREEDY, 100_000) for p in prompts(streams)]
+    long-running streams. The running streams ask for as many tokens as the cache budget allows
+    with one joiner beside them (admission counts every request's whole `max_new`)."""
+    held = prompts(streams)
+    longest = max(len(p) for p in [*held, *prompts(joiners)])
+    running_tokens = engine.capacity_tokens // (streams + 1) - longest - 2
+    running = [engine.submit(p, GREEDY, running_tokens) for p in held]
     for stream in running:
         await anext(stream)  # all of them decode
     ttfts = []
