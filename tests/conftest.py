@@ -159,6 +159,20 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_sources(tmp_path_factory.mktemp("tiny-sources"))
 
 
+@pytest.fixture(scope="module")
+def store(sources: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A model store of the module's own with the tiny chat and embedding models installed."""
+    from stack_harness import tiny_documents
+
+    from services.common.assetspec import parse_spec
+    from services.common.modelstore.store import ModelStore
+
+    installed = ModelStore(tmp_path_factory.mktemp("store"), [sources])
+    for document in tiny_documents(sources):
+        installed.install(parse_spec(document, source_roots=[sources]))
+    return installed
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(server_root: Path) -> Path:
     """A tiny transformers model folder, built once per session."""

@@ -30,14 +30,6 @@ HELLO = [{"role": "user", "content": "hello w1 w2"}]
 CRASH = "crash injected by test_engine_failure"
 
 
-@pytest.fixture(scope="module")
-def store(sources: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    store = ModelStore(tmp_path_factory.mktemp("store"), [sources])
-    for document in tiny_documents(sources):
-        store.install(parse_spec(document, source_roots=[sources]))
-    return store
-
-
 @pytest.fixture
 async def model(sources: Path) -> AsyncIterator[TransformersChatModel]:
     """A chat model of its own: the test kills its engine."""

@@ -23,14 +23,6 @@ from services.worker.settings import WorkerSettings
 MIB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def store(sources: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    store = ModelStore(tmp_path_factory.mktemp("store"), [sources])
-    for document in tiny_documents(sources):
-        store.install(parse_spec(document, source_roots=[sources]))
-    return store
-
-
 @pytest.fixture
 async def worker(store: ModelStore) -> AsyncIterator[RunningWorker]:
     async with running_worker(store) as running:
