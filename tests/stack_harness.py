@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ from registry_harness import RunningRegistry, running_registry
 from tiny_models import build_tiny_llama, build_tiny_sentence_model
 from tls_files import TlsFiles
 
-from roundhouse.v1 import asset_pb2, inference_pb2_grpc, registry_pb2, worker_pb2_grpc
-from services.common.asset_proto import spec_to_proto
+from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2_grpc, registry_pb2, worker_pb2_grpc
+from services.common.asset_proto import AssetRecord, record_to_proto, spec_to_proto
 from services.common.assetspec import AssetSpec, parse_spec
 from services.common.db import make_engine, make_sessionmaker
 from services.common.embedded import free_port
@@ -262,3 +263,49 @@ async def worker_process(nats_url: str, store: Path, sources: Path, log: Path) -
                 "ROUNDHOUSE_WORKER_HEARTBEAT_S": "0.5"}
     async with roundhouse_process("worker", settings, log) as process:
         yield process, worker_id, address
+
+
+def tiny_spec(sources: Path, name: str, **overrides: object) -> AssetSpec:
+    """One of the tiny models' specs (`tiny_documents`), with fields replaced."""
+    document = next(d for d in tiny_documents(sources) if d["asset_id"] == name)
+    return parse_spec({**document, **overrides}, source_roots=[sources])
+
+
+def not_installed(sources: Path) -> AssetSpec:
+    """A chat asset whose source was never installed (an install is found by its source)."""
+    (sources / "never-installed").mkdir(exist_ok=True)
+    return tiny_spec(sources, TINY_CHAT, asset_id="not-installed",
+                     source={"kind": "path", "path": str(sources / "never-installed")})
+
+
+def asset_message(item: AssetSpec, revision: int = 1) -> asset_pb2.Asset:
+    """`item` as the registry would hand it to a worker, at `revision`."""
+    now = datetime.now(UTC)
+    return record_to_proto(AssetRecord(item, revision, now, now))
+
+
+class Witness:
+    """Every `model.*` event while open."""
+
+    def __init__(self) -> None:
+        self.events: list[events_pb2.Event] = []
+
+    def of(self, kind: str, asset_id: str = "") -> list[events_pb2.Event]:
+        """Events of that type (about that asset)."""
+        return [e for e in self.events if e.type == kind and (not asset_id or e.asset_id == asset_id)]
+
+
+@asynccontextmanager
+async def witness(nats_url: str) -> AsyncIterator[Witness]:
+    """A `Witness` collecting `model.*` events until the block ends."""
+    seen = Witness()
+    bus = await EventBus.connect(nats_url, name="lifecycle-witness", ensure_stream=False)
+
+    async def keep(event: events_pb2.Event) -> None:
+        seen.events.append(event)
+
+    await bus.subscribe("roundhouse.events.model.>", keep)
+    try:
+        yield seen
+    finally:
+        await bus.close()

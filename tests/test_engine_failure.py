@@ -12,12 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 from polling import wait_until
-from stack_harness import TINY_CHAT, RunningWorker, running_worker, tiny_documents
+from stack_harness import TINY_CHAT, RunningWorker, asset_message, not_installed, running_worker, tiny_spec
 from tiny_models import spec_for
 
 from roundhouse.v1 import events_pb2, inference_pb2, worker_pb2
-from services.common.asset_proto import AssetRecord, record_to_proto
-from services.common.assetspec import AssetSpec, parse_spec
+from services.common.assetspec import AssetSpec
 from services.common.errors import ModelNotReady
 from services.common.events import ALL_HEARTBEATS, EventBus
 from services.common.modelstore.store import ModelStore
@@ -101,21 +100,8 @@ async def test_an_engine_that_died_unwatched_fails_the_next_request(model: Trans
     assert model.failure is not None and CRASH in model.failure
 
 
-def spec(sources: Path, name: str, **overrides: object) -> AssetSpec:
-    document = next(d for d in tiny_documents(sources) if d["asset_id"] == name)
-    return parse_spec({**document, **overrides}, source_roots=[sources])
-
-
-def not_installed(sources: Path) -> AssetSpec:
-    """A chat asset whose source was never installed (an install is found by its source)."""
-    (sources / "never-installed").mkdir(exist_ok=True)
-    return spec(sources, TINY_CHAT, asset_id="not-installed",
-                source={"kind": "path", "path": str(sources / "never-installed")})
-
-
 def load_request(item: AssetSpec, revision: int = 1) -> worker_pb2.LoadModelRequest:
-    now = datetime.now(UTC)
-    return worker_pb2.LoadModelRequest(asset=record_to_proto(AssetRecord(item, revision, now, now)))
+    return worker_pb2.LoadModelRequest(asset=asset_message(item, revision))
 
 
 def chat(max_tokens: int) -> inference_pb2.ChatRequest:
@@ -152,7 +138,7 @@ async def test_a_crashed_engine_is_dropped_reported_and_loaded_again(
     pool = WorkerPool([])
     # Heartbeats a minute apart: the failure must be reported by one out of turn.
     async with running_worker(store, bus=bus, heartbeat_s=60) as worker:
-        await worker.control.LoadModel(load_request(spec(sources, TINY_CHAT)), timeout=60)
+        await worker.control.LoadModel(load_request(tiny_spec(sources, TINY_CHAT)), timeout=60)
         before = await info(worker)
         assert [h.address for h in pool.holders(TINY_CHAT)] == []
         pool.observe(before)
@@ -192,7 +178,7 @@ async def test_a_crashed_engine_is_dropped_reported_and_loaded_again(
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         assert CRASH in missing.value.details()
 
-        await worker.control.LoadModel(load_request(spec(sources, TINY_CHAT)), timeout=60)
+        await worker.control.LoadModel(load_request(tiny_spec(sources, TINY_CHAT)), timeout=60)
         chunks = [c async for c in worker.inference.Chat(chat(max_tokens=6), timeout=60)]
         assert chunks[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
         assert chunks[-1].usage.completion_tokens == 6 and "".join(c.delta for c in chunks).strip()

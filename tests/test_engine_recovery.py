@@ -14,8 +14,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 from polling import wait_until
-from stack_harness import TINY_CHAT, running_stack
-from test_lifecycle import witness
+from stack_harness import TINY_CHAT, running_stack, witness
 
 from roundhouse.v1 import jobs_pb2
 
@@ -48,16 +47,6 @@ async def test_a_crashed_engine_ends_its_streams_cleanly_and_is_reloaded_by_the_
             assert "failed on this worker" in cut.value.message and CRASH in cut.value.message
 
             await wait_until(lambda: seen.of("model.degraded", "fragile"), 30, interval=0.05)
-            if not seen.of("model.loaded", "fragile")[1:]:  # not reloaded yet: the failure shows
-                async with httpx.AsyncClient(base_url=stack.http_url) as http:
-                    ready = (await http.get("/readyz")).json()
-                    workers = (await http.get("/admin/v1/workers")).json()["workers"]
-                if not seen.of("model.loaded", "fragile")[1:]:
-                    assert ready["status"] == "degraded"
-                    assert [(f["asset_id"], f["stage"]) for f in ready["failed_models"]] == [
-                        ("fragile", "engine")]
-                    [failed] = [f for w in workers for f in w.get("failed_models", [])]
-                    assert failed["asset_id"] == "fragile" and CRASH in failed["reason"]
             # The reconciler loads it again, with no request asking for it.
             await wait_until(lambda: len(seen.of("model.loaded", "fragile")) == 2, 60, interval=0.05)
 
@@ -81,3 +70,33 @@ async def test_a_crashed_engine_ends_its_streams_cleanly_and_is_reloaded_by_the_
         assert reply.model == "fragile"
         assert [e.model.reason for e in seen.of("model.degraded", "fragile")] != []
         assert all(CRASH in e.model.reason for e in seen.of("model.degraded", "fragile"))
+
+
+async def test_a_crashed_engine_shows_in_readiness_and_the_worker_list_until_reloaded(
+    own_db: str, nats_url: str, sources: Path, tmp_path: Path
+) -> None:
+    # No reconciler here: the failure stays in view for as long as the test looks.
+    async with running_stack(own_db, nats_url, sources, tmp_path / "store") as stack, \
+            witness(nats_url) as seen, httpx.AsyncClient(base_url=stack.http_url) as http:
+        await stack.apply({"asset_id": "fragile-seen", "interface": "llm-runtime",
+                           "source": {"kind": "path", "path": str(sources / TINY_CHAT)}})
+        assert (await http.post("/admin/v1/models/fragile-seen/load")).status_code == 202
+        await wait_until(lambda: seen.of("model.loaded", "fragile-seen"), 60, interval=0.05)
+        assert (await http.get("/readyz")).json() == {"status": "ready", "failed_models": []}
+        await wait_until(lambda: stack.router.gateway.workers.holders("fragile-seen"), 30, interval=0.05)
+
+        async with stack.workers[0].server.host.use("fragile-seen") as lease:
+            lease.model.crash_engine(CRASH)  # type: ignore[attr-defined]
+
+        async def degraded() -> bool:
+            return (await http.get("/readyz")).json()["status"] == "degraded"
+
+        await wait_until(degraded, 30, interval=0.05)
+        ready = (await http.get("/readyz"))
+        assert ready.status_code == 200  # the other models still serve
+        assert [(f["asset_id"], f["stage"]) for f in ready.json()["failed_models"]] == [
+            ("fragile-seen", "engine")]
+        workers = (await http.get("/admin/v1/workers")).json()["workers"]
+        [failed] = [f for w in workers for f in w.get("failed_models", [])]
+        assert failed["asset_id"] == "fragile-seen" and CRASH in failed["reason"]
+

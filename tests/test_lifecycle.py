@@ -19,12 +19,11 @@ import pytest
 from jobs_harness import watch_until_done
 from openai import AsyncOpenAI
 from polling import wait_until
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_stack, tiny_documents, worker_process
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, Witness, running_stack, tiny_documents, witness, worker_process
 
-from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, jobs_pb2, registry_pb2
+from roundhouse.v1 import asset_pb2, inference_pb2, jobs_pb2, registry_pb2
 from services.common.asset_proto import spec_to_proto
 from services.common.assetspec import parse_spec
-from services.common.events import EventBus
 
 BUDGET_MB, MODEL_MB = 60, 40
 """Each worker has room for one tiny model as declared below, not two."""
@@ -37,32 +36,6 @@ def chat_model(sources: Path, asset_id: str, **lifecycle: object) -> dict:
             "resources": {"memory_mb": MODEL_MB},
             "lifecycle": {"desired": "on-demand", **lifecycle},
             "policy": {"max_concurrency": 4, "max_queue": 64, "queue_timeout_s": 60}}
-
-
-class Witness:
-    """Every `model.*` event while open."""
-
-    def __init__(self) -> None:
-        self.events: list[events_pb2.Event] = []
-
-    def of(self, kind: str, asset_id: str = "") -> list[events_pb2.Event]:
-        """Events of that type (about that asset)."""
-        return [e for e in self.events if e.type == kind and (not asset_id or e.asset_id == asset_id)]
-
-
-@asynccontextmanager
-async def witness(nats_url: str) -> AsyncIterator[Witness]:
-    seen = Witness()
-    bus = await EventBus.connect(nats_url, name="lifecycle-witness", ensure_stream=False)
-
-    async def keep(event: events_pb2.Event) -> None:
-        seen.events.append(event)
-
-    await bus.subscribe("roundhouse.events.model.>", keep)
-    try:
-        yield seen
-    finally:
-        await bus.close()
 
 
 @asynccontextmanager

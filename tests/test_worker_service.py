@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
 from polling import wait_until
-from stack_harness import TINY_CHAT, TINY_EMBED, RunningWorker, running_worker, tiny_documents
+from stack_harness import (
+    TINY_CHAT,
+    TINY_EMBED,
+    RunningWorker,
+    asset_message,
+    not_installed,
+    running_worker,
+    tiny_spec,
+)
 
-from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, worker_pb2
-from services.common.asset_proto import AssetRecord, record_to_proto
-from services.common.assetspec import AssetSpec, parse_spec
+from roundhouse.v1 import events_pb2, inference_pb2, worker_pb2
+from services.common.assetspec import AssetSpec
 from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
 from services.worker.settings import WorkerSettings
@@ -29,25 +35,8 @@ async def worker(store: ModelStore) -> AsyncIterator[RunningWorker]:
         yield running
 
 
-def spec(sources: Path, name: str, **overrides: object) -> AssetSpec:
-    document = next(d for d in tiny_documents(sources) if d["asset_id"] == name)
-    return parse_spec({**document, **overrides}, source_roots=[sources])
-
-
-def not_installed(sources: Path) -> AssetSpec:
-    """A chat asset whose source was never installed (an install is found by its source)."""
-    (sources / "never-installed").mkdir(exist_ok=True)
-    return spec(sources, TINY_CHAT, asset_id="not-installed",
-                source={"kind": "path", "path": str(sources / "never-installed")})
-
-
-def asset(item: AssetSpec, revision: int = 1) -> asset_pb2.Asset:
-    now = datetime.now(UTC)
-    return record_to_proto(AssetRecord(item, revision, now, now))
-
-
 async def load(worker: RunningWorker, item: AssetSpec, revision: int = 1) -> worker_pb2.LoadedModel:
-    reply = await worker.control.LoadModel(worker_pb2.LoadModelRequest(asset=asset(item, revision)), timeout=60)
+    reply = await worker.control.LoadModel(worker_pb2.LoadModelRequest(asset=asset_message(item, revision)), timeout=60)
     return reply.model
 
 
@@ -76,7 +65,7 @@ def embed(model: str, *texts: str, tokens: list[int] | None = None) -> inference
 
 
 async def test_loaded_model_shows_in_worker_info(worker: RunningWorker, sources: Path) -> None:
-    loaded = await load(worker, spec(sources, TINY_CHAT))
+    loaded = await load(worker, tiny_spec(sources, TINY_CHAT))
     assert loaded.memory_bytes > 0 and loaded.load_seconds > 0
     assert loaded.capabilities.context_length == 4096 and loaded.capabilities.streaming
     state = await info(worker)
@@ -85,21 +74,21 @@ async def test_loaded_model_shows_in_worker_info(worker: RunningWorker, sources:
     assert state.memory_used_bytes == loaded.memory_bytes
     [held] = state.models
     assert (held.asset_id, held.revision, held.in_flight) == (TINY_CHAT, 1, 0)
-    again = await load(worker, spec(sources, TINY_CHAT))
+    again = await load(worker, tiny_spec(sources, TINY_CHAT))
     assert again.loaded_at == loaded.loaded_at, "same revision: nothing reloaded"
-    newer = await load(worker, spec(sources, TINY_CHAT), revision=2)
+    newer = await load(worker, tiny_spec(sources, TINY_CHAT), revision=2)
     assert newer.revision == 2 and newer.loaded_at != loaded.loaded_at
     assert [m.revision for m in (await info(worker)).models] == [2]
 
 
 async def test_concurrent_loads_of_one_asset_share_one_load(worker: RunningWorker, sources: Path) -> None:
-    replies = await asyncio.gather(*(load(worker, spec(sources, TINY_EMBED)) for _ in range(4)))
+    replies = await asyncio.gather(*(load(worker, tiny_spec(sources, TINY_EMBED)) for _ in range(4)))
     assert len({r.loaded_at.ToNanoseconds() for r in replies}) == 1
     assert len((await info(worker)).models) == 1
 
 
 async def test_chat_streams_chunks_then_finish_reason_and_usage(worker: RunningWorker, sources: Path) -> None:
-    await load(worker, spec(sources, TINY_CHAT))
+    await load(worker, tiny_spec(sources, TINY_CHAT))
     chunks = [c async for c in worker.inference.Chat(chat(max_tokens=12), timeout=60)]
     assert len(chunks) >= 3
     assert all(c.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
@@ -112,7 +101,7 @@ async def test_chat_streams_chunks_then_finish_reason_and_usage(worker: RunningW
 
 
 async def test_embed_texts_and_token_ids(worker: RunningWorker, sources: Path) -> None:
-    await load(worker, spec(sources, TINY_EMBED))
+    await load(worker, tiny_spec(sources, TINY_EMBED))
     reply = await worker.inference.Embed(embed(TINY_EMBED, "hello w1", "hi w2 w3", "hello w1", tokens=[7, 8, 9]))
     assert len(reply.embeddings) == 4 and reply.dimensions == 32 and reply.asset_id == TINY_EMBED
     assert all(len(e.values) == 32 for e in reply.embeddings)
@@ -123,7 +112,7 @@ async def test_embed_texts_and_token_ids(worker: RunningWorker, sources: Path) -
 
 
 async def test_wrong_interface_and_unknown_model(worker: RunningWorker, sources: Path) -> None:
-    await load(worker, spec(sources, TINY_EMBED))
+    await load(worker, tiny_spec(sources, TINY_EMBED))
     with pytest.raises(grpc.aio.AioRpcError) as wrong:
         async for _ in worker.inference.Chat(chat(model=TINY_EMBED)):
             pass
@@ -140,7 +129,7 @@ async def test_wrong_interface_and_unknown_model(worker: RunningWorker, sources:
 
 
 async def test_model_not_installed_fails_alone(worker: RunningWorker, sources: Path) -> None:
-    await load(worker, spec(sources, TINY_EMBED))
+    await load(worker, tiny_spec(sources, TINY_EMBED))
     stranger = not_installed(sources)
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await load(worker, stranger)
@@ -151,7 +140,7 @@ async def test_model_not_installed_fails_alone(worker: RunningWorker, sources: P
 
 
 async def test_client_cancel_stops_generation_and_frees_the_slot(worker: RunningWorker, sources: Path) -> None:
-    await load(worker, spec(sources, TINY_CHAT))
+    await load(worker, tiny_spec(sources, TINY_CHAT))
     call = worker.inference.Chat(chat(max_tokens=3000), timeout=60)
     await call.read()
     assert await in_flight(worker, TINY_CHAT) == 1
@@ -169,7 +158,7 @@ async def test_client_cancel_stops_generation_and_frees_the_slot(worker: Running
 
 
 async def test_unload_with_requests_in_flight_needs_force(worker: RunningWorker, sources: Path) -> None:
-    loaded = await load(worker, spec(sources, TINY_CHAT))
+    loaded = await load(worker, tiny_spec(sources, TINY_CHAT))
     call = worker.inference.Chat(chat(max_tokens=3000), timeout=60)
     await call.read()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -188,16 +177,16 @@ async def test_unload_with_requests_in_flight_needs_force(worker: RunningWorker,
 
 async def test_loads_beyond_the_memory_budget_are_refused(store: ModelStore, sources: Path) -> None:
     async with running_worker(store, memory_mb=1) as small:
-        embedder = await load(small, spec(sources, TINY_EMBED))
+        embedder = await load(small, tiny_spec(sources, TINY_EMBED))
         with pytest.raises(grpc.aio.AioRpcError) as measured:
-            await load(small, spec(sources, TINY_CHAT))  # about 1.1 MiB measured
+            await load(small, tiny_spec(sources, TINY_CHAT))  # about 1.1 MiB measured
         assert measured.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "1.0 MiB budget" in measured.value.details()
         state = await info(small)
         assert [m.asset_id for m in state.models] == [TINY_EMBED]
         assert state.memory_used_bytes == embedder.memory_bytes
         with pytest.raises(grpc.aio.AioRpcError) as declared:
-            await load(small, spec(sources, TINY_CHAT, resources={"memory_mb": 2048}))
+            await load(small, tiny_spec(sources, TINY_CHAT, resources={"memory_mb": 2048}))
         assert declared.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "needs 2048.0 MiB" in declared.value.details()
 
@@ -213,7 +202,7 @@ async def test_lifecycle_events_are_published(store: ModelStore, sources: Path, 
         sub = await bus.subscribe("roundhouse.events.model.*.*", collect)
         await bus.nc.flush()
         async with running_worker(store, bus=bus) as running:
-            loaded = await load(running, spec(sources, TINY_EMBED))
+            loaded = await load(running, tiny_spec(sources, TINY_EMBED))
             with pytest.raises(grpc.aio.AioRpcError):
                 await load(running, not_installed(sources))
             await running.control.UnloadModel(worker_pb2.UnloadModelRequest(
