@@ -11,11 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -23,12 +20,11 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 import openai
 import pytest
-import uvicorn
 import yaml
 from polling import wait_until
 from registry_harness import running_registry
 from stack_harness import REPO, roundhouse_process, running_worker
-from test_worker_openai_remote import KEY, upstream_app
+from upstream_harness import KEY, serving_upstream
 
 from roundhouse.v1 import asset_pb2, registry_pb2, worker_pb2
 from services.common.asset_proto import spec_to_proto
@@ -64,19 +60,8 @@ def apply_request(*documents: dict) -> registry_pb2.ApplyAssetsRequest:
 @pytest.fixture
 def upstream() -> Iterator[str]:
     """A loopback OpenAI-compatible server that accepts only `KEY`; yields its /v1 URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(upstream_app([]), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "upstream did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serving_upstream([]) as url:
+        yield url
 
 
 # --- apply time: the registry ---------------------------------------------------------------

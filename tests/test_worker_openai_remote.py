@@ -2,99 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import socket
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from upstream_harness import KEY, serving_upstream
 
 from services.common.assetspec import parse_spec
 from services.common.errors import UpstreamError, WrongInterface
 from services.worker.models import ChatParams, load_model
 from services.worker.models.openai_remote import OpenAIRemoteModel
 
-KEY = "sk-test-0123456789abcdef"
-
-
-def upstream_app(received: list[dict[str, Any]]) -> FastAPI:
-    """A small OpenAI-compatible server: checks the bearer key, streams chat, embeds."""
-    app = FastAPI()
-
-    def refuse(request: Request) -> JSONResponse | None:
-        auth = request.headers.get("authorization", "")
-        if auth == f"Bearer {KEY}":
-            return None
-        given = auth.removeprefix("Bearer ")
-        error = {"message": f"Incorrect API key provided: {given}", "type": "invalid_request_error"}
-        return JSONResponse({"error": error}, status_code=401)
-
-    def sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
-        async def events() -> AsyncIterator[str]:
-            for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        if denied := refuse(request):
-            return denied
-        body = await request.json()
-        received.append(body)
-        words = ["Hel", "lo", " there"]
-        chunks = [{"choices": [{"index": 0, "delta": {"content": w}}]} for w in words]
-        chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
-        if body.get("stream_options", {}).get("include_usage"):
-            usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
-            chunks.append({"choices": [], "usage": usage})
-        return sse(chunks)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        if denied := refuse(request):
-            return denied
-        received.append(await request.json())
-        return sse([{"choices": [{"index": 0, "text": "raw!", "finish_reason": "stop"}]}])
-
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Any:
-        if denied := refuse(request):
-            return denied
-        body = await request.json()
-        received.append(body)
-        data = [
-            {"object": "embedding", "index": i, "embedding": [float(len(item)), 1.0, 0.0]}
-            for i, item in enumerate(body["input"])
-        ]
-        return {"object": "list", "data": data[::-1], "usage": {"prompt_tokens": 7}}
-
-    return app
-
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     received: list[dict[str, Any]] = []
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(upstream_app(received), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "upstream did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}/v1", received
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serving_upstream(received) as url:
+        yield url, received
 
 
 def remote(url: str, interface: Any = "llm-runtime", key_env: str = "OPENAI_API_KEY"):
