@@ -1,4 +1,5 @@
-"""The worker's embedding models and dynamic batching, on a tiny sentence-transformers folder."""
+"""The worker's embedding models on a tiny sentence-transformers folder: vectors, checks, and
+concurrent calls sharing forward passes (the batcher alone: `test_batching.py`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,10 @@ import threading
 
 import numpy as np
 import pytest
-from polling import wait_until
 from tiny_models import build_tiny_sentence_model, spec_for
 
 from services.common.errors import ContextLengthExceeded, InvalidArgument, WrongInterface
 from services.worker.models import BatchSettings, ChatParams, load_model
-from services.worker.models.batching import DynamicBatcher, plan_passes
 from services.worker.models.encoder import SentenceEmbeddingModel
 
 
@@ -20,12 +19,10 @@ from services.worker.models.encoder import SentenceEmbeddingModel
 async def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> SentenceEmbeddingModel:
     folder = build_tiny_sentence_model(tmp_path_factory.mktemp("emb") / "tiny-encoder")
     spec = spec_for("tiny-encoder", "embedding-runtime", folder)
-    settings = BatchSettings(max_wait_s=0.05, max_batch_tokens=8192, max_batch_items=64)
+    settings = BatchSettings(max_batch_tokens=8192, max_batch_items=64)
     model = await asyncio.to_thread(load_model, spec, folder, embed_batching=settings)
     yield model
     await model.close()
-
-
 
 
 class ForwardCounter:
@@ -98,73 +95,3 @@ async def test_concurrent_calls_share_forward_passes(tiny_encoder: SentenceEmbed
     assert max(counter.batch_sizes) > 1
     for single, batched in zip(alone, results, strict=True):
         np.testing.assert_allclose(batched.vectors[0], single, atol=1e-5)
-
-
-async def test_a_cancelled_caller_does_not_break_the_batch() -> None:
-    gate, started = threading.Event(), threading.Event()
-
-    def forward(batch: list[list[int]]) -> np.ndarray:
-        started.set()
-        gate.wait(10)
-        return np.array([[float(s[0])] for s in batch])
-
-    batcher = DynamicBatcher(forward, BatchSettings(max_wait_s=0.001))
-    try:
-        in_flight = asyncio.create_task(batcher.run([[100]]))
-        assert await asyncio.to_thread(started.wait, 10)
-        waiting = [asyncio.create_task(batcher.run([[i]])) for i in range(5)]
-        await wait_until(lambda: batcher.queued == 5)
-        in_flight.cancel()
-        waiting[1].cancel()
-        gate.set()
-        results = await asyncio.gather(*waiting, return_exceptions=True)
-        assert isinstance(results[1], asyncio.CancelledError)
-        assert [r.tolist() for i, r in enumerate(results) if i != 1] == [
-            [[0.0]],
-            [[2.0]],
-            [[3.0]],
-            [[4.0]],
-        ]
-        assert (await batcher.run([[7]])).tolist() == [[7.0]]
-    finally:
-        gate.set()
-        await batcher.close()
-
-
-def test_passes_sort_by_length_and_respect_bounds() -> None:
-    settings = BatchSettings(max_batch_tokens=12, max_batch_items=3)
-    passes = plan_passes([5, 1, 3, 2, 4, 1], settings)
-    assert [i for p in passes for i in p] == [1, 5, 3, 2, 4, 0]
-    lengths = [5, 1, 3, 2, 4, 1]
-    for p in passes:
-        assert len(p) <= 3
-        assert max(lengths[i] for i in p) * len(p) <= 12 or len(p) == 1
-
-
-async def test_batcher_runs_one_pass_at_a_time_on_one_thread() -> None:
-    threads: set[str] = set()
-    running = 0
-    overlap = False
-    lock = threading.Lock()
-
-    def forward(batch: list[list[int]]) -> np.ndarray:
-        nonlocal running, overlap
-        with lock:
-            running += 1
-            overlap |= running > 1
-            threads.add(threading.current_thread().name)
-        rows = np.array([[float(sum(s)), float(len(s))] for s in batch])
-        with lock:
-            running -= 1
-        return rows
-
-    batcher = DynamicBatcher(forward, BatchSettings(max_wait_s=0.001, max_batch_items=4))
-    try:
-        results = await asyncio.gather(*(batcher.run([[i, i], [1]]) for i in range(20)))
-    finally:
-        await batcher.close()
-    for i, rows in enumerate(results):
-        assert rows.tolist() == [[2.0 * i, 2.0], [1.0, 1.0]]
-    assert len(threads) == 1 and not overlap
-    with pytest.raises(RuntimeError):
-        await batcher.run([[1]])

@@ -345,7 +345,11 @@ class Embedding(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """The values."""
+        """The values, `dimensions` of them. Packed, as proto3 packs repeated scalars: on the
+        wire they are the vector's little-endian float32 bytes after one length, so a reader
+        can take them as one buffer (numpy, say) rather than value by value, and workers
+        write them from their float32 rows as they are.
+        """
 
     def __init__(
         self,
@@ -374,7 +378,7 @@ class EmbedResponse(_message.Message):
     """Vector length."""
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
-        """One vector per input, in input order."""
+        """One vector per input, in input order, all of `dimensions` values."""
 
     @_builtins.property
     def usage(self) -> Global___Usage:
