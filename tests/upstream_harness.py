@@ -1,5 +1,6 @@
 """A loopback OpenAI-compatible upstream for tests of the `openai` runtime: it checks the
-bearer key, streams chat, embeds, and records what it received."""
+bearer key, answers chat and completions whole or streamed (as the request's `stream` asks),
+embeds, and records what it received."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def upstream_app(received: list[dict[str, Any]]) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         if denied := refuse(request):
@@ -45,10 +48,13 @@ def upstream_app(received: list[dict[str, Any]]) -> FastAPI:
         body = await request.json()
         received.append(body)
         words = ["Hel", "lo", " there"]
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "".join(words)}
+            return {"object": "chat.completion", "usage": usage,
+                    "choices": [{"index": 0, "message": message, "finish_reason": "length"}]}
         chunks = [{"choices": [{"index": 0, "delta": {"content": w}}]} for w in words]
         chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
         if body.get("stream_options", {}).get("include_usage"):
-            usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
             chunks.append({"choices": [], "usage": usage})
         return sse(chunks)
 
@@ -56,8 +62,12 @@ def upstream_app(received: list[dict[str, Any]]) -> FastAPI:
     async def completions(request: Request) -> Any:
         if denied := refuse(request):
             return denied
-        received.append(await request.json())
-        return sse([{"choices": [{"index": 0, "text": "raw!", "finish_reason": "stop"}]}])
+        body = await request.json()
+        received.append(body)
+        choice = {"index": 0, "text": "raw!", "finish_reason": "stop"}
+        if not body.get("stream"):
+            return {"object": "text_completion", "choices": [choice]}
+        return sse([{"choices": [choice]}])
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:

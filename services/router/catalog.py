@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -15,6 +16,9 @@ from services.common.registry_reads import list_all_assets
 from services.common.request_text import shown
 
 CACHE_TTL_S = 30.0
+SNAPSHOT_TTL_S = 1.0
+
+Records = list[AssetRecord]
 
 
 class AssetCatalog:
@@ -27,6 +31,8 @@ class AssetCatalog:
     def __init__(self, registry: registry_pb2_grpc.RegistryStub) -> None:
         self._registry = registry
         self._cache: dict[str, tuple[float, AssetRecord]] = {}
+        self._snapshot: tuple[float, Records] | None = None
+        self._fetching: asyncio.Future[Records] | None = None
 
     async def resolve(self, name: str, interface: str) -> AssetRecord:
         """The asset `name` designates, checked for `interface`; domain errors otherwise.
@@ -50,13 +56,36 @@ class AssetCatalog:
         return entry[1]
 
     async def list(self) -> list[AssetRecord]:
-        """Every asset, from the registry (not cached: listing must be current)."""
+        """Every asset, from the registry (not cached: listing must be current). The answer is
+        kept as the latest `snapshot`."""
         try:
             assets = await list_all_assets(self._registry, timeout_s=10)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, unavailable="the registry is unavailable") from None
-        return [record_from_proto(a) for a in assets]
+        records = [record_from_proto(a) for a in assets]
+        self._snapshot = (time.monotonic(), records)
+        return records
+
+    async def snapshot(self) -> Records:
+        """Every asset as the registry had it at most `SNAPSHOT_TTL_S` ago, and not before the
+        last `asset.*` event: for answers that may be a moment old (a model card's state,
+        readiness), at most one registry round trip per `SNAPSHOT_TTL_S` however many ask.
+        Callers that find no asset for a name ask `list` again: an asset just applied is found."""
+        if self._snapshot is not None and time.monotonic() - self._snapshot[0] < SNAPSHOT_TTL_S:
+            return self._snapshot[1]
+        if self._fetching is None:
+            self._fetching = asyncio.ensure_future(self.list())
+            self._fetching.add_done_callback(self._fetched)
+        # Shielded: one caller giving up does not cancel the fetch the others wait for.
+        return await asyncio.shield(self._fetching)
+
+    def _fetched(self, task: asyncio.Future[Records]) -> None:
+        if self._fetching is task:
+            self._fetching = None
+        if not task.cancelled():
+            task.exception()  # retrieved here: a failure is the waiting callers' to report
 
     def invalidate(self) -> None:
         """Forget every cached entry (an alias may have moved to another asset)."""
         self._cache.clear()
+        self._snapshot = None

@@ -1,7 +1,9 @@
 """The router's core: check → name → asset → admission → a worker that holds it → stream back.
 
 Every request is checked here (`services.common.inference_requests`) before anything else,
-so the HTTP shim and the gRPC front refuse the same requests in the same words.
+so the HTTP shim and the gRPC front refuse the same requests in the same words. A chat for a
+remote (`runtime: openai`) asset is placed like any other, then sent to its upstream by the
+router itself (see `remote`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import grpc
 
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
-from services.common.errors import AssetNotFound, NotFound
+from services.common.assetspec import ASSET_ID_RE
+from services.common.errors import AssetNotFound, NotFound, UpstreamError
 from services.common.grpc_client import domain_error
 from services.common.inference_requests import check_chat, check_embed, check_embed_size
 from services.common.keys import KeyRecord
@@ -24,6 +27,7 @@ from services.router.admission import Admission
 from services.router.catalog import AssetCatalog
 from services.router.keys import allowed_models, check_model
 from services.router.limits import Limiter, estimate_chat, estimate_embed
+from services.router.remote import RemoteUpstreams
 from services.router.usage import UsageLedger, UsageTicket
 from services.router.waking import ModelWaker
 
@@ -46,6 +50,7 @@ class Gateway:
         *,
         limits: Limiter | None = None,
         usage: UsageLedger | None = None,
+        remote: RemoteUpstreams | None = None,
     ) -> None:
         self.catalog = catalog
         self.workers = workers
@@ -53,6 +58,7 @@ class Gateway:
         self.waker = waker
         self.limits = limits or Limiter(None)
         self.usage = usage or UsageLedger(None)
+        self.remote = remote or RemoteUpstreams()
 
     async def list_models(self, *, key: KeyRecord | None = None) -> list[AssetRecord]:
         """Every asset `key` may use (all without a key), as the registry has it. Never wakes
@@ -62,19 +68,27 @@ class Gateway:
 
     async def get_model(self, name: str, *, key: KeyRecord | None = None) -> AssetRecord:
         """One asset by id or alias, whatever its interface or state, if `key` may use it. The
-        key's limit status is published (see `Limiter.report`)."""
+        key's limit status is published (see `Limiter.report`).
+
+        Looked up in the catalog's snapshot (a second old at most, see `AssetCatalog.snapshot`),
+        and in a fresh listing when the snapshot has no such name; a name no asset id or alias
+        could have is not found at once."""
         await self.limits.report(key)
-        for record in await self.catalog.list():
-            if name == record.spec.asset_id or name in record.spec.aliases:
-                check_model(key, record, name)
-                return record
+        if ASSET_ID_RE.fullmatch(name):
+            for listing in (self.catalog.snapshot, self.catalog.list):
+                for record in await listing():
+                    if name == record.spec.asset_id or name in record.spec.aliases:
+                        check_model(key, record, name)
+                        return record
         raise AssetNotFound(f"model '{name}' not found")
 
     async def chat(
         self, request: inference_pb2.ChatRequest, *, timeout: float | None = None,
-        key: KeyRecord | None = None,
+        key: KeyRecord | None = None, stream: bool = True,
     ) -> AsyncIterator[inference_pb2.ChatChunk]:
         """Stream a completion from a worker. Closing the iterator cancels the worker's call.
+        `stream=False` says the caller wants only the whole text: a remote upstream is then
+        asked for it whole, and it comes as one chunk.
 
         An invalid request fails on the first iteration, before any model is resolved or woken;
         one for a model outside `key`'s scope (None: auth is off) right after the name is
@@ -89,7 +103,7 @@ class Gateway:
             ticket.asset = record
             ticket.estimate = estimate_chat(request, record, self.limits.default_completion_tokens)
             ticket.reservation = await self.limits.reserve(key, ticket.estimate)
-            async with aclosing(self._chat(record, request, timeout, ticket)) as chunks:
+            async with aclosing(self._chat(record, request, timeout, ticket, stream)) as chunks:
                 async for chunk in chunks:
                     ticket.chunk(chunk)
                     yield chunk
@@ -111,16 +125,29 @@ class Gateway:
             self.limits.settle(ticket.reservation, ticket.tokens, ticket.cost_usd)
 
     async def _chat(self, record: AssetRecord, request: inference_pb2.ChatRequest,
-                    timeout: float | None, ticket: UsageTicket,
+                    timeout: float | None, ticket: UsageTicket, stream: bool,
                     ) -> AsyncGenerator[inference_pb2.ChatChunk, None]:
         asset_id = record.spec.asset_id
         log.debug("request %s: chat with %s for user %r", request.request_id, asset_id, request.user)
-        forwarded = inference_pb2.ChatRequest()
-        forwarded.CopyFrom(request)
-        forwarded.model = asset_id
+        forwarded: inference_pb2.ChatRequest | None = None
         async with self.admission.gate(asset_id, record.spec.policy).slot():
             for attempt in (1, 2):
                 worker = await self.waker.place(record, on_wake=ticket.mark_woke)
+                if self.remote.skips_worker(record, worker.address):
+                    ticket.mark_dispatched()
+                    worker.in_flight[asset_id] += 1
+                    try:
+                        async with aclosing(self.remote.chat(record, request, stream=stream,
+                                                             timeout=timeout)) as pieces:
+                            async for chunk in pieces:
+                                yield chunk
+                    finally:
+                        worker.in_flight[asset_id] -= 1
+                    return
+                if forwarded is None:
+                    forwarded = inference_pb2.ChatRequest()
+                    forwarded.CopyFrom(request)
+                    forwarded.model = asset_id
                 call = worker.inference.Chat(forwarded, timeout=timeout)
                 ticket.mark_dispatched()
                 worker.in_flight[asset_id] += 1
@@ -172,11 +199,12 @@ class Gateway:
             return result
 
     async def ready(self) -> bool:
-        """Registry reachable and at least one worker answering."""
+        """Registry reachable (it answered within the catalog's snapshot period) and at least one
+        worker answering."""
         if not self.workers.known():
             return False
         try:
-            await self.catalog.list()
+            await self.catalog.snapshot()
         except Exception:  # noqa: BLE001 - readiness only reports
             return False
         return True
@@ -205,11 +233,13 @@ class Gateway:
 
     @staticmethod
     def _worker_error(exc: grpc.aio.AioRpcError, worker: WorkerHandle, asset_id: str) -> Exception:
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            worker.info = None  # stop routing there until a refresh reaches it again
-        return domain_error(
+        error = domain_error(
             exc, unavailable=f"the worker serving '{asset_id}' is unavailable; retry later"
         )
+        # A remote asset's upstream failing says nothing about the worker that relayed it.
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and not isinstance(error, UpstreamError):
+            worker.info = None  # stop routing there until a refresh reaches it again
+        return error
 
 
 def embedding_dim(record: AssetRecord) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import uvicorn
+import uvloop
 
 from roundhouse.v1 import events_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2_grpc, registry_pb2_grpc
 from services.common.db import make_engine, make_sessionmaker
@@ -25,6 +26,7 @@ from services.router.gateway import Gateway
 from services.router.http.app import create_app
 from services.router.keys import KeyAuthenticator
 from services.router.limits import Limiter, create_pool
+from services.router.remote import RemoteUpstreams
 from services.router.servicer import InferenceFrontServicer
 from services.router.settings import RouterSettings
 from services.router.usage import UsageLedger
@@ -67,7 +69,8 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
     jobs = jobs_pb2_grpc.JobsStub(jobs_channel)
     waker = ModelWaker(workers, jobs, wait_s=settings.load_timeout_s)
     limiter, ledger, close_usage = await _start_limits_and_usage(settings)
-    gateway = Gateway(catalog, workers, Admission(), waker, limits=limiter, usage=ledger)
+    remote = RemoteUpstreams(settings.upstream_rules(), touch_s=settings.remote_worker_touch_s)
+    gateway = Gateway(catalog, workers, Admission(), waker, limits=limiter, usage=ledger, remote=remote)
     store, authenticator, on_key_revoked = await _start_keys(settings, bus, stoppers)
 
     grpc_server = GrpcServer(settings.router_address, [ServiceBinding(
@@ -76,9 +79,11 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
     )], settings, internal=False)  # apps call the front with API keys, never the internal token
     app = create_app(gateway, jobs, max_body_bytes=settings.max_body_bytes,
                      authenticator=authenticator, key_store=store, on_key_revoked=on_key_revoked,
-                     metrics_auth=settings.metrics_auth)
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
-                            log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+                     metrics_auth=settings.metrics_auth, tracing=settings.otel_console)
+    # httptools parses HTTP (uvicorn's fastest protocol); the loop is the one `main` runs.
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, http="httptools",
+                            log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=5)
     http_server = uvicorn.Server(config)
     http_task = asyncio.create_task(http_server.serve(), name="http")
     while not http_server.started:
@@ -97,7 +102,7 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
         await jobs_channel.close(None)
 
     return RouterParts(gateway, grpc_server, http_server, http_port,
-                       [stop_http, close_usage, *stoppers, workers.close, close_channels])
+                       [stop_http, close_usage, *stoppers, workers.close, remote.close, close_channels])
 
 
 async def _start_limits_and_usage(
@@ -178,8 +183,8 @@ async def serve(settings: RouterSettings) -> None:
 
 
 def main() -> None:
-    """Entry point of `roundhouse router`."""
+    """Entry point of `roundhouse router`, on uvloop (a faster event loop than asyncio's own)."""
     settings = RouterSettings()
     setup_telemetry("router", level=settings.log_level, console=settings.otel_console,
                     key_envs=settings.upstream_key_envs)
-    asyncio.run(serve(settings))
+    uvloop.run(serve(settings))

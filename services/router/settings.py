@@ -63,6 +63,12 @@ class RouterSettings(FleetSettings):
     """Ledger rows kept in memory while Postgres is away; beyond it the oldest are dropped
     (and logged)."""
 
+    remote_worker_touch_s: float = Field(default=10.0, gt=0)
+    """Chats for a remote (`runtime: openai`) asset go from the router straight to its upstream,
+    except one per this many seconds per asset and worker, which goes through the worker holding
+    it so that the worker's idle clock (auto-sleep, eviction order) sees the asset in use. Keep
+    it well below the shortest auto-sleep."""
+
     auth: Literal["enabled", "disabled"] = "enabled"
     """API keys on every `/v1` and `/admin/v1` route and on the gRPC front (`ROUNDHOUSE_AUTH`).
     `disabled` turns every check off (a warning is logged at start): for trusted networks only."""

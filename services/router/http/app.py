@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from services.router.http.admin import admin_router
 from services.router.http.auth import AuthMiddleware, document_security
@@ -23,6 +23,7 @@ from services.router.http.errors import install_error_handlers
 from services.router.http.keys import keys_router
 from services.router.http.metrics import HttpMetrics
 from services.router.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from services.router.http.rendering import OrjsonResponse
 from services.router.http.routes import openai_router
 from services.router.http.usage import usage_router
 
@@ -44,6 +45,7 @@ def create_app(
     gateway: Gateway, jobs: JobsStub, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     authenticator: KeyAuthenticator | None = None, key_store: KeyStore | None = None,
     on_key_revoked: Callable[[str], None] | None = None, metrics_auth: bool = False,
+    tracing: bool = False,
 ) -> FastAPI:
     """The HTTP API in front of `gateway`, with the admin API over `jobs` and `key_store`.
 
@@ -52,12 +54,17 @@ def create_app(
     `/metrics`. Keys are checked by `authenticator` (see `auth`; None: not at all);
     `on_key_revoked(name)` runs after a revocation here. Bodies over `max_body_bytes`
     are refused with 413. Every error has OpenAI's shape; every response has `x-request-id`.
+    `tracing` turns on FastAPI's own OpenTelemetry spans, metrics and logs of each request;
+    off, a request costs none of them (they are exported only when asked anyway, see
+    `services.common.telemetry`).
     """
     metrics = HttpMetrics()
     app = FastAPI(
         title="Roundhouse",
         summary="OpenAI-compatible API of the Roundhouse router.",
         version="1",
+        telemetry={"tracing": tracing, "metrics": tracing, "logs": tracing,
+                   "operation_spans": tracing},
     )
     app.state.gateway = gateway
     app.state.jobs = jobs
@@ -128,8 +135,8 @@ def _add_operational_routes(app: FastAPI) -> None:
         failed = [{"asset_id": f.asset_id, "worker_id": worker_id, "stage": f.stage, "reason": f.reason}
                   for worker_id, f in gateway.workers.failed_models()]
         status = ("degraded" if failed else "ready") if ready else "not ready"
-        return JSONResponse({"status": status, "failed_models": failed},
-                            status_code=200 if ready else 503)
+        return OrjsonResponse({"status": status, "failed_models": failed},
+                              status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["operations"])
     async def metrics(request: Request) -> Response:

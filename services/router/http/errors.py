@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common import errors as domain
 from services.router.http.protocol import ErrorInfo, ErrorResponse
+from services.router.http.rendering import OrjsonResponse
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ def error_response(exc: BaseException, request_id: str | None = None) -> JSONRes
     status, info, headers = describe(exc)
     if status == 500:
         log.error("request %s failed", request_id or "-", exc_info=exc)
-    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status,
-                        headers=headers)
+    return OrjsonResponse(ErrorResponse(error=info).model_dump(), status_code=status,
+                          headers=headers)
 
 
 def error_payload(exc: BaseException, request_id: str | None = None) -> dict[str, Any]:

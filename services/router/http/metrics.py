@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 from roundhouse.v1 import inference_pb2
 
@@ -11,7 +12,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class HttpMetrics:
-    """Request counts, latency and token counts of one app; rendered by `GET /metrics`."""
+    """Request counts, latency and token counts of one app; rendered by `GET /metrics`.
+
+    The labelled series a request touches are looked up once per label set and kept: finding
+    them again through `labels()` costs more than counting."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -42,18 +46,27 @@ class HttpMetrics:
             ["model", "endpoint"],
             registry=self.registry,
         )
+        self._series: dict[tuple[object, ...], MetricWrapperBase] = {}
+
+    def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+        key = (metric, *labels)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*labels)
+        return child
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and its duration."""
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route, method).observe(seconds)
+        self._child(self.requests, route, method, str(status)).inc()  # type: ignore[attr-defined]
+        self._child(self.latency, route, method).observe(seconds)  # type: ignore[attr-defined]
 
     def observe_usage(self, model: str, endpoint: str, usage: inference_pb2.Usage) -> None:
         """Add the token counts the worker reported for one request."""
         if usage.prompt_tokens:
-            self.prompt_tokens.labels(model, endpoint).inc(usage.prompt_tokens)
+            self._child(self.prompt_tokens, model, endpoint).inc(usage.prompt_tokens)  # type: ignore[attr-defined]
         if usage.completion_tokens:
-            self.generated_tokens.labels(model, endpoint).inc(usage.completion_tokens)
+            self._child(self.generated_tokens, model, endpoint).inc(  # type: ignore[attr-defined]
+                usage.completion_tokens)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

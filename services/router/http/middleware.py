@@ -8,9 +8,9 @@ pass through untouched and the client's disconnect still reaches the endpoint.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -32,7 +32,7 @@ def accept_request_id(value: str | None) -> str:
     """The client's request id when it is sane (short, printable, no spaces); else a new one."""
     if value and _SANE_REQUEST_ID.match(value):
         return value
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class RequestContextMiddleware:

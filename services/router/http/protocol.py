@@ -6,8 +6,8 @@ Endpoint-specific requests and responses live beside their serving code
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -102,8 +102,8 @@ def finish_reason(value: int) -> FinishReason:
 
 
 def new_id(prefix: str) -> str:
-    """A response id in OpenAI's style, e.g. `chatcmpl-…`."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """A response id in OpenAI's style, e.g. `chatcmpl-…` and 32 random hex digits."""
+    return f"{prefix}-{os.urandom(16).hex()}"
 
 
 def now() -> int:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from services.router.http.auth import request_key
+from services.router.http.body_route import JSONBodyRoute
 from services.router.http.chat.protocol import ChatCompletionRequest, ChatCompletionResponse
 from services.router.http.completion.protocol import CompletionRequest, CompletionResponse
 from services.router.http.embedding.protocol import EmbeddingRequest, EmbeddingResponse
@@ -31,7 +32,8 @@ STREAM: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE if streamed."},
 }
 
-openai_router = APIRouter(prefix="/v1", responses=ERRORS)
+# Bodies are validated once and the endpoint called directly (see `body_route`).
+openai_router = APIRouter(prefix="/v1", responses=ERRORS, route_class=JSONBodyRoute)
 
 
 @openai_router.get("/models", response_model=ModelList)

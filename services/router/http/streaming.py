@@ -9,15 +9,15 @@ gateway iterator is closed, which cancels the generation on the worker.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from roundhouse.v1 import inference_pb2
@@ -34,12 +34,26 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ChunkStream = AsyncIterator[inference_pb2.ChatChunk]
-DONE = "data: [DONE]\n\n"
+DONE = b"data: [DONE]\n\n"
 
 
-def sse(payload: dict[str, Any]) -> str:
+def sse(payload: dict[str, Any]) -> bytes:
     """One server-sent event carrying `payload` as JSON."""
-    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class EventEnvelope:
+    """The fields every event of one stream repeats (`id`, `object`, `created`, `model`),
+    rendered once; each event adds its own after them (`choices`, `usage`...)."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, **fixed: Any) -> None:
+        self._head = b"data: " + orjson.dumps(fixed)[:-1] + b","
+
+    def event(self, **fields: Any) -> bytes:
+        """One server-sent event: the fixed fields, then `fields`, in order."""
+        return self._head + orjson.dumps(fields)[1:] + b"\n\n"
 
 
 class EventStreamResponse(StreamingResponse):
@@ -51,7 +65,7 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str]) -> None:
+    def __init__(self, content: AsyncIterator[bytes]) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,24 +100,34 @@ def record(request_id: str, endpoint: str, fields: dict[str, Any]) -> None:
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it and raising `ClientClosedRequest` if the client leaves."""
-    task = asyncio.ensure_future(work)
+    """Await `work`, cancelling it and raising `ClientClosedRequest` if the client leaves.
+
+    `work` runs in this task; a second one watches the connection and cancels this one when
+    the client goes (one task per request, not two and a wait on both).
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    watching = True
+    gone = False
+
+    def on_disconnect(watch: asyncio.Future[None]) -> None:
+        nonlocal gone
+        # Done callbacks run later than the future completes: `work` may have ended meanwhile.
+        if watching and not watch.cancelled() and watch.exception() is None:
+            gone = True
+            task.cancel()
+
     watch = asyncio.ensure_future(_disconnected(request))
+    watch.add_done_callback(on_disconnect)
     try:
-        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
+        return await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientClosedRequest() from None
         raise
     finally:
+        watching = False
         watch.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, Exception):
-        pass
-    raise ClientClosedRequest()
 
 
 async def _disconnected(request: Request) -> None:
@@ -154,20 +178,20 @@ async def close(chunks: ChunkStream) -> None:
 class ChunkRenderer(ABC):
     """How one endpoint spells the events of a stream."""
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self) -> list[bytes]:
         """Events sent before any text (chat announces the assistant role)."""
         return []
 
     @abstractmethod
-    def delta(self, text: str) -> dict[str, Any]:
+    def delta(self, text: str) -> bytes:
         """The event carrying new text."""
 
     @abstractmethod
-    def finish(self, reason: FinishReason) -> dict[str, Any]:
+    def finish(self, reason: FinishReason) -> bytes:
         """The event carrying the finish reason."""
 
     @abstractmethod
-    def usage(self, usage: UsageInfo) -> dict[str, Any]:
+    def usage(self, usage: UsageInfo) -> bytes:
         """The trailing usage event (`stream_options.include_usage`)."""
 
 
@@ -179,7 +203,7 @@ async def relay(
     include_usage: bool,
     on_last: Callable[[inference_pb2.ChatChunk], None],
     request_id: str,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     """SSE events for a stream whose first chunk was already read, ending in `[DONE]`.
 
     A failure midway ends the stream with an error event instead; in every case the
@@ -187,19 +211,19 @@ async def relay(
     """
     try:
         for event in renderer.opening():
-            yield sse(event)
+            yield event
         chunk = first
         while True:
             if chunk.delta:
-                yield sse(renderer.delta(chunk.delta))
+                yield renderer.delta(chunk.delta)
             following = await anext(chunks, None)
             if following is None:
                 break
             chunk = following
-        yield sse(renderer.finish(finish_reason(chunk.finish_reason)))
+        yield renderer.finish(finish_reason(chunk.finish_reason))
         on_last(chunk)
         if include_usage:
-            yield sse(renderer.usage(UsageInfo.from_proto(chunk.usage)))
+            yield renderer.usage(UsageInfo.from_proto(chunk.usage))
         yield DONE
     except Exception as exc:
         yield sse(error_payload(exc, request_id))
@@ -225,12 +249,14 @@ class GenerationServing(ABC):
         `recorded`)."""
         request_id: str = request.state.request_id
         record(request_id, self.endpoint, body.recorded())
-        chunks = self.gateway.chat(body.to_proto(request_id), key=request_key(request))
+        chunks = self.gateway.chat(body.to_proto(request_id), key=request_key(request),
+                                   stream=body.stream)
         prefix = self._prefix(body)
         if not body.stream:
             text, last = await collect(request, chunks)
             self._count_usage(last)
-            return JSONResponse(self._whole(body, prefix + text, last).model_dump())
+            whole = self._whole(body, prefix + text, last)
+            return Response(whole.model_dump_json(), media_type="application/json")
         first = await first_chunk(request, chunks)
         renderer = self._renderer(first.asset_id or body.model, prefix)
         return EventStreamResponse(relay(

@@ -2,54 +2,52 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from roundhouse.v1 import inference_pb2
 from services.router.http.chat.protocol import (
     ChatCompletionChoice,
-    ChatCompletionChunk,
-    ChatCompletionChunkChoice,
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    DeltaMessage,
 )
 from services.router.http.protocol import FinishReason, UsageInfo, finish_reason, new_id, now
-from services.router.http.streaming import ChunkRenderer, GenerationServing
+from services.router.http.streaming import ChunkRenderer, EventEnvelope, GenerationServing
 
 ENDPOINT = "chat"
+CHUNK = "chat.completion.chunk"
 
 
 class ChatRenderer(ChunkRenderer):
-    """`chat.completion.chunk` events of one response; the role comes first."""
+    """`chat.completion.chunk` events of one response (`ChatCompletionChunk`), the role first.
+
+    The fields every event repeats are rendered once (`EventEnvelope`); unset delta fields are
+    left out rather than sent as nulls, as OpenAI does.
+    """
 
     def __init__(self, model: str) -> None:
-        self.id, self.created, self.model = new_id("chatcmpl"), now(), model
+        self.envelope = EventEnvelope(id=new_id("chatcmpl"), object=CHUNK, created=now(), model=model)
 
-    def _chunk(self, delta: DeltaMessage, reason: FinishReason | None = None) -> dict:
-        chunk = ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model,
-            choices=[ChatCompletionChunkChoice(delta=delta, finish_reason=reason)],
-        ).model_dump()
-        # OpenAI leaves unset delta fields out rather than sending nulls.
-        chunk["choices"][0]["delta"] = delta.model_dump(exclude_none=True)
-        return chunk
+    def _chunk(self, delta: dict[str, Any], reason: FinishReason | None = None) -> bytes:
+        return self.envelope.event(
+            choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+            usage=None, system_fingerprint=None)
 
-    def opening(self) -> list[dict]:
+    def opening(self) -> list[bytes]:
         """The assistant role, with empty content."""
-        return [self._chunk(DeltaMessage(role="assistant", content=""))]
+        return [self._chunk({"role": "assistant", "content": ""})]
 
-    def delta(self, text: str) -> dict:
+    def delta(self, text: str) -> bytes:
         """New text."""
-        return self._chunk(DeltaMessage(content=text))
+        return self._chunk({"content": text})
 
-    def finish(self, reason: FinishReason) -> dict:
+    def finish(self, reason: FinishReason) -> bytes:
         """An empty delta with the finish reason."""
-        return self._chunk(DeltaMessage(), reason)
+        return self._chunk({}, reason)
 
-    def usage(self, usage: UsageInfo) -> dict:
+    def usage(self, usage: UsageInfo) -> bytes:
         """No choices, only the usage."""
-        return ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=[], usage=usage
-        ).model_dump()
+        return self.envelope.event(choices=[], usage=usage.model_dump(), system_fingerprint=None)
 
 
 class ChatServing(GenerationServing):

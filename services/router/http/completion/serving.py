@@ -11,35 +11,37 @@ from services.router.http.completion.protocol import (
     CompletionResponse,
 )
 from services.router.http.protocol import FinishReason, UsageInfo, finish_reason, new_id, now
-from services.router.http.streaming import ChunkRenderer, GenerationServing
+from services.router.http.streaming import ChunkRenderer, EventEnvelope, GenerationServing
 
 ENDPOINT = "completions"
+OBJECT = "text_completion"
 
 
 class CompletionRenderer(ChunkRenderer):
-    """`text_completion` events of one streamed response."""
+    """`text_completion` events of one streamed response (`CompletionResponse` each), the fields
+    every event repeats rendered once (`EventEnvelope`)."""
 
     def __init__(self, model: str, echo: str = "") -> None:
-        self.id, self.created, self.model, self.echo = new_id("cmpl"), now(), model, echo
+        self.envelope = EventEnvelope(id=new_id("cmpl"), object=OBJECT, created=now(), model=model)
+        self.echo = echo
 
-    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> dict:
-        return CompletionResponse(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
-        ).model_dump()
+    def _chunk(self, choices: list[dict[str, Any]], usage: UsageInfo | None = None) -> bytes:
+        return self.envelope.event(choices=choices, usage=usage.model_dump() if usage else None,
+                                   system_fingerprint=None)
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self) -> list[bytes]:
         """The prompt itself, when the request asked for it to be echoed."""
         return [self.delta(self.echo)] if self.echo else []
 
-    def delta(self, text: str) -> dict[str, Any]:
+    def delta(self, text: str) -> bytes:
         """New text."""
-        return self._chunk([CompletionChoice(text=text)])
+        return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}])
 
-    def finish(self, reason: FinishReason) -> dict[str, Any]:
+    def finish(self, reason: FinishReason) -> bytes:
         """No text, the finish reason."""
-        return self._chunk([CompletionChoice(text="", finish_reason=reason)])
+        return self._chunk([{"index": 0, "text": "", "logprobs": None, "finish_reason": reason}])
 
-    def usage(self, usage: UsageInfo) -> dict[str, Any]:
+    def usage(self, usage: UsageInfo) -> bytes:
         """No choices, only the usage."""
         return self._chunk([], usage)
 
@@ -61,6 +63,7 @@ class CompletionServing(GenerationServing):
             id=new_id("cmpl"),
             created=now(),
             model=last.asset_id or body.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish_reason(last.finish_reason))],
+            choices=[CompletionChoice(
+                text=text, finish_reason=finish_reason(last.finish_reason))],
             usage=UsageInfo.from_proto(last.usage),
         )
