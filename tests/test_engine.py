@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -163,6 +164,29 @@ async def test_a_consumer_slower_than_the_model_gets_several_tokens_at_once(engi
     assert sum(map(len, messages)) == 40 and len(messages) < 40
 
 
+async def test_a_newcomer_gets_its_first_token_before_the_batch_it_joins_steps(engine: ChatEngine, model: Any) -> None:
+    expected = await alone(engine, PROMPTS[0], 5)
+    running = engine.submit(PROMPTS[1], GREEDY, 1000)
+    await anext(running)  # decoding alone
+    release = threading.Event()
+
+    def hold_batched_steps(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if tuple(kwargs["input_ids"].shape) == (2, 1):  # a decode step of both sequences
+            release.wait(60)
+
+    hook = model.register_forward_pre_hook(hold_batched_steps, with_kwargs=True)
+    try:
+        joiner = engine.submit(PROMPTS[0], GREEDY, 5)
+        async with asyncio.timeout(30):
+            first = await anext(joiner)  # while the engine is held in the first step of both
+        release.set()
+        assert [*first, *await tokens(joiner)] == expected
+    finally:
+        release.set()
+        hook.remove()
+        running.cancel()
+
+
 async def test_a_crash_fails_every_stream_and_refuses_new_work(engine: ChatEngine) -> None:
     failures: asyncio.Queue[str] = asyncio.Queue()
     engine.watch(failures.put_nowait)
@@ -178,3 +202,15 @@ async def test_a_crash_fails_every_stream_and_refuses_new_work(engine: ChatEngin
     with pytest.raises(ModelNotReady, match="boom in a test"):
         engine.submit(PROMPTS[0], GREEDY, 4)
     assert engine.active_streams == 0
+
+
+async def test_newcomers_arriving_together_answer_what_each_answers_alone(model: Any) -> None:
+    engine = ChatEngine(model, 4096, [], name="tiny")  # one prefill pass has room for all five prompts
+    try:
+        sampled = Sampling(temperature=1.0, top_p=0.9, seed=7)
+        requests = [*((p, GREEDY) for p in PROMPTS), (PROMPTS[1], sampled)]
+        expected = [await alone(engine, p, 24, s) for p, s in requests]
+        assert await asyncio.gather(*(alone(engine, p, 24, s) for p, s in requests)) == expected
+        assert expected[:4] == [generated(model, p, 24) for p in PROMPTS]
+    finally:
+        await engine.close()

@@ -10,6 +10,8 @@ sequence sees the same positions and keys as it would alone.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from transformers import DynamicCache
@@ -45,26 +47,23 @@ class BatchCache:
         """The padded length every row has."""
         return int(self.mask.shape[1])
 
-    def join(self, cache: DynamicCache, length: int) -> None:
-        """Append a sequence whose own cache (batch of one) holds `length` tokens."""
+    def join(self, cache: DynamicCache, lengths: int | list[int]) -> None:
+        """Append sequences whose own cache holds them as rows, left-padded to the longest:
+        `lengths` tokens each (one int: a cache of one row)."""
+        lengths = [lengths] if isinstance(lengths, int) else lengths
+        new_lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        own = max(lengths)
+        new_mask = (torch.arange(own, device=self.device)[None] >= (own - new_lengths)[:, None]).long()
         if self.cache is None or self.rows == 0:
-            self.cache = cache
-            self.mask = torch.ones((1, length), dtype=torch.long, device=self.device)
-            self.lengths = torch.tensor([length], dtype=torch.long, device=self.device)
+            self.cache, self.mask, self.lengths = cache, new_mask, new_lengths
             return
-        width = max(self.columns, length)
-        grow, pad = width - self.columns, width - length
+        width = max(self.columns, own)
+        grow, pad = width - self.columns, width - own
         for (mine, my_keys, my_values), (_, keys, values) in zip(_layers(self.cache), _layers(cache), strict=True):
             mine.keys = torch.cat([_pad_left(my_keys, grow), _pad_left(keys, pad)])
             mine.values = torch.cat([_pad_left(my_values, grow), _pad_left(values, pad)])
-        row = torch.cat(
-            [
-                torch.zeros(pad, dtype=torch.long, device=self.device),
-                torch.ones(length, dtype=torch.long, device=self.device),
-            ]
-        )
-        self.mask = torch.cat([F.pad(self.mask, (grow, 0)), row[None]])
-        self.lengths = torch.cat([self.lengths, torch.tensor([length], device=self.device)])
+        self.mask = torch.cat([F.pad(self.mask, (grow, 0)), F.pad(new_mask, (pad, 0))])
+        self.lengths = torch.cat([self.lengths, new_lengths])
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only the rows at `index` (in that order), then trim columns no row uses."""
@@ -98,10 +97,12 @@ def _layers(cache: DynamicCache) -> list[tuple[DynamicLayer, torch.Tensor, torch
     layers = []
     for layer in cache.layers:
         # Exactly DynamicLayer: its subclasses (sliding windows...) keep other shapes than all columns.
-        plain = type(layer) is DynamicLayer and not getattr(layer, "is_sliding", False)
-        if not plain or layer.keys is None or layer.values is None:
+        if type(layer) is not DynamicLayer or getattr(layer, "is_sliding", False):
             raise TypeError(f"the chat engine cannot batch a cache layer of type {type(layer).__name__}")
-        layers.append((layer, layer.keys, layer.values))
+        plain = cast(DynamicLayer, layer)
+        if plain.keys is None or plain.values is None:
+            raise TypeError(f"the chat engine cannot batch a cache layer of type {type(layer).__name__}")
+        layers.append((plain, plain.keys, plain.values))
     return layers
 
 

@@ -1,14 +1,17 @@
 """Tokens from the engine's thread to the event loop(s), several per message when the loop lags.
 
-The engine puts each step's tokens here; at most one delivery per event loop is pending at
-a time, so when a consumer's loop is slower than the model, the tokens of several steps
-reach its stream as one list.
+The engine puts each step's tokens here and flushes once per turn; at most one delivery per
+event loop is pending at a time, so when a consumer's loop is slower than the model, the tokens
+of several steps reach its stream as one list. A stream's first token is the exception: it is
+handed over at once, without waiting for the turn's decode step, since the time to first token
+of a request that joins a running batch is its own prefill plus whatever it waits for after.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 
 from services.worker.models.generation import TokenStream
 
@@ -21,16 +24,24 @@ class Outbox:
         self._tokens: dict[TokenStream, list[int]] = {}
         self._ends: dict[TokenStream, BaseException | None] = {}
         self._scheduled: set[asyncio.AbstractEventLoop] = set()
+        # Weak: a stream the engine drops (cancelled) is never ended here.
+        self._started: weakref.WeakSet[TokenStream] = weakref.WeakSet()
 
     def put(self, stream: TokenStream, token: int) -> None:
-        """Queue a token of `stream` (engine thread)."""
+        """Queue a token of `stream` (engine thread); its first token is delivered at once."""
         with self._lock:
             self._tokens.setdefault(stream, []).append(token)
+            first = stream not in self._started
+            if first:
+                self._started.add(stream)
+        if first:
+            self.flush()
 
     def end(self, stream: TokenStream, error: BaseException | None = None) -> None:
         """Queue the end of `stream`, after its queued tokens (engine thread)."""
         with self._lock:
             self._ends[stream] = error
+            self._started.discard(stream)
 
     def flush(self) -> None:
         """Schedule a delivery on every loop that has something pending and none scheduled."""

@@ -1,12 +1,16 @@
-"""Which sequences run: the waiting queue, the one being prefilled, and the running batch.
+"""Which sequences run: the waiting queue, the ones being prefilled, and the running batch.
 
 The engine's thread asks for its next turn (`Scheduler.next_turn`), which blocks while there
-is nothing to do. Newcomers wait in arrival order; the head is admitted to prefill when the
-batch has room for it: a free row, and a padded cache that stays within its token budget until
-every row, the newcomer's included, has generated all it may (`(rows + 1) x` the longest row
-at its end). Rows only shrink or end after that, so the running batch never outgrows the
-budget. A batch that is empty always admits, so a request larger than the budget still runs,
-alone.
+is nothing to do. Newcomers wait in arrival order and are admitted to prefill when the batch
+has room for them: free rows, and a padded cache that stays within its token budget until
+every row, the newcomers' included, has generated all it may (rows x the longest row at its
+end). Rows only shrink or end after that, so the running batch never outgrows the budget. A
+batch that is empty always admits one, so a request larger than the budget still runs, alone.
+
+Given the size of a prefill pass (`max_batch_tokens`), the scheduler admits as many short
+prompts as fit in one pass (`Turn.prefills`, rows x the longest prompt), so that newcomers
+arriving together join the batch together, after one pass instead of one turn each; a longer
+prompt is prefilled alone, in chunks (`Turn.prefill`). Without it, one newcomer per turn.
 """
 
 from __future__ import annotations
@@ -40,18 +44,22 @@ class Sequence:
 
 @dataclass
 class Turn:
-    """What one step of the engine does."""
+    """What one step of the engine does: drop the cancelled, prefill either one chunk of a long
+    prompt (`prefill`) or several short prompts together in one pass (`prefills`), then decode."""
 
     cancelled: set[str] = field(default_factory=set)
     prefill: Sequence | None = None
+    prefills: list[Sequence] = field(default_factory=list)
 
 
 class Scheduler:
     """The queue and admission; thread-safe (the event loop adds and cancels, the engine takes turns)."""
 
-    def __init__(self, capacity_tokens: int, max_rows: int) -> None:
+    def __init__(self, capacity_tokens: int, max_rows: int, max_batch_tokens: int | None = None) -> None:
         self.capacity_tokens = capacity_tokens
         self.max_rows = max_rows
+        self.max_batch_tokens = max_batch_tokens
+        """Padded prompt tokens one prefill pass may take; None: one newcomer per turn."""
         self._wake = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._prefilling: Sequence | None = None
@@ -113,19 +121,36 @@ class Scheduler:
                 self._cancelled = set()
                 if self._prefilling is not None and self._prefilling.id in turn.cancelled:
                     self._prefilling = None
-                if self._prefilling is None and self._waiting and self._fits(self._waiting[0], batch):
-                    self._prefilling = self._waiting.popleft()
+                if self._prefilling is None and self._waiting:
+                    self._admit(turn, batch)
                 turn.prefill = self._prefilling
-                if turn.prefill is not None or batch.rows or turn.cancelled:
+                if turn.prefill is not None or turn.prefills or batch.rows or turn.cancelled:
                     return turn
                 self._wake.wait()
 
-    def _fits(self, sequence: Sequence, batch: Batch) -> bool:
-        if batch.rows == 0:
+    def _admit(self, turn: Turn, batch: Batch) -> None:
+        """Take the newcomers to prefill this turn, in arrival order: a prompt longer than one pass
+        alone (chunked, over several turns), else as many short ones as fit the batch and one pass."""
+        head = self._waiting[0]
+        if self.max_batch_tokens is None or len(head.prompt) > self.max_batch_tokens:
+            if self._fits([head], batch):
+                self._prefilling = self._waiting.popleft()
+            return
+        group: list[Sequence] = []
+        while self._waiting:
+            candidate = [*group, self._waiting[0]]
+            width = max(len(s.prompt) for s in candidate)
+            if len(candidate) * width > self.max_batch_tokens or not self._fits(candidate, batch):
+                break
+            group.append(self._waiting.popleft())
+        turn.prefills = group
+
+    def _fits(self, newcomers: list[Sequence], batch: Batch) -> bool:
+        if batch.rows == 0 and len(newcomers) == 1:
             return True
-        rows = batch.rows + 1
-        # The newcomer joins with its prompt and its first token drawn: max_new - 1 steps left.
-        columns = max(batch.final_columns(), len(sequence.prompt) + sequence.max_new - 1)
+        rows = batch.rows + len(newcomers)
+        # A newcomer joins with its prompt and its first token drawn: max_new - 1 steps left.
+        columns = max(batch.final_columns(), *(len(s.prompt) + s.max_new - 1 for s in newcomers))
         return rows <= self.max_rows and rows * columns <= self.capacity_tokens
 
 
@@ -156,13 +181,17 @@ class Batch:
     def join(self, sequence: Sequence, first_token: torch.Tensor, sampling: SamplingRows) -> None:
         """Add a sequence whose prompt is prefilled (its `cache`) and first token drawn."""
         assert sequence.cache is not None
-        self.cache.join(sequence.cache, len(sequence.prompt))
-        sequence.cache = None
-        one = torch.ones((1,), dtype=torch.long, device=self.device)
-        self.sequences.append(sequence)
-        self.last = torch.cat([self.last, first_token.reshape(1)])
-        self.generated = torch.cat([self.generated, one])
-        self.max_new = torch.cat([self.max_new, one * sequence.max_new])
+        cache, sequence.cache = sequence.cache, None
+        self.join_many([sequence], cache, first_token.reshape(1), sampling)
+
+    def join_many(self, sequences: list[Sequence], cache: DynamicCache, first_tokens: torch.Tensor,
+                  sampling: SamplingRows) -> None:
+        """Add sequences prefilled together: `cache` holds their prompts as rows, left-padded."""
+        self.cache.join(cache, [len(s.prompt) for s in sequences])
+        self.sequences.extend(sequences)
+        self.last = torch.cat([self.last, first_tokens])
+        self.generated = torch.cat([self.generated, torch.ones_like(first_tokens)])
+        self.max_new = torch.cat([self.max_new, torch.tensor([s.max_new for s in sequences], device=self.device)])
         self.sampling = sampling if self.sampling is None else self.sampling.concat(sampling)
 
     def keep(self, keep: torch.Tensor) -> list[Sequence]:
