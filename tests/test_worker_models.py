@@ -75,7 +75,10 @@ async def test_requests_larger_than_the_batch_cache_generate_in_a_thread(tmp_pat
 @pytest.mark.parametrize("seed", [None, 7], ids=["batched", "thread"])
 async def test_streams_deltas_until_max_tokens(tiny_llm: TransformersChatModel, seed) -> None:
     deltas = await run(tiny_llm, messages=HELLO, max_tokens=8, temperature=0, seed=seed)
-    assert len([d for d in deltas if d.text]) >= 2
+    # A consumer slower than the model gets several tokens per delta (the stream merges what
+    # is queued), so the count of deltas is not fixed; that tokens arrive before the end is
+    # checked deterministically in tests/test_engine.py.
+    assert [d for d in deltas if d.text]
     assert all(d.finish_reason is None and d.usage is None for d in deltas[:-1])
     last = deltas[-1]
     assert last.finish_reason == "length"
