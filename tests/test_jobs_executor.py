@@ -49,8 +49,8 @@ async def executor(db_dsn: str, runners: Mapping[str, Runner], instance_id: str 
                    **options: Any) -> AsyncIterator[Executor]:
     """A started executor; stopped (running operations handed back) on exit."""
     async with repository(db_dsn) as repo:
-        running = Executor(repo, runners, instance_id=instance_id, poll_interval_s=0.2,
-                           backoff_s=0.05, **options)
+        running = Executor(repo, runners, instance_id=instance_id,
+                           **{"poll_interval_s": 0.2, "backoff_s": 0.05, **options})
         running.start()
         try:
             yield running
@@ -210,3 +210,95 @@ async def test_a_runner_that_lost_its_lease_stops_and_writes_nothing(db_dsn: str
             assert await asyncio.wait_for(reasons.get(), 10) == "lease_lost"
         after = await repo.get(op)
     assert (after.status, after.lease_owner, after.message) == ("running", "thief", "started")
+
+
+async def test_progress_is_written_in_order_and_all_of_it_before_the_outcome(db_dsn: str) -> None:
+    committed: list[tuple[str, str]] = []
+
+    def seen(operation_id: str, record: OperationRecord) -> None:
+        NOTIFIER.notify(operation_id, record)
+        committed.append((record.status, record.message))
+
+    async def chatty(ctx: RunContext) -> str:
+        for step in range(20):  # the runner does not wait for these to be written
+            await ctx.report(ProgressReport(f"step {step}", progress=step * 5))
+        return "done"
+
+    engine = make_engine(db_dsn)
+    try:
+        repo = OperationRepository(make_sessionmaker(engine), on_change=seen)
+        running = Executor(repo, {"install": chatty}, instance_id="exec-chatty", poll_interval_s=0.2)
+        running.start()
+        try:
+            [op] = await queue(repo)
+            record = await finished(repo, op)
+        finally:
+            await running.stop()
+    finally:
+        await engine.dispose()
+    assert (record.status, record.message, record.progress) == ("succeeded", "done", 100)
+    steps = [message for status, message in committed if message.startswith("step ")]
+    assert steps == [f"step {n}" for n in range(20)]
+    assert committed[-1] == ("succeeded", "done")
+
+
+async def test_a_record_written_alongside_that_fails_leaves_the_outcome_alone(db_dsn: str) -> None:
+    written: list[str] = []
+
+    async def registry_down() -> None:
+        raise UpstreamError("the registry is unavailable")
+
+    async def registry_up() -> None:
+        written.append("loaded")
+
+    async def loads(ctx: RunContext) -> str:
+        ctx.alongside(registry_down())
+        ctx.alongside(registry_up())
+        return "loaded on w1"
+
+    async with repository(db_dsn) as repo, executor(db_dsn, {"install": loads}):
+        [op] = await queue(repo)
+        record = await finished(repo, op)
+    assert (record.status, record.message, record.attempts) == ("succeeded", "loaded on w1", 1)
+    assert written == ["loaded"]
+
+
+async def test_an_operation_started_at_once_is_claimed_by_its_creator(db_dsn: str) -> None:
+    release = asyncio.Event()
+    runs: Counter[str] = Counter()
+
+    async def held(ctx: RunContext) -> str:
+        runs[ctx.operation.operation_id] += 1
+        await release.wait()
+        return "loaded"
+
+    # The claim loop polls rarely here: only `create_and_run` can start the load soon.
+    async with repository(db_dsn) as repo, \
+            executor(db_dsn, {"load": held}, "exec-now", poll_interval_s=3600) as running:
+        first, second = await asyncio.gather(
+            running.create_and_run(NewOperation("load", "asset-now"), max_attempts=3),
+            running.create_and_run(NewOperation("load", "asset-now"), max_attempts=3))
+        assert first.operation_id == second.operation_id  # one load per asset, however many ask
+        started = await reached(repo, first.operation_id, lambda r: r.status == "running")
+        assert (started.lease_owner, started.attempts) == ("exec-now", 1)
+        release.set()
+        record = await finished(repo, first.operation_id)
+    assert record.status == "succeeded" and runs == Counter({first.operation_id: 1})
+
+
+async def test_an_operation_started_when_every_slot_is_taken_waits_its_turn(db_dsn: str) -> None:
+    release = asyncio.Event()
+
+    async def held(ctx: RunContext) -> str:
+        await release.wait()
+        return f"ran {ctx.operation.asset_id}"
+
+    async with repository(db_dsn) as repo, \
+            executor(db_dsn, {"load": held}, "exec-full", workers=1) as running:
+        busy = await running.create_and_run(NewOperation("load", "asset-busy"), max_attempts=3)
+        waiting = await running.create_and_run(NewOperation("load", "asset-waiting"), max_attempts=3)
+        assert (busy.status, waiting.status) == ("running", "queued")
+        release.set()
+        records = [await finished(repo, op.operation_id) for op in (busy, waiting)]
+    assert [(r.status, r.message) for r in records] == [
+        ("succeeded", "ran asset-busy"), ("succeeded", "ran asset-waiting")]

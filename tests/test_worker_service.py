@@ -24,6 +24,7 @@ from roundhouse.v1 import events_pb2, inference_pb2, worker_pb2
 from services.common.assetspec import AssetSpec
 from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
+from services.common.workerpool import WorkerPool
 from services.worker.settings import WorkerSettings
 
 MIB = 1024 * 1024
@@ -48,6 +49,25 @@ async def in_flight(worker: RunningWorker, asset_id: str) -> int:
     return sum(m.in_flight for m in (await info(worker)).models if m.asset_id == asset_id)
 
 
+
+
+async def test_a_pool_learns_a_placement_from_the_load_reply_as_the_worker_would_report_it(
+    worker: RunningWorker, sources: Path
+) -> None:
+    pool = WorkerPool([worker.address])
+    try:
+        await pool.refresh()
+        [handle] = pool.workers
+        assert pool.holders(TINY_CHAT) == []
+        for revision in (1, 2):  # a new revision replaces the old one: counted once
+            assert pool.note_loaded(handle, await load(worker, tiny_spec(sources, TINY_CHAT), revision))
+            assert pool.holders(TINY_CHAT) == [handle]
+            reported = await info(worker)
+            assert handle.info is not None
+            assert [(m.asset_id, m.revision) for m in handle.info.models] == [(TINY_CHAT, revision)]
+            assert handle.info.memory_used_bytes == reported.memory_used_bytes
+    finally:
+        await pool.close()
 
 
 def chat(model: str = TINY_CHAT, max_tokens: int = 12) -> inference_pb2.ChatRequest:
@@ -212,6 +232,9 @@ async def test_lifecycle_events_are_published(store: ModelStore, sources: Path, 
     finally:
         await bus.close()
     by_type = {(e.type, e.asset_id): e for e in events}
+    arrived = list(by_type)  # published in order, without the load waiting for them
+    assert arrived.index(("model.loading", TINY_EMBED)) < arrived.index(("model.loaded", TINY_EMBED))
+    assert arrived.index(("model.loaded", TINY_EMBED)) < arrived.index(("model.evicted", TINY_EMBED))
     assert {e.source for e in events} == {"worker"}
     assert {e.worker_id for e in events} == {(await_id := events[0].worker_id)} and await_id
     assert ("model.loading", TINY_EMBED) in by_type and ("model.loading", "not-installed") in by_type

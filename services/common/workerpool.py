@@ -150,6 +150,22 @@ class WorkerPool:
         targets = [worker] if worker else [w for w in self.workers if not w.down]
         await asyncio.gather(*(self._refresh_one(w) for w in targets))
 
+    def note_loaded(self, worker: WorkerHandle, model: worker_pb2.LoadedModel) -> bool:
+        """Count `model` as held by `worker` from now on, as the worker's own `LoadModel` reply
+        says, without asking it again (its next refresh or heartbeat brings the full picture).
+        False when there is no picture of it to amend (then refresh it)."""
+        if worker.info is None:
+            return False
+        info = worker_pb2.WorkerInfo()
+        info.CopyFrom(worker.info)
+        freed = sum(m.memory_bytes for m in info.models if m.asset_id == model.asset_id)
+        kept = [m for m in info.models if m.asset_id != model.asset_id]
+        del info.models[:]
+        info.models.extend([*kept, model])
+        info.memory_used_bytes = max(info.memory_used_bytes - freed, 0) + model.memory_bytes
+        worker.info = worker.last_info = info
+        return True
+
     async def _refresh_one(self, worker: WorkerHandle) -> None:
         try:
             worker.info = await worker.control.GetWorkerInfo(

@@ -6,6 +6,11 @@ runner works, and every write is guarded by the owner, so two runners never act 
 operation. When an instance dies its leases run out and any instance takes the work over,
 counting a new attempt. A cancel asked of another instance reaches the runner through the
 `cancel_requested` flag the heartbeat reads.
+
+Progress is bookkeeping, not work: a runner's reports are written in order by a task of their
+own while the runner goes on, and all of them are in before the operation's outcome is. An
+operation whose caller waits for it (a load a request is waiting on) can be queued and claimed
+in one transaction and started at once (`create_and_run`), without waiting for the claim loop.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Mapping
 
 from services.common.errors import Cancelled, RoundhouseError
-from services.jobs.model import OperationRecord, ProgressReport, is_transient
+from services.jobs.model import NewOperation, OperationRecord, ProgressReport, is_transient
 from services.jobs.repository import OperationRepository
 from services.jobs.runners import RunContext, Runner, StopReason, not_supported
 
@@ -24,15 +30,33 @@ log = logging.getLogger(__name__)
 
 
 class _Run:
-    """One operation this instance is running."""
+    """One operation this instance is running, and its progress reports not yet written."""
 
     def __init__(self, record: OperationRecord, executor: Executor) -> None:
-        self.ctx = RunContext(record, report=lambda r: executor._report(self, r))
+        self.ctx = RunContext(record, report=self._queue_report)
         self.stopped = asyncio.Event()
+        self._executor = executor
+        self._reports: deque[ProgressReport] = deque()
+        self._writer: asyncio.Task[None] | None = None
 
     @property
     def operation_id(self) -> str:
         return self.ctx.operation.operation_id
+
+    async def _queue_report(self, report: ProgressReport) -> None:
+        """Queue `report`; it is written after the ones before it, while the runner goes on."""
+        self._reports.append(report)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_reports(), name=f"progress-{self.operation_id}")
+
+    async def _write_reports(self) -> None:
+        while self._reports:
+            await self._executor._report(self, self._reports.popleft())
+
+    async def reported(self) -> None:
+        """Wait until every report queued so far is written (or failed to be)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
     def stop(self, reason: StopReason) -> None:
         """Ask the runner to stop; the first reason given is the one that counts."""
@@ -69,6 +93,8 @@ class Executor:
         self._backoff_s, self._backoff_max_s = backoff_s, backoff_max_s
         self._grace_s = cancel_grace_s
         self._runs: dict[str, _Run] = {}
+        self._starting = 0
+        """Slots held by `create_and_run` calls between their check and their launch."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -82,6 +108,35 @@ class Executor:
     def wake(self) -> None:
         """Look for work now (an operation was queued here)."""
         self._wake.set()
+
+    def _has_room(self) -> bool:
+        return len(self._runs) + self._starting < self._workers and not self._stopping
+
+    async def create_and_run(self, new: NewOperation, *, max_attempts: int) -> OperationRecord:
+        """Queue `new` and, when this instance has a free slot, claim it in the same transaction
+        and start it now; otherwise it waits in the queue like any other. Returns the operation
+        as created, or the one it joined (see `OperationRepository.create`)."""
+        if not self._has_room():
+            record = await self._repo.create(new, max_attempts=max_attempts)
+            self.wake()
+            return record
+        self._starting += 1
+        try:
+            record = await self._repo.create(new, max_attempts=max_attempts,
+                                             claim=(self.instance_id, self._lease_s))
+        finally:
+            self._starting -= 1
+        if record.lease_owner != self.instance_id or record.operation_id in self._runs:
+            if record.status == "queued":
+                self.wake()  # joined one still waiting in the queue
+            return record
+        if self._stopping:
+            requeued = await self._repo.requeue(
+                record.operation_id, self.instance_id, delay_s=0, refund_attempt=True,
+                message=f"{self.instance_id} is shutting down; queued again")
+            return requeued or record
+        self._launch(record)
+        return record
 
     def cancel(self, operation_id: str) -> bool:
         """Stop the operation at once if this instance runs it; False otherwise."""
@@ -105,7 +160,7 @@ class Executor:
         while not self._stopping:
             self._wake.clear()
             try:
-                while len(self._runs) < self._workers and not self._stopping:
+                while self._has_room():
                     record = await self._repo.claim(self.instance_id, self._lease_s)
                     if record is None:
                         break
@@ -130,6 +185,7 @@ class Executor:
         except Exception:  # noqa: BLE001 - the lease expires and another attempt follows
             log.exception("operation %s: recording its outcome failed", run.operation_id)
         finally:
+            await run.reported()
             del self._runs[run.operation_id]
             self._wake.set()
 
@@ -165,7 +221,8 @@ class Executor:
         finally:
             heartbeat.cancel()
             stopped.cancel()
-        await self._conclude(run, task)
+        await run.reported()  # its progress is in before its outcome
+        await asyncio.gather(self._conclude(run, task), self._bookkept(run))
 
     async def _conclude(self, run: _Run, task: asyncio.Task[str]) -> None:
         op, owner, reason = run.ctx.operation, self.instance_id, run.ctx.stop_reason
@@ -195,6 +252,13 @@ class Executor:
                 log.error("operation %s failed", op.operation_id, exc_info=exc)
             await self._repo.finish(op.operation_id, owner, "failed", message="failed",
                                     error=_describe(exc))
+
+    async def _bookkept(self, run: _Run) -> None:
+        """Wait for the records the runner left to be written alongside the outcome."""
+        for result in await asyncio.gather(*run.ctx.bookkeeping, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.warning("operation %s: a record written alongside it failed: %s",
+                            run.operation_id, _describe(result))
 
     async def _heartbeat(self, run: _Run) -> None:
         interval = min(self._lease_s / 3, 5.0)

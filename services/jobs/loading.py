@@ -1,15 +1,19 @@
 """Load and unload operations: put models on workers, evicting idle ones to make room.
 
 The jobs service sees workers through a `WorkerPool` kept fresh by their heartbeats. A load
-asks every worker for a current picture, chooses a worker (`placement.plan_placement`),
-unloads the victims there with reason `evict` (each is a `model.evicted` event from the
-worker, with its idle time and the asset it made room for), then loads. Observed state goes
-to the registry as it changes: `loading`, `loaded` (with the workers and measured
-capabilities), `sleeping` for evicted and slept models, `failed` for a load that failed.
+asks every worker for a current picture (while it reads the asset), chooses a worker
+(`placement.plan_placement`), unloads the victims there with reason `evict` (each is a
+`model.evicted` event from the worker, with its idle time and the asset it made room for),
+then loads. Observed state goes to the registry as it changes: `loading` (while the worker
+loads), `loaded` (with the workers and measured capabilities, written alongside the
+operation's outcome), `sleeping` for evicted and slept models, `failed` for a load that
+failed (before the operation's outcome, which the failed-model cooldown relies on). The
+worker's reply to the load is what the pool learns the placement from: no second call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
@@ -23,7 +27,7 @@ from services.common.grpc_client import domain_error
 from services.common.workerpool import WorkerHandle, WorkerPool
 from services.jobs.install import MIB, human_bytes
 from services.jobs.model import ProgressReport, is_transient
-from services.jobs.placement import Placement, Victim, plan_placement
+from services.jobs.placement import Placement, Victim, has_room, plan_placement
 from services.jobs.registry_client import RegistryClient
 from services.jobs.runners import RunContext
 
@@ -53,7 +57,8 @@ class LoadRunner:
 
     async def __call__(self, ctx: RunContext) -> str:
         op = ctx.operation
-        record = await self._registry.get_asset(op.asset_id)
+        await ctx.report(ProgressReport("asking the workers what they hold", progress=5))
+        record, _ = await asyncio.gather(self._registry.get_asset(op.asset_id), self._pool.refresh())
         if record.spec.desired == "disabled":
             raise AssetDisabled(f"model '{op.asset_id}' is disabled; enable it to load it")
         try:
@@ -68,8 +73,6 @@ class LoadRunner:
 
     async def _place_and_load(self, ctx: RunContext, record: AssetRecord) -> str:
         op = ctx.operation
-        await ctx.report(ProgressReport("asking the workers what they hold", progress=5))
-        await self._pool.refresh()
         holders = self._pool.holders(op.asset_id)
         current = [w for w in holders if _revision(w, op.asset_id) == record.revision]
         if current:
@@ -81,8 +84,10 @@ class LoadRunner:
             workers = [w for w in workers if w.worker_id == op.worker_id]
             if not workers:
                 raise ModelNotReady(f"worker '{op.worker_id}' is not available", retry_after_s=5)
-        desired = await self._desired_states(workers)
-        placement = plan_placement(workers, op.asset_id, footprint_bytes(record),
+        needed = footprint_bytes(record)
+        # Which held models are `running` matters only when something has to be evicted.
+        desired = {} if has_room(workers, needed) else await self._desired_states(workers)
+        placement = plan_placement(workers, op.asset_id, needed,
                                    lambda asset_id: desired.get(asset_id, "on-demand"),
                                    now=datetime.now(UTC), force=op.force)
         await self._evict(ctx, placement, op.asset_id)
@@ -124,19 +129,23 @@ class LoadRunner:
     async def _load(self, ctx: RunContext, worker: WorkerHandle, record: AssetRecord) -> str:
         asset_id = record.spec.asset_id
         await ctx.report(ProgressReport(f"loading on {worker.worker_id}", progress=40))
-        await self._registry.report_state(asset_id, "loading", message=f"loading on {worker.worker_id}")
+        loading = asyncio.create_task(self._registry.report_state(
+            asset_id, "loading", message=f"loading on {worker.worker_id}"))
         try:
             reply = await worker.control.LoadModel(
                 worker_pb2.LoadModelRequest(asset=record_to_proto(record)), timeout=self._load_call_s)
         except grpc.aio.AioRpcError as exc:
+            await self._pool.refresh(worker)
             raise domain_error(exc, unavailable=f"worker {worker.worker_id} is unavailable") from None
         finally:
-            await self._pool.refresh(worker)
+            await _recorded(loading)  # in the registry before whatever it hears of next
         model = reply.model
-        await self._registry.report_state(
+        if not self._pool.note_loaded(worker, model):
+            await self._pool.refresh(worker)
+        ctx.alongside(self._registry.report_state(
             asset_id, "loaded", message=f"loaded on {worker.worker_id}",
             worker_ids=[w.worker_id for w in self._pool.holders(asset_id)] or [worker.worker_id],
-            capabilities=model.capabilities)
+            capabilities=model.capabilities))
         return (f"loaded on {worker.worker_id} in {model.load_seconds:.2f}s "
                 f"({human_bytes(model.memory_bytes)})")
 
@@ -188,6 +197,15 @@ class UnloadRunner:
             await self._registry.report_state(op.asset_id, state, message=f"unloaded ({reason})")
         names = ", ".join(w.worker_id for w in holders)
         return f"unloaded from {names} ({reason}); {human_bytes(freed)} freed"
+
+
+async def _recorded(report: asyncio.Task[None]) -> None:
+    """Wait for a state report sent beside a call; its failure is logged, not raised: the work
+    it reports on goes on, and the next report replaces it."""
+    try:
+        await asyncio.shield(report)
+    except RoundhouseError as exc:
+        log.warning("could not record an observed state in the registry: %s", exc.message)
 
 
 def _revision(worker: WorkerHandle, asset_id: str) -> int:

@@ -36,6 +36,16 @@ class Placement:
     victims: tuple[Victim, ...] = ()
 
 
+def _reporting(workers: list[WorkerHandle]) -> list[WorkerHandle]:
+    return [w for w in workers if w.healthy and w.info is not None]
+
+
+def has_room(workers: list[WorkerHandle], needed_bytes: int) -> bool:
+    """Whether a worker can take `needed_bytes` without evicting anything (then `plan_placement`
+    never asks for a held model's desired state)."""
+    return any(w.free_bytes >= needed_bytes for w in _reporting(workers))
+
+
 def plan_placement(
     workers: list[WorkerHandle],
     asset_id: str,
@@ -50,7 +60,7 @@ def plan_placement(
 
     `desired_of(asset_id)` gives a held model's desired state (`on-demand`, `running`, ...).
     """
-    reporting = [w for w in workers if w.healthy and w.info is not None]
+    reporting = _reporting(workers)
     if not reporting:
         raise ModelNotReady(f"cannot load '{asset_id}' now: no worker is available", retry_after_s=5)
     roomy = [w for w in reporting if w.free_bytes >= needed_bytes]

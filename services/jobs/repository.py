@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import and_, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
@@ -38,13 +38,14 @@ _MICROSECOND = timedelta(microseconds=1)
 
 
 class OperationRepository:
-    """Reads and writes operations; `on_change(operation_id)` runs after every commit."""
+    """Reads and writes operations; `on_change(operation_id, record)` runs after every commit
+    that changed one, with the operation as that commit left it."""
 
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
         *,
-        on_change: Callable[[str], None] = lambda _: None,
+        on_change: Callable[[str, OperationRecord], None] = lambda *_: None,
     ) -> None:
         self._sessions = sessions
         self._on_change = on_change
@@ -55,12 +56,15 @@ class OperationRepository:
             row = await session.scalar(select(Operation).where(Operation.idempotency_key == key))
         return _record(row) if row else None
 
-    async def create(self, new: NewOperation, *, max_attempts: int) -> OperationRecord:
+    async def create(
+        self, new: NewOperation, *, max_attempts: int, claim: tuple[str, float] | None = None
+    ) -> OperationRecord:
         """Queue `new` (event `job.queued`) and return it.
 
         With a key already used, returns the first operation submitted with it. A load of an
         asset that already has a load queued or running joins that one instead (one load per
-        asset at a time, across every jobs instance).
+        asset at a time, across every jobs instance). With `claim` (owner, lease seconds), a
+        new operation is also claimed for that owner in the same transaction, as `claim` would.
         """
         for _ in range(3):
             async with self._sessions() as session, session.begin():
@@ -76,9 +80,13 @@ class OperationRepository:
                 )
                 if row is not None:
                     _emit(session, "queued", row)
+                    if claim is not None:
+                        owner, lease_s = claim
+                        row = await _update(session, row.operation_id, status="running", lease_owner=owner,
+                                            lease_expires_at=_lease(lease_s), attempts=Operation.attempts + 1,
+                                            started_at=func.now(), message="starting")
             if row is not None:
-                self._on_change(str(row.operation_id))
-                return _record(row)
+                return self._changed(row)
             existing = await self.by_key(new.idempotency_key) if new.idempotency_key else None
             if existing is not None:
                 if not new.same_request(existing):
@@ -151,8 +159,7 @@ class OperationRepository:
                 row = await _update(session, op_id, message="cancelling",
                                     params=Operation.params.op("||", return_type=JSONB)(flag))
         assert row is not None  # locked above
-        self._on_change(operation_id)
-        return _record(row)
+        return self._changed(row)
 
     async def claim(self, owner: str, lease_s: float) -> OperationRecord | None:
         """Atomically take the oldest claimable operation for `owner`; None when there is none."""
@@ -176,8 +183,7 @@ class OperationRepository:
                                 started_at=func.coalesce(Operation.started_at, func.now()),
                                 message=message)
         assert row is not None  # locked above
-        self._on_change(str(op_id))
-        return _record(row)
+        return self._changed(row)
 
     async def renew(self, operation_id: str, owner: str, lease_s: float) -> OperationRecord | None:
         """Extend `owner`'s lease; None when it no longer holds the operation."""
@@ -226,11 +232,18 @@ class OperationRepository:
                 _emit(session, "queued", row)
         return self._changed(row)
 
+    @overload
+    def _changed(self, row: Operation) -> OperationRecord: ...
+
+    @overload
+    def _changed(self, row: Operation | None) -> OperationRecord | None: ...
+
     def _changed(self, row: Operation | None) -> OperationRecord | None:
         if row is None:
             return None
-        self._on_change(str(row.operation_id))
-        return _record(row)
+        record = _record(row)
+        self._on_change(record.operation_id, record)
+        return record
 
 
 def _held(owner: str) -> tuple[Any, ...]:

@@ -36,6 +36,14 @@ class RunContext:
     """Set when the run must stop: cancelled, timed out, lease lost, or shutting down."""
     stop_reason: StopReason | None = None
     """Why `cancel` was set, once it is."""
+    bookkeeping: list[asyncio.Task[None]] = field(default_factory=list)
+    """Records the runner started with `alongside`, awaited with the operation's outcome."""
+
+    def alongside(self, record: Coroutine[Any, Any, None]) -> None:
+        """Write `record` (bookkeeping elsewhere, such as an observed state in the registry)
+        while the operation's own outcome is written, rather than before it. It is done when
+        the operation's outcome is; if it fails, that is logged, not the operation's failure."""
+        self.bookkeeping.append(asyncio.create_task(record))
 
     @property
     def final_attempt(self) -> bool:

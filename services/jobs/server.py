@@ -19,6 +19,7 @@ from services.common.workerpool import WorkerPool
 from services.jobs.executor import Executor
 from services.jobs.install import GIB, InstallRunner
 from services.jobs.loading import LoadRunner, ProfileRunner, UnloadRunner
+from services.jobs.model import OperationRecord
 from services.jobs.reconciler import Reconciler
 from services.jobs.registry_client import RegistryClient
 from services.jobs.repository import OperationRepository
@@ -92,9 +93,9 @@ async def build_app(
     relay.start()
     notifier = ChangeNotifier()
 
-    def on_change(operation_id: str) -> None:
+    def on_change(operation_id: str, record: OperationRecord) -> None:
         relay.notify()
-        notifier.notify(operation_id)
+        notifier.notify(operation_id, record)
 
     repository = OperationRepository(make_sessionmaker(engine), on_change=on_change)
     registry = RegistryClient(settings.registry_address, settings)

@@ -107,19 +107,19 @@ class JobService:
         """Make sure a worker holds the asset, waiting up to `wait_s` for it.
 
         Already held: returns at once. Otherwise joins the asset's load under way or queues
-        one, so any number of concurrent callers cause one load. A load that fails raises
-        `ModelFailed` with its reason, and so does every call during the failure's cooldown
-        (see `cooldown`), without another load; a cancelled load raises `ModelNotReady`. One
-        still running after `wait_s` comes back with `loaded` False and the operation to watch.
+        one, started here at once when this instance has a free slot, so any number of
+        concurrent callers cause one load. A load that fails raises `ModelFailed` with its
+        reason, and so does every call during the failure's cooldown (see `cooldown`), without
+        another load; a cancelled load raises `ModelNotReady`. One still running after
+        `wait_s` comes back with `loaded` False and the operation to watch.
         """
         record = await self._registry.get_asset(asset_id)
         check_serves(record, asset_id, "")
         if holders := self.pool.holders(asset_id):
             return Loaded(True, [w.worker_id for w in holders])
         check_not_cooling(record, self._failure_cooldown_s)
-        operation = await self._repo.create(NewOperation("load", asset_id),
-                                            max_attempts=self._max_attempts)
-        self._executor.wake()
+        operation = await self._executor.create_and_run(NewOperation("load", asset_id),
+                                                        max_attempts=self._max_attempts)
         if wait_s > 0:
             operation = await self._latest(operation, wait_s)
         if operation.status == "failed":

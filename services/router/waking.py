@@ -4,6 +4,10 @@ The router never loads models itself. When no worker holds an asset it asks the 
 (`Jobs.EnsureLoaded`), which runs one load operation however many routers and requests ask,
 placing it and evicting idle models as needed. Concurrent requests here share one call;
 requests to models that are already held never wait on it.
+
+The reply names the workers that hold the model now, and the waiting requests go to them at
+once; the router's own picture of those workers is refreshed behind them, and requests that
+arrive meanwhile are placed from the same reply.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ class ModelWaker:
         self._pool = pool
         self._wait_s = wait_s
         self._jobs = jobs
-        self._wakes: dict[str, asyncio.Task[None]] = {}
+        self._wakes: dict[str, asyncio.Future[list[WorkerHandle]]] = {}
+        """Per asset being woken: the workers holding it, once the jobs service said so."""
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def place(self, record: AssetRecord, *,
                     on_wake: Callable[[], None] | None = None) -> WorkerHandle:
@@ -42,21 +48,52 @@ class ModelWaker:
             return worker
         if on_wake is not None:
             on_wake()
-        task = self._wakes.get(asset_id)
-        if task is None:
-            task = asyncio.create_task(self._wake(asset_id), name=f"wake-{asset_id}")
-            self._wakes[asset_id] = task
-            task.add_done_callback(lambda _: self._wakes.pop(asset_id, None))
+        holders = self._wakes.get(asset_id)
+        if holders is None:
+            holders = self._start_wake(asset_id)
         # A request that gives up leaves the wake-up running for the others.
-        await asyncio.shield(task)
-        worker = self._pool.pick(asset_id)
+        woken = await asyncio.shield(holders)
+        worker = self._pool.pick(asset_id) or min(
+            (w for w in woken if w.healthy), key=lambda w: w.in_flight[asset_id], default=None)
         if worker is None:
             raise ModelNotReady(f"model '{asset_id}' is not loaded on any worker yet; retry later",
                                 retry_after_s=2.0)
         return worker
 
-    async def _wake(self, asset_id: str) -> None:
+    def _start_wake(self, asset_id: str) -> asyncio.Future[list[WorkerHandle]]:
+        holders: asyncio.Future[list[WorkerHandle]] = asyncio.get_running_loop().create_future()
+        # Retrieved here too, in case every request waiting for it gave up.
+        holders.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._wakes[asset_id] = holders
+        task = asyncio.create_task(self._wake(asset_id, holders), name=f"wake-{asset_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return holders
+
+    async def _wake(self, asset_id: str, holders: asyncio.Future[list[WorkerHandle]]) -> None:
+        """Ask for the load and hand the holders to the waiting requests, then bring the pool's
+        picture of them up to date; the wake counts as under way until then."""
         log.info("waking %s", asset_id)
+        try:
+            try:
+                worker_ids = await self._ensure_loaded(asset_id)
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets it
+                holders.set_exception(exc)
+                return
+            known = [w for i in worker_ids if (w := self._pool.find(worker_id=i)) and w.healthy]
+            if not known or len(known) < len(worker_ids):  # a worker this router has not heard from yet
+                await self._pool.refresh()
+                holders.set_result(self._pool.holders(asset_id))
+                return
+            holders.set_result(known)
+            await asyncio.gather(*(self._pool.refresh(w) for w in known))
+        finally:
+            if not holders.done():
+                holders.cancel()
+            self._wakes.pop(asset_id, None)
+
+    async def _ensure_loaded(self, asset_id: str) -> list[str]:
+        """The workers holding the asset once the jobs service has it loaded."""
         try:
             reply = await self._jobs.EnsureLoaded(
                 jobs_pb2.EnsureLoadedRequest(asset_id=asset_id, wait_s=self._wait_s),
@@ -70,8 +107,4 @@ class ModelWaker:
             raise ModelNotReady(
                 f"model '{asset_id}' is still loading (operation {reply.operation.operation_id}); "
                 "retry later", retry_after_s=5.0)
-        holders = [w for i in reply.worker_ids if (w := self._pool.find(worker_id=i))]
-        if holders:
-            await asyncio.gather(*(self._pool.refresh(w) for w in holders))
-        else:  # a worker this router has not heard from yet
-            await self._pool.refresh()
+        return list(reply.worker_ids)

@@ -4,9 +4,10 @@ failed here."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -65,7 +66,9 @@ class ModelHost:
     models are remembered (`info().failed_models`) until the asset loads again.
     Events (`model.loading`, `model.loaded`, `model.load_failed`, `model.degraded`, and on
     unload `model.unloaded`, `model.evicted` or `model.sleeping` by reason) are published
-    best effort when a bus is attached.
+    best effort when a bus is attached, in order, without holding up the work they report:
+    a load starts while `model.loading` is on its way, and answers before `model.loaded` is
+    acknowledged.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class ModelHost:
         self._failed: dict[str, FailedModelInfo] = {}
         self._failure_listeners: list[FailureListener] = []
         self._dropping: set[asyncio.Task[None]] = set()
+        self._last_event: asyncio.Task[None] | None = None
 
     def identify(self, worker_id: str, address: str) -> None:
         """Name the worker once its port is known."""
@@ -168,10 +172,10 @@ class ModelHost:
             self._check_budget(asset_id, declared, self._committed_bytes(replacing))
         except QuotaExceeded as exc:
             self._remember_failure(record, exc.message, "load")
-            await self._publish("model.load_failed", asset_id, reason=exc.message)
+            self._publish("model.load_failed", asset_id, reason=exc.message)
             raise
         self._reserved[asset_id] = declared
-        await self._publish("model.loading", asset_id)
+        self._publish("model.loading", asset_id)
         started = time.perf_counter()
         try:
             model = await asyncio.to_thread(self._loader, record, self._store)
@@ -188,7 +192,7 @@ class ModelHost:
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             log.warning("loading %s failed: %s", asset_id, reason)
             self._remember_failure(record, reason, "load")
-            await self._publish("model.load_failed", asset_id, reason=reason)
+            self._publish("model.load_failed", asset_id, reason=reason)
             raise
         # What it replaces now: the model `replacing` names may have been unloaded or dropped.
         previous = self._held.get(asset_id)
@@ -198,8 +202,8 @@ class ModelHost:
         if previous is not None:
             await self._retire(previous)
         log.info("loaded %s in %.2fs (%s)", asset_id, held.load_seconds, mib(held.memory_bytes))
-        await self._publish("model.loaded", asset_id, load_seconds=held.load_seconds,
-                            memory_bytes=held.memory_bytes)
+        self._publish("model.loaded", asset_id, load_seconds=held.load_seconds,
+                      memory_bytes=held.memory_bytes)
         return held
 
     def _remember_failure(self, record: AssetRecord, reason: str, stage: FailureStage) -> FailedModelInfo:
@@ -234,8 +238,8 @@ class ModelHost:
             await held.model.close()
         except Exception:  # the model is dropped either way; its memory is what is at stake
             log.exception("closing failed model %s", failed.asset_id)
-        await self._publish("model.degraded", failed.asset_id, reason=failed.reason,
-                            memory_bytes=held.memory_bytes)
+        self._publish("model.degraded", failed.asset_id, reason=failed.reason,
+                      memory_bytes=held.memory_bytes)
 
     async def _retire(self, old: HeldModel) -> None:
         """Close a replaced revision now, or when its last running request ends."""
@@ -264,9 +268,9 @@ class ModelHost:
         await held.model.close()
         idle = (datetime.now(UTC) - held.last_used_at).total_seconds()
         log.info("unloaded %s (%s): freed %s", asset_id, reason or "operator", mib(held.memory_bytes))
-        await self._publish(UNLOAD_EVENTS.get(reason, "model.unloaded"), asset_id,
-                            reason=reason or "operator", memory_bytes=held.memory_bytes,
-                            idle_seconds=idle, evicted_for=evicted_for)
+        self._publish(UNLOAD_EVENTS.get(reason, "model.unloaded"), asset_id,
+                      reason=reason or "operator", memory_bytes=held.memory_bytes,
+                      idle_seconds=idle, evicted_for=evicted_for)
         return held.memory_bytes
 
     @asynccontextmanager
@@ -307,11 +311,27 @@ class ModelHost:
         for asset_id in list(self._held):
             await self.unload(asset_id, force=True, reason="shutdown")
         await asyncio.gather(*self._dropping, return_exceptions=True)
+        await self.events_sent()
 
-    async def _publish(self, kind: str, asset_id: str, **detail: Any) -> None:
+    def _publish(self, kind: str, asset_id: str, **detail: Any) -> None:
+        """Publish a model event after those published before it, without the caller waiting
+        for NATS (a load's reply does not wait for its `model.loaded`)."""
         if self._bus is None:
             return
+        send = functools.partial(self._bus.publish, model_event(kind, asset_id, self.worker_id, **detail))
+        self._last_event = asyncio.create_task(self._send(send, f"{kind} for {asset_id}", self._last_event),
+                                               name=f"publish-{kind}-{asset_id}")
+
+    @staticmethod
+    async def _send(send: Callable[[], Awaitable[object]], what: str, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
         try:
-            await self._bus.publish(model_event(kind, asset_id, self.worker_id, **detail))
+            await send()
         except Exception as exc:  # noqa: BLE001 - events are best effort; serving goes on
-            log.warning("could not publish %s for %s: %s", kind, asset_id, exc)
+            log.warning("could not publish %s: %s", what, exc)
+
+    async def events_sent(self) -> None:
+        """Wait until every event published so far has been sent (or failed to be)."""
+        if self._last_event is not None:
+            await asyncio.wait([self._last_event])

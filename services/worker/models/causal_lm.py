@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from services.common.assetspec import AssetSpec, Generation
 from services.common.errors import ContextLengthExceeded
 from services.worker.models.chat_template import PromptBuilder, accepts_system_role, accepts_tools
 from services.worker.models.engine import BatchingSettings, ChatEngine
+from services.worker.models.engine.engine import probe_model
 from services.worker.models.generation import Sampling
 from services.worker.models.streaming_text import IncrementalDecoder, StopMatcher
 from services.worker.models.types import (
@@ -32,6 +33,12 @@ from services.worker.models.types import (
 log = logging.getLogger(__name__)
 
 _SANE_MAX_LENGTH = 10_000_000
+
+_PROBED: set[tuple[str, str, str]] = set()
+"""Model folders (with their device and config) that passed the chat engine's probe in this
+process. The probe checks what the model's code does with the engine's inputs, which loading the
+same files again cannot change: a model woken after sleeping skips it (failures are not
+remembered, so a model that failed it is probed again at its next load)."""
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -103,15 +110,22 @@ class TransformersChatModel(HostedModel):
     def load(cls, spec: AssetSpec, folder: Path, batching: BatchingSettings | None = None) -> TransformersChatModel:
         """Load from a Hugging Face folder and measure capabilities. Blocking: run in a thread.
 
-        `batching=None` uses the engine's default sizes.
+        The chat engine's probe runs at the first load of the folder in this process (see
+        `_PROBED`). `batching=None` uses the engine's default sizes.
         """
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder)  # read once, for the tokenizer and the model
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32)
         model.eval().requires_grad_(False)
+        probed = (str(Path(folder).resolve()), str(model.device), config.to_json_string())
+        if probed not in _PROBED:
+            probe_model(model, spec.asset_id)
+            _PROBED.add(probed)
         context = detect_context_length(model, tokenizer, spec)
         system_role, tools = accepts_system_role(tokenizer), accepts_tools(tokenizer)
         # The engine's thread starts with it: built last, and stopped if what follows fails.
-        engine = ChatEngine(model, context, _eos_token_ids(model, tokenizer), batching, name=spec.asset_id)
+        engine = ChatEngine(model, context, _eos_token_ids(model, tokenizer), batching, name=spec.asset_id,
+                            probe=False)
         try:
             capabilities = Capabilities(
                 context_length=context,

@@ -12,6 +12,7 @@ its owner is told (see `ChatEngine.watch`).
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import logging
 import threading
@@ -44,10 +45,66 @@ class BatchingSettings:
     runs when the batch is empty."""
     max_cache_bytes: int = 512 * 1024 * 1024
     """Upper bound of the default budget."""
-    max_batch_tokens: int = 512
+    max_batch_tokens: int = 1024
     """Prompt tokens per prefill pass (longer prompts are prefilled in chunks)."""
     max_requests_per_batch: int = 16
     """Sequences decoded together."""
+
+
+def cache_argument(model: Any) -> str:
+    """The name of the forward's cache argument: transformers renamed `past_key_values` to
+    `cache` (5.2x); whichever this model's forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def probe_model(model: Any, name: str = "model") -> None:
+    """Check that the engine can run `model` as it will: prefill a short prompt, join its cache
+    and a shorter one into one padded batch and decode a step for both rows. Raises
+    `RuntimeError` saying why not (a cache that is not plain keys and values, a forward without
+    `position_ids` or `logits_to_keep`...), so that a model the engine cannot serve fails to load.
+
+    Two forward passes: the shorter row is the first one's cache cut to its first tokens (what
+    a prefill of that prefix would hold), not a prefill of its own; on a busy CPU every pass of
+    the whole model counts in the load.
+    """
+    device, cache_kwarg = model.device, cache_argument(model)
+    try:
+        with torch.inference_mode():
+            cache = DynamicCache()
+            ids = torch.tensor([[1, 2, 3]], dtype=torch.long, device=device)
+            model(
+                input_ids=ids, attention_mask=torch.ones_like(ids),
+                position_ids=torch.arange(3, device=device)[None],
+                **{cache_kwarg: cache}, use_cache=True, logits_to_keep=1,
+            )  # fmt: skip
+            batch = BatchCache(device)
+            batch.join(cache, 3)
+            batch.join(_prefix(cache, 2), 2)
+            mask, positions = batch.step_inputs()
+            out = model(
+                input_ids=torch.ones((2, 1), dtype=torch.long, device=device), attention_mask=mask,
+                position_ids=positions, **{cache_kwarg: batch.cache}, use_cache=True, logits_to_keep=1,
+            )  # fmt: skip
+            batch.advance(mask)
+            if tuple(out.logits.shape[:2]) != (2, 1):
+                raise TypeError(f"a batched step returned logits of shape {tuple(out.logits.shape)}")
+    except Exception as exc:
+        detail = str(exc) or type(exc).__name__
+        raise RuntimeError(f"the chat engine cannot serve model '{name}': {detail}") from exc
+
+
+def _prefix(cache: DynamicCache, tokens: int) -> DynamicCache:
+    """A copy of a batch-of-one cache holding only its first `tokens` tokens (views; joining a
+    batch builds new tensors, so the original is left as it was). Layers without plain key and
+    value tensors are kept as they are, for `BatchCache.join` to refuse by name."""
+    shorter = copy.copy(cache)
+    shorter.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in shorter.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
+            plain: Any = layer
+            plain.keys, plain.values = keys[:, :, :tokens], values[:, :, :tokens]
+    return shorter
 
 
 class ChatEngine:
@@ -67,7 +124,14 @@ class ChatEngine:
         settings: BatchingSettings | None = None,
         *,
         name: str = "model",
+        probe: bool = True,
     ) -> None:
+        """Start serving `model`; first `probe_model` checks that it can (`RuntimeError` if not).
+
+        `probe=False` skips that check, for a caller that probes models itself (the worker's
+        load probes each model folder once per process). Nothing else is prepared here: the KV
+        cache grows with the requests that run.
+        """
         self.settings = settings or BatchingSettings()
         self.name = name
         """Who the engine serves (the asset id), for messages."""
@@ -82,11 +146,12 @@ class ChatEngine:
         """The largest padded cache (rows x columns) the running batch has held, for tests and metrics."""
         self._model = model
         self._device = model.device
-        # transformers renamed `past_key_values` to `cache` (5.2x); take whichever this one has.
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kwarg = cache_argument(model)
         self._eos = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=self._device)
         self._eos_ids = set(eos_token_ids)
-        self._scheduler = Scheduler(self.capacity_tokens, self.settings.max_requests_per_batch)
+        self._scheduler = Scheduler(
+            self.capacity_tokens, self.settings.max_requests_per_batch, self.settings.max_batch_tokens
+        )
         self._batch = Batch(self._device)
         self._outbox = Outbox()
         self._streams: dict[str, TokenStream] = {}
@@ -96,39 +161,10 @@ class ChatEngine:
         self._on_failure: Callable[[str], None] | None = None
         self._unreported: str | None = None
         self._death: str | None = None
-        self.probe()
+        if probe:
+            probe_model(model, name)
         self._thread = threading.Thread(target=self._run, name=f"chat-engine-{name}", daemon=True)
         self._thread.start()
-
-    def probe(self) -> None:
-        """Check that the engine can run this model, as it will: prefill two short prompts, join
-        them into one padded batch and decode a step. Raises `RuntimeError` saying why not (a
-        cache that is not plain keys and values, a forward without `position_ids` or
-        `logits_to_keep`...), so that a model the engine cannot serve fails to load.
-        """
-        try:
-            with torch.inference_mode():
-                batch = BatchCache(self._device)
-                for prompt in ([1, 2, 3], [4, 5]):
-                    cache = DynamicCache()
-                    ids = torch.tensor([prompt], dtype=torch.long, device=self._device)
-                    self._model(
-                        input_ids=ids, attention_mask=torch.ones_like(ids),
-                        position_ids=torch.arange(len(prompt), device=self._device)[None],
-                        **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=1,
-                    )  # fmt: skip
-                    batch.join(cache, len(prompt))
-                mask, positions = batch.step_inputs()
-                out = self._model(
-                    input_ids=torch.ones((2, 1), dtype=torch.long, device=self._device), attention_mask=mask,
-                    position_ids=positions, **{self._cache_kwarg: batch.cache}, use_cache=True, logits_to_keep=1,
-                )  # fmt: skip
-                batch.advance(mask)
-                if tuple(out.logits.shape[:2]) != (2, 1):
-                    raise TypeError(f"a batched step returned logits of shape {tuple(out.logits.shape)}")
-        except Exception as exc:
-            detail = str(exc) or type(exc).__name__
-            raise RuntimeError(f"the chat engine cannot serve model '{self.name}': {detail}") from exc
 
     @property
     def active_streams(self) -> int:
@@ -201,6 +237,8 @@ class ChatEngine:
                     self._batch.drop(turn.cancelled)
                     if turn.prefill is not None:
                         self._prefill(turn.prefill)
+                    if turn.prefills:
+                        self._prefill_together(turn.prefills)
                     if self._batch.rows:
                         self._decode()
                     self._outbox.flush()
@@ -242,6 +280,31 @@ class ChatEngine:
             return
         self._batch.join(sequence, token, rows)
         self._measure()
+
+    def _prefill_together(self, sequences: list[Sequence]) -> None:
+        """Prefill short prompts in one pass (left-padded, as `generate` does), draw their first
+        tokens and join them to the batch together."""
+        width = max(len(s.prompt) for s in sequences)
+        ids = torch.tensor([[0] * (width - len(s.prompt)) + s.prompt for s in sequences], device=self._device)
+        lengths = torch.tensor([len(s.prompt) for s in sequences], device=self._device)
+        mask = (torch.arange(width, device=self._device)[None] >= (width - lengths)[:, None]).long()
+        cache = DynamicCache()
+        out = self._model(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+            **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        rows = SamplingRows.of([s.sampling for s in sequences], self._device)
+        tokens = sample(out.logits[:, -1], rows, torch.zeros((len(sequences),), dtype=torch.long, device=self._device))
+        for sequence, token in zip(sequences, tokens.tolist(), strict=True):
+            self._outbox.put(sequence.stream, token)
+        self._batch.join_many(sequences, cache, tokens, rows)
+        self._measure()
+        done = torch.isin(tokens, self._eos) | (self._batch.max_new[-len(sequences) :] <= 1)
+        if bool(done.any()):
+            keep = torch.ones((self._batch.rows,), dtype=torch.bool, device=self._device)
+            keep[-len(sequences) :] = ~done
+            for sequence in self._batch.keep(keep):
+                self._finished(sequence)
 
     def _decode(self) -> None:
         """One token for every running sequence, in one forward pass."""
