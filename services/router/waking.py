@@ -80,8 +80,12 @@ class ModelWaker:
             except Exception as exc:  # noqa: BLE001 - every waiting request gets it
                 holders.set_exception(exc)
                 return
-            known = [w for i in worker_ids if (w := self._pool.find(worker_id=i)) and w.healthy]
-            if not known or len(known) < len(worker_ids):  # a worker this router has not heard from yet
+            known = [w for i in worker_ids if (w := self._pool.find(worker_id=i)) and w.healthy
+                     and w.channel.get_state() == grpc.ChannelConnectivity.READY]
+            # A worker this router has not heard from yet, or whose connection is not up (it
+            # started after the router, say, and the channel is between reconnect attempts: a
+            # call now would fail at once): the refresh waits for the connection.
+            if not known or len(known) < len(worker_ids):
                 await self._pool.refresh()
                 holders.set_result(self._pool.holders(asset_id))
                 return
