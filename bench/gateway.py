@@ -28,7 +28,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,13 +46,10 @@ import psutil
 import yaml
 
 from bench.results import record
-from bench.stack import READY_LINE, Stack, bench_store, print_table
+from bench.stack import SERVICE_NAMES, Stack, print_table, running_stack, stack_processes
 from bench.upstream import VECTOR
-from services.cli.bootstrap import admin_key_path
-from services.common.embedded import free_port
 
 ASSET = "bench-remote"
-SERVICES = ("registry", "worker", "router", "jobs")
 KEY_ENV = "OPENAI_API_KEY"
 CHAT_PATH = "/v1/chat/completions"
 BODY = orjson.dumps({"model": ASSET, "max_tokens": 16,
@@ -97,68 +93,17 @@ def remote_asset(upstream_url: str) -> dict[str, Any]:
 
 @contextmanager
 def remote_stack(upstream_url: str, timeout_s: float = 300) -> Iterator[tuple[Stack, dict[str, psutil.Process]]]:
-    """`roundhouse up` in a throwaway home with the remote asset as its whole catalog; the stack
-    and its service processes by name. Like `bench.stack.running_stack`, which applies the
-    built-in catalog instead."""
-    home = Path(tempfile.mkdtemp(prefix="roundhouse-bench-"))
-    os.chmod(home, 0o755)  # embedded Postgres runs as an unprivileged user
-    catalog = home / "catalog"
-    catalog.mkdir()
-    (catalog / "remote.yaml").write_text(yaml.safe_dump(remote_asset(upstream_url)))
-    ports = {name: free_port() for name in ("registry", "router", "worker", "http", "jobs")}
-    token = secrets.token_urlsafe(32)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROUNDHOUSE_")}
-    env.update({
-        "ROUNDHOUSE_HOME": str(home),
-        "ROUNDHOUSE_MODEL_STORE": str(bench_store()),
-        "ROUNDHOUSE_INTERNAL_TOKEN": token,
-        "ROUNDHOUSE_REGISTRY_ADDRESS": f"127.0.0.1:{ports['registry']}",
-        "ROUNDHOUSE_ROUTER_ADDRESS": f"127.0.0.1:{ports['router']}",
-        "ROUNDHOUSE_WORKER_ADDRESS": f"127.0.0.1:{ports['worker']}",
-        "ROUNDHOUSE_WORKER_ADDRESSES": f'["127.0.0.1:{ports["worker"]}"]',
-        "ROUNDHOUSE_HTTP_PORT": str(ports["http"]),
-        "ROUNDHOUSE_JOBS_ADDRESS": f"127.0.0.1:{ports['jobs']}",
-        "ROUNDHOUSE_LOG_LEVEL": "WARNING",
-        KEY_ENV: "sk-bench-" + secrets.token_hex(8),  # the upstream takes any key
-    })
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", "--catalog", str(catalog)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ready = threading.Event()
-    lines: list[str] = []
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if READY_LINE in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while not ready.wait(0.5):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("roundhouse up did not come up:\n" + "".join(lines[-40:]))
-    try:
-        stack = Stack(f"http://127.0.0.1:{ports['http']}", f"127.0.0.1:{ports['router']}",
-                      f"127.0.0.1:{ports['worker']}", bench_store(),
-                      admin_key_path(home).read_text().strip(), token)
-        yield stack, service_processes(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
-        shutil.rmtree(home, ignore_errors=True)
-
-
-def service_processes(up_pid: int) -> dict[str, psutil.Process]:
-    """The service processes `roundhouse up` (process `up_pid`) runs, by service name."""
-    found: dict[str, psutil.Process] = {}
-    for child in psutil.Process(up_pid).children(recursive=True):
-        with suppress(psutil.Error):
-            argv = child.cmdline()
-            if argv[-2:-1] == ["services.cli.main"] and argv[-1] in SERVICES:
-                found[argv[-1]] = child
-    return found
+    """`roundhouse up` (`bench.stack.running_stack`) with the remote asset as its whole catalog;
+    the stack and its service processes by name."""
+    with tempfile.TemporaryDirectory(prefix="roundhouse-bench-catalog-") as folder:
+        catalog = Path(folder)
+        (catalog / "remote.yaml").write_text(yaml.safe_dump(remote_asset(upstream_url)))
+        key = {KEY_ENV: "sk-bench-" + secrets.token_hex(8)}  # the upstream takes any key
+        with running_stack(timeout_s=timeout_s, catalog=catalog, env=key) as stack:
+            # Each part's first process is the service itself; the rest are what it started.
+            services = {name: processes[0] for name, processes in stack_processes(stack).items()
+                        if name in SERVICE_NAMES}
+            yield stack, services
 
 
 async def wait_served(stack: Stack, timeout_s: float = 120) -> None:

@@ -193,13 +193,7 @@ class OpenAIUpstream:
                 payload = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._unreachable(exc) from None
-        try:
-            data = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("upstream returned a body that is not JSON") from None
-        if not isinstance(data, dict):
-            raise UpstreamError("upstream returned JSON that is not an object")
-        return data
+        return _json_object(payload, "returned a body")
 
     async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
         if response.status < 400:
@@ -257,16 +251,18 @@ async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[st
         payload, data = b"\n".join(data), []
         if payload == b"[DONE]":
             return
-        yield _event(payload)
+        yield _json_object(payload, "sent an event")
     if data and data[0] != b"[DONE]":
-        yield _event(b"\n".join(data))
+        yield _json_object(b"\n".join(data), "sent an event")
 
 
-def _event(payload: bytes) -> dict[str, Any]:
+def _json_object(payload: bytes, what: str) -> dict[str, Any]:
+    """`payload` parsed as a JSON object; `UpstreamError` saying what the upstream `what`
+    ("returned a body", "sent an event") was otherwise."""
     try:
-        event = orjson.loads(payload)
+        value = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        raise UpstreamError("upstream sent an event that is not JSON") from None
-    if not isinstance(event, dict):
-        raise UpstreamError("upstream sent an event that is not a JSON object")
-    return event
+        raise UpstreamError(f"upstream {what} that is not JSON") from None
+    if not isinstance(value, dict):
+        raise UpstreamError(f"upstream {what} that is not a JSON object")
+    return value
