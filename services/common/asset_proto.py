@@ -105,7 +105,8 @@ def spec_to_proto(spec: AssetSpec) -> asset_pb2.AssetSpec:
         ),
         resources=asset_pb2.Resources(**_present(doc["resources"])),
         lifecycle=asset_pb2.Lifecycle(
-            desired=DESIRED[spec.desired], auto_sleep_min=spec.auto_sleep_min
+            desired=DESIRED[spec.desired], auto_sleep_min=spec.auto_sleep_min,
+            min_resident_s=spec.lifecycle.min_resident_s,
         ),
         policy=asset_pb2.Policy(**doc["policy"]),
         generation=asset_pb2.Generation(**_present(doc["generation"])),
@@ -156,6 +157,8 @@ def spec_document_from_proto(msg: asset_pb2.AssetSpec) -> dict[str, Any]:
             doc["lifecycle"]["desired"] = DESIRED_NAMES.get(lc.desired, f"unspecified({lc.desired})")
         if lc.HasField("auto_sleep_min"):
             doc["lifecycle"]["auto_sleep_min"] = lc.auto_sleep_min
+        if lc.HasField("min_resident_s"):
+            doc["lifecycle"]["min_resident_s"] = lc.min_resident_s
     return doc
 
 

@@ -38,6 +38,8 @@ SourceKindName = Literal["path", "gguf", "pypi", "hf", "url"]
 Desired = Literal["on-demand", "running", "disabled"]
 
 DEFAULT_LLM_AUTO_SLEEP_MIN = 15
+DEFAULT_MIN_RESIDENT_S = 30
+"""Seconds a loaded model is kept before it may be evicted for another, unless its spec says."""
 
 Name = Annotated[str, Field(max_length=256)]
 Text = Annotated[str, Field(max_length=4096)]
@@ -172,6 +174,9 @@ class Lifecycle(_Strict):
 
     desired: Desired | None = None
     auto_sleep_min: Annotated[int, Field(ge=0)] | None = None
+    min_resident_s: Annotated[int, Field(ge=0, le=86_400)] = DEFAULT_MIN_RESIDENT_S
+    """Seconds a loaded model stays before it may be evicted for another (hysteresis: two
+    on-demand models that do not fit together are not reloaded on every request)."""
 
 
 class Policy(_Strict):
@@ -305,7 +310,8 @@ class AssetSpec(_Strict):
     def to_document(self) -> dict[str, Any]:
         """The spec as a plain JSON-able dict, YAML field names, defaults filled in."""
         doc = self.model_dump(mode="json", by_alias=True)
-        doc["lifecycle"] = {"desired": self.desired, "auto_sleep_min": self.auto_sleep_min}
+        doc["lifecycle"] = {"desired": self.desired, "auto_sleep_min": self.auto_sleep_min,
+                            "min_resident_s": self.lifecycle.min_resident_s}
         if self.pricing is None:
             del doc["pricing"]
         return doc

@@ -166,3 +166,17 @@ class UpstreamError(RoundhouseError):
 
 class Cancelled(RoundhouseError):
     """The operation was cancelled."""
+
+
+class DeadlineExceeded(RoundhouseError):
+    """The request ran past its deadline (the request timeout, a client's shorter one, or the
+    idle time allowed between two streamed tokens); whatever it held is released."""
+
+
+class ShuttingDown(RoundhouseError):
+    """The service is draining before it stops: work in flight finishes, new work is refused;
+    retry after `retry_after_s` (on another replica)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -44,6 +44,8 @@ _CODES: list[tuple[type[errors.RoundhouseError], grpc.StatusCode]] = [
     (errors.ModelNotReady, grpc.StatusCode.UNAVAILABLE),
     (errors.UpstreamError, grpc.StatusCode.UNAVAILABLE),
     (errors.Cancelled, grpc.StatusCode.CANCELLED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
 ]
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19roundhouse/v1/asset.proto\x12\rroundhouse.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x01\n\x06Source\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.roundhouse.v1.SourceKind\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07package\x18\x03 \x01(\t\x12\x0c\n\x04\x66ile\x18\x04 \x01(\t\x12\x0c\n\x04repo\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x0b\n\x03url\x18\x07 \x01(\t\x12\x13\n\x0b\x61pi_key_env\x18\x08 \x01(\t\x12\x16\n\x0eupstream_model\x18\t \x01(\t\"~\n\tResources\x12\x14\n\x0cgpu_required\x18\x01 \x01(\x08\x12\x13\n\x0bmin_vram_gb\x18\x02 \x01(\x01\x12\x16\n\tmemory_mb\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07\x64isk_gb\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_memory_mbB\n\n\x08_disk_gb\"i\n\tLifecycle\x12,\n\x07\x64\x65sired\x18\x01 \x01(\x0e\x32\x1b.roundhouse.v1.DesiredState\x12\x1b\n\x0e\x61uto_sleep_min\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x11\n\x0f_auto_sleep_min\"\x92\x01\n\x06Policy\x12\x1c\n\x0fmax_concurrency\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tmax_queue\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fqueue_timeout_s\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x12\n\x10_max_concurrencyB\x0c\n\n_max_queueB\x12\n\x10_queue_timeout_s\"|\n\nGeneration\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokens\"6\n\x07Pricing\x12\x14\n\x0cinput_per_1m\x18\x01 \x01(\x01\x12\x15\n\routput_per_1m\x18\x02 \x01(\x01\"\xc7\x01\n\x08Metadata\x12\x1b\n\x0e\x63ontext_length\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rembedding_dim\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\t\x12\x0f\n\x07license\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\tB\x11\n\x0f_context_lengthB\x10\n\x0e_embedding_dim\"\xec\x04\n\tAssetSpec\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x61sset_class\x18\x04 \x01(\t\x12,\n\ninterfaces\x18\x05 \x03(\x0e\x32\x18.roundhouse.v1.Interface\x12\x19\n\x11interface_version\x18\x06 \x01(\t\x12\'\n\x07runtime\x18\x07 \x01(\x0e\x32\x16.roundhouse.v1.Runtime\x12%\n\x06source\x18\x08 \x01(\x0b\x32\x15.roundhouse.v1.Source\x12+\n\tresources\x18\t \x01(\x0b\x32\x18.roundhouse.v1.Resources\x12+\n\tlifecycle\x18\n \x01(\x0b\x32\x18.roundhouse.v1.Lifecycle\x12%\n\x06policy\x18\x0b \x01(\x0b\x32\x15.roundhouse.v1.Policy\x12)\n\x08metadata\x18\x0c \x01(\x0b\x32\x17.roundhouse.v1.Metadata\x12\x0f\n\x07\x61liases\x18\r \x03(\t\x12\x34\n\x06labels\x18\x0e \x03(\x0b\x32$.roundhouse.v1.AssetSpec.LabelsEntry\x12-\n\ngeneration\x18\x0f \x01(\x0b\x32\x19.roundhouse.v1.Generation\x12\'\n\x07pricing\x18\x10 \x01(\x0b\x32\x16.roundhouse.v1.Pricing\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x01\n\x0c\x43\x61pabilities\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\r\x12\x15\n\rembedding_dim\x18\x02 \x01(\r\x12\x1c\n\x14supports_system_role\x18\x03 \x01(\x08\x12\x16\n\x0esupports_tools\x18\x04 \x01(\x08\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x11\n\tstreaming\x18\x07 \x01(\x08\x12/\n\x0b\x64\x65tected_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x01\n\x0b\x41ssetStatus\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.roundhouse.v1.AssetState\x12\x0f\n\x07message\x18\x02 \x01(\t\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nstore_path\x18\x04 \x01(\t\x12\x12\n\nworker_ids\x18\x05 \x03(\t\x12\x30\n\x0clast_used_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x80\x02\n\x05\x41sset\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.roundhouse.v1.AssetSpec\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06status\x18\x05 \x01(\x0b\x32\x1a.roundhouse.v1.AssetStatus\x12\x31\n\x0c\x63\x61pabilities\x18\x06 \x01(\x0b\x32\x1b.roundhouse.v1.Capabilities*b\n\tInterface\x12\x19\n\x15INTERFACE_UNSPECIFIED\x10\x00\x12\x19\n\x15INTERFACE_LLM_RUNTIME\x10\x01\x12\x1f\n\x1bINTERFACE_EMBEDDING_RUNTIME\x10\x02*P\n\x07Runtime\x12\x17\n\x13RUNTIME_UNSPECIFIED\x10\x00\x12\x18\n\x14RUNTIME_TRANSFORMERS\x10\x01\x12\x12\n\x0eRUNTIME_OPENAI\x10\x02*\x94\x01\n\nSourceKind\x12\x1b\n\x17SOURCE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10SOURCE_KIND_PATH\x10\x01\x12\x14\n\x10SOURCE_KIND_GGUF\x10\x02\x12\x14\n\x10SOURCE_KIND_PYPI\x10\x03\x12\x12\n\x0eSOURCE_KIND_HF\x10\x04\x12\x13\n\x0fSOURCE_KIND_URL\x10\x05*\x81\x01\n\x0c\x44\x65siredState\x12\x1d\n\x19\x44\x45SIRED_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45SIRED_STATE_ON_DEMAND\x10\x01\x12\x19\n\x15\x44\x45SIRED_STATE_RUNNING\x10\x02\x12\x1a\n\x16\x44\x45SIRED_STATE_DISABLED\x10\x03*\xdf\x01\n\nAssetState\x12\x1b\n\x17\x41SSET_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41SSET_STATE_REGISTERED\x10\x01\x12\x1a\n\x16\x41SSET_STATE_INSTALLING\x10\x02\x12\x19\n\x15\x41SSET_STATE_INSTALLED\x10\x03\x12\x17\n\x13\x41SSET_STATE_LOADING\x10\x04\x12\x16\n\x12\x41SSET_STATE_LOADED\x10\x05\x12\x18\n\x14\x41SSET_STATE_SLEEPING\x10\x06\x12\x16\n\x12\x41SSET_STATE_FAILED\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19roundhouse/v1/asset.proto\x12\rroundhouse.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x01\n\x06Source\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.roundhouse.v1.SourceKind\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07package\x18\x03 \x01(\t\x12\x0c\n\x04\x66ile\x18\x04 \x01(\t\x12\x0c\n\x04repo\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x0b\n\x03url\x18\x07 \x01(\t\x12\x13\n\x0b\x61pi_key_env\x18\x08 \x01(\t\x12\x16\n\x0eupstream_model\x18\t \x01(\t\"~\n\tResources\x12\x14\n\x0cgpu_required\x18\x01 \x01(\x08\x12\x13\n\x0bmin_vram_gb\x18\x02 \x01(\x01\x12\x16\n\tmemory_mb\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07\x64isk_gb\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_memory_mbB\n\n\x08_disk_gb\"\x99\x01\n\tLifecycle\x12,\n\x07\x64\x65sired\x18\x01 \x01(\x0e\x32\x1b.roundhouse.v1.DesiredState\x12\x1b\n\x0e\x61uto_sleep_min\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_resident_s\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\x11\n\x0f_auto_sleep_minB\x11\n\x0f_min_resident_s\"\x92\x01\n\x06Policy\x12\x1c\n\x0fmax_concurrency\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tmax_queue\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fqueue_timeout_s\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x12\n\x10_max_concurrencyB\x0c\n\n_max_queueB\x12\n\x10_queue_timeout_s\"|\n\nGeneration\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokens\"6\n\x07Pricing\x12\x14\n\x0cinput_per_1m\x18\x01 \x01(\x01\x12\x15\n\routput_per_1m\x18\x02 \x01(\x01\"\xc7\x01\n\x08Metadata\x12\x1b\n\x0e\x63ontext_length\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rembedding_dim\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\t\x12\x0f\n\x07license\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\tB\x11\n\x0f_context_lengthB\x10\n\x0e_embedding_dim\"\xec\x04\n\tAssetSpec\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x61sset_class\x18\x04 \x01(\t\x12,\n\ninterfaces\x18\x05 \x03(\x0e\x32\x18.roundhouse.v1.Interface\x12\x19\n\x11interface_version\x18\x06 \x01(\t\x12\'\n\x07runtime\x18\x07 \x01(\x0e\x32\x16.roundhouse.v1.Runtime\x12%\n\x06source\x18\x08 \x01(\x0b\x32\x15.roundhouse.v1.Source\x12+\n\tresources\x18\t \x01(\x0b\x32\x18.roundhouse.v1.Resources\x12+\n\tlifecycle\x18\n \x01(\x0b\x32\x18.roundhouse.v1.Lifecycle\x12%\n\x06policy\x18\x0b \x01(\x0b\x32\x15.roundhouse.v1.Policy\x12)\n\x08metadata\x18\x0c \x01(\x0b\x32\x17.roundhouse.v1.Metadata\x12\x0f\n\x07\x61liases\x18\r \x03(\t\x12\x34\n\x06labels\x18\x0e \x03(\x0b\x32$.roundhouse.v1.AssetSpec.LabelsEntry\x12-\n\ngeneration\x18\x0f \x01(\x0b\x32\x19.roundhouse.v1.Generation\x12\'\n\x07pricing\x18\x10 \x01(\x0b\x32\x16.roundhouse.v1.Pricing\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x01\n\x0c\x43\x61pabilities\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\r\x12\x15\n\rembedding_dim\x18\x02 \x01(\r\x12\x1c\n\x14supports_system_role\x18\x03 \x01(\x08\x12\x16\n\x0esupports_tools\x18\x04 \x01(\x08\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x11\n\tstreaming\x18\x07 \x01(\x08\x12/\n\x0b\x64\x65tected_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x01\n\x0b\x41ssetStatus\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.roundhouse.v1.AssetState\x12\x0f\n\x07message\x18\x02 \x01(\t\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nstore_path\x18\x04 \x01(\t\x12\x12\n\nworker_ids\x18\x05 \x03(\t\x12\x30\n\x0clast_used_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x80\x02\n\x05\x41sset\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.roundhouse.v1.AssetSpec\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06status\x18\x05 \x01(\x0b\x32\x1a.roundhouse.v1.AssetStatus\x12\x31\n\x0c\x63\x61pabilities\x18\x06 \x01(\x0b\x32\x1b.roundhouse.v1.Capabilities*b\n\tInterface\x12\x19\n\x15INTERFACE_UNSPECIFIED\x10\x00\x12\x19\n\x15INTERFACE_LLM_RUNTIME\x10\x01\x12\x1f\n\x1bINTERFACE_EMBEDDING_RUNTIME\x10\x02*P\n\x07Runtime\x12\x17\n\x13RUNTIME_UNSPECIFIED\x10\x00\x12\x18\n\x14RUNTIME_TRANSFORMERS\x10\x01\x12\x12\n\x0eRUNTIME_OPENAI\x10\x02*\x94\x01\n\nSourceKind\x12\x1b\n\x17SOURCE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10SOURCE_KIND_PATH\x10\x01\x12\x14\n\x10SOURCE_KIND_GGUF\x10\x02\x12\x14\n\x10SOURCE_KIND_PYPI\x10\x03\x12\x12\n\x0eSOURCE_KIND_HF\x10\x04\x12\x13\n\x0fSOURCE_KIND_URL\x10\x05*\x81\x01\n\x0c\x44\x65siredState\x12\x1d\n\x19\x44\x45SIRED_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45SIRED_STATE_ON_DEMAND\x10\x01\x12\x19\n\x15\x44\x45SIRED_STATE_RUNNING\x10\x02\x12\x1a\n\x16\x44\x45SIRED_STATE_DISABLED\x10\x03*\xdf\x01\n\nAssetState\x12\x1b\n\x17\x41SSET_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41SSET_STATE_REGISTERED\x10\x01\x12\x1a\n\x16\x41SSET_STATE_INSTALLING\x10\x02\x12\x19\n\x15\x41SSET_STATE_INSTALLED\x10\x03\x12\x17\n\x13\x41SSET_STATE_LOADING\x10\x04\x12\x16\n\x12\x41SSET_STATE_LOADED\x10\x05\x12\x18\n\x14\x41SSET_STATE_SLEEPING\x10\x06\x12\x16\n\x12\x41SSET_STATE_FAILED\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,38 +34,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ASSETSPEC_LABELSENTRY']._loaded_options = None
   _globals['_ASSETSPEC_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_INTERFACE']._serialized_start=2360
-  _globals['_INTERFACE']._serialized_end=2458
-  _globals['_RUNTIME']._serialized_start=2460
-  _globals['_RUNTIME']._serialized_end=2540
-  _globals['_SOURCEKIND']._serialized_start=2543
-  _globals['_SOURCEKIND']._serialized_end=2691
-  _globals['_DESIREDSTATE']._serialized_start=2694
-  _globals['_DESIREDSTATE']._serialized_end=2823
-  _globals['_ASSETSTATE']._serialized_start=2826
-  _globals['_ASSETSTATE']._serialized_end=3049
+  _globals['_INTERFACE']._serialized_start=2409
+  _globals['_INTERFACE']._serialized_end=2507
+  _globals['_RUNTIME']._serialized_start=2509
+  _globals['_RUNTIME']._serialized_end=2589
+  _globals['_SOURCEKIND']._serialized_start=2592
+  _globals['_SOURCEKIND']._serialized_end=2740
+  _globals['_DESIREDSTATE']._serialized_start=2743
+  _globals['_DESIREDSTATE']._serialized_end=2872
+  _globals['_ASSETSTATE']._serialized_start=2875
+  _globals['_ASSETSTATE']._serialized_end=3098
   _globals['_SOURCE']._serialized_start=78
   _globals['_SOURCE']._serialized_end=262
   _globals['_RESOURCES']._serialized_start=264
   _globals['_RESOURCES']._serialized_end=390
-  _globals['_LIFECYCLE']._serialized_start=392
-  _globals['_LIFECYCLE']._serialized_end=497
-  _globals['_POLICY']._serialized_start=500
-  _globals['_POLICY']._serialized_end=646
-  _globals['_GENERATION']._serialized_start=648
-  _globals['_GENERATION']._serialized_end=772
-  _globals['_PRICING']._serialized_start=774
-  _globals['_PRICING']._serialized_end=828
-  _globals['_METADATA']._serialized_start=831
-  _globals['_METADATA']._serialized_end=1030
-  _globals['_ASSETSPEC']._serialized_start=1033
-  _globals['_ASSETSPEC']._serialized_end=1653
-  _globals['_ASSETSPEC_LABELSENTRY']._serialized_start=1608
-  _globals['_ASSETSPEC_LABELSENTRY']._serialized_end=1653
-  _globals['_CAPABILITIES']._serialized_start=1656
-  _globals['_CAPABILITIES']._serialized_end=1886
-  _globals['_ASSETSTATUS']._serialized_start=1889
-  _globals['_ASSETSTATUS']._serialized_end=2099
-  _globals['_ASSET']._serialized_start=2102
-  _globals['_ASSET']._serialized_end=2358
+  _globals['_LIFECYCLE']._serialized_start=393
+  _globals['_LIFECYCLE']._serialized_end=546
+  _globals['_POLICY']._serialized_start=549
+  _globals['_POLICY']._serialized_end=695
+  _globals['_GENERATION']._serialized_start=697
+  _globals['_GENERATION']._serialized_end=821
+  _globals['_PRICING']._serialized_start=823
+  _globals['_PRICING']._serialized_end=877
+  _globals['_METADATA']._serialized_start=880
+  _globals['_METADATA']._serialized_end=1079
+  _globals['_ASSETSPEC']._serialized_start=1082
+  _globals['_ASSETSPEC']._serialized_end=1702
+  _globals['_ASSETSPEC_LABELSENTRY']._serialized_start=1657
+  _globals['_ASSETSPEC_LABELSENTRY']._serialized_end=1702
+  _globals['_CAPABILITIES']._serialized_start=1705
+  _globals['_CAPABILITIES']._serialized_end=1935
+  _globals['_ASSETSTATUS']._serialized_start=1938
+  _globals['_ASSETSTATUS']._serialized_end=2148
+  _globals['_ASSET']._serialized_start=2151
+  _globals['_ASSET']._serialized_end=2407
 # @@protoc_insertion_point(module_scope)

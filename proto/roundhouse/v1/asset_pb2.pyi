@@ -269,25 +269,36 @@ class Lifecycle(_message.Message):
 
     DESIRED_FIELD_NUMBER: _builtins.int
     AUTO_SLEEP_MIN_FIELD_NUMBER: _builtins.int
+    MIN_RESIDENT_S_FIELD_NUMBER: _builtins.int
     desired: Global___DesiredState.ValueType
     """The desired state."""
     auto_sleep_min: _builtins.int
     """For `on-demand`: minutes idle before the asset is put to sleep; 0 means never.
     Unset: 15 for on-demand assets.
     """
+    min_resident_s: _builtins.int
+    """Seconds a loaded model stays resident before it may be evicted to make room for another;
+    0 means it may be evicted at once. Unset: 30.
+    """
     def __init__(
         self,
         *,
         desired: Global___DesiredState.ValueType = ...,
         auto_sleep_min: _builtins.int | None = ...,
+        min_resident_s: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_auto_sleep_min", b"_auto_sleep_min", "auto_sleep_min", b"auto_sleep_min"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_auto_sleep_min", b"_auto_sleep_min", "_min_resident_s", b"_min_resident_s", "auto_sleep_min", b"auto_sleep_min", "min_resident_s", b"min_resident_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auto_sleep_min", b"_auto_sleep_min", "auto_sleep_min", b"auto_sleep_min", "desired", b"desired"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auto_sleep_min", b"_auto_sleep_min", "_min_resident_s", b"_min_resident_s", "auto_sleep_min", b"auto_sleep_min", "desired", b"desired", "min_resident_s", b"min_resident_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__auto_sleep_min: _TypeAlias = _typing.Literal["auto_sleep_min"]  # noqa: Y015
     _WhichOneofArgType__auto_sleep_min: _TypeAlias = _typing.Literal["_auto_sleep_min", b"_auto_sleep_min"]  # noqa: Y015
+    _WhichOneofReturnType__min_resident_s: _TypeAlias = _typing.Literal["min_resident_s"]  # noqa: Y015
+    _WhichOneofArgType__min_resident_s: _TypeAlias = _typing.Literal["_min_resident_s", b"_min_resident_s"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__auto_sleep_min) -> _WhichOneofReturnType__auto_sleep_min | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_resident_s) -> _WhichOneofReturnType__min_resident_s | None: ...
 
 Global___Lifecycle: _TypeAlias = Lifecycle  # noqa: Y015
 

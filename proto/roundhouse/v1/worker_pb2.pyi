@@ -149,6 +149,8 @@ class LoadedModel(_message.Message):
     LOADED_AT_FIELD_NUMBER: _builtins.int
     LAST_USED_AT_FIELD_NUMBER: _builtins.int
     LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
     asset_id: _builtins.str
     """The asset id."""
     revision: _builtins.int
@@ -159,6 +161,10 @@ class LoadedModel(_message.Message):
     """Requests being served now."""
     load_seconds: _builtins.float
     """Seconds the load took."""
+    max_concurrency: _builtins.int
+    """Requests the worker serves at once for it (its policy's `max_concurrency`)."""
+    waiting: _builtins.int
+    """Requests waiting at the worker for one of those slots."""
     @_builtins.property
     def capabilities(self) -> _asset_pb2.Capabilities:
         """Detected capabilities."""
@@ -182,10 +188,12 @@ class LoadedModel(_message.Message):
         loaded_at: _timestamp_pb2.Timestamp | None = ...,
         last_used_at: _timestamp_pb2.Timestamp | None = ...,
         load_seconds: _builtins.float = ...,
+        max_concurrency: _builtins.int = ...,
+        waiting: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "last_used_at", b"last_used_at", "loaded_at", b"loaded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "capabilities", b"capabilities", "in_flight", b"in_flight", "last_used_at", b"last_used_at", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "memory_bytes", b"memory_bytes", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "capabilities", b"capabilities", "in_flight", b"in_flight", "last_used_at", b"last_used_at", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "max_concurrency", b"max_concurrency", "memory_bytes", b"memory_bytes", "revision", b"revision", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,6 +213,8 @@ class WorkerInfo(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     HAS_GPU_FIELD_NUMBER: _builtins.int
     FAILED_MODELS_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable id of the worker process."""
     address: _builtins.str
@@ -215,6 +225,13 @@ class WorkerInfo(_message.Message):
     """Memory its loaded models use, in bytes."""
     has_gpu: _builtins.bool
     """Whether a GPU is available to it."""
+    seq: _builtins.int
+    """Orders the pictures one worker process gives (heartbeats and `GetWorkerInfo` replies):
+    strictly increasing within a process, so a picture older than one already seen is
+    dropped. Pictures of a restarted process are told apart by `started_at`.
+    """
+    draining: _builtins.bool
+    """The worker is draining before it stops: it finishes what runs and takes no new work."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadedModel]:
         """The models it holds."""
@@ -238,10 +255,12 @@ class WorkerInfo(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         has_gpu: _builtins.bool = ...,
         failed_models: _abc.Iterable[Global___FailedModel] | None = ...,
+        seq: _builtins.int = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "failed_models", b"failed_models", "has_gpu", b"has_gpu", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "models", b"models", "started_at", b"started_at", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "failed_models", b"failed_models", "has_gpu", b"has_gpu", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "models", b"models", "seq", b"seq", "started_at", b"started_at", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -66,6 +66,8 @@ _DOMAIN_ERRORS: list[tuple[type[domain.RoundhouseError], int, str, str, str | No
     (domain.BudgetExhausted, 429, "insufficient_quota", "insufficient_quota", None),
     (domain.LimitsUnavailable, 503, "service_unavailable_error", "limits_unavailable", None),
     (domain.ModelNotReady, 503, "service_unavailable_error", "model_not_ready", None),
+    (domain.ShuttingDown, 503, "service_unavailable_error", "shutting_down", None),
+    (domain.DeadlineExceeded, 504, "timeout_error", "timeout", None),
     (domain.UpstreamError, 502, "upstream_error", "upstream_error", None),
     (domain.QuotaExceeded, 503, "service_unavailable_error", "insufficient_capacity", None),
     (domain.NotFound, 404, INVALID_REQUEST, "not_found", None),
