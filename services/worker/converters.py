@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
@@ -14,6 +15,24 @@ from services.worker.holdings import FailedModelInfo, LoadedModelInfo, WorkerSta
 from services.worker.models import Capabilities, ChatDelta, ChatMessage, ChatParams, EmbedInput, EmbedResult, Tool
 
 FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
+
+
+QUEUE_TIMEOUT_KEY = "x-roundhouse-queue-timeout-s"
+"""Call metadata: the seconds a request may still wait at the worker for a slot (decimal)."""
+
+
+def queue_timeout(sent: str | bytes | None) -> float | None:
+    """The wait for a slot the `QUEUE_TIMEOUT_KEY` metadata allows; None when it is absent."""
+    if sent is None:
+        return None
+    text = sent.decode(errors="replace") if isinstance(sent, bytes) else sent
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidArgument(f"{QUEUE_TIMEOUT_KEY}: must be a number of seconds, 0 or more; got {text!r}")
+    return seconds
 
 
 def chat_params(request: inference_pb2.ChatRequest) -> ChatParams:
@@ -124,6 +143,8 @@ def loaded_model(model: LoadedModelInfo) -> worker_pb2.LoadedModel:
         capabilities=capabilities(model.capabilities),
         memory_bytes=model.memory_bytes,
         in_flight=model.in_flight,
+        max_concurrency=model.max_concurrency,
+        waiting=model.waiting,
         loaded_at=timestamp(model.loaded_at),
         last_used_at=timestamp(model.last_used_at),
         load_seconds=model.load_seconds,
@@ -151,6 +172,8 @@ def worker_info(state: WorkerState) -> worker_pb2.WorkerInfo:
         models=[loaded_model(m) for m in state.models],
         started_at=timestamp(state.started_at),
         failed_models=[failed_model(f) for f in state.failed_models],
+        seq=state.seq,
+        draining=state.draining,
     )
 
 

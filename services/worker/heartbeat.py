@@ -2,9 +2,10 @@
 
 Heartbeats carry the `WorkerInfo` proto on the core subject
 `roundhouse.heartbeat.worker.<worker_id>`; they are not stored. A model that fails is
-reported by an extra heartbeat at once, so routers stop sending it requests without waiting
-for the next one. Everything here is best effort: a NATS outage never stops the worker from
-serving.
+reported by an extra heartbeat at once, and so is the start of a drain, so routers stop
+sending requests without waiting for the next one. Each heartbeat's `seq` is higher than
+that of the picture before it (see `ModelHost.info`). Everything here is best effort: a NATS
+outage never stops the worker from serving.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Heartbeat:
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
         self._due = asyncio.Event()
-        host.on_model_failed(lambda _failed: self.beat_soon())
+        host.on_change(self.beat_soon)
 
     def start(self) -> None:
         """Publish `worker.up`, then a heartbeat every interval, in the background."""

@@ -3,12 +3,15 @@ here, and read-only snapshots."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
 from services.common.asset_proto import AssetRecord
-from services.common.errors import ModelNotReady
+from services.common.errors import ModelNotReady, NotFound
+from services.worker.admission import ModelSlots
 from services.worker.models import Capabilities, HostedModel
 
 MIB = 1024 * 1024
@@ -21,13 +24,19 @@ def mib(size: int) -> str:
 
 @dataclass(frozen=True)
 class LoadedModelInfo:
-    """A snapshot of one held model (the domain side of `LoadedModel`)."""
+    """A snapshot of one held model (the domain side of `LoadedModel`).
+
+    `in_flight` counts the requests holding one of its `max_concurrency` slots (those still
+    finishing on a revision it replaced included), `waiting` those queued for one.
+    """
 
     asset_id: str
     revision: int
     capabilities: Capabilities
     memory_bytes: int
     in_flight: int
+    max_concurrency: int
+    waiting: int
     loaded_at: datetime
     last_used_at: datetime
     load_seconds: float
@@ -54,7 +63,7 @@ class FailedModelInfo:
 @dataclass(frozen=True)
 class WorkerState:
     """A snapshot of the worker: identity, memory figures, the models it holds and those that
-    failed here."""
+    failed here. `seq` orders the snapshots of one process; `draining`: it takes no new work."""
 
     worker_id: str
     address: str
@@ -63,14 +72,17 @@ class WorkerState:
     started_at: datetime
     models: tuple[LoadedModelInfo, ...]
     failed_models: tuple[FailedModelInfo, ...] = ()
+    seq: int = 0
+    draining: bool = False
 
 
 @dataclass
 class HeldModel:
     """A model the worker holds, with its accounting.
 
-    `unloaded` is set when it was removed with requests still running (a forced unload):
-    those requests then fail as not ready. `draining` is set when a newer revision replaced
+    `slots` admit its requests (shared with the revision it replaced, and the one replacing
+    it). `unloaded` is set when it was removed with requests still running (a forced unload):
+    those requests then fail as not ready. `retiring` is set when a newer revision replaced
     it: running requests finish, and the last one out closes it.
     """
 
@@ -79,9 +91,10 @@ class HeldModel:
     loaded_at: datetime
     last_used_at: datetime
     load_seconds: float
+    slots: ModelSlots
     in_flight: int = 0
     unloaded: bool = False
-    draining: bool = False
+    retiring: bool = False
 
     @property
     def asset_id(self) -> str:
@@ -100,6 +113,24 @@ class HeldModel:
         """Record use now."""
         self.last_used_at = datetime.now(UTC)
 
+    @asynccontextmanager
+    async def lease(self, worker_id: str) -> AsyncIterator[Lease]:
+        """One request's lease, counted in flight while the body runs; the last request out
+        of a retiring revision closes it."""
+        self.in_flight += 1
+        self.touch()
+        try:
+            yield Lease(self, worker_id)
+        except Exception as exc:
+            if self.unloaded:
+                raise unloaded_error(self.asset_id, worker_id) from exc
+            raise
+        finally:
+            self.in_flight -= 1
+            self.touch()
+            if self.retiring and self.in_flight == 0:
+                await self.model.close()
+
     def snapshot(self) -> LoadedModelInfo:
         """The model's figures as of now."""
         return LoadedModelInfo(
@@ -107,7 +138,9 @@ class HeldModel:
             revision=self.record.revision,
             capabilities=self.model.capabilities,
             memory_bytes=self.memory_bytes,
-            in_flight=self.in_flight,
+            in_flight=self.slots.running,
+            max_concurrency=self.slots.policy.max_concurrency,
+            waiting=self.slots.waiting,
             loaded_at=self.loaded_at,
             last_used_at=self.last_used_at,
             load_seconds=self.load_seconds,
@@ -132,8 +165,17 @@ class Lease:
             raise unloaded_error(self.held.asset_id, self.worker_id)
 
 
-def unloaded_error(asset_id: str, worker_id: str) -> ModelNotReady:
-    """The error of a request whose model was unloaded under it."""
-    return ModelNotReady(
-        f"model '{asset_id}' was unloaded from worker {worker_id} while serving this request; retry"
-    )
+def unloaded_error(asset_id: str, worker_id: str, *, waiting: bool = False) -> ModelNotReady:
+    """The error of a request whose model was unloaded under it (`waiting`: while the request
+    waited for a slot)."""
+    during = "while this request waited for it" if waiting else "while serving this request"
+    return ModelNotReady(f"model '{asset_id}' was unloaded from worker {worker_id} {during}; retry")
+
+
+def not_held_error(asset_id: str, worker_id: str, failed: FailedModelInfo | None) -> NotFound:
+    """The error of a request for a model the worker does not hold, with why when it failed."""
+    message = f"model '{asset_id}' is not loaded on worker {worker_id}"
+    if failed is not None:
+        how = "its last load failed" if failed.stage == "load" else "it failed and was dropped"
+        message += f" ({how}: {failed.reason})"
+    return NotFound(message)

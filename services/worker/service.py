@@ -13,10 +13,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.common.asset_proto import AssetRecord
+from services.common.assetspec import Policy
 from services.common.errors import FailedPrecondition, ModelNotReady, NotFound, QuotaExceeded
 from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
+from services.worker.admission import Intake, ModelSlots, shutting_down
 from services.worker.converters import model_event
 from services.worker.holdings import (
     MIB,
@@ -27,6 +29,7 @@ from services.worker.holdings import (
     LoadedModelInfo,
     WorkerState,
     mib,
+    not_held_error,
     unloaded_error,
 )
 from services.worker.models import HostedModel, load_model
@@ -34,7 +37,7 @@ from services.worker.models import HostedModel, load_model
 log = logging.getLogger(__name__)
 
 Loader = Callable[[AssetRecord, ModelStore], HostedModel]
-FailureListener = Callable[[FailedModelInfo], None]
+ChangeListener = Callable[[], None]
 
 
 def load_from_store(
@@ -61,6 +64,8 @@ class ModelHost:
     """Loads, holds, serves and unloads models; one failing model never affects the others.
 
     Loads run in a thread, so the event loop keeps serving the models already held.
+    Each held model admits `policy.max_concurrency` requests at once and queues the next
+    ones (see `ModelSlots`); `drain` closes the worker to new work before it stops.
     A held model that fails (its engine dies) is dropped at once: its requests end with
     `ModelNotReady`, new ones get `NotFound`, and it is closed. Failed loads and dropped
     models are remembered (`info().failed_models`) until the asset loads again.
@@ -92,7 +97,9 @@ class ModelHost:
         self._loading: dict[str, asyncio.Task[HeldModel]] = {}
         self._reserved: dict[str, int] = {}
         self._failed: dict[str, FailedModelInfo] = {}
-        self._failure_listeners: list[FailureListener] = []
+        self._change_listeners: list[ChangeListener] = []
+        self._intake = Intake()
+        self._seq = 0
         self._dropping: set[asyncio.Task[None]] = set()
         self._last_event: asyncio.Task[None] | None = None
 
@@ -104,10 +111,18 @@ class ModelHost:
         """Publish events on `bus` from now on (None: stop publishing)."""
         self._bus = bus
 
-    def on_model_failed(self, listener: FailureListener) -> None:
-        """Call `listener` (synchronously, on the loop) each time a held model fails and is
-        dropped, once `info()` shows it: the heartbeat reports it without waiting its turn."""
-        self._failure_listeners.append(listener)
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call `listener` (synchronously, on the loop) once `info()` shows a change no request
+        answers: a held model failed and was dropped, or the worker started to drain. The
+        heartbeat then reports it without waiting its turn."""
+        self._change_listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._change_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("worker change listener failed")
 
     @property
     def memory_used_bytes(self) -> int:
@@ -115,7 +130,9 @@ class ModelHost:
         return sum(h.memory_bytes for h in self._held.values())
 
     def info(self) -> WorkerState:
-        """A snapshot of the worker and every model it holds."""
+        """A snapshot of the worker and every model it holds; each one's `seq` is one more
+        than the last one's."""
+        self._seq += 1
         return WorkerState(
             worker_id=self.worker_id,
             address=self.address,
@@ -124,14 +141,19 @@ class ModelHost:
             started_at=self.started_at,
             models=tuple(h.snapshot() for h in self._held.values()),
             failed_models=tuple(self._failed.values()),
+            seq=self._seq,
+            draining=self._intake.draining,
         )
 
     async def load(self, record: AssetRecord) -> LoadedModelInfo:
         """Hold `record`'s model; a no-op when that revision is held.
 
         Concurrent loads of one asset share one load. Raises `FailedPrecondition` when the
-        model is not installed and `QuotaExceeded` when it does not fit the memory budget.
+        model is not installed, `QuotaExceeded` when it does not fit the memory budget and
+        `ShuttingDown` once the worker drains.
         """
+        if self._intake.draining:
+            raise shutting_down(self.worker_id)
         asset_id = record.spec.asset_id
         held = self._held.get(asset_id)
         if held is not None and held.record.revision == record.revision:
@@ -180,7 +202,8 @@ class ModelHost:
         try:
             model = await asyncio.to_thread(self._loader, record, self._store)
             now = datetime.now(UTC)
-            held = HeldModel(record, model, now, now, time.perf_counter() - started)
+            held = HeldModel(record, model, now, now, time.perf_counter() - started,
+                             ModelSlots(asset_id, record.spec.policy))
             del self._reserved[asset_id]
             try:
                 self._check_budget(asset_id, held.memory_bytes, self._committed_bytes(replacing))
@@ -196,6 +219,9 @@ class ModelHost:
             raise
         # What it replaces now: the model `replacing` names may have been unloaded or dropped.
         previous = self._held.get(asset_id)
+        if previous is not None:  # its running requests keep their slots: one count for both
+            held.slots = previous.slots
+            held.slots.apply(record.spec.policy)
         self._held[asset_id] = held
         self._failed.pop(asset_id, None)
         held.model.on_failure(lambda reason: self._model_failed(held, reason))
@@ -221,16 +247,13 @@ class ModelHost:
             return
         del self._held[asset_id]
         failed = self._remember_failure(held.record, reason, "engine")
+        held.slots.refuse_waiters(lambda: not_held_error(asset_id, self.worker_id, failed))
         log.error("model %s (revision %d) failed on worker %s and was dropped, freeing %s: %s", asset_id,
                   held.record.revision, self.worker_id, mib(held.memory_bytes), reason)
         task = asyncio.create_task(self._drop(held, failed), name=f"drop-{asset_id}")
         self._dropping.add(task)
         task.add_done_callback(self._dropping.discard)
-        for listener in self._failure_listeners:
-            try:
-                listener(failed)
-            except Exception:
-                log.exception("model failure listener failed")
+        self._changed()
 
     async def _drop(self, held: HeldModel, failed: FailedModelInfo) -> None:
         """Close a failed model (its requests have ended) and publish `model.degraded`."""
@@ -243,7 +266,7 @@ class ModelHost:
 
     async def _retire(self, old: HeldModel) -> None:
         """Close a replaced revision now, or when its last running request ends."""
-        old.draining = True
+        old.retiring = True
         if old.in_flight == 0:
             await old.model.close()
 
@@ -252,18 +275,20 @@ class ModelHost:
     ) -> int:
         """Release a model and return the bytes freed.
 
-        Refuses with `FailedPrecondition` while requests are in flight unless `force`;
-        forced, those requests fail as not ready.
+        Refuses with `FailedPrecondition` while requests are in flight or queued unless
+        `force`; forced, those requests fail as not ready.
         """
         held = self._held.get(asset_id)
         if held is None:
             raise NotFound(f"model '{asset_id}' is not loaded on worker {self.worker_id}")
-        if held.in_flight and not force:
+        if (held.slots.running or held.slots.waiting) and not force:
             raise FailedPrecondition(
-                f"model '{asset_id}' has {held.in_flight} request(s) in flight on worker "
-                f"{self.worker_id}; wait for them or unload with force"
+                f"model '{asset_id}' has {held.slots.running} request(s) in flight and "
+                f"{held.slots.waiting} queued on worker {self.worker_id}; wait for them or unload "
+                "with force"
             )
         del self._held[asset_id]
+        held.slots.refuse_waiters(lambda: unloaded_error(asset_id, self.worker_id, waiting=True))
         held.unloaded = held.in_flight > 0
         await held.model.close()
         idle = (datetime.now(UTC) - held.last_used_at).total_seconds()
@@ -274,35 +299,51 @@ class ModelHost:
         return held.memory_bytes
 
     @asynccontextmanager
-    async def use(self, asset_id: str) -> AsyncIterator[Lease]:
-        """A lease on the model for one request, counted in flight while the body runs.
+    async def use(
+        self, asset_id: str, *, queue_timeout_s: float | None = None, deadline_s: float | None = None
+    ) -> AsyncIterator[Lease]:
+        """A lease on the model for one request, holding one of its slots while the body runs.
 
-        Raises `NotFound` when the model is not held (`ModelNotReady` while it is loading).
+        Waits for a slot up to `queue_timeout_s` (None: the model's `policy.queue_timeout_s`)
+        and never past `deadline_s`, the seconds the call has left; raises `Overloaded` when
+        none comes in that time or the queue is full. Raises `NotFound` when the model is not
+        held (`ModelNotReady` while it is loading) and `ShuttingDown` while the worker drains.
         """
-        held = self._held.get(asset_id)
-        if held is None:
-            if asset_id in self._loading:
-                raise ModelNotReady(f"model '{asset_id}' is still loading on worker {self.worker_id}")
-            message = f"model '{asset_id}' is not loaded on worker {self.worker_id}"
-            failed = self._failed.get(asset_id)
-            if failed is not None:
-                how = "its last load failed" if failed.stage == "load" else "it failed and was dropped"
-                message += f" ({how}: {failed.reason})"
-            raise NotFound(message)
-        held.in_flight += 1
-        held.touch()
-        lease = Lease(held, self.worker_id)
+        self._intake.enter(self.worker_id)
         try:
-            yield lease
-        except Exception as exc:
-            if held.unloaded:
-                raise unloaded_error(asset_id, self.worker_id) from exc
-            raise
+            held = self._held.get(asset_id)
+            if held is None:
+                if asset_id in self._loading:
+                    raise ModelNotReady(f"model '{asset_id}' is still loading on worker {self.worker_id}")
+                raise not_held_error(asset_id, self.worker_id, self._failed.get(asset_id))
+            slots = held.slots
+            await slots.acquire(_wait_s(slots.policy, queue_timeout_s, deadline_s))
+            try:
+                # The revision held now: a newer one may have replaced it while this request waited.
+                held = self._held.get(asset_id)
+                if held is None or held.slots is not slots:
+                    raise unloaded_error(asset_id, self.worker_id, waiting=True)
+                async with held.lease(self.worker_id) as lease:
+                    yield lease
+            finally:
+                slots.release()
         finally:
-            held.in_flight -= 1
-            held.touch()
-            if held.draining and held.in_flight == 0:
-                await held.model.close()
+            self._intake.leave()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Take no new work from now on and wait for the running requests to end.
+
+        New requests and loads are refused with `ShuttingDown`, and so are the requests
+        queued for a slot; `info().draining` is true. Returns once every running request has
+        ended, or after `timeout_s` with the rest still running (the caller then cuts them).
+        """
+        if not self._intake.draining:
+            log.info("worker %s draining: no new work", self.worker_id)
+        self._intake.close()
+        for held in self._held.values():
+            held.slots.refuse_waiters(lambda: shutting_down(self.worker_id))
+        self._changed()
+        await self._intake.emptied(timeout_s)
 
     async def close(self) -> None:
         """Stop loads in progress and unload everything (at shutdown)."""
@@ -335,3 +376,9 @@ class ModelHost:
         """Wait until every event published so far has been sent (or failed to be)."""
         if self._last_event is not None:
             await asyncio.wait([self._last_event])
+
+
+def _wait_s(policy: Policy, queue_timeout_s: float | None, deadline_s: float | None) -> float:
+    """How long a request may wait for a slot: its queue budget, within its deadline."""
+    wait = policy.queue_timeout_s if queue_timeout_s is None else queue_timeout_s
+    return wait if deadline_s is None else min(wait, deadline_s)

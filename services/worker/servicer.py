@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 import grpc
 
@@ -19,6 +20,7 @@ from services.common.inference_requests import (
     subject,
 )
 from services.worker import converters
+from services.worker.holdings import Lease
 from services.worker.service import ModelHost
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,11 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def __init__(self, host: ModelHost) -> None:
         self._host = host
+
+    def _lease(self, asset_id: str, context: grpc.aio.ServicerContext) -> AbstractAsyncContextManager[Lease]:
+        """A lease on the model; the call waits for a slot as long as the router allows and its
+        deadline leaves (`Overloaded` after that)."""
+        return self._host.use(asset_id, queue_timeout_s=_queue_timeout(context), deadline_s=context.time_remaining())
 
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
@@ -41,7 +48,7 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
         check_chat(request)
         params = converters.chat_params(request)
         log.debug("request %s: chat with %s for user %r", request.request_id, request.model, request.user)
-        async with self._host.use(request.model) as lease:
+        async with self._lease(request.model, context) as lease:
             try:
                 stream = lease.model.chat(params)
             except InvalidArgument as exc:
@@ -64,7 +71,7 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
         invalid or its vectors would not fit in one response."""
         check_embed(request)
         inputs = converters.embed_inputs(request)
-        async with self._host.use(request.model) as lease:
+        async with self._lease(request.model, context) as lease:
             check_embed_size(len(inputs), lease.model.capabilities.embedding_dim)
             try:
                 result = await lease.model.embed(inputs)
@@ -72,6 +79,12 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
                 raise locate(exc, "input") from None
             lease.check()
         return converters.embed_response(result, request.model)
+
+
+def _queue_timeout(context: grpc.aio.ServicerContext) -> float | None:
+    """The router's budget for the call's wait for a slot (None: the model's policy decides)."""
+    sent = (v for k, v in context.invocation_metadata() or () if k == converters.QUEUE_TIMEOUT_KEY)
+    return converters.queue_timeout(next(sent, None))
 
 
 class WorkerControlServicer(worker_pb2_grpc.WorkerControlServicer):
