@@ -89,9 +89,12 @@ _BY_CODE: dict[grpc.StatusCode, type[errors.RoundhouseError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.Overloaded,
     grpc.StatusCode.UNAVAILABLE: errors.ModelNotReady,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.ModelNotReady,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
     grpc.StatusCode.CANCELLED: errors.Cancelled,
 }
+
+_RETRY_AFTER = (errors.Overloaded, errors.ModelNotReady, errors.ShuttingDown)
+"""Errors that carry when to retry (`retry_after_s`)."""
 
 
 def domain_error(exc: grpc.aio.AioRpcError, *, unavailable: str = "") -> errors.RoundhouseError:
@@ -99,7 +102,8 @@ def domain_error(exc: grpc.aio.AioRpcError, *, unavailable: str = "") -> errors.
 
     Uses the class name our servers put in trailing metadata; falls back to the status code.
     `unavailable` replaces the message of transport failures (the peer is gone), which would
-    otherwise leak addresses and library wording to clients.
+    otherwise leak addresses and library wording to clients. A call that ran past its deadline
+    is `DeadlineExceeded`, never "not ready": retrying it at once would wait as long again.
     """
     # aio metadata iterates as (key, value) pairs; grpc-stubs types it as sync metadata.
     pairs = exc.trailing_metadata() or ()
@@ -107,11 +111,10 @@ def domain_error(exc: grpc.aio.AioRpcError, *, unavailable: str = "") -> errors.
     cls = _BY_NAME.get(str(metadata.get(ERROR_CLASS_KEY, "")))
     if cls is None:
         cls = _BY_CODE.get(exc.code(), errors.RoundhouseError)
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
-                and unavailable:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and unavailable:
             return errors.ModelNotReady(unavailable, retry_after_s=2.0)
     message = exc.details() or exc.code().name
-    if cls in (errors.Overloaded, errors.ModelNotReady):
+    if cls in _RETRY_AFTER:
         retry_after = float(str(metadata.get(RETRY_AFTER_KEY, "1")))
         return cls(message, retry_after_s=retry_after)  # type: ignore[call-arg]
     return cls(message)

@@ -1,4 +1,12 @@
-"""Admission per asset: `max_concurrency` in flight, `max_queue` waiting `queue_timeout_s`."""
+"""Admission per asset at this router: a bounded FIFO queue in front of the workers' slots.
+
+The workers hold `max_concurrency`: each runs at most that many requests of a model at once,
+however many routers send them, and queues the rest for as long as each request's queue budget
+allows (`x-roundhouse-queue-timeout-s`). A router sends at most as many requests of an asset at
+once as its holders have slots together (the gate's `capacity`); the others wait here, FIFO, at
+most `max_queue` of them. A request waits for a slot `queue_timeout_s` in all: what it spent
+here is taken from the budget it carries to the worker (`QueueBudget`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,10 @@ from dataclasses import dataclass
 
 from services.common.assetspec import Policy
 from services.common.errors import Overloaded
+from services.router.deadlines import Deadline
+
+QUEUE_TIMEOUT_KEY = "x-roundhouse-queue-timeout-s"
+"""gRPC metadata of a request to a worker: seconds it may still wait there for a slot."""
 
 
 @dataclass
@@ -20,12 +32,36 @@ class GateStats:
     waiting: int
 
 
+class QueueBudget:
+    """How much longer one request may wait for a slot, here and at a worker together."""
+
+    __slots__ = ("_until",)
+
+    def __init__(self, seconds: float) -> None:
+        self._until = asyncio.get_running_loop().time() + seconds
+
+    def left(self) -> float:
+        """Seconds of waiting left; 0 once spent."""
+        return max(0.0, self._until - asyncio.get_running_loop().time())
+
+    def postpone(self, seconds: float) -> None:
+        """Give back time the request spent on something else than waiting (a wake)."""
+        self._until += seconds
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The gRPC metadata that hands what is left of the budget to the worker."""
+        return ((QUEUE_TIMEOUT_KEY, f"{self.left():.3f}"),)
+
+
 class AssetGate:
-    """Slots for one asset. FIFO: a freed slot goes straight to the longest waiter."""
+    """The requests of one asset this router sends now, and those waiting to be sent. FIFO: a
+    freed slot goes straight to the longest waiter."""
 
     def __init__(self, asset_id: str, policy: Policy) -> None:
         self.asset_id = asset_id
         self.policy = policy
+        self.capacity = policy.max_concurrency
+        """Requests sent at once: the slots of the asset's holders together."""
         self._in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
@@ -34,29 +70,39 @@ class AssetGate:
         """Requests in flight and waiting."""
         return GateStats(self._in_flight, len(self._waiters))
 
+    def resize(self, capacity: int) -> None:
+        """Send up to `capacity` requests at once from now on (at least one); waiters that now
+        fit are let through at once."""
+        self.capacity = max(1, capacity)
+        self._admit()
+
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the body; raises `Overloaded` when it cannot get one in time."""
-        await self._acquire()
+    async def slot(self, deadline: Deadline | None = None) -> AsyncIterator[QueueBudget]:
+        """Hold one slot for the body, which gets what is left of the request's queue budget.
+        Raises `Overloaded` when the queue is full or the budget runs out first, and
+        `DeadlineExceeded` when the request's deadline does."""
+        budget = QueueBudget(self.policy.queue_timeout_s)
+        await self._acquire(budget, deadline)
         try:
-            yield
+            yield budget
         finally:
             self._release()
 
-    async def _acquire(self) -> None:
-        if self._in_flight < self.policy.max_concurrency and not self._waiters:
+    async def _acquire(self, budget: QueueBudget, deadline: Deadline | None) -> None:
+        if self._in_flight < self.capacity and not self._waiters:
             self._in_flight += 1
             return
         if len(self._waiters) >= self.policy.max_queue:
             raise Overloaded(
-                f"model '{self.asset_id}' is at capacity ({self.policy.max_concurrency} in flight, "
+                f"model '{self.asset_id}' is at capacity ({self._in_flight} in flight, "
                 f"{len(self._waiters)} queued); retry later",
                 retry_after_s=1.0,
             )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        wait_s = budget.left() if deadline is None else min(budget.left(), deadline.remaining())
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.policy.queue_timeout_s)
+            await asyncio.wait_for(asyncio.shield(waiter), wait_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
             if waiter.done() and not waiter.cancelled():
                 # The slot was handed over as we gave up: pass it on.
@@ -64,21 +110,26 @@ class AssetGate:
             else:
                 waiter.cancel()
                 self._waiters.remove(waiter)
-            if isinstance(exc, TimeoutError):
-                raise Overloaded(
-                    f"model '{self.asset_id}' stayed at capacity for "
-                    f"{self.policy.queue_timeout_s:g}s; retry later",
-                    retry_after_s=max(1.0, self.policy.queue_timeout_s / 4),
-                ) from None
-            raise
+            if not isinstance(exc, TimeoutError):
+                raise
+            if deadline is not None and deadline.expired:
+                raise deadline.exceeded("queued for a slot") from None
+            raise Overloaded(
+                f"model '{self.asset_id}' stayed at capacity for "
+                f"{self.policy.queue_timeout_s:g}s; retry later",
+                retry_after_s=max(1.0, self.policy.queue_timeout_s / 4),
+            ) from None
 
     def _release(self) -> None:
-        while self._waiters:
+        self._in_flight -= 1
+        self._admit()
+
+    def _admit(self) -> None:
+        while self._waiters and self._in_flight < self.capacity:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # the slot moves to the waiter; in_flight unchanged
-                return
-        self._in_flight -= 1
+                waiter.set_result(None)
+                self._in_flight += 1
 
 
 class Admission:

@@ -1,30 +1,29 @@
 """The router's core: check → name → asset → admission → a worker that holds it → stream back.
 
 Every request is checked here (`services.common.inference_requests`) before anything else,
-so the HTTP shim and the gRPC front refuse the same requests in the same words. A chat for a
-remote (`runtime: openai`) asset is placed like any other, then sent to its upstream by the
-router itself (see `remote`).
+so the HTTP shim and the gRPC front refuse the same requests in the same words. Every request
+has a deadline (see `deadlines`); admission queues it here in front of the workers' own slots
+(see `admission`), and `dispatch` sends it to a worker. A chat for a remote (`runtime: openai`)
+asset is placed like any other, then sent to its upstream by the router itself (see `remote`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from typing import Any, TypeVar
-
-import grpc
 
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
 from services.common.assetspec import ASSET_ID_RE
-from services.common.errors import AssetNotFound, NotFound, UpstreamError
-from services.common.grpc_client import domain_error
+from services.common.errors import AssetNotFound
 from services.common.inference_requests import check_chat, check_embed, check_embed_size
 from services.common.keys import KeyRecord
-from services.common.workerpool import WorkerHandle, WorkerPool
-from services.router.admission import Admission
+from services.common.workerpool import WorkerPool
+from services.router.admission import Admission, AssetGate
 from services.router.catalog import AssetCatalog
+from services.router.deadlines import DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_STREAM_IDLE_TIMEOUT_S, Deadline
+from services.router.dispatch import Dispatcher
 from services.router.keys import allowed_models, check_model
 from services.router.limits import Limiter, estimate_chat, estimate_embed
 from services.router.remote import RemoteUpstreams
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 
 LLM = "llm-runtime"
 EMBEDDING = "embedding-runtime"
-T = TypeVar("T")
 
 
 class Gateway:
@@ -51,7 +49,11 @@ class Gateway:
         limits: Limiter | None = None,
         usage: UsageLedger | None = None,
         remote: RemoteUpstreams | None = None,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S,
     ) -> None:
+        """`request_timeout_s`: the longest a request may take in all; `stream_idle_timeout_s`:
+        the longest a worker or upstream may stay silent between two chunks of a stream."""
         self.catalog = catalog
         self.workers = workers
         self.admission = admission
@@ -59,6 +61,8 @@ class Gateway:
         self.limits = limits or Limiter(None)
         self.usage = usage or UsageLedger(None)
         self.remote = remote or RemoteUpstreams()
+        self.request_timeout_s = request_timeout_s
+        self.dispatcher = Dispatcher(workers, waker, self.remote, stream_idle_timeout_s=stream_idle_timeout_s)
 
     async def list_models(self, *, key: KeyRecord | None = None) -> list[AssetRecord]:
         """Every asset `key` may use (all without a key), as the registry has it. Never wakes
@@ -95,15 +99,28 @@ class Gateway:
         resolved, before admission or a wake. Then `key`'s limits are reserved (a refusal never
         reaches a worker nor wakes a model), and settled with the real usage when the stream
         ends; every request is recorded in the usage ledger.
+
+        The whole request, queue wait and wake included, ends by its deadline: the request
+        timeout, or `timeout` (seconds) when shorter; past it, or when the worker stays silent
+        longer than the idle timeout between two chunks, `DeadlineExceeded` is raised.
         """
         async with self._accounted(key, request.model, LLM, request.request_id) as ticket:
-            check_chat(request)
-            record = await self.catalog.resolve(request.model, LLM)
-            check_model(key, record, request.model)
-            ticket.asset = record
-            ticket.estimate = estimate_chat(request, record, self.limits.default_completion_tokens)
-            ticket.reservation = await self.limits.reserve(key, ticket.estimate)
-            async with aclosing(self._chat(record, request, timeout, ticket, stream)) as chunks:
+            deadline = Deadline.within(self.request_timeout_s, timeout)
+            async with deadline.bounding("its model was looked up"):
+                check_chat(request)
+                record = await self.catalog.resolve(request.model, LLM)
+                check_model(key, record, request.model)
+                ticket.asset = record
+                ticket.estimate = estimate_chat(request, record, self.limits.default_completion_tokens)
+                ticket.reservation = await self.limits.reserve(key, ticket.estimate)
+            asset_id = record.spec.asset_id
+            log.debug("request %s: chat with %s for user %r", request.request_id, asset_id, request.user)
+            forwarded = inference_pb2.ChatRequest()
+            forwarded.CopyFrom(request)
+            forwarded.model = asset_id
+            async with self._gate(record).slot(deadline) as queue, aclosing(self.dispatcher.chat(
+                    record, forwarded, deadline=deadline, queue=queue, ticket=ticket, stream=stream,
+            )) as chunks:
                 async for chunk in chunks:
                     ticket.chunk(chunk)
                     yield chunk
@@ -124,48 +141,12 @@ class Gateway:
             self.usage.record(ticket)
             self.limits.settle(ticket.reservation, ticket.tokens, ticket.cost_usd)
 
-    async def _chat(self, record: AssetRecord, request: inference_pb2.ChatRequest,
-                    timeout: float | None, ticket: UsageTicket, stream: bool,
-                    ) -> AsyncGenerator[inference_pb2.ChatChunk, None]:
-        asset_id = record.spec.asset_id
-        log.debug("request %s: chat with %s for user %r", request.request_id, asset_id, request.user)
-        forwarded: inference_pb2.ChatRequest | None = None
-        async with self.admission.gate(asset_id, record.spec.policy).slot():
-            for attempt in (1, 2):
-                worker = await self.waker.place(record, on_wake=ticket.mark_woke)
-                if self.remote.skips_worker(record, worker.address):
-                    ticket.mark_dispatched()
-                    worker.in_flight[asset_id] += 1
-                    try:
-                        async with aclosing(self.remote.chat(record, request, stream=stream,
-                                                             timeout=timeout)) as pieces:
-                            async for chunk in pieces:
-                                yield chunk
-                    finally:
-                        worker.in_flight[asset_id] -= 1
-                    return
-                if forwarded is None:
-                    forwarded = inference_pb2.ChatRequest()
-                    forwarded.CopyFrom(request)
-                    forwarded.model = asset_id
-                call = worker.inference.Chat(forwarded, timeout=timeout)
-                ticket.mark_dispatched()
-                worker.in_flight[asset_id] += 1
-                started = False
-                try:
-                    with self.workers.tracking(worker, call):
-                        async for chunk in call:
-                            started = True
-                            yield chunk
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    error = self._worker_error(exc, worker, asset_id)
-                    if started or attempt == 2 or not isinstance(error, NotFound):
-                        raise error from None
-                    await self.workers.refresh(worker)
-                finally:
-                    call.cancel()
-                    worker.in_flight[asset_id] -= 1
+    def _gate(self, record: AssetRecord) -> AssetGate:
+        """The asset's admission gate, sized to the slots its holders have together."""
+        policy = record.spec.policy
+        gate = self.admission.gate(record.spec.asset_id, policy)
+        gate.resize(self.workers.capacity(record.spec.asset_id, policy.max_concurrency))
+        return gate
 
     async def embed(
         self, request: inference_pb2.EmbedRequest, *, timeout: float | None = None,
@@ -176,25 +157,27 @@ class Gateway:
         Refused before any model is resolved or woken when invalid, right after the name is
         resolved when outside `key`'s scope, and before a worker is asked when the vectors
         could not come back in one message (the asset's dimension is known from its metadata
-        or detected capabilities). `key`'s limits are reserved and settled as for `chat`.
+        or detected capabilities). `key`'s limits are reserved and settled, and the deadline
+        kept, as for `chat`.
         """
         async with self._accounted(key, request.model, EMBEDDING, request.request_id) as ticket:
-            check_embed(request)
-            record = await self.catalog.resolve(request.model, EMBEDDING)
-            check_model(key, record, request.model)
-            check_embed_size(len(request.inputs), embedding_dim(record))
-            ticket.asset = record
-            ticket.estimate = estimate_embed(request, record)
-            ticket.reservation = await self.limits.reserve(key, ticket.estimate)
+            deadline = Deadline.within(self.request_timeout_s, timeout)
+            async with deadline.bounding("its model was looked up"):
+                check_embed(request)
+                record = await self.catalog.resolve(request.model, EMBEDDING)
+                check_model(key, record, request.model)
+                check_embed_size(len(request.inputs), embedding_dim(record))
+                ticket.asset = record
+                ticket.estimate = estimate_embed(request, record)
+                ticket.reservation = await self.limits.reserve(key, ticket.estimate)
             log.debug("request %s: embed %d inputs with %s for user %r", request.request_id,
                       len(request.inputs), record.spec.asset_id, request.user)
             forwarded = inference_pb2.EmbedRequest()
             forwarded.CopyFrom(request)
             forwarded.model = record.spec.asset_id
-            async with self.admission.gate(record.spec.asset_id, record.spec.policy).slot():
-                result = await self._unary(
-                    record, lambda w: w.inference.Embed(forwarded, timeout=timeout), ticket
-                )
+            async with self._gate(record).slot(deadline) as queue:
+                result = await self.dispatcher.embed(record, forwarded, deadline=deadline, queue=queue,
+                                                     ticket=ticket)
             ticket.used(result.usage)
             return result
 
@@ -208,38 +191,6 @@ class Gateway:
         except Exception:  # noqa: BLE001 - readiness only reports
             return False
         return True
-
-    async def _unary(
-        self, record: AssetRecord, start: Callable[[WorkerHandle], grpc.aio.UnaryUnaryCall[Any, T]],
-        ticket: UsageTicket,
-    ) -> T:
-        asset_id = record.spec.asset_id
-        for attempt in (1, 2):
-            worker = await self.waker.place(record, on_wake=ticket.mark_woke)
-            worker.in_flight[asset_id] += 1
-            try:
-                call = start(worker)
-                ticket.mark_dispatched()
-                with self.workers.tracking(worker, call):
-                    return await call
-            except grpc.aio.AioRpcError as exc:
-                error = self._worker_error(exc, worker, asset_id)
-                if attempt == 2 or not isinstance(error, NotFound):
-                    raise error from None
-                await self.workers.refresh(worker)
-            finally:
-                worker.in_flight[asset_id] -= 1
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _worker_error(exc: grpc.aio.AioRpcError, worker: WorkerHandle, asset_id: str) -> Exception:
-        error = domain_error(
-            exc, unavailable=f"the worker serving '{asset_id}' is unavailable; retry later"
-        )
-        # A remote asset's upstream failing says nothing about the worker that relayed it.
-        if exc.code() == grpc.StatusCode.UNAVAILABLE and not isinstance(error, UpstreamError):
-            worker.info = None  # stop routing there until a refresh reaches it again
-        return error
 
 
 def embedding_dim(record: AssetRecord) -> int:

@@ -13,7 +13,8 @@ from services.router.keys import KeyAuthenticator, credential_from
 
 
 class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
-    """`roundhouse.v1.Inference` by model name or alias; the caller's deadline goes downstream.
+    """`roundhouse.v1.Inference` by model name or alias. A caller's gRPC deadline, when shorter
+    than the router's request timeout, is the request's deadline (see `Gateway.chat`).
 
     Callers present an API key in `authorization` metadata (`Bearer rh-...`, or `x-api-key`),
     checked like the HTTP API's: UNAUTHENTICATED without a valid one, PERMISSION_DENIED for a

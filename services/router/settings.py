@@ -9,6 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.keys.tokens import operator_secret
 from services.common.settings import FleetSettings
+from services.router.deadlines import DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_STREAM_IDLE_TIMEOUT_S
 
 
 class RouterSettings(FleetSettings):
@@ -37,6 +38,17 @@ class RouterSettings(FleetSettings):
 
     max_body_bytes: int = 8 * 1024 * 1024
     """Largest HTTP request body accepted; larger gets 413."""
+
+    request_timeout_s: float = Field(default=DEFAULT_REQUEST_TIMEOUT_S, gt=0)
+    """How long one request may take in all, queue wait and wake included
+    (`ROUNDHOUSE_REQUEST_TIMEOUT_S`); past it the request ends with 504 `timeout` (a stream
+    already started ends with an error event) and its worker call is cancelled. A client may ask
+    for less: the `x-request-timeout` header (seconds) over HTTP, its deadline over gRPC."""
+
+    stream_idle_timeout_s: float = Field(default=DEFAULT_STREAM_IDLE_TIMEOUT_S, gt=0)
+    """Longest silence allowed between two streamed chunks from a worker or remote upstream
+    (`ROUNDHOUSE_STREAM_IDLE_TIMEOUT_S`; the first chunk may also take the queue wait); past it
+    the request ends as past its deadline."""
 
     limit_reservation_ttl_s: float = Field(default=900.0, gt=0)
     """How long a request's reservation against its key's limits lives if its router never

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import grpc
 
@@ -38,12 +38,13 @@ class ModelWaker:
         """Per asset being woken: the workers holding it, once the jobs service said so."""
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def place(self, record: AssetRecord, *,
+    async def place(self, record: AssetRecord, *, exclude: Collection[str] = (),
                     on_wake: Callable[[], None] | None = None) -> WorkerHandle:
-        """A healthy worker holding the asset; `ModelNotReady` (503) when it cannot be loaded
-        within the wake timeout. `on_wake` is called when the request has to wait for a wake."""
+        """A healthy worker holding the asset, not one of `exclude` (addresses of workers that
+        cannot take this request); `ModelNotReady` (503) when it cannot be loaded within the
+        wake timeout. `on_wake` is called when the request has to wait for a wake."""
         asset_id = record.spec.asset_id
-        worker = self._pool.pick(asset_id)
+        worker = self._pool.pick(asset_id, exclude)
         if worker is not None:
             return worker
         if on_wake is not None:
@@ -53,8 +54,9 @@ class ModelWaker:
             holders = self._start_wake(asset_id)
         # A request that gives up leaves the wake-up running for the others.
         woken = await asyncio.shield(holders)
-        worker = self._pool.pick(asset_id) or min(
-            (w for w in woken if w.healthy), key=lambda w: w.in_flight[asset_id], default=None)
+        worker = self._pool.pick(asset_id, exclude) or min(
+            (w for w in woken if w.serving and w.address not in exclude),
+            key=lambda w: w.in_flight[asset_id], default=None)
         if worker is None:
             raise ModelNotReady(f"model '{asset_id}' is not loaded on any worker yet; retry later",
                                 retry_after_s=2.0)
@@ -104,9 +106,11 @@ class ModelWaker:
                 timeout=self._wait_s + 10,
             )
         except grpc.aio.AioRpcError as exc:
-            raise domain_error(
-                exc, unavailable=f"model '{asset_id}' could not be loaded now; retry later"
-            ) from None
+            unavailable = f"model '{asset_id}' could not be loaded now; retry later"
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # The wake's own time ran out, not the request's: the load may still finish.
+                raise ModelNotReady(unavailable, retry_after_s=5.0) from None
+            raise domain_error(exc, unavailable=unavailable) from None
         if not reply.loaded:
             raise ModelNotReady(
                 f"model '{asset_id}' is still loading (operation {reply.operation.operation_id}); "

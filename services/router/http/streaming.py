@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from roundhouse.v1 import inference_pb2
 from services.common.errors import UpstreamError
+from services.router.deadlines import REQUEST_TIMEOUT_HEADER, header_seconds
 from services.router.http.auth import request_key
 from services.router.http.errors import ClientClosedRequest, error_payload
 from services.router.http.protocol import FinishReason, UsageInfo, finish_reason
@@ -97,6 +98,12 @@ def record(request_id: str, endpoint: str, fields: dict[str, Any]) -> None:
     if fields:
         shown = " ".join(f"{name}={value!r}" for name, value in fields.items())
         log.info("request %s (%s): %s", request_id, endpoint, shown)
+
+
+def client_timeout(request: Request) -> float | None:
+    """The deadline the client asked for in `x-request-timeout` (seconds), if any; the gateway
+    keeps the shorter of it and the request timeout. An invalid value is a 400 naming it."""
+    return header_seconds(REQUEST_TIMEOUT_HEADER, request.headers.get(REQUEST_TIMEOUT_HEADER))
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -246,10 +253,11 @@ class GenerationServing(ABC):
 
     async def create(self, body: Any, request: Request) -> Response:
         """Serve one request (`body` has `to_proto`, `stream`, `model`, `include_usage`,
-        `recorded`)."""
+        `recorded`) within the client's `x-request-timeout` when it sets one."""
         request_id: str = request.state.request_id
+        timeout = client_timeout(request)
         record(request_id, self.endpoint, body.recorded())
-        chunks = self.gateway.chat(body.to_proto(request_id), key=request_key(request),
+        chunks = self.gateway.chat(body.to_proto(request_id), timeout=timeout, key=request_key(request),
                                    stream=body.stream)
         prefix = self._prefix(body)
         if not body.stream:

@@ -12,7 +12,7 @@ from services.router.http.auth import request_key
 from services.router.http.embedding.protocol import EmbeddingRequest, response_body
 from services.router.http.metrics import HttpMetrics
 from services.router.http.protocol import ModelCard
-from services.router.http.streaming import record, until_disconnected
+from services.router.http.streaming import client_timeout, record, until_disconnected
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -28,19 +28,21 @@ class EmbeddingServing:
         self.metrics = metrics
 
     async def create(self, body: EmbeddingRequest, request: Request) -> Response:
-        """The vectors of every input, in input order.
+        """The vectors of every input, in input order, within the client's `x-request-timeout`
+        when it sets one.
 
         `dimensions` is accepted only when it equals the model's vector length: checked
         against the registry before embedding when the length is known, else after.
         """
+        timeout = client_timeout(request)
         if body.dimensions is not None:
             card = ModelCard.from_record(await self.gateway.get_model(body.model, key=request_key(request)))
             if card.embedding_dim is not None:
                 self._check_dimensions(body.dimensions, card.id, card.embedding_dim)
         request_id: str = request.state.request_id
         record(request_id, ENDPOINT, body.recorded())
-        result = await until_disconnected(request, self.gateway.embed(body.to_proto(request_id),
-                                                                  key=request_key(request)))
+        result = await until_disconnected(request, self.gateway.embed(
+            body.to_proto(request_id), timeout=timeout, key=request_key(request)))
         if body.dimensions is not None:
             self._check_dimensions(body.dimensions, result.asset_id or body.model,
                                    result.dimensions or len(result.embeddings[0].values))
