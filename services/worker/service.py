@@ -4,10 +4,9 @@ failed here."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +18,6 @@ from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.worker.admission import Intake, ModelSlots, shutting_down
-from services.worker.converters import model_event
 from services.worker.holdings import (
     MIB,
     FailedModelInfo,
@@ -32,6 +30,7 @@ from services.worker.holdings import (
     not_held_error,
     unloaded_error,
 )
+from services.worker.model_events import UNLOAD_EVENTS, ModelEvents
 from services.worker.models import HostedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,6 @@ def load_from_store(
         )
     return load_model(record.spec, installed.path, upstreams=upstreams)
 
-UNLOAD_EVENTS = {"evict": "model.evicted", "sleep": "model.sleeping"}
-"""The event an unload publishes, by its reason; any other reason is `model.unloaded`."""
 
 
 class ModelHost:
@@ -91,7 +88,7 @@ class ModelHost:
         self.memory_budget_bytes = memory_budget_bytes
         self.started_at = datetime.now(UTC)
         self._store = store
-        self._bus = bus
+        self._events = ModelEvents(bus)
         self._loader = loader
         self._held: dict[str, HeldModel] = {}
         self._loading: dict[str, asyncio.Task[HeldModel]] = {}
@@ -101,7 +98,6 @@ class ModelHost:
         self._intake = Intake()
         self._seq = 0
         self._dropping: set[asyncio.Task[None]] = set()
-        self._last_event: asyncio.Task[None] | None = None
 
     def identify(self, worker_id: str, address: str) -> None:
         """Name the worker once its port is known."""
@@ -109,7 +105,7 @@ class ModelHost:
 
     def attach_bus(self, bus: EventBus | None) -> None:
         """Publish events on `bus` from now on (None: stop publishing)."""
-        self._bus = bus
+        self._events.bus = bus
 
     def on_change(self, listener: ChangeListener) -> None:
         """Call `listener` (synchronously, on the loop) once `info()` shows a change no request
@@ -355,27 +351,11 @@ class ModelHost:
         await self.events_sent()
 
     def _publish(self, kind: str, asset_id: str, **detail: Any) -> None:
-        """Publish a model event after those published before it, without the caller waiting
-        for NATS (a load's reply does not wait for its `model.loaded`)."""
-        if self._bus is None:
-            return
-        send = functools.partial(self._bus.publish, model_event(kind, asset_id, self.worker_id, **detail))
-        self._last_event = asyncio.create_task(self._send(send, f"{kind} for {asset_id}", self._last_event),
-                                               name=f"publish-{kind}-{asset_id}")
-
-    @staticmethod
-    async def _send(send: Callable[[], Awaitable[object]], what: str, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])
-        try:
-            await send()
-        except Exception as exc:  # noqa: BLE001 - events are best effort; serving goes on
-            log.warning("could not publish %s: %s", what, exc)
+        self._events.publish(kind, asset_id, self.worker_id, **detail)
 
     async def events_sent(self) -> None:
         """Wait until every event published so far has been sent (or failed to be)."""
-        if self._last_event is not None:
-            await asyncio.wait([self._last_event])
+        await self._events.sent()
 
 
 def _wait_s(policy: Policy, queue_timeout_s: float | None, deadline_s: float | None) -> float:
