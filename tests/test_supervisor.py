@@ -149,4 +149,6 @@ async def test_children_go_when_the_supervisor_is_signalled(sig: signal.Signals)
     assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
     assert wait_pid_gone(child, timeout=10)
     if sig != signal.SIGKILL:
-        assert rest.decode().splitlines() == ["[supervisor] stopping"]
+        assert rest.decode().splitlines() == [
+            "[supervisor] stopping: the services finish their work in flight (up to 10s); "
+            "Ctrl-C again stops at once"]

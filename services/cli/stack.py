@@ -37,6 +37,9 @@ from services.worker.settings import WorkerSettings
 
 CATALOG = Path(__file__).resolve().parents[2] / "deploy" / "catalog"
 SERVICES = ("registry", "worker", "router", "jobs")
+STOP_MARGIN_S = 15.0
+"""Beyond the drain timeout, how long a service may take to close its connections and exit
+before `roundhouse up` kills it."""
 
 
 def _say(line: str) -> None:
@@ -118,7 +121,7 @@ async def _run_services(
     router, worker, jobs = RouterSettings(), WorkerSettings(), JobsSettings()
     supervisor = Supervisor(
         (ChildSpec(name, [sys.executable, "-m", "services.cli.main", name], env) for name in SERVICES),
-        secrets=known_secrets(registry.upstream_key_envs, env),
+        secrets=known_secrets(registry.upstream_key_envs, env), grace=registry.drain_timeout_s + STOP_MARGIN_S,
     )
     running = asyncio.create_task(supervisor.run())  # handles Ctrl-C / SIGTERM itself
     for address in (registry.registry_address, worker.worker_address, router.router_address,
@@ -144,7 +147,7 @@ async def _run_services(
         f"  Postgres       {mask_url(dsn)}",
         f"  NATS           {mask_url(nats_url)}",
         f"  home           {home}",
-        "Ctrl-C stops everything",
+        "Ctrl-C stops everything (work in flight finishes first; Ctrl-C twice: at once)",
     ):
         _say(line)
     return await running

@@ -1,7 +1,8 @@
 """Keep the service processes of `roundhouse up` running, and stop them all together.
 
 Each child runs in a process group of its own: a terminal's Ctrl-C reaches only the
-supervisor, which then stops the children in order, and a stop reaches whatever a child
+supervisor, which then stops the children (SIGTERM: each drains, finishing its work in flight)
+and waits for them; a second Ctrl-C kills them at once. A stop reaches whatever a child
 started too. When a child is gone, its group is SIGKILLed, so a service must stop its own
 helpers before it exits. Children carry a parent-death signal (SIGTERM), so they go away
 even when the supervisor is SIGKILLed. Every line relayed is scrubbed of secrets
@@ -42,8 +43,9 @@ class Supervisor:
     A child that exits on its own is restarted after a delay that doubles with each exit in
     `failure_window` seconds (from `restart_delay` up to `max_restart_delay`); at
     `max_failures` exits within the window the supervisor gives up and stops everything.
-    A stop sends SIGTERM, waits `grace` seconds, then SIGKILLs what is left. Output lines are
-    scrubbed of recognisable secrets and of each of `secrets` verbatim.
+    A stop sends SIGTERM, waits `grace` seconds (the children drain meanwhile), then SIGKILLs
+    what is left; a second stop request SIGKILLs at once. Output lines are scrubbed of
+    recognisable secrets and of each of `secrets` verbatim.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class Supervisor:
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._forced = asyncio.Event()
         self._secrets = sorted(set(secrets), key=len, reverse=True)
 
     @property
@@ -75,9 +78,16 @@ class Supervisor:
         """Start every child and keep it running until `stop()`."""
         self._tasks = [asyncio.create_task(self._keep_running(c)) for c in self.children]
 
-    def request_stop(self) -> None:
-        """Ask for a stop without waiting for it (safe from a signal handler)."""
+    def request_stop(self, *, at_once: bool = False) -> None:
+        """Ask for a stop without waiting for it (safe from a signal handler); `at_once` kills
+        every child now instead of letting it drain."""
+        if at_once and not self._forced.is_set():
+            self._forced.set()
+            self.say("stopping at once")
         self._stopping.set()
+
+    def _on_signal(self) -> None:
+        self.request_stop(at_once=self._stopping.is_set())
 
     async def stop(self) -> None:
         """Stop every child (SIGTERM, `grace` seconds, SIGKILL) and wait until all are gone."""
@@ -85,14 +95,16 @@ class Supervisor:
         await asyncio.gather(*self._tasks)
 
     async def run(self) -> int:
-        """Run until SIGINT, SIGTERM, `request_stop()` or giving up; 0, or 1 after giving up."""
+        """Run until SIGINT, SIGTERM, `request_stop()` or giving up; 0, or 1 after giving up.
+        A second SIGINT or SIGTERM while the children drain kills them at once."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(sig, self._on_signal)
         try:
             await self.start()
             await self._stopping.wait()
-            self.say("stopping")
+            self.say(f"stopping: the services finish their work in flight (up to {self.grace:g}s); "
+                     "Ctrl-C again stops at once")
             await self.stop()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -146,9 +158,10 @@ class Supervisor:
         stopped_by_us = not exited.done()
         if stopped_by_us:
             _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.shield(exited), timeout=self.grace)
-            except TimeoutError:
+            forced = asyncio.create_task(self._forced.wait())
+            await asyncio.wait({exited, forced}, timeout=self.grace, return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
+            if not exited.done() and not self._forced.is_set():
                 self.say(f"{child.name} still runs {self.grace:g}s after SIGTERM; killing it")
         _signal_group(proc.pid, signal.SIGKILL)
         await exited

@@ -1,9 +1,10 @@
 """The gRPC server every service reuses: health, reflection, error mapping, the internal token,
-TLS, graceful stop."""
+TLS, message size limits, and the drain on SIGTERM (see `services.common.drain`)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import signal
@@ -16,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import errors
+from services.common.drain import Drain
 from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,14 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns domain errors into gRPC statuses in one place; anything else becomes INTERNAL."""
+    """Turns domain errors into gRPC statuses in one place; anything else becomes INTERNAL.
+
+    With `drain`, once it has begun every new call (health and reflection aside) fails with
+    `ShuttingDown` (UNAVAILABLE, with a retry hint); calls already running go on.
+    """
+
+    def __init__(self, drain: Drain | None = None) -> None:
+        self._drain = drain
 
     async def intercept_service(
         self,
@@ -82,11 +91,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        drain = None if method.startswith(OPEN_SERVICES) else self._drain
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
+                    if drain is not None:
+                        drain.refuse_new_work()
                     return await inner_uu(request, context)  # type: ignore[arg-type]  # aio handler
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
@@ -101,6 +113,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
+                    if drain is not None:
+                        drain.refuse_new_work()
                     async for item in inner_us(request, context):  # type: ignore[attr-defined,arg-type]
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -180,28 +194,30 @@ class GrpcServer:
 
     With `settings`, it serves TLS when `tls_cert` / `tls_key` are set and, when `internal` and
     `internal_token` is set, refuses calls without the token. Without, plaintext and open.
+    Messages over `max_message_bytes` are refused (RESOURCE_EXHAUSTED). `drain` (by default the
+    one `settings` describe) times the stop; with `refuse_while_draining`, every new call is
+    refused with UNAVAILABLE once it has begun, otherwise the services refuse what they must.
     """
 
     def __init__(
         self, address: str, bindings: Sequence[ServiceBinding], settings: CommonSettings | None = None,
-        *, internal: bool = True,
+        *, internal: bool = True, max_message_bytes: int = MAX_MESSAGE_BYTES, drain: Drain | None = None,
+        refuse_while_draining: bool = False,
     ) -> None:
         self._address = address
         self._bindings = list(bindings)
         self._credentials = server_credentials(settings) if settings is not None else None
+        self.drain = drain or (Drain.from_settings(settings) if settings is not None else Drain())
         token = settings.internal_token if settings is not None and internal else None
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ErrorMappingInterceptor(self.drain if refuse_while_draining else None)]
         if token is not None and token.get_secret_value():
             interceptors.insert(0, InternalTokenInterceptor(token.get_secret_value()))
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in grpc-stubs
-        self._server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max(max_message_bytes, MAX_MESSAGE_BYTES)),
+                   ("grpc.so_reuseport", 0)]
+        self._server = grpc.aio.server(interceptors=interceptors, options=options)
         self.port = 0
 
     async def start(self) -> int:
@@ -226,10 +242,15 @@ class GrpcServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING, then let in-flight calls finish for up to `grace` seconds."""
+    async def begin_drain(self) -> None:
+        """Begin the drain: report NOT_SERVING and, when this server does, refuse new calls."""
+        self.drain.begin()
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING; in-flight calls get `grace` s (None: the drain's rest), then are cut."""
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.drain.remaining_s() if grace is None else grace)
 
 
 async def run_until_signal(
@@ -237,13 +258,16 @@ async def run_until_signal(
     *,
     on_started: Callable[[int], None] | None = None,
     before_stop: Callable[[], Awaitable[None]] | None = None,
+    also_stop: Sequence[Callable[[float], Awaitable[None]]] = (),
     cleanups: Sequence[Callable[[], Awaitable[None]]] = (),
-    grace: float = 5.0,
 ) -> None:
-    """Start `server`, wait for SIGTERM/SIGINT, stop gracefully, then run `cleanups` in order.
+    """Start `server`, wait for SIGTERM/SIGINT, drain, stop, then run `cleanups` in order.
 
-    `before_stop` runs first on the way out, while the server still serves (say, to tell
-    others to stop sending work).
+    The drain (`server.drain`): health NOT_SERVING at once, new calls refused when the server
+    refuses while draining, then `before_stop` runs while the server still serves (to tell
+    others to stop sending work, to wait for the work in flight). The listener closes once it
+    is done and the drain delay has passed; calls in flight get the rest of the drain timeout,
+    as does each of `also_stop` (another listener), alongside.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -255,15 +279,25 @@ async def run_until_signal(
     try:
         await stop.wait()
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)  # a second signal stops the process at once
+        drain = server.drain
+        log.info("draining: new work is refused; work in flight has %g s to finish (a second "
+                 "signal stops at once)", drain.timeout_s)
+        await server.begin_drain()
+        await asyncio.gather(_logged(before_stop, "pre-stop step"), drain.hold_listener())
+        grace = drain.remaining_s()
+        await asyncio.gather(*(_logged(functools.partial(stop_one, grace), "stopping a listener")
+                               for stop_one in (server.stop, *also_stop)))
         log.info("shutting down")
-        if before_stop is not None:
-            try:
-                await before_stop()
-            except Exception:  # noqa: BLE001 - shut down regardless
-                log.exception("pre-stop step failed")
-        await server.stop(grace)
         for cleanup in cleanups:
-            try:
-                await cleanup()
-            except Exception:  # noqa: BLE001 - keep shutting the rest down
-                log.exception("cleanup failed")
+            await _logged(cleanup, "cleanup")
+
+
+async def _logged(step: Callable[[], Awaitable[None]] | None, what: str) -> None:
+    """Run `step`; a failure is logged and the shutdown goes on."""
+    if step is not None:
+        try:
+            await step()
+        except Exception:  # noqa: BLE001 - shut down regardless
+            log.exception("%s failed", what)

@@ -66,6 +66,16 @@ class CommonSettings(BaseSettings):
     """PEM CA certificates gRPC clients (services and CLI) trust. Set (or `tls_cert` set),
     clients connect over TLS; without it they trust the system's roots."""
 
+    drain_delay_s: float = Field(default=0.0, ge=0)
+    """Seconds between SIGTERM and closing the listener (`ROUNDHOUSE_DRAIN_DELAY_S`), so a load
+    balancer sees the readiness probe fail before connections are refused; meanwhile new
+    requests are refused with 503 `shutting_down` and a Retry-After (UNAVAILABLE over gRPC)."""
+
+    drain_timeout_s: float = Field(default=60.0, ge=0)
+    """Seconds after SIGTERM that requests and streams in flight (and a jobs instance's running
+    operations) get to finish (`ROUNDHOUSE_DRAIN_TIMEOUT_S`); then what is left is cut (running
+    operations go back to the queue) and the process exits."""
+
     def upstream_rules(self) -> UpstreamRules:
         """The upstream policy these settings describe."""
         return UpstreamRules(tuple(self.upstream_key_envs), self.allow_link_local_upstreams)

@@ -145,14 +145,20 @@ class Executor:
             run.stop("cancelled")
         return run is not None
 
-    async def stop(self) -> None:
-        """Stop claiming, stop every run and put it back in the queue for whoever comes next."""
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop claiming; let the running operations finish for up to `grace_s` seconds, then
+        stop the rest and put them back in the queue, their lease released (any instance may
+        claim them at once) and their attempt not counted."""
         self._stopping = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        if self._tasks and grace_s > 0:
+            log.info("waiting up to %g s for %d running operation(s)", grace_s, len(self._runs))
+            await asyncio.wait(set(self._tasks), timeout=grace_s)
         for run in list(self._runs.values()):
+            log.info("operation %s still runs; handing it back to the queue", run.operation_id)
             run.stop("shutdown")
         await asyncio.gather(*self._tasks, return_exceptions=True)
 

@@ -72,6 +72,13 @@ class JobsApp:
         if self.reconciler is not None:
             self.reconciler.start()
 
+    async def drain(self) -> None:
+        """Reconcile and claim nothing more; let running operations finish within what is left of
+        the drain timeout, then hand those still running back to the queue (lease released)."""
+        if self.reconciler is not None:
+            await self.reconciler.stop()
+        await self.executor.stop(self.server.drain.remaining_s())
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop serving, hand running operations back to the queue, close connections."""
         await self.server.stop(grace)
@@ -135,14 +142,14 @@ async def build_app(
                     registry.close, bus.close, engine.dispose])
 
 async def serve(settings: JobsSettings) -> None:
-    """Run the jobs service until SIGTERM/SIGINT."""
+    """Run the jobs service until SIGTERM/SIGINT, then drain (`JobsApp.drain`) and stop."""
     app = await build_app(settings)
 
     def started(port: int) -> None:
         app.begin()
         log.info("jobs listening on port %d as instance %s", port, settings.jobs_instance_id)
 
-    await run_until_signal(app.server, on_started=started, cleanups=app.cleanups)
+    await run_until_signal(app.server, on_started=started, before_stop=app.drain, cleanups=app.cleanups)
 
 
 def main() -> None:

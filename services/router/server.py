@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -12,6 +14,7 @@ import uvloop
 
 from roundhouse.v1 import events_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2_grpc, registry_pb2_grpc
 from services.common.db import make_engine, make_sessionmaker
+from services.common.drain import Drain
 from services.common.events import EventBus
 from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer, ServiceBinding, run_until_signal
@@ -35,6 +38,18 @@ from services.router.waking import ModelWaker
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+HTTP_STOP_GRACE_S = 5
+"""How long requests in flight get when the HTTP API is stopped outside a drain (tests)."""
+
+
+class HttpServer(uvicorn.Server):
+    """uvicorn's server, minus its own signal handling: the router drains on SIGTERM itself
+    (`run_until_signal`) and stops this server when the drain says so."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Leave the process's signal handlers alone."""
+        yield
 
 
 @dataclass
@@ -46,6 +61,9 @@ class RouterParts:
     http_server: uvicorn.Server
     http_port: int
     cleanups: list[Callable[[], Awaitable[None]]]
+    stop_http: Callable[[float], Awaitable[None]]
+    """Close the HTTP listener and give the requests in flight (streams too) that many seconds
+    to finish; idle keep-alive connections are closed at once. Also the first of `cleanups`."""
 
 
 async def start_router(settings: RouterSettings, bus: EventBus | None) -> RouterParts:
@@ -70,21 +88,27 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
     waker = ModelWaker(workers, jobs, wait_s=settings.load_timeout_s)
     limiter, ledger, close_usage = await _start_limits_and_usage(settings)
     remote = RemoteUpstreams(settings.upstream_rules(), touch_s=settings.remote_worker_touch_s)
-    gateway = Gateway(catalog, workers, Admission(), waker, limits=limiter, usage=ledger, remote=remote)
+    gateway = Gateway(catalog, workers, Admission(), waker, limits=limiter, usage=ledger, remote=remote,
+                      request_timeout_s=settings.request_timeout_s,
+                      stream_idle_timeout_s=settings.stream_idle_timeout_s)
     store, authenticator, on_key_revoked = await _start_keys(settings, bus, stoppers)
 
+    drain = Drain.from_settings(settings)
+    # Apps call the front with API keys, never the internal token; its bodies are capped as
+    # the HTTP API's are.
     grpc_server = GrpcServer(settings.router_address, [ServiceBinding(
         inference_pb2_grpc.add_InferenceServicer_to_server,
         InferenceFrontServicer(gateway, authenticator), SERVICE_NAME,
-    )], settings, internal=False)  # apps call the front with API keys, never the internal token
+    )], settings, internal=False, max_message_bytes=settings.max_body_bytes, drain=drain,
+        refuse_while_draining=True)
     app = create_app(gateway, jobs, max_body_bytes=settings.max_body_bytes,
                      authenticator=authenticator, key_store=store, on_key_revoked=on_key_revoked,
-                     metrics_auth=settings.metrics_auth, tracing=settings.otel_console)
+                     metrics_auth=settings.metrics_auth, tracing=settings.otel_console, drain=drain)
     # httptools parses HTTP (uvicorn's fastest protocol); the loop is the one `main` runs.
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, http="httptools",
                             log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=5)
-    http_server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=HTTP_STOP_GRACE_S)
+    http_server = HttpServer(config)
     http_task = asyncio.create_task(http_server.serve(), name="http")
     while not http_server.started:
         if http_task.done():
@@ -93,8 +117,10 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
         await asyncio.sleep(0.01)
     http_port = http_server.servers[0].sockets[0].getsockname()[1]
 
-    async def stop_http() -> None:
-        http_server.should_exit = True
+    async def stop_http(grace: float = HTTP_STOP_GRACE_S) -> None:
+        if not http_server.should_exit:
+            http_server.config.timeout_graceful_shutdown = math.ceil(grace)
+            http_server.should_exit = True
         await http_task
 
     async def close_channels() -> None:
@@ -102,7 +128,8 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
         await jobs_channel.close(None)
 
     return RouterParts(gateway, grpc_server, http_server, http_port,
-                       [stop_http, close_usage, *stoppers, workers.close, remote.close, close_channels])
+                       [stop_http, close_usage, *stoppers, workers.close, remote.close, close_channels],
+                       stop_http)
 
 
 async def _start_limits_and_usage(
@@ -169,7 +196,10 @@ async def _start_keys(
 
 
 async def serve(settings: RouterSettings) -> None:
-    """Run the router until SIGTERM/SIGINT."""
+    """Run the router until SIGTERM/SIGINT, then drain: /readyz and gRPC health report not
+    ready and new requests are refused (503 `shutting_down` / UNAVAILABLE) at once, both
+    listeners close after the drain delay, and requests and streams in flight get the rest of
+    the drain timeout to finish."""
     bus = await EventBus.connect(settings.resolved_nats_url(), name="roundhouse-router",
                                  ensure_stream=False)
     parts = await start_router(settings, bus)
@@ -178,6 +208,7 @@ async def serve(settings: RouterSettings) -> None:
         on_started=lambda port: log.info(
             "router listening: gRPC port %d, HTTP http://%s:%d", port, settings.http_host,
             parts.http_port),
+        also_stop=[parts.stop_http],
         cleanups=[*parts.cleanups, bus.close],
     )
 

@@ -73,6 +73,13 @@ class WorkerServer:
         if self.heartbeat is not None:
             await self.heartbeat.stop()
 
+    async def drain(self) -> None:
+        """Stop heartbeating and announce `worker.down` (routers stop sending work here), then
+        refuse new requests (`ShuttingDown`) and wait for the running ones to finish, for up to
+        what is left of the drain timeout."""
+        await self.stop_heartbeat()
+        await self.host.drain(self.grpc.drain.remaining_s())
+
     async def stop(self, grace: float = 5.0) -> None:
         """Announce the shutdown, stop serving, then unload every model."""
         await self.stop_heartbeat()
@@ -81,7 +88,8 @@ class WorkerServer:
 
 
 async def serve(settings: WorkerSettings) -> None:
-    """Run a worker until SIGTERM/SIGINT; unload every model on the way out.
+    """Run a worker until SIGTERM/SIGINT, then drain (`WorkerServer.drain`), stop serving and
+    unload every model.
 
     The worker serves at once; events and heartbeats are published once NATS answers.
     """
@@ -101,7 +109,7 @@ async def serve(settings: WorkerSettings) -> None:
         log.info("worker %s listening on %s (advertised as %s)", worker.host.worker_id,
                  settings.worker_address.rsplit(":", 1)[0] + f":{port}", worker.host.address)
 
-    await run_until_signal(worker.grpc, on_started=started, before_stop=worker.stop_heartbeat,
+    await run_until_signal(worker.grpc, on_started=started, before_stop=worker.drain,
                            cleanups=[worker.host.close, close_events])
 
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
+from services.common.drain import Drain
 from services.router.http.admin import admin_router
 from services.router.http.auth import AuthMiddleware, document_security
 from services.router.http.chat.serving import ChatServing
@@ -22,7 +23,7 @@ from services.router.http.embedding.serving import EmbeddingServing
 from services.router.http.errors import install_error_handlers
 from services.router.http.keys import keys_router
 from services.router.http.metrics import HttpMetrics
-from services.router.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from services.router.http.middleware import BodyLimitMiddleware, DrainMiddleware, RequestContextMiddleware
 from services.router.http.rendering import OrjsonResponse
 from services.router.http.routes import openai_router
 from services.router.http.usage import usage_router
@@ -45,7 +46,7 @@ def create_app(
     gateway: Gateway, jobs: JobsStub, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     authenticator: KeyAuthenticator | None = None, key_store: KeyStore | None = None,
     on_key_revoked: Callable[[str], None] | None = None, metrics_auth: bool = False,
-    tracing: bool = False,
+    tracing: bool = False, drain: Drain | None = None,
 ) -> FastAPI:
     """The HTTP API in front of `gateway`, with the admin API over `jobs` and `key_store`.
 
@@ -57,6 +58,8 @@ def create_app(
     `tracing` turns on FastAPI's own OpenTelemetry spans, metrics and logs of each request;
     off, a request costs none of them (they are exported only when asked anyway, see
     `services.common.telemetry`).
+    Once `drain` has begun (SIGTERM), `/readyz` answers 503 and every new request but the
+    probes and `/metrics` is refused with 503 `shutting_down` and a Retry-After.
     """
     metrics = HttpMetrics()
     app = FastAPI(
@@ -69,6 +72,7 @@ def create_app(
     app.state.gateway = gateway
     app.state.jobs = jobs
     app.state.metrics = metrics
+    app.state.drain = drain = drain or Drain()
     app.state.key_store = key_store
     app.state.on_key_revoked = on_key_revoked
     app.state.chat = ChatServing(gateway, metrics)
@@ -80,10 +84,11 @@ def create_app(
     app.include_router(keys_router)
     app.include_router(usage_router)
     _add_operational_routes(app)
-    # Added innermost first: request context, then authentication, then the body limit, so a
-    # request without a valid key is refused before its body is read.
+    # Added innermost first: request context, the drain, authentication, then the body limit,
+    # so a request without a valid key is refused before its body is read.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     app.add_middleware(AuthMiddleware, authenticator=authenticator, metrics_auth=metrics_auth)
+    app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.openapi = lambda: _exact_openapi(app)  # type: ignore[method-assign]
     return app
@@ -119,13 +124,17 @@ def _add_operational_routes(app: FastAPI) -> None:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["operations"], responses={
-        503: {"description": "Not ready: the registry does not answer or no worker is known."}})
+        503: {"description": "Not ready: the router is draining (shutting down), the registry "
+                             "does not answer or no worker is known."}})
     async def readyz(request: Request) -> Response:
-        """Readiness: the registry answers and a worker is known. Never wakes a model.
+        """Readiness: the router is not draining, the registry answers and a worker is known.
+        Never wakes a model.
 
         Models the workers report as failed (a load that failed, an engine that died) are
         listed, and make the status `degraded`; the router still serves every other model,
         so it stays ready (200)."""
+        if request.app.state.drain.draining:
+            return OrjsonResponse({"status": "draining", "failed_models": []}, status_code=503)
         gateway: Gateway = request.app.state.gateway
         try:
             ready = await asyncio.wait_for(gateway.ready(), READY_TIMEOUT_S)

@@ -1,5 +1,5 @@
-"""The layers around the HTTP API: outermost request ids, errors and metrics; innermost (after
-authentication, see `auth`) the body size limit.
+"""The layers around the HTTP API: outermost request ids, errors and metrics; then the drain;
+innermost (after authentication, see `auth`) the body size limit.
 
 Plain ASGI middlewares (not Starlette's `BaseHTTPMiddleware`) so that streamed responses
 pass through untouched and the client's disconnect still reaches the endpoint.
@@ -17,6 +17,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.drain import Drain
 from services.router.http.errors import HTTPProblem, error_response
 from services.router.http.metrics import HttpMetrics
 from services.router.http.ratelimit import ratelimit_headers
@@ -25,6 +26,8 @@ from services.router.limits import open_report
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+ALWAYS_SERVED = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Paths served while the router drains: the probes and the metrics."""
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
 
@@ -81,6 +84,21 @@ class RequestContextMiddleware:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.observe_request(route, scope["method"], response["status"],
                                          time.perf_counter() - started)
+
+
+class DrainMiddleware:
+    """Once the drain has begun, refuses every new request (but `ALWAYS_SERVED`) with
+    `ShuttingDown`: 503 `shutting_down` with a Retry-After, shaped by `RequestContextMiddleware`.
+    Requests already running, streams included, go on."""
+
+    def __init__(self, app: ASGIApp, *, drain: Drain) -> None:
+        self.app = app
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in ALWAYS_SERVED:
+            self.drain.refuse_new_work()
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -25,8 +25,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
                                                  "limit (`rate_limit_exceeded`); see Retry-After. Or the "
                                                  "key's budget is spent (`insufficient_quota`)."},
     502: {"model": ErrorResponse, "description": "The model's remote upstream failed."},
-    503: {"model": ErrorResponse, "description": "The model is not ready, or the API key's limits cannot be "
-                                                 "checked now; see Retry-After."},
+    503: {"model": ErrorResponse, "description": "The model is not ready, the API key's limits cannot be "
+                                                 "checked now, or the router is shutting down "
+                                                 "(`shutting_down`: retry, on another replica); see "
+                                                 "Retry-After."},
 }
 STREAM: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE if streamed."},
