@@ -173,6 +173,15 @@ class DeadlineExceeded(RoundhouseError):
     idle time allowed between two streamed tokens); whatever it held is released."""
 
 
+class DatabaseUnavailable(RoundhouseError):
+    """Postgres does not answer now (restarting, unreachable, connection lost); nothing was
+    changed that the caller cannot retry."""
+
+    def __init__(self, message: str, retry_after_s: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ShuttingDown(RoundhouseError):
     """The service is draining before it stops: work in flight finishes, new work is refused;
     retry after `retry_after_s` (on another replica)."""

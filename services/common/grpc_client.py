@@ -93,7 +93,8 @@ _BY_CODE: dict[grpc.StatusCode, type[errors.RoundhouseError]] = {
     grpc.StatusCode.CANCELLED: errors.Cancelled,
 }
 
-_RETRY_AFTER = (errors.Overloaded, errors.ModelNotReady, errors.ShuttingDown)
+_RETRY_AFTER = (errors.Overloaded, errors.ModelNotReady, errors.ShuttingDown, errors.RateLimited,
+                errors.LimitsUnavailable, errors.DatabaseUnavailable)
 """Errors that carry when to retry (`retry_after_s`)."""
 
 

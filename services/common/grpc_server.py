@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import errors
+from services.common.db.unavailable import as_domain_error
 from services.common.drain import Drain
 from services.common.settings import CommonSettings
 
@@ -48,6 +49,7 @@ _CODES: list[tuple[type[errors.RoundhouseError], grpc.StatusCode]] = [
     (errors.Cancelled, grpc.StatusCode.CANCELLED),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (errors.DatabaseUnavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 
 
@@ -60,6 +62,7 @@ def status_code_for(exc: errors.RoundhouseError) -> grpc.StatusCode:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    exc = as_domain_error(exc)
     if isinstance(exc, errors.RoundhouseError):
         # The class name lets a caller one hop up re-raise the same domain error.
         metadata = [(ERROR_CLASS_KEY, type(exc).__name__)]

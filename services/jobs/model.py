@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, get_args
 
-from services.common.errors import DeadlineExceeded, ModelNotReady, Overloaded, UpstreamError
+from services.common.errors import DatabaseUnavailable, DeadlineExceeded, ModelNotReady, Overloaded, UpstreamError
 from services.common.events import EventPublishError
 
 OperationType = Literal["install", "load", "unload", "delete", "profile"]
@@ -16,6 +16,7 @@ TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     UpstreamError,
+    DatabaseUnavailable,
     DeadlineExceeded,
     ModelNotReady,
     Overloaded,

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common import errors as domain
+from services.common.db.unavailable import as_domain_error
 from services.router.http.protocol import ErrorInfo, ErrorResponse
 from services.router.http.rendering import OrjsonResponse
 
@@ -67,6 +68,7 @@ _DOMAIN_ERRORS: list[tuple[type[domain.RoundhouseError], int, str, str, str | No
     (domain.LimitsUnavailable, 503, "service_unavailable_error", "limits_unavailable", None),
     (domain.ModelNotReady, 503, "service_unavailable_error", "model_not_ready", None),
     (domain.ShuttingDown, 503, "service_unavailable_error", "shutting_down", None),
+    (domain.DatabaseUnavailable, 503, "service_unavailable_error", "database_unavailable", None),
     (domain.DeadlineExceeded, 504, "timeout_error", "timeout", None),
     (domain.UpstreamError, 502, "upstream_error", "upstream_error", None),
     (domain.QuotaExceeded, 503, "service_unavailable_error", "insufficient_capacity", None),
@@ -79,6 +81,7 @@ _DOMAIN_ERRORS: list[tuple[type[domain.RoundhouseError], int, str, str, str | No
 
 def describe(exc: BaseException) -> tuple[int, ErrorInfo, dict[str, str]]:
     """Status, error body and extra headers for any exception."""
+    exc = as_domain_error(exc)
     if isinstance(exc, domain.RoundhouseError):
         for kind, status, error_type, code, param in _DOMAIN_ERRORS:
             if isinstance(exc, kind):

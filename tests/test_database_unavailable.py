@@ -1,0 +1,53 @@
+"""A database that does not answer is a retryable 503 / UNAVAILABLE, never a 500; a wrong
+statement stays an internal error."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import sqlalchemy
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from services.common.db.unavailable import as_domain_error, database_unavailable
+from services.common.errors import DatabaseUnavailable
+from services.common.settings import async_database_url
+from services.router.http.errors import describe
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_database_that_refuses_connections_is_unavailable() -> None:
+    engine = create_async_engine(f"postgresql+asyncpg://nobody@127.0.0.1:{_closed_port()}/none")
+    try:
+        with pytest.raises(Exception) as caught:
+            async with engine.connect() as conn:
+                await conn.execute(sqlalchemy.text("SELECT 1"))
+    finally:
+        await engine.dispose()
+    assert database_unavailable(caught.value)
+    assert isinstance(as_domain_error(caught.value), DatabaseUnavailable)
+    status, info, headers = describe(caught.value)
+    assert (status, info.code, info.type) == (503, "database_unavailable", "service_unavailable_error")
+    assert int(headers["Retry-After"]) >= 1
+
+
+async def test_a_wrong_statement_is_not_mistaken_for_an_outage(db_dsn: str) -> None:
+    engine = create_async_engine(async_database_url(db_dsn))
+    try:
+        with pytest.raises(Exception) as caught:
+            async with engine.connect() as conn:
+                await conn.execute(sqlalchemy.text("SELECT * FROM no_such_table"))
+    finally:
+        await engine.dispose()
+    assert not database_unavailable(caught.value)
+    assert describe(caught.value)[0] == 500
+
+
+def test_errors_outside_the_database_keep_their_meaning() -> None:
+    assert not database_unavailable(FileNotFoundError("weights.safetensors"))
+    assert not database_unavailable(ConnectionRefusedError("an upstream"))
