@@ -48,7 +48,7 @@ def chat_model(sources: Path, asset_id: str, **lifecycle: object) -> dict:
     return {"asset_id": asset_id, "interface": "llm-runtime",
             "source": {"kind": "path", "path": str(sources / TINY_CHAT)},
             "resources": {"memory_mb": MODEL_MB},
-            "lifecycle": {"desired": "on-demand", **lifecycle},
+            "lifecycle": {"desired": "on-demand", "min_resident_s": 0, **lifecycle},
             "policy": {"max_concurrency": 4, "max_queue": 64, "queue_timeout_s": 60}}
 
 

@@ -19,7 +19,7 @@ from services.common.db import Asset, AssetAlias, Base, Operation, make_engine, 
 from services.common.db.migrate import current, downgrade, head, upgrade
 
 TABLES = {"assets", "asset_aliases", "operations", "outbox", "api_keys", "limit_counters",
-          "limit_reservations", "usage_records"}
+          "limit_reservations", "usage_records", "evictions", "thrashing_episodes"}
 
 
 def _with_database(dsn: str, name: str) -> str:

@@ -2,30 +2,51 @@
 
 Workers heartbeat on `roundhouse.heartbeat.worker.<id>` with their `WorkerInfo`. A worker
 not heard from for `dead_after_s` is declared dead at once: the pool stops routing to it,
-its calls in flight are cancelled (their clients get 503), and, by the service that
-announces (the router), `worker.down` (reason `heartbeat_missed`) is published once. Its
-next heartbeat brings it back.
+its calls in flight are cancelled (their clients get 503), and, by the services that
+announce (the routers), `worker.down` (reason `heartbeat_missed`) is published. Its next
+heartbeat brings it back.
+
+Every router sees the same silence, and every one takes the worker out of its own pool, but
+one `worker.down` is published per death: the routers race to create the death's key in a
+JetStream key-value bucket (`create` fails when the key exists), and only the winner
+announces. A death is named by the worker's id, its incarnation (the `started_at` of its last
+picture: a restarted process is a new one) and how many times this incarnation came back
+after being declared dead (a worker stopped and resumed dies anew). The event's id derives
+from the same name, so even a re-published copy is dropped by the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable
 
+import nats.errors
+import nats.js.errors
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
 
 from roundhouse.v1 import events_pb2, worker_pb2
-from services.common.events import ALL_HEARTBEATS, EventBus, new_event
+from services.common.events import ALL_HEARTBEATS, EventBus, EventPublishError, new_event
 from services.common.tasks import cancel_and_wait
 from services.common.workerpool import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 
 WORKER_DOWN = "roundhouse.events.worker.down.>"
+DEATHS_BUCKET = "roundhouse_worker_deaths"
+"""The key-value bucket where routers claim the announcement of a worker's death."""
+DEATHS_TTL_S = 24 * 3600.0
+"""How long a claimed death is remembered (well past any race between routers)."""
+_DEATH_EVENTS = uuid.UUID("5b0c39a4-52a3-4f5e-9a55-6f1b1c0de0a1")
+"""Namespace of the ids of `worker.down` events, derived from the death they announce."""
 
 
 class WorkerLiveness:
@@ -35,14 +56,18 @@ class WorkerLiveness:
         self, pool: WorkerPool, bus: EventBus, *, dead_after_s: float, announce: bool = True,
         on_down: Callable[[WorkerHandle], None] | None = None,
     ) -> None:
-        """`announce`: publish `worker.down` (one service per deployment should).
-        `on_down(worker)` is called whenever a worker is taken out of the pool."""
+        """`announce`: publish `worker.down` (the routers do; one of them wins each death).
+        `on_down(worker)` is called whenever a worker is taken out of the pool (after its
+        death is announced, where this service announces)."""
         self._pool = pool
         self._bus = bus
         self._dead_after_s = dead_after_s
         self._announce = announce
         self._on_down = on_down
         self._last_seen: dict[str, float] = {}
+        self._comebacks: Counter[tuple[str, int]] = Counter()
+        """Per (worker id, incarnation): times it came back after being declared dead."""
+        self._deaths: KeyValue | None = None
         self._subscriptions: list[Subscription] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -75,6 +100,9 @@ class WorkerLiveness:
             return
         if not info.worker_id or not info.address:
             return
+        known = self._pool.find(worker_id=info.worker_id, address=info.address)
+        if known is not None and known.down and _incarnation(known.last_info) == _incarnation(info):
+            self._comebacks[(info.worker_id, _incarnation(info))] += 1
         self._pool.observe(info)
         self._last_seen[info.worker_id] = time.monotonic()
 
@@ -122,17 +150,59 @@ class WorkerLiveness:
                 await self._declare_dead(worker, f"missed its heartbeats for {now - seen:.1f}s")
 
     async def _declare_dead(self, worker: WorkerHandle, why: str) -> None:
+        """Take the worker out of the pool, announce its death when this service announces and
+        wins the claim, then tell `on_down`."""
         held = self._pool.mark_down(worker, cancel_calls=True)
-        last = worker.last_info or worker_pb2.WorkerInfo()
         log.warning("worker %s at %s %s; taken out of the pool", worker.worker_id, worker.address, why)
+        if self._announce:
+            await self._announce_death(worker, held)
         self._lost(worker)
-        if not self._announce:
-            return
+
+    async def _announce_death(self, worker: WorkerHandle, held: list[str]) -> None:
+        last = worker.last_info or worker_pb2.WorkerInfo()
+        incarnation = _incarnation(last)
+        death = (f"{hashlib.sha256(worker.worker_id.encode()).hexdigest()[:32]}.{incarnation}."
+                 f"{self._comebacks[(worker.worker_id, incarnation)]}")
+        try:
+            if not await self._claim(death):
+                log.info("worker.down for %s announced by another router", worker.worker_id)
+                return
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("could not claim the death of %s (%r); announcing it anyway", worker.worker_id, exc)
         detail = events_pb2.WorkerEventDetail(
             address=worker.address, memory_budget_bytes=last.memory_budget_bytes,
             reason="heartbeat_missed", asset_ids=held)
+        event = new_event("worker.down", "router", worker_id=worker.worker_id, worker=detail)
+        event.event_id = str(uuid.uuid5(_DEATH_EVENTS, death))
         try:
-            await self._bus.publish(new_event("worker.down", "router", worker_id=worker.worker_id,
-                                              worker=detail))
-        except Exception as exc:  # noqa: BLE001 - routing already moved on; the event is best effort
+            await self._bus.publish(event)
+        except (EventPublishError, ValueError) as exc:
             log.warning("could not publish worker.down for %s: %s", worker.worker_id, exc)
+
+    async def _claim(self, death: str) -> bool:
+        """Create the death's key; False when another router created it first."""
+        if self._deaths is None:
+            self._deaths = await _open_bucket(self._bus)
+        try:
+            await self._deaths.create(death, b"")
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+
+async def _open_bucket(bus: EventBus) -> KeyValue:
+    """The deaths bucket, created by whichever router needs it first."""
+    try:
+        return await bus.js.key_value(DEATHS_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    try:
+        return await bus.js.create_key_value(KeyValueConfig(
+            bucket=DEATHS_BUCKET, history=1, ttl=DEATHS_TTL_S, storage=StorageType.FILE))
+    except nats.js.errors.BadRequestError:  # created by another router meanwhile
+        return await bus.js.key_value(DEATHS_BUCKET)
+
+
+def _incarnation(info: worker_pb2.WorkerInfo | None) -> int:
+    """Which process of a worker a picture is from: its start, in microseconds."""
+    return info.started_at.ToMicroseconds() if info is not None else 0

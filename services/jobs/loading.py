@@ -4,7 +4,9 @@ The jobs service sees workers through a `WorkerPool` kept fresh by their heartbe
 asks every worker for a current picture (while it reads the asset), chooses a worker
 (`placement.plan_placement`), unloads the victims there with reason `evict` (each is a
 `model.evicted` event from the worker, with its idle time and the asset it made room for),
-then loads. Observed state goes to the registry as it changes: `loading` (while the worker
+then loads. A model loaded less than its hold ago is not evicted (`lifecycle.min_resident_s`,
+longer while it is thrashing, see `thrashing`); every eviction is recorded for the thrashing
+watch. Observed state goes to the registry as it changes: `loading` (while the worker
 loads), `loaded` (with the workers and measured capabilities, written alongside the
 operation's outcome), `sleeping` for evicted and slept models, `failed` for a load that
 failed (before the operation's outcome, which the failed-model cooldown relies on). The
@@ -19,6 +21,7 @@ import time
 from datetime import UTC, datetime
 
 import grpc
+from sqlalchemy.exc import SQLAlchemyError
 
 from roundhouse.v1 import inference_pb2, worker_pb2
 from services.common.asset_proto import AssetRecord, record_to_proto
@@ -27,9 +30,10 @@ from services.common.grpc_client import domain_error
 from services.common.workerpool import WorkerHandle, WorkerPool
 from services.jobs.install import MIB, human_bytes
 from services.jobs.model import ProgressReport, is_transient
-from services.jobs.placement import Placement, Victim, has_room, plan_placement
+from services.jobs.placement import NO_HOLD, Hold, Placement, Victim, has_room, plan_placement
 from services.jobs.registry_client import RegistryClient
 from services.jobs.runners import RunContext
+from services.jobs.thrashing import Episode, ThrashingMonitor
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +51,16 @@ class LoadRunner:
     """Loads the asset on one worker (the operation's `worker_id`, else the best placed).
 
     Safe to repeat: an asset already held by a worker counts as loaded. With `force`,
-    `running` models may be evicted too.
+    `running` models, and models within their hold, may be evicted too. With a `thrashing`
+    monitor, evictions are recorded and thrashing models held longer.
     """
 
-    def __init__(self, pool: WorkerPool, registry: RegistryClient, *, load_call_s: float) -> None:
+    def __init__(self, pool: WorkerPool, registry: RegistryClient, *, load_call_s: float,
+                 thrashing: ThrashingMonitor | None = None) -> None:
         self._pool = pool
         self._registry = registry
         self._load_call_s = load_call_s
+        self._thrashing = thrashing
 
     async def __call__(self, ctx: RunContext) -> str:
         op = ctx.operation
@@ -85,19 +92,36 @@ class LoadRunner:
             if not workers:
                 raise ModelNotReady(f"worker '{op.worker_id}' is not available", retry_after_s=5)
         needed = footprint_bytes(record)
-        # Which held models are `running` matters only when something has to be evicted.
-        desired = {} if has_room(workers, needed) else await self._desired_states(workers)
-        placement = plan_placement(workers, op.asset_id, needed,
-                                   lambda asset_id: desired.get(asset_id, "on-demand"),
-                                   now=datetime.now(UTC), force=op.force)
+        # What the held models are (`running`? held how long?) matters only to evict some.
+        held: dict[str, AssetRecord] = {}
+        episodes: dict[str, Episode] = {}
+        if not has_room(workers, needed):
+            held, episodes = await self._held(workers)
+
+        def hold_of(worker_id: str, asset_id: str) -> Hold:
+            if (other := held.get(asset_id)) is None:  # the registry no longer knows it
+                return NO_HOLD
+            episode = episodes.get(worker_id)
+            if self._thrashing and episode and asset_id in episode.asset_ids:
+                return self._thrashing.hold(episode, other.spec.lifecycle.min_resident_s)
+            return Hold(other.spec.lifecycle.min_resident_s)
+
+        placement = plan_placement(
+            workers, op.asset_id, needed,
+            lambda asset_id: held[asset_id].spec.desired if asset_id in held else "on-demand",
+            now=datetime.now(UTC), force=op.force, hold_of=hold_of)
         await self._evict(ctx, placement, op.asset_id)
         return await self._load(ctx, placement.worker, record)
 
-    async def _desired_states(self, workers: list[WorkerHandle]) -> dict[str, str]:
-        """Desired state of every model the workers hold (unknown assets: `on-demand`)."""
+    async def _held(self, workers: list[WorkerHandle]
+                    ) -> tuple[dict[str, AssetRecord], dict[str, Episode]]:
+        """The records of the models the workers hold (the registry's, by id) and the workers'
+        ongoing thrashing episodes."""
         ids = {m.asset_id for w in workers if w.info for m in w.info.models}
         records = await self._registry.list_assets() if ids else []
-        return {r.spec.asset_id: r.spec.desired for r in records if r.spec.asset_id in ids}
+        episodes = (await self._thrashing.ongoing(w.worker_id for w in workers)
+                    if self._thrashing is not None and ids else {})
+        return {r.spec.asset_id: r for r in records if r.spec.asset_id in ids}, episodes
 
     async def _evict(self, ctx: RunContext, placement: Placement, asset_id: str) -> None:
         worker = placement.worker
@@ -122,6 +146,11 @@ class LoadRunner:
             raise error from None
         log.info("evicted %s from %s (idle %.0fs) for %s", victim.asset_id, worker.worker_id,
                  victim.idle_s, asset_id)
+        if self._thrashing is not None:
+            try:
+                await self._thrashing.record(worker.worker_id, victim.asset_id, asset_id)
+            except SQLAlchemyError as exc:  # the eviction is done; only its record is missing
+                log.warning("could not record the eviction of %s: %s", victim.asset_id, exc)
         await self._registry.report_state(
             victim.asset_id, "sleeping",
             message=f"evicted from {worker.worker_id} to make room for {asset_id}")

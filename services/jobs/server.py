@@ -27,6 +27,7 @@ from services.jobs.runners import DeleteRunner, Runner
 from services.jobs.service import JobService
 from services.jobs.servicer import JobsServicer
 from services.jobs.settings import JobsSettings
+from services.jobs.thrashing import ThrashingMonitor
 from services.jobs.watch import ChangeNotifier
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,12 @@ SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name
 
 
 def default_runners(
-    store: ModelStore, registry: RegistryClient, pool: WorkerPool, settings: JobsSettings
+    store: ModelStore, registry: RegistryClient, pool: WorkerPool, settings: JobsSettings,
+    thrashing: ThrashingMonitor | None = None,
 ) -> dict[str, Runner]:
-    """The runner of every operation type."""
+    """The runner of every operation type; loads report evictions to `thrashing`."""
     quota = int(settings.max_storage_gb * GIB) if settings.max_storage_gb else None
-    load = LoadRunner(pool, registry, load_call_s=settings.jobs_load_timeout_s)
+    load = LoadRunner(pool, registry, load_call_s=settings.jobs_load_timeout_s, thrashing=thrashing)
     return {
         "install": InstallRunner(store, registry, max_storage_bytes=quota),
         "delete": DeleteRunner(store, registry),
@@ -109,7 +111,11 @@ async def build_app(
     store = ModelStore.from_settings(settings)
     pool = WorkerPool(settings.worker_addresses, refresh_s=settings.worker_refresh_s, settings=settings)
     await pool.start()
-    table = runners(store, registry) if runners else default_runners(store, registry, pool, settings)
+    thrashing = ThrashingMonitor(make_sessionmaker(engine), evictions=settings.jobs_thrashing_evictions,
+                                 window_s=settings.jobs_thrashing_window_s,
+                                 hold_s=settings.jobs_thrashing_hold_s, on_commit=relay.notify)
+    table = (runners(store, registry) if runners
+             else default_runners(store, registry, pool, settings, thrashing))
     executor = Executor(
         repository, table,
         instance_id=settings.jobs_instance_id,

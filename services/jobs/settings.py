@@ -84,6 +84,20 @@ class JobsSettings(StoreSettings, FleetSettings):
     """Seconds in one unit of an asset's `auto_sleep_min`: 60 in production; tests set 1 so
     that `auto_sleep_min: 2` sleeps a model after two idle seconds."""
 
+    jobs_thrashing_evictions: int = Field(default=3, ge=1)
+    """Evictions on one worker that bring back a model evicted there within
+    `jobs_thrashing_window_s`, at which the models involved count as thrashing: each gets one
+    `model.thrashing` event per episode, and they stay loaded `jobs_thrashing_hold_s` (or twice
+    their `min_resident_s`) before one may be evicted again."""
+
+    jobs_thrashing_window_s: float = Field(default=600.0, gt=0)
+    """Seconds of evictions looked at to find thrashing; an episode ends once this long has
+    passed without another eviction that brings a model back."""
+
+    jobs_thrashing_hold_s: float = Field(default=60.0, ge=0)
+    """Seconds a thrashing model stays loaded before it may be evicted again (at least; twice
+    its `min_resident_s` when that is longer)."""
+
     def timeouts(self) -> dict[str, float]:
         """Per operation type, the longest it may run in seconds."""
         return {

@@ -27,6 +27,7 @@ from services.router.admission import Admission
 from services.router.catalog import AssetCatalog
 from services.router.gateway import Gateway
 from services.router.http.app import create_app
+from services.router.http.metrics import THRASHING_EVENTS
 from services.router.keys import KeyAuthenticator
 from services.router.limits import Limiter, create_pool
 from services.router.remote import RemoteUpstreams
@@ -104,6 +105,8 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
     app = create_app(gateway, jobs, max_body_bytes=settings.max_body_bytes,
                      authenticator=authenticator, key_store=store, on_key_revoked=on_key_revoked,
                      metrics_auth=settings.metrics_auth, tracing=settings.otel_console, drain=drain)
+    if bus is not None:
+        await bus.subscribe(THRASHING_EVENTS, app.state.metrics.observe_thrashing)
     # httptools parses HTTP (uvicorn's fastest protocol); the loop is the one `main` runs.
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, http="httptools",
                             log_level="warning", access_log=False, lifespan="off",

@@ -258,3 +258,34 @@ class UsageRecord(Base):
     `budget_exhausted`, `model_not_ready`...; `internal` for an unexpected one)."""
     woke: Mapped[bool]
     """Whether the request had to wake its model."""
+
+
+class Eviction(Base):
+    """A model evicted from a worker to make room for another (kept for the thrashing window)."""
+
+    __tablename__ = "evictions"
+    __table_args__ = (Index("ix_evictions_worker_id_evicted_at", "worker_id", "evicted_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    worker_id: Mapped[str]
+    asset_id: Mapped[str]
+    """The model evicted."""
+    evicted_for: Mapped[str]
+    """The model loaded in its place."""
+    evicted_at: Mapped[datetime]
+
+
+class ThrashingEpisode(Base):
+    """The latest thrashing episode of a worker: models that keep evicting each other there.
+
+    An episode is ongoing while evictions that bring a model back keep coming within the
+    window; one `model.thrashing` per model is published when it starts.
+    """
+
+    __tablename__ = "thrashing_episodes"
+
+    worker_id: Mapped[str] = mapped_column(primary_key=True)
+    asset_ids: Mapped[list[str]]
+    started_at: Mapped[datetime]
+    last_at: Mapped[datetime]
+    """The last eviction that kept it going."""

@@ -6,7 +6,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
-from roundhouse.v1 import inference_pb2
+from roundhouse.v1 import events_pb2, inference_pb2
+
+THRASHING_EVENTS = "roundhouse.events.model.thrashing.>"
+"""Where the jobs service announces thrashing (one event per model per episode)."""
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -46,6 +49,13 @@ class HttpMetrics:
             ["model", "endpoint"],
             registry=self.registry,
         )
+        self.thrashing = Counter(
+            "roundhouse_model_thrashing",
+            "Thrashing episodes (models evicting each other on a worker), by model, as "
+            "announced by the jobs service; every router counts every episode.",
+            ["asset_id"],
+            registry=self.registry,
+        )
         self._series: dict[tuple[object, ...], MetricWrapperBase] = {}
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
@@ -67,6 +77,11 @@ class HttpMetrics:
         if usage.completion_tokens:
             self._child(self.generated_tokens, model, endpoint).inc(  # type: ignore[attr-defined]
                 usage.completion_tokens)
+
+    async def observe_thrashing(self, event: events_pb2.Event) -> None:
+        """Count a `model.thrashing` event (a handler for `THRASHING_EVENTS` on the event bus)."""
+        if event.type == "model.thrashing" and event.asset_id:
+            self._child(self.thrashing, event.asset_id).inc()  # type: ignore[attr-defined]
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

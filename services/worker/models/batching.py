@@ -5,7 +5,8 @@ event loop's next turn, so calls that arrive together still share it); calls mad
 pass runs queue up, and the next batch takes everything queued, as far as the bounds allow.
 Under load the batches grow by themselves; alone, a call pays nothing for batching. A
 batch's sequences are sorted by length and cut into forward passes that pad little
-(`plan_passes`), each under `max_batch_tokens` (padded) and `max_batch_items`.
+(`plan_passes`), each under `max_batch_tokens` (padded) and `max_batch_items`. At most
+`max_queued` calls wait for a batch; one more is refused at once with `Overloaded`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from services.common.errors import Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,10 @@ class BatchSettings:
     """Padded tokens in one forward pass."""
     max_batch_items: int = 64
     """Sequences in one forward pass."""
+    max_queued: int = 256
+    """Calls waiting for a batch. One more is refused with `Overloaded` (429) rather than queued:
+    the worker's admission keeps fewer waiting (a model's `max_concurrency`), so this bound
+    holds whatever calls the batcher directly, and keeps its memory bounded."""
     pass_cost_tokens: int = 32
     """What one more forward pass costs, in padded tokens: its fixed work (module calls,
     pooling) measured against the work per token of a small encoder on CPU (MiniLM: about
@@ -96,6 +103,7 @@ class DynamicBatcher:
     def __init__(self, forward: Forward, settings: BatchSettings | None = None, name: str = "batch"):
         self.settings = settings or BatchSettings()
         self._forward = forward
+        self._name = name
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._queue: deque[_Job] = deque()
         self._arrived: asyncio.Event | None = None
@@ -108,9 +116,15 @@ class DynamicBatcher:
         return sum(1 for job in self._queue if not job.future.done())
 
     async def run(self, sequences: list[list[int]]) -> np.ndarray:
-        """Embed token sequences; returns one row per sequence, in order."""
+        """Embed token sequences; returns one row per sequence, in order.
+
+        Raises `Overloaded` when `max_queued` calls wait already.
+        """
         if self._closed:
             raise RuntimeError(UNLOADED)
+        if self.queued >= self.settings.max_queued:
+            raise Overloaded(f"the embedding batch queue '{self._name}' is full ("
+                             f"{self.settings.max_queued} calls waiting, its bound); retry shortly")
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._arrived = asyncio.Event()

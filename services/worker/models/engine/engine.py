@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from services.common.errors import InvalidArgument, ModelNotReady
+from services.common.errors import InvalidArgument, ModelNotReady, Overloaded
 from services.worker.models.engine.kv_cache import BatchCache, kv_bytes_per_token
-from services.worker.models.engine.outbox import Outbox
+from services.worker.models.engine.outbox import BoundedTokenStream, Outbox
 from services.worker.models.engine.sampling import SamplingRow, SamplingRows, sample
 from services.worker.models.engine.scheduler import Batch, Scheduler, Sequence
 from services.worker.models.generation import Sampling, TokenStream
@@ -49,6 +49,14 @@ class BatchingSettings:
     """Prompt tokens per prefill pass (longer prompts are prefilled in chunks)."""
     max_requests_per_batch: int = 16
     """Sequences decoded together."""
+    max_waiting: int = 256
+    """Requests waiting to join the batch; one more is refused at once with `Overloaded` (429).
+    The worker's admission keeps fewer waiting (a model's `max_concurrency` at most): this bound
+    holds whatever calls the engine directly."""
+    max_unread_tokens: int = 1024
+    """Tokens generated for a request and not read yet; a request whose client falls this far
+    behind is ended with `Overloaded` (see `BoundedTokenStream`). At a client's normal pace the
+    queue holds a step's worth of tokens."""
 
 
 def cache_argument(model: Any) -> str:
@@ -199,7 +207,7 @@ class ChatEngine:
         """Queue a request; its tokens arrive on the returned stream. Call on the event loop.
 
         Raises `InvalidArgument` for an empty prompt, `ModelNotReady` when the engine failed
-        or is closing.
+        or is closing, `Overloaded` when `max_waiting` requests wait already.
         """
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty: at least one token is needed")
@@ -208,11 +216,15 @@ class ChatEngine:
         self.check()
         if self._closing.is_set():
             raise ModelNotReady(f"model '{self.name}' is being unloaded; retry")
+        if self._scheduler.waiting >= self.settings.max_waiting:
+            raise Overloaded(f"model '{self.name}': the chat engine's queue is full ("
+                             f"{self.settings.max_waiting} requests waiting, its bound); retry shortly")
         loop = asyncio.get_running_loop()
         with self._lock:
             self._loop = self._loop or loop
         sequence_id = uuid.uuid4().hex
-        stream = TokenStream(loop, lambda: self._cancel(sequence_id))
+        stream = BoundedTokenStream(loop, lambda: self._cancel(sequence_id),
+                                    max_unread=self.settings.max_unread_tokens, name=self.name)
         with self._lock:
             self._streams[sequence_id] = stream
         self._scheduler.add(Sequence(sequence_id, list(prompt_ids), max_new_tokens, SamplingRow.of(sampling), stream))

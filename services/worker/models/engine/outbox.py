@@ -5,6 +5,12 @@ event loop is pending at a time, so when a consumer's loop is slower than the mo
 of several steps reach its stream as one list. A stream's first token is the exception: it is
 handed over at once, without waiting for the turn's decode step, since the time to first token
 of a request that joins a running batch is its own prefill plus whatever it waits for after.
+
+A stream holds what was delivered but not read yet; `BoundedTokenStream` ends a request whose
+consumer falls `max_unread` tokens behind (a client reading slowly) with `Overloaded`, and
+stops its generation. Ending it, rather than pausing its row, frees the row and its KV cache
+for requests whose clients keep up: a paused row would hold both for as long as its client
+dawdles, and every step of the batch would still carry it.
 """
 
 from __future__ import annotations
@@ -12,8 +18,44 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
+from collections.abc import Callable
 
+from services.common.errors import Overloaded
 from services.worker.models.generation import TokenStream
+
+
+class BoundedTokenStream(TokenStream):
+    """A `TokenStream` that holds at most `max_unread` delivered tokens its consumer has not read.
+
+    One more ends it with `Overloaded` (after the tokens it holds) and stops its generation;
+    tokens that still arrive are dropped.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[], None], *,
+                 max_unread: int, name: str) -> None:
+        super().__init__(loop, on_cancel)
+        self.max_unread = max_unread
+        self.unread = 0
+        """Tokens delivered and not read yet."""
+        self._name = name
+
+    def put(self, token_ids: list[int]) -> None:
+        """Deliver tokens, or end the stream if its consumer is too far behind; on the loop."""
+        if self.cancelled.is_set():
+            return
+        self.unread += len(token_ids)
+        super().put(token_ids)
+        if self.unread > self.max_unread:
+            self.cancel()
+            self.end(Overloaded(
+                f"model '{self._name}': the client read too slowly; its token queue reached its "
+                f"bound of {self.max_unread} unread tokens, so the request was ended to free its "
+                "place in the batch"))
+
+    async def __anext__(self) -> list[int]:
+        token_ids = await super().__anext__()
+        self.unread -= len(token_ids)
+        return token_ids
 
 
 class Outbox:

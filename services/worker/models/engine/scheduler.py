@@ -73,6 +73,12 @@ class Scheduler:
         with self._wake:
             return len(self._waiting) + (self._prefilling is not None)
 
+    @property
+    def waiting(self) -> int:
+        """Sequences waiting for their prefill."""
+        with self._wake:
+            return len(self._waiting)
+
     def add(self, sequence: Sequence) -> None:
         """Queue a newcomer."""
         with self._wake:
