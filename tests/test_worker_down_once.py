@@ -10,6 +10,7 @@ one `worker.down` per death.
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -127,3 +128,25 @@ async def test_a_stopped_worker_that_resumes_and_stops_again_dies_anew(
                 await wait_until(lambda: all(r.sees_up(worker_id) for r in watching), 10)
         finally:
             process.send_signal(signal.SIGCONT)
+
+
+async def test_a_router_that_was_frozen_does_not_declare_a_live_worker_dead(
+    nats_url: str, sources: Path, tmp_path: Path
+) -> None:
+    async with routers(nats_url, 1, dead_after_s=PROCESS_DEAD_AFTER_S) as (router,), \
+            worker_process(nats_url, tmp_path / "store", sources, tmp_path / "worker.log") as (
+                _, worker_id, _):
+        await wait_until(lambda: router.sees_up(worker_id), 60)
+        worker = router.pool.find(worker_id=worker_id)
+        assert worker is not None and worker.info is not None
+
+        # The router's own process stops (SIGSTOP, a long GC pause, a starved CPU) for longer
+        # than the worker's deadline, while the worker goes on heartbeating.
+        time.sleep(3 * PROCESS_DEAD_AFTER_S)
+        frozen_at = worker.last_info.seq if worker.last_info else 0
+
+        # Once it runs again, the heartbeats sent meanwhile are read, not missed.
+        await wait_until(lambda: worker.last_info is not None and worker.last_info.seq > frozen_at + 2, 10)
+        assert router.lost == []
+        assert router.sees_up(worker_id)
+        assert await downs_in_stream(nats_url, worker_id) == 0

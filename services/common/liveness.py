@@ -133,8 +133,17 @@ class WorkerLiveness:
             self._last_seen[worker_id] = now
 
     async def _watch_forever(self) -> None:
+        period = min(self._dead_after_s / 4, 0.5)
         while True:
-            await asyncio.sleep(min(self._dead_after_s / 4, 0.5))
+            due = time.monotonic() + period
+            await asyncio.sleep(period)
+            if time.monotonic() - due > period:
+                # This process was stopped or starved, not the workers: the heartbeats they sent
+                # meanwhile are still unread. Judge them from now on.
+                log.info("worker liveness check ran %.1fs late; restarting the deadlines",
+                         time.monotonic() - due)
+                self._forgive()
+                continue
             if self._bus.is_connected:
                 await self.check()
 
