@@ -28,6 +28,9 @@ ERROR_CLASS_KEY = "roundhouse-error"
 RETRY_AFTER_KEY = "retry-after"
 INTERNAL_TOKEN_KEY = "x-roundhouse-internal-token"
 """Metadata key that carries the internal token (see `CommonSettings.internal_token`)."""
+QUEUE_TIMEOUT_KEY = "x-roundhouse-queue-timeout-s"
+"""Metadata key of a router's call to a worker: seconds the request may still wait there for a
+slot of its model (what is left of the asset's `queue_timeout_s`)."""
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Method prefixes callable without the internal token: probes and tooling."""
 

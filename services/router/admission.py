@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from services.common.assetspec import Policy
 from services.common.errors import Overloaded
+from services.common.grpc_server import QUEUE_TIMEOUT_KEY
 from services.router.deadlines import Deadline
 
-QUEUE_TIMEOUT_KEY = "x-roundhouse-queue-timeout-s"
 """gRPC metadata of a request to a worker: seconds it may still wait there for a slot."""
 
 

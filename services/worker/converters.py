@@ -11,14 +11,11 @@ from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, worker_pb2
 from services.common.asset_proto import timestamp
 from services.common.errors import InvalidArgument
 from services.common.events import new_event
+from services.common.grpc_server import QUEUE_TIMEOUT_KEY
 from services.worker.holdings import FailedModelInfo, LoadedModelInfo, WorkerState
 from services.worker.models import Capabilities, ChatDelta, ChatMessage, ChatParams, EmbedInput, EmbedResult, Tool
 
 FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
-
-
-QUEUE_TIMEOUT_KEY = "x-roundhouse-queue-timeout-s"
-"""Call metadata: the seconds a request may still wait at the worker for a slot (decimal)."""
 
 
 def queue_timeout(sent: str | bytes | None) -> float | None:

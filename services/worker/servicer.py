@@ -11,6 +11,7 @@ import grpc
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.asset_proto import record_from_proto
 from services.common.errors import InvalidArgument
+from services.common.grpc_server import QUEUE_TIMEOUT_KEY
 from services.common.inference_requests import (
     check_chat,
     check_embed,
@@ -83,7 +84,7 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 def _queue_timeout(context: grpc.aio.ServicerContext) -> float | None:
     """The router's budget for the call's wait for a slot (None: the model's policy decides)."""
-    sent = (v for k, v in context.invocation_metadata() or () if k == converters.QUEUE_TIMEOUT_KEY)
+    sent = (v for k, v in context.invocation_metadata() or () if k == QUEUE_TIMEOUT_KEY)
     return converters.queue_timeout(next(sent, None))
 
 
