@@ -93,8 +93,23 @@ class Probe:
         """Unload the asset from every worker (forced) through the jobs service, and wait until
         that operation has succeeded: its next request has to wake it."""
         jobs = jobs_pb2_grpc.JobsStub(self._channels["jobs"])
-        operation = await jobs.SubmitOperation(jobs_pb2.SubmitOperationRequest(
-            type=jobs_pb2.OPERATION_TYPE_UNLOAD, asset_id=asset_id, force=True), timeout=10)
+        submit = jobs_pb2.SubmitOperationRequest(type=jobs_pb2.OPERATION_TYPE_UNLOAD,
+                                                 asset_id=asset_id, force=True)
+        operation = jobs_pb2.Operation()
+
+        async def submitted() -> bool:
+            # UNAVAILABLE says "retry": a peer of the jobs service may still be reconnecting
+            # after the previous fault.
+            nonlocal operation
+            try:
+                operation = await jobs.SubmitOperation(submit, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                return False
+            return True
+
+        await wait_until(submitted, timeout=30, interval=0.2)
         request = jobs_pb2.GetOperationRequest(operation_id=operation.operation_id)
         finished = (jobs_pb2.OPERATION_STATUS_SUCCEEDED, jobs_pb2.OPERATION_STATUS_FAILED,
                     jobs_pb2.OPERATION_STATUS_CANCELLED)
