@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -22,7 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from services.common.errors import FieldProblem, InvalidSpec
+from services.common.errors import FieldProblem, InvalidArgument, InvalidSpec
+from services.common.request_text import NUL_REASON, shown
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 
 ASSET_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -30,6 +32,7 @@ PACKAGE_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAMED_FIELD_RE = re.compile(r"^(?P<field>[a-z_][a-z_.]*): (?P<reason>.+)$", re.DOTALL)
+_PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62}[A-Za-z0-9])?$")
 
 Interface = Literal["llm-runtime", "embedding-runtime"]
@@ -40,22 +43,40 @@ Desired = Literal["on-demand", "running", "disabled"]
 DEFAULT_LLM_AUTO_SLEEP_MIN = 15
 DEFAULT_MIN_RESIDENT_S = 30
 """Seconds a loaded model is kept before it may be evicted for another, unless its spec says."""
+INT32_MAX = 2**31 - 1
+"""The largest count a spec may hold: its integers travel as `int32` (asset.proto)."""
 
-Name = Annotated[str, Field(max_length=256)]
-Text = Annotated[str, Field(max_length=4096)]
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError(NUL_REASON)
+    return value
+
+
+Name = Annotated[str, Field(max_length=256), AfterValidator(_no_nul)]
+Text = Annotated[str, Field(max_length=4096), AfterValidator(_no_nul)]
+Count = Annotated[int, Field(gt=0, le=INT32_MAX)]
+"""A positive integer that fits the wire."""
 
 
 def _int_is_number(value: Any) -> Any:
     # YAML writes `1` for one GiB; strict mode would refuse an int for a float field.
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            return value  # beyond any float: refused as not a valid number
+    return value
 
 
 Number = Annotated[float, BeforeValidator(_int_is_number)]
-"""A float field that takes a YAML integer too."""
+"""A float field that takes a YAML integer too; never NaN nor infinite (see `_Strict`)."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+    # No NaN nor infinity: JSON has neither, so a spec holding one could not be written back.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True,
+                              allow_inf_nan=False)
 
 
 def _safe_relative(value: str, what: str) -> str:
@@ -165,7 +186,7 @@ class Resources(_Strict):
 
     gpu_required: bool = False
     min_vram_gb: Annotated[Number, Field(ge=0)] = 0
-    memory_mb: Annotated[int, Field(gt=0)] | None = None
+    memory_mb: Count | None = None
     disk_gb: Annotated[Number, Field(gt=0)] | None = None
 
 
@@ -173,7 +194,7 @@ class Lifecycle(_Strict):
     """How the asset is kept loaded. Defaults depend on the interface (see AssetSpec)."""
 
     desired: Desired | None = None
-    auto_sleep_min: Annotated[int, Field(ge=0)] | None = None
+    auto_sleep_min: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     min_resident_s: Annotated[int, Field(ge=0, le=86_400)] = DEFAULT_MIN_RESIDENT_S
     """Seconds a loaded model stays before it may be evicted for another (hysteresis: two
     on-demand models that do not fit together are not reloaded on every request)."""
@@ -192,7 +213,7 @@ class Generation(_Strict):
 
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
-    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    max_tokens: Count | None = None
 
 
 class Pricing(_Strict):
@@ -208,8 +229,8 @@ class Pricing(_Strict):
 class Metadata(_Strict):
     """Descriptive facts; values detected at load fill the gaps."""
 
-    context_length: Annotated[int, Field(gt=0)] | None = None
-    embedding_dim: Annotated[int, Field(gt=0)] | None = None
+    context_length: Count | None = None
+    embedding_dim: Count | None = None
     precision: Name = ""
     quantization: Name = ""
     family: Name = ""
@@ -225,7 +246,7 @@ class AssetSpec(_Strict):
     version: Name = ""
     asset_class: Literal["model"] = Field("model", alias="class")
     interface: list[Interface]
-    interface_version: Name = "v1"
+    interface_version: Annotated[Name, Field(min_length=1)] = "v1"
     runtime: RuntimeName = "transformers"
     source: Source
     resources: Resources = Resources()
@@ -317,6 +338,17 @@ class AssetSpec(_Strict):
         return doc
 
 
+def check_asset_id(value: str, field: str = "asset_id") -> str:
+    """`value` when it is a possible asset id (or alias); `InvalidArgument` naming `field`
+    otherwise, so that an impossible id is refused before it is looked up."""
+    if not value:
+        raise InvalidArgument(f"{field}: required")
+    if not ASSET_ID_RE.match(value):
+        raise InvalidArgument(f"{field}: {shown(value)} is not an asset id: lower-case letters, digits, "
+                              "'.', '_' and '-', at most 128, starting with a letter or digit")
+    return value
+
+
 def parse_spec(
     document: Any, *, source_roots: Sequence[str | Path] | None = None,
     upstreams: UpstreamRules | None = DEFAULT_UPSTREAM_RULES,
@@ -342,8 +374,7 @@ def problems_from(exc: ValidationError) -> list[FieldProblem]:
     """Turn pydantic errors into field problems with dotted paths and plain reasons."""
     problems = []
     for err in exc.errors(include_url=False):
-        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
-        path = ".".join(p if not p.isdigit() else f"[{p}]" for p in loc).replace(".[", "[")
+        path = _path(err["loc"])
         reason = err["msg"].removeprefix("Value error, ")
         # Cross-field checks name their field at the start of the message.
         named = _NAMED_FIELD_RE.match(reason)
@@ -356,3 +387,19 @@ def problems_from(exc: ValidationError) -> list[FieldProblem]:
             reason = "required field is missing"
         problems.append(FieldProblem(path, reason))
     return problems
+
+
+def _path(loc: Sequence[int | str]) -> str:
+    """`source.path`, `interface[0]`, `labels['a b']`: a pydantic location as a field path.
+    A key that is no plain name is quoted, so an empty or odd one is still shown."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part == "[key]" or part.startswith("function-"):
+            continue  # pydantic's markers (a mapping's key, a validator), not fields
+        elif _PLAIN_KEY_RE.match(part):
+            path += f".{part}" if path else part
+        else:
+            path += f"[{part!r}]"
+    return path

@@ -24,7 +24,17 @@ from services.common.request_text import NUL_REASON, shown
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_NAME_CHARS = 256
-"""Longest `model` and `user`."""
+"""Longest `model`, `user` and a message's `name`."""
+MAX_REQUEST_ID_CHARS = 128
+"""Longest request id (the HTTP API accepts a client's `x-request-id` up to this long)."""
+MAX_MESSAGES = 4096
+"""Most messages in one conversation."""
+MAX_TEXT_CHARS = 4 * 1024 * 1024
+"""Longest text of one field: a message's content, a prompt, an embedding input, a tool's
+description or parameters (a request as a whole is bounded by `ROUNDHOUSE_MAX_BODY_BYTES`
+at both doors)."""
+MAX_TOOLS = 128
+"""Most tools offered in one request (OpenAI's limit)."""
 TEMPERATURE_MIN, TEMPERATURE_MAX = 0.0, 2.0
 TOP_P_MIN, TOP_P_MAX = 0.0, 1.0
 """`top_p` 0 keeps only the most likely token: greedy decoding."""
@@ -33,6 +43,8 @@ MAX_STOP_SEQUENCES = 16
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_INPUTS = 2048
 """Most inputs in one embedding request."""
+MAX_INPUT_TOKENS = 1024 * 1024
+"""Most token ids in one pre-tokenized embedding input."""
 MAX_TOKEN_ID = 2**32 - 1
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 """gRPC's default limit on a received message: a response must fit it for any client."""
@@ -45,17 +57,14 @@ _FUNCTION_NAME = re.compile(FUNCTION_NAME)
 
 def check_chat(request: inference_pb2.ChatRequest) -> None:
     """Raise `InvalidArgument` listing what is wrong with a chat or completion request."""
-    problems = _model_problems(request.model)
+    problems = _model_problems(request.model) + _request_id_problems(request.request_id)
     if request.messages and request.prompt:
         problems.append(FieldProblem("prompt", "give either messages or prompt, not both"))
     elif not request.messages and not request.prompt:
         problems.append(FieldProblem(
             "messages", "required: a conversation, or a prompt for a plain text completion"))
-    for n, message in enumerate(request.messages):
-        if message.role not in ROLES:
-            problems.append(FieldProblem(
-                f"messages[{n}].role",
-                f"{shown(message.role)} is not a role; one of {', '.join(ROLES)}"))
+    problems += _message_problems(request.messages)
+    problems += _text_problems("prompt", request.prompt)
     if request.HasField("temperature") and not TEMPERATURE_MIN <= request.temperature <= TEMPERATURE_MAX:
         problems.append(FieldProblem(
             "temperature", f"must be between {TEMPERATURE_MIN:g} and {TEMPERATURE_MAX:g}"))
@@ -82,7 +91,7 @@ def check_tools_supported(request: inference_pb2.ChatRequest, asset_id: str, sup
 
 def check_embed(request: inference_pb2.EmbedRequest) -> None:
     """Raise `InvalidArgument` listing what is wrong with an embedding request."""
-    problems = _model_problems(request.model)
+    problems = _model_problems(request.model) + _request_id_problems(request.request_id)
     count = len(request.inputs)
     if count == 0:
         problems.append(FieldProblem("input", "at least one input is required"))
@@ -97,8 +106,13 @@ def check_embed(request: inference_pb2.EmbedRequest) -> None:
                 problems.append(FieldProblem(f"input[{n}]", "neither text nor token ids"))
             elif kind == "text" and not item.text:
                 problems.append(FieldProblem(f"input[{n}]", "must not be an empty string"))
-            elif kind == "tokens" and not item.tokens.ids:
+            elif kind == "text":
+                problems += _text_problems(f"input[{n}]", item.text)
+            elif not item.tokens.ids:
                 problems.append(FieldProblem(f"input[{n}]", "must not be an empty token array"))
+            elif len(item.tokens.ids) > MAX_INPUT_TOKENS:
+                problems.append(FieldProblem(
+                    f"input[{n}]", f"{len(item.tokens.ids)} token ids; at most {MAX_INPUT_TOKENS}"))
             if len(problems) >= MAX_LISTED_PROBLEMS:
                 break
     problems += _user_problems(request.user)
@@ -151,6 +165,36 @@ def _model_problems(model: str) -> list[FieldProblem]:
     return []
 
 
+def _request_id_problems(request_id: str) -> list[FieldProblem]:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        return [FieldProblem("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")]
+    return []
+
+
+def _text_problems(path: str, text: str) -> list[FieldProblem]:
+    if len(text) > MAX_TEXT_CHARS:
+        return [FieldProblem(path, f"{len(text)} characters; at most {MAX_TEXT_CHARS} fit in one field")]
+    return []
+
+
+def _message_problems(messages: Sequence[inference_pb2.ChatMessage]) -> list[FieldProblem]:
+    if len(messages) > MAX_MESSAGES:
+        return [FieldProblem("messages", f"{len(messages)} messages; at most {MAX_MESSAGES} fit in "
+                                         "one conversation")]
+    problems = []
+    for n, message in enumerate(messages):
+        if message.role not in ROLES:
+            problems.append(FieldProblem(
+                f"messages[{n}].role",
+                f"{shown(message.role)} is not a role; one of {', '.join(ROLES)}"))
+        problems += _text_problems(f"messages[{n}].content", message.content)
+        if len(message.name) > MAX_NAME_CHARS:
+            problems.append(FieldProblem(f"messages[{n}].name", f"at most {MAX_NAME_CHARS} characters"))
+        if len(problems) >= MAX_LISTED_PROBLEMS:
+            break
+    return problems
+
+
 def _stop_problems(stop: Sequence[str]) -> list[FieldProblem]:
     if len(stop) > MAX_STOP_SEQUENCES:
         return [FieldProblem("stop", f"{len(stop)} stop sequences; at most {MAX_STOP_SEQUENCES}")]
@@ -158,13 +202,18 @@ def _stop_problems(stop: Sequence[str]) -> list[FieldProblem]:
 
 
 def _tool_problems(tools: Sequence[inference_pb2.Tool]) -> list[FieldProblem]:
+    if len(tools) > MAX_TOOLS:
+        return [FieldProblem("tools", f"{len(tools)} tools; at most {MAX_TOOLS}")]
     problems = []
     for n, tool in enumerate(tools):
         if not _FUNCTION_NAME.match(tool.name):
             problems.append(FieldProblem(
                 f"tools[{n}].function.name",
                 f"{shown(tool.name)} must be 1-64 letters, digits, '_' or '-'"))
-        if tool.parameters_json and not _is_json_object(tool.parameters_json):
+        problems += _text_problems(f"tools[{n}].function.description", tool.description)
+        if len(tool.parameters_json) > MAX_TEXT_CHARS:
+            problems += _text_problems(f"tools[{n}].function.parameters", tool.parameters_json)
+        elif tool.parameters_json and not _is_json_object(tool.parameters_json):
             problems.append(FieldProblem(
                 f"tools[{n}].function.parameters", "must be a JSON object (a JSON Schema)"))
     return problems
@@ -181,7 +230,7 @@ def _user_problems(user: str) -> list[FieldProblem]:
 def _is_json_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
         return False
 
 

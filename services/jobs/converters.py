@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import math
+
 from roundhouse.v1 import events_pb2, jobs_pb2
 from services.common.asset_proto import timestamp
+from services.common.assetspec import check_asset_id
 from services.common.errors import InvalidArgument
 from services.common.operation_names import STATUS_NAMES, STATUSES, TYPE_NAMES, TYPES
 from services.jobs.model import NewOperation, OperationFilter, OperationRecord
 
+MAX_NAME_CHARS = 256
+"""Longest idempotency key and worker id (as the admin API takes them)."""
+MAX_OPERATION_ID_CHARS = 128
+"""Longer is no operation id in any spelling a UUID has."""
+
 
 def new_operation(request: jobs_pb2.SubmitOperationRequest) -> NewOperation:
-    """A submission; the type must be one of the known operation types."""
+    """A submission: a known operation type, a possible asset id, an idempotency key and a
+    worker id of at most `MAX_NAME_CHARS` characters."""
     if request.type not in TYPE_NAMES:
         raise InvalidArgument(
             f"type: required, one of {', '.join(f'OPERATION_TYPE_{t.upper()}' for t in TYPES)}"
         )
-    if not request.asset_id:
-        raise InvalidArgument("asset_id: required")
+    check_asset_id(request.asset_id)
+    for name in ("idempotency_key", "worker_id"):
+        if len(getattr(request, name)) > MAX_NAME_CHARS:
+            raise InvalidArgument(f"{name}: at most {MAX_NAME_CHARS} characters")
     return NewOperation(
         type=TYPE_NAMES[request.type],
         asset_id=request.asset_id,
@@ -29,10 +40,26 @@ def new_operation(request: jobs_pb2.SubmitOperationRequest) -> NewOperation:
 def operation_filter(request: jobs_pb2.ListOperationsRequest) -> OperationFilter:
     """List filters; unknown enum numbers match nothing rather than everything."""
     return OperationFilter(
-        asset_id=request.asset_id,
+        asset_id=check_asset_id(request.asset_id) if request.asset_id else "",
         type=TYPE_NAMES.get(request.type, "?") if request.type else "",
         status=STATUS_NAMES.get(request.status, "?") if request.status else "",
     )
+
+
+def operation_id(value: str) -> str:
+    """`value` when it could be an operation id (unknown ones are not found, not invalid)."""
+    if not value:
+        raise InvalidArgument("operation_id: required")
+    if len(value) > MAX_OPERATION_ID_CHARS:
+        raise InvalidArgument(f"operation_id: at most {MAX_OPERATION_ID_CHARS} characters")
+    return value
+
+
+def wait_seconds(value: float) -> float:
+    """How long `EnsureLoaded` may wait: a finite, non-negative number of seconds."""
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidArgument("wait_s: must be a finite number of seconds, not negative")
+    return value
 
 
 def operation_to_proto(record: OperationRecord) -> jobs_pb2.Operation:

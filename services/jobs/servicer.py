@@ -7,9 +7,15 @@ from collections.abc import AsyncIterator
 import grpc
 
 from roundhouse.v1 import jobs_pb2, jobs_pb2_grpc
-from services.common.errors import InvalidArgument
+from services.common.assetspec import check_asset_id
 from services.common.request_text import check_message_text
-from services.jobs.converters import new_operation, operation_filter, operation_to_proto
+from services.jobs.converters import (
+    new_operation,
+    operation_filter,
+    operation_id,
+    operation_to_proto,
+    wait_seconds,
+)
 from services.jobs.service import JobService
 
 
@@ -17,7 +23,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     """Implements `roundhouse.v1.Jobs` over a `JobService`.
 
     Every request is first swept for NUL characters, which Postgres cannot store or compare:
-    an id, key or filter holding one is INVALID_ARGUMENT, never a failed query.
+    an id, key or filter holding one is INVALID_ARGUMENT, never a failed query; then its
+    fields are checked (see `converters`), each refusal naming its field.
     """
 
     def __init__(self, jobs: JobService) -> None:
@@ -33,7 +40,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         self, request: jobs_pb2.GetOperationRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.Operation:
         check_message_text(request)
-        return operation_to_proto(await self._jobs.get(_operation_id(request.operation_id)))
+        return operation_to_proto(await self._jobs.get(operation_id(request.operation_id)))
 
     async def ListOperations(
         self, request: jobs_pb2.ListOperationsRequest, context: grpc.aio.ServicerContext
@@ -50,31 +57,22 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         self, request: jobs_pb2.CancelOperationRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.Operation:
         check_message_text(request)
-        return operation_to_proto(await self._jobs.cancel(_operation_id(request.operation_id)))
+        return operation_to_proto(await self._jobs.cancel(operation_id(request.operation_id)))
 
     async def WatchOperation(
         self, request: jobs_pb2.GetOperationRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.Operation]:
         check_message_text(request)
-        async for record in self._jobs.watch(_operation_id(request.operation_id)):
+        async for record in self._jobs.watch(operation_id(request.operation_id)):
             yield operation_to_proto(record)
 
     async def EnsureLoaded(
         self, request: jobs_pb2.EnsureLoadedRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.EnsureLoadedResponse:
         check_message_text(request)
-        if not request.asset_id:
-            raise InvalidArgument("asset_id: required")
-        if request.wait_s < 0:
-            raise InvalidArgument("wait_s: must not be negative")
-        loaded = await self._jobs.ensure_loaded(request.asset_id, request.wait_s)
+        loaded = await self._jobs.ensure_loaded(check_asset_id(request.asset_id), wait_seconds(request.wait_s))
         reply = jobs_pb2.EnsureLoadedResponse(loaded=loaded.loaded, worker_ids=loaded.worker_ids)
         if loaded.operation is not None:
             reply.operation.CopyFrom(operation_to_proto(loaded.operation))
         return reply
 
-
-def _operation_id(value: str) -> str:
-    if not value:
-        raise InvalidArgument("operation_id: required")
-    return value

@@ -15,6 +15,7 @@ from services.common.assetspec import parse_spec
 from services.common.errors import FieldProblem, InvalidSpec
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.registry.service import ApplyItem, AssetFilter, Outcome
+from services.registry.validation import label_filter, listed
 
 OUTCOMES: dict[Outcome, int] = {
     "created": registry_pb2.APPLY_OUTCOME_CREATED,
@@ -40,7 +41,7 @@ def apply_items(
         expected = entry.expected_revision if entry.HasField("expected_revision") else None
         items.append(ApplyItem(spec, expected))
     if problems:
-        raise InvalidSpec.from_problems(problems)
+        raise InvalidSpec.from_problems(listed(problems))
     return items
 
 
@@ -51,5 +52,5 @@ def asset_filter(request: registry_pb2.ListAssetsRequest) -> AssetFilter:
         runtime=RUNTIME_NAMES.get(request.runtime, "?") if request.runtime else "",
         state=STATE_NAMES.get(request.state, "?") if request.state else "",
         capability=request.capability,
-        labels=dict(request.labels),
+        labels=label_filter(request.labels),
     )

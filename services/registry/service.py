@@ -25,6 +25,8 @@ from services.common.errors import (
 )
 from services.common.events import new_event
 from services.common.outbox import add_to_outbox
+from services.common.request_text import shown
+from services.registry.validation import listed
 
 Outcome = Literal["created", "updated", "unchanged"]
 CAPABILITY_FILTERS = {"chat", "embeddings", "streaming", "system_role", "tools"}
@@ -200,7 +202,7 @@ class AssetRegistry:
                     f"duplicate id '{item.spec.asset_id}' (also assets[{first}])",
                 ))
         if problems:
-            raise InvalidSpec.from_problems(problems)
+            raise InvalidSpec.from_problems(listed(problems))
 
     @staticmethod
     async def _check_aliases(session: AsyncSession, items: list[ApplyItem]) -> None:
@@ -235,7 +237,7 @@ class AssetRegistry:
                     f"assets[{n}].spec.asset_id", f"'{owner}' already uses it as an alias"
                 ))
         if problems:
-            raise InvalidSpec.from_problems(problems)
+            raise InvalidSpec.from_problems(listed(problems))
 
     @staticmethod
     async def _replace_aliases(session: AsyncSession, spec: AssetSpec) -> None:
@@ -304,7 +306,7 @@ def _record(row: Asset) -> AssetRecord:
 def _capability_clause(capability: str) -> Any:
     if capability not in CAPABILITY_FILTERS:
         raise InvalidArgument(
-            f"capability: unknown '{capability}'; one of {', '.join(sorted(CAPABILITY_FILTERS))}"
+            f"capability: unknown {shown(capability)}; one of {', '.join(sorted(CAPABILITY_FILTERS))}"
         )
     if capability == "chat":
         return Asset.interfaces.contains(["llm-runtime"])

@@ -14,9 +14,11 @@ from services.common.asset_proto import (
     capabilities_from_proto,
     record_to_proto,
 )
+from services.common.assetspec import check_asset_id
 from services.common.errors import InvalidArgument
 from services.common.request_text import check_message_text
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
+from services.registry import validation
 from services.registry.converters import OUTCOMES, apply_items, asset_filter
 from services.registry.service import AssetRegistry
 
@@ -29,6 +31,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     Every request is first swept for NUL characters, which Postgres cannot store or compare:
     an id, name, filter or document holding one is INVALID_ARGUMENT, never a failed query.
+    Ids, names, filters and reports are then checked (`validation`): an ill-formed one is
+    INVALID_ARGUMENT naming its field, a well-formed id no asset has NOT_FOUND.
     """
 
     def __init__(
@@ -54,7 +58,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self, request: registry_pb2.GetAssetRequest, context: grpc.aio.ServicerContext
     ) -> asset_pb2.Asset:
         check_message_text(request)
-        return record_to_proto(await self._registry.get(request.asset_id))
+        return record_to_proto(await self._registry.get(check_asset_id(request.asset_id)))
 
     async def ListAssets(
         self, request: registry_pb2.ListAssetsRequest, context: grpc.aio.ServicerContext
@@ -72,36 +76,41 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     ) -> registry_pb2.DeleteAssetResponse:
         check_message_text(request)
         expected = request.expected_revision if request.HasField("expected_revision") else None
-        record = await self._registry.delete(request.asset_id, expected)
+        record = await self._registry.delete(check_asset_id(request.asset_id), expected)
         return registry_pb2.DeleteAssetResponse(asset=record_to_proto(record))
 
     async def ResolveAsset(
         self, request: registry_pb2.ResolveAssetRequest, context: grpc.aio.ServicerContext
     ) -> asset_pb2.Asset:
         check_message_text(request)
-        if not request.name:
-            raise InvalidArgument("name: required")
-        interface = INTERFACE_NAMES.get(request.interface, "") if request.interface else ""
-        return record_to_proto(await self._registry.resolve(request.name, interface))
+        name = check_asset_id(request.name, "name")
+        if request.interface and request.interface not in INTERFACE_NAMES:
+            raise InvalidArgument(f"interface: {request.interface} is not an interface")
+        interface = INTERFACE_NAMES.get(request.interface, "")
+        return record_to_proto(await self._registry.resolve(name, interface))
 
     async def ReportAssetStatus(
         self, request: registry_pb2.ReportAssetStatusRequest, context: grpc.aio.ServicerContext
     ) -> asset_pb2.Asset:
         check_message_text(request)
+        asset_id = check_asset_id(request.asset_id)
         status = request.status
+        if status.state and status.state not in STATE_NAMES:
+            raise InvalidArgument(f"status.state: {status.state} is not an asset state")
         state = STATE_NAMES.get(status.state, "")
-        fields: dict[str, Any] = {"message": status.message}
+        validation.reported_status(status.store_path, status.worker_ids)
+        fields: dict[str, Any] = {"message": validation.status_message(status.message)}
         if status.store_path:
             fields["store_path"] = status.store_path
         if status.worker_ids or state in NOT_ON_WORKERS:
             fields["worker_ids"] = list(status.worker_ids)
         if status.HasField("last_used_at"):
-            fields["last_used_at"] = status.last_used_at.ToJsonString()
+            fields["last_used_at"] = validation.timestamp_text(status.last_used_at, "status.last_used_at")
+        capabilities = None
+        if request.HasField("capabilities"):
+            if request.capabilities.HasField("detected_at"):
+                validation.timestamp_text(request.capabilities.detected_at, "capabilities.detected_at")
+            capabilities = capabilities_from_proto(request.capabilities)
         record = await self._registry.report_status(
-            request.asset_id,
-            state=state,
-            status=fields,
-            capabilities=capabilities_from_proto(request.capabilities)
-            if request.HasField("capabilities") else None,
-        )
+            asset_id, state=state, status=fields, capabilities=capabilities)
         return record_to_proto(record)

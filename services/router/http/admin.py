@@ -60,9 +60,10 @@ LOCATION = {"Location": {"description": "Where to poll the operation.", "schema"
 
 
 class OperationOptions(BaseModel):
-    """Optional body of install, load and unload."""
+    """Optional body of install, load and unload; each value only in its JSON type (no `0`
+    for false), as the schema says."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
     worker_id: str = Field(default="", max_length=256, pattern=NO_NUL_PATTERN)
     """Load on (unload from) this worker only."""

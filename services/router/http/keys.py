@@ -27,10 +27,10 @@ from services.common.keys.validation import (
     MAX_RATE,
     USD_STEP,
 )
-from services.router.http.protocol import ErrorResponse
+from services.router.http.protocol import AS_INT, ErrorResponse
 from services.router.usage import UsageLedger
 
-Rate = Annotated[int | None, Field(ge=1, le=MAX_RATE)]
+Rate = Annotated[int, Field(ge=1, le=MAX_RATE), AS_INT] | None
 Duration = Annotated[str | None, Field(pattern=DURATION_RE.pattern)]
 
 
@@ -39,9 +39,11 @@ def _error(description: str) -> dict[str, Any]:
 
 
 class KeyCreate(BaseModel):
-    """Body of `POST /admin/v1/keys`. Limits left out (or null) are unlimited."""
+    """Body of `POST /admin/v1/keys`. Limits left out (or null) are unlimited. Each value is
+    taken only in its JSON type (no `"5"` for 5, no `1` for true; `5.0` is the integer 5, as
+    JSON Schema counts it), as the schema says."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
     name: str = Field(pattern=KEY_NAME_RE.pattern)
     """Unique among unrevoked keys; revoke by it."""
@@ -54,7 +56,7 @@ class KeyCreate(BaseModel):
     """Tokens (prompt + completion) per minute."""
     max_parallel: Rate = None
     """Requests in flight at once."""
-    budget_tokens: Annotated[int | None, Field(ge=1, le=MAX_BUDGET_TOKENS)] = None
+    budget_tokens: Annotated[int, Field(ge=1, le=MAX_BUDGET_TOKENS), AS_INT] | None = None
     """Tokens per budget period."""
     budget_usd: Annotated[float | None, Field(ge=float(USD_STEP), le=float(MAX_BUDGET_USD))] = None
     """US dollars per budget period (kept to the micro-dollar)."""

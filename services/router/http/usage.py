@@ -3,11 +3,12 @@ needed, as for every `/admin/v1` route; see `auth`)."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from services.router.http.protocol import ErrorResponse
 from services.router.usage import GroupBy, UsageLedger
@@ -15,6 +16,9 @@ from services.router.usage import GroupBy, UsageLedger
 DEFAULT_SPAN = timedelta(days=30)
 EARLIEST = datetime.min.replace(tzinfo=UTC)
 LATEST = datetime.max.replace(tzinfo=UTC)
+DATE_TIME_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}")
+"""The start every accepted time has: a date and a time (pydantic alone would take `0.5` as
+seconds since the epoch, which the schema's `date-time` does not allow)."""
 
 usage_router = APIRouter(prefix="/admin/v1", tags=["admin"])
 
@@ -50,6 +54,16 @@ class UsageReport(BaseModel):
     rows: list[UsageRow]
 
 
+def _date_time(value: Any) -> Any:
+    if isinstance(value, str) and not DATE_TIME_RE.match(value):
+        raise ValueError("expected an RFC 3339 date-time, such as 2025-01-31T00:00:00Z")
+    return value
+
+
+DateTime = Annotated[datetime, BeforeValidator(_date_time)]
+"""A time given as RFC 3339 text, with or without an offset."""
+
+
 def _utc(value: datetime) -> datetime:
     """`value` in UTC (UTC when it has no offset), within years 1 to 9999 (a time whose offset
     takes it past either end is clamped there)."""
@@ -64,9 +78,9 @@ def _utc(value: datetime) -> datetime:
 async def usage(
     request: Request,
     group_by: Annotated[GroupBy, Query(description="Sum per `key`, `asset` or `day`.")] = "key",
-    since: Annotated[datetime | None, Query(
+    since: Annotated[DateTime | None, Query(
         description="Start (RFC 3339; UTC if no offset); default: 30 days before `until`.")] = None,
-    until: Annotated[datetime | None, Query(
+    until: Annotated[DateTime | None, Query(
         description="End, excluded (RFC 3339; UTC if no offset); default: now.")] = None,
 ) -> dict[str, Any]:
     """Requests, errors, tokens in and out, cost and p50/p95 latency from the usage ledger,

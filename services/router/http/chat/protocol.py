@@ -12,7 +12,14 @@ from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_v
 from pydantic_core import PydanticCustomError
 
 from roundhouse.v1 import inference_pb2
-from services.common.inference_requests import FUNCTION_NAME, MAX_NAME_CHARS, MAX_TOKENS_LIMIT
+from services.common.inference_requests import (
+    FUNCTION_NAME,
+    MAX_MESSAGES,
+    MAX_NAME_CHARS,
+    MAX_TEXT_CHARS,
+    MAX_TOKENS_LIMIT,
+    MAX_TOOLS,
+)
 from services.router.http.errors import UNSUPPORTED
 from services.router.http.protocol import (
     AS_INT,
@@ -49,14 +56,14 @@ TOOL_CHOICE_RULE: dict[str, Any] = {
 
 def _content_schema(schema: dict[str, Any]) -> None:
     # The validator takes a plain string too (see `_string_or_parts`).
-    schema["anyOf"].insert(0, {"type": "string"})
+    schema["anyOf"].insert(0, {"type": "string", "maxLength": MAX_TEXT_CHARS})
 
 
 class ContentPart(OpenAIRequest):
     """One part of a message's content; only text parts are supported."""
 
     type: Annotated[str, WithJsonSchema({"const": "text", "description": "Only text parts."})]
-    text: str
+    text: Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
     @model_validator(mode="before")
     @classmethod
@@ -110,7 +117,7 @@ class FunctionDefinition(OpenAIRequest):
     """A function the model may call."""
 
     name: Annotated[str, Field(pattern=FUNCTION_NAME)]
-    description: str | None = None
+    description: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
@@ -168,9 +175,9 @@ class ChatCompletionRequest(SamplingFields):
 
     SCHEMA_RULES: ClassVar[list[dict[str, Any]]] = [STREAM_OPTIONS_RULE, TOOL_CHOICE_RULE]
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT), AS_INT] | None = None
-    tools: list[ChatTool] | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Annotated[str | dict[str, Any] | None, WithJsonSchema(TOOL_CHOICE_SCHEMA)] = None
     metadata: Annotated[
         dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None,

@@ -19,14 +19,21 @@ import orjson
 from pydantic import Field, WithJsonSchema, field_validator
 
 from roundhouse.v1 import inference_pb2
-from services.common.inference_requests import MAX_INPUTS, MAX_NAME_CHARS, MAX_TOKEN_ID
+from services.common.inference_requests import (
+    MAX_INPUT_TOKENS,
+    MAX_INPUTS,
+    MAX_NAME_CHARS,
+    MAX_TEXT_CHARS,
+    MAX_TOKEN_ID,
+)
 from services.router.http.protocol import AS_INT, NO_NUL, OpenAIRequestBody, OpenAIResponse, integral
 
 EmbeddingInput = str | list[int]
 
-TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
+TEXT: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS}
 TOKENS: dict[str, Any] = {
     "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}, "minItems": 1,
+    "maxItems": MAX_INPUT_TOKENS,
 }
 INPUT_SCHEMA: dict[str, Any] = {
     "anyOf": [
@@ -104,9 +111,13 @@ def _check_input(path: str, item: Any) -> None:
     if isinstance(item, str):
         if not item:
             raise ValueError(f"{path}: must not be an empty string")
+        if len(item) > MAX_TEXT_CHARS:
+            raise ValueError(f"{path}: {len(item)} characters; at most {MAX_TEXT_CHARS} fit in one input")
         return
     if not isinstance(item, list) or not item:
         raise ValueError(f"{path}: must be a non-empty string or token array")
+    if len(item) > MAX_INPUT_TOKENS:
+        raise ValueError(f"{path}: {len(item)} token ids; at most {MAX_INPUT_TOKENS}")
     if not all(_is_int(t) and 0 <= integral(t) <= MAX_TOKEN_ID for t in item):
         raise ValueError(f"{path}: token ids must be integers from 0 to {MAX_TOKEN_ID}")
 
