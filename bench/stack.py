@@ -24,7 +24,7 @@ from services.cli.stack import CATALOG
 from services.common.assetspec import AssetSpec
 from services.common.documents import load_path
 from services.common.embedded import free_port
-from services.common.grpc_server import INTERNAL_TOKEN_KEY
+from services.common.grpc_interceptors import INTERNAL_TOKEN_KEY
 from services.common.modelstore.store import ModelStore
 
 READY_LINE = "Ctrl-C stops everything"

@@ -10,7 +10,7 @@ from polling import wait_until
 
 from services.common.assetspec import Policy
 from services.common.errors import DeadlineExceeded, Overloaded
-from services.common.grpc_server import QUEUE_TIMEOUT_KEY
+from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY
 from services.router.admission import Admission
 from services.router.deadlines import Deadline
 

@@ -43,7 +43,7 @@ from services.common.asset_proto import spec_to_proto
 from services.common.assetspec import parse_spec
 from services.common.embedded import free_port, wait_pid_gone
 from services.common.events import EventBus
-from services.common.grpc_server import ERROR_CLASS_KEY
+from services.common.grpc_interceptors import ERROR_CLASS_KEY
 from services.common.modelstore.store import ModelStore
 from services.router.settings import RouterSettings
 

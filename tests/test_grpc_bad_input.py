@@ -320,19 +320,7 @@ WORKER: list[tuple[str, Call, grpc.StatusCode, str]] = [
 ]
 
 
-ELSEWHERE = {
-    "load a spec without id": "the asset's spec is validated by pydantic alone: INTERNAL "
-                              "(services/common/asset_proto.py `_trusted_spec`)",
-    "unload no id": "the worker looks up any id: NOT_FOUND (services/worker/servicer.py)",
-    "unload a huge id": "the worker's NOT_FOUND echoes the id whole, over the trailers' limit "
-                        "(services/worker/servicer.py)",
-}
-"""Refusals that files outside this change still get wrong, and why."""
-
-
-@pytest.mark.parametrize(("call", "code", "field"), [
-    pytest.param(*c[1:], id=c[0], marks=[pytest.mark.xfail(strict=True, reason=ELSEWHERE[c[0]])]
-                 if c[0] in ELSEWHERE else []) for c in WORKER])
+@pytest.mark.parametrize(("call", "code", "field"), [pytest.param(*c[1:], id=c[0]) for c in WORKER])
 async def test_the_worker_refuses_bad_control_naming_the_field(
     stack: Stack, call: Call, code: grpc.StatusCode, field: str
 ) -> None:
@@ -373,8 +361,6 @@ BAD_UTF8 = b"\x0a\x02\xff\xfe"
 (no client library writes it; a hand-made or broken one can)."""
 
 
-@pytest.mark.xfail(strict=True, reason="an undecodable request fails in grpc before the error mapping: "
-                                       "UNKNOWN (services/common/grpc_server.py)")
 @pytest.mark.parametrize("method", [
     "/roundhouse.v1.Registry/GetAsset", "/roundhouse.v1.Jobs/GetOperation",
     "/roundhouse.v1.WorkerControl/UnloadModel", "/roundhouse.v1.Inference/Embed"])
@@ -388,8 +374,6 @@ async def test_text_that_is_not_utf8_is_invalid(stack: Stack, method: str) -> No
     await still_serves(stack)
 
 
-@pytest.mark.xfail(strict=True, reason="the inference routes' JSON fast path lets json's RecursionError through: "
-                                       "500 (services/router/http/body_route.py)")
 async def test_json_nested_deeper_than_any_parser_goes_is_a_400_at_the_http_door(stack: Stack) -> None:
     body = '{"model": "tiny-chat", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
     async with httpx.AsyncClient(base_url=stack.http_url, timeout=60) as http:

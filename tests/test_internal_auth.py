@@ -25,7 +25,7 @@ from roundhouse.v1 import (
     worker_pb2_grpc,
 )
 from services.common.grpc_client import open_channel
-from services.common.grpc_server import INTERNAL_TOKEN_KEY
+from services.common.grpc_interceptors import INTERNAL_TOKEN_KEY
 from services.common.modelstore.store import ModelStore
 from services.common.secrets import MASK, SecretFilter
 from services.common.settings import CommonSettings

@@ -225,5 +225,4 @@ def record_from_proto(msg: asset_pb2.Asset) -> AssetRecord:
 def _trusted_spec(msg: asset_pb2.AssetSpec) -> AssetSpec:
     # A stored spec was validated against the registry's source roots when applied;
     # a client does not know those roots, so it must not re-check absolute paths.
-    doc = spec_document_from_proto(msg)
-    return AssetSpec.model_validate(doc, context={"source_roots": ["/"]})
+    return parse_spec(spec_document_from_proto(msg), source_roots=["/"], upstreams=None)

@@ -50,6 +50,8 @@ def parse_yaml(
         documents = [d for d in yaml.load_all(text, Loader=_NoAliasLoader) if d is not None]
     except yaml.YAMLError as exc:
         raise InvalidSpec.from_problems([FieldProblem(origin, f"invalid YAML: {exc}")]) from None
+    except RecursionError:
+        raise InvalidSpec.from_problems([FieldProblem(origin, "invalid YAML: nested too deeply")]) from None
     if len(documents) > MAX_DOCUMENTS:
         raise InvalidSpec.from_problems(
             [FieldProblem(origin, f"more than {MAX_DOCUMENTS} documents")]

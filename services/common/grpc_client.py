@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from services.common import errors
-from services.common.grpc_server import ERROR_CLASS_KEY, INTERNAL_TOKEN_KEY, RETRY_AFTER_KEY
+from services.common.grpc_interceptors import ERROR_CLASS_KEY, INTERNAL_TOKEN_KEY, RETRY_AFTER_KEY
 from services.common.settings import CommonSettings
 
 ChannelOptions = Sequence[tuple[str, Any]]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from services.common.assetspec import Policy
 from services.common.errors import Overloaded
-from services.common.grpc_server import QUEUE_TIMEOUT_KEY
+from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY
 from services.router.deadlines import Deadline
 
 """gRPC metadata of a request to a worker: seconds it may still wait there for a slot."""

@@ -11,7 +11,7 @@ from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, worker_pb2
 from services.common.asset_proto import timestamp
 from services.common.errors import InvalidArgument
 from services.common.events import new_event
-from services.common.grpc_server import QUEUE_TIMEOUT_KEY
+from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY
 from services.worker.holdings import FailedModelInfo, LoadedModelInfo, WorkerState
 from services.worker.models import Capabilities, ChatDelta, ChatMessage, ChatParams, EmbedInput, EmbedResult, Tool
 

@@ -10,8 +10,9 @@ import grpc
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.asset_proto import record_from_proto
+from services.common.assetspec import check_asset_id
 from services.common.errors import InvalidArgument
-from services.common.grpc_server import QUEUE_TIMEOUT_KEY
+from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY
 from services.common.inference_requests import (
     check_chat,
     check_embed,
@@ -107,6 +108,7 @@ class WorkerControlServicer(worker_pb2_grpc.WorkerControlServicer):
         self, request: worker_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.UnloadModelResponse:
         """Unload; refused while requests are in flight unless forced."""
+        check_asset_id(request.asset_id)
         freed = await self._host.unload(request.asset_id, force=request.force, reason=request.reason,
                                         evicted_for=request.evicted_for)
         return worker_pb2.UnloadModelResponse(freed_bytes=freed)

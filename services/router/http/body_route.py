@@ -53,7 +53,7 @@ class JSONBodyRoute(APIRoute):
                 if raw:
                     try:
                         body = model.model_validate(json.loads(raw))
-                    except ValueError:  # not JSON, or refused by the model (both are ValueErrors)
+                    except (ValueError, RecursionError):  # not JSON (or nested past any parser), or refused
                         return await standard(request)  # answers with FastAPI's own errors
                     return await endpoint(**{body_name: body, request_name: request})
             return await standard(request)

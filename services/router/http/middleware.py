@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.drain import Drain
+from services.common.inference_requests import MAX_REQUEST_ID_CHARS
 from services.router.http.errors import HTTPProblem, error_response
 from services.router.http.metrics import HttpMetrics
 from services.router.http.ratelimit import ratelimit_headers
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 ALWAYS_SERVED = frozenset({"/healthz", "/readyz", "/metrics"})
 """Paths served while the router drains: the probes and the metrics."""
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+_SANE_REQUEST_ID = re.compile(rf"^[A-Za-z0-9._:/+=@-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
 
 
 def accept_request_id(value: str | None) -> str:

@@ -10,10 +10,11 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, WithJsonSchema, field_validator
 
 from roundhouse.v1 import inference_pb2
+from services.common.inference_requests import MAX_TEXT_CHARS
 from services.router.http.protocol import FinishReason, Integer, OpenAIResponse, UsageInfo
 from services.router.http.sampling import SamplingFields, Unsupported
 
-TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
+TEXT: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS}
 PROMPT_SCHEMA: dict[str, Any] = {
     "anyOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": 1}],
     "description": "One text prompt (or a list holding exactly one); token prompts are not supported.",
@@ -31,7 +32,7 @@ NoSuffix = Annotated[str | None, Unsupported(
 class CompletionRequest(SamplingFields):
     """The body of `POST /v1/completions`; one text prompt per request."""
 
-    prompt: Annotated[str, Field(min_length=1), WithJsonSchema(PROMPT_SCHEMA)]
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), WithJsonSchema(PROMPT_SCHEMA)]
     echo: bool = False
     best_of: BestOfOne = None
     logprobs: NoLogprobs = None
