@@ -5,6 +5,7 @@ routes for admin keys only, and a revoked key refused at once by every router.""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_router, running_
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2
 from services.common.db import make_engine, make_sessionmaker
+from services.common.db.unavailable import database_unavailable
 from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.events import EventBus
 from services.common.keys import ADMIN_KEY_NAME, KeyRecord, KeyStore, NewKey, hash_secret, new_secret
@@ -511,3 +513,35 @@ async def test_a_request_without_a_key_is_refused_before_its_body_is_read(
     too_large = await call_asgi(app, "POST", "/v1/chat/completions", secret=keys.plain, body_chunks=1600,
                                 content_length=content_length)
     assert too_large.status == 413 and too_large.body_chunks_read <= 1
+
+
+async def test_known_keys_keep_working_while_postgres_does_not_answer(db_dsn: str) -> None:
+    engine = make_engine(db_dsn)
+    down = make_engine(f"postgresql://nobody@127.0.0.1:{_closed_port()}/none")
+    try:
+        store = KeyStore(make_sessionmaker(engine))
+        _, secret = await store.create(NewKey(name=f"outage-{next(_names)}"))
+        now = [0.0]
+        authenticator = KeyAuthenticator(store, cache_s=10, stale_s=300, clock=lambda: now[0])
+        assert (await authenticator.authenticate(secret)).name.startswith("outage-")
+
+        authenticator.store = KeyStore(make_sessionmaker(down))  # Postgres stops answering
+        now[0] = 60.0  # past the cache period: a lookup is due, and fails
+        assert (await authenticator.authenticate(secret)).name.startswith("outage-")
+        with pytest.raises(OSError) as unknown:  # a key not seen before is never let in: 503
+            await authenticator.authenticate(new_secret())
+        assert database_unavailable(unknown.value)
+
+        now[0] = 400.0  # too long since the key was last read: it is not vouched for any more
+        with pytest.raises(OSError) as stale:
+            await authenticator.authenticate(secret)
+        assert database_unavailable(stale.value)
+    finally:
+        await engine.dispose()
+        await down.dispose()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -10,6 +10,10 @@ made-up keys would otherwise fill memory.
 A lookup that was under way while a revocation arrived may have read the row from before it;
 such a result is used for that one request but not cached (`_generation` tells), or the key
 would live on for `cache_s` after its revocation event came and went.
+
+While Postgres does not answer (a restart, a failover), a key looked up within the last
+`stale_s` seconds (300 by default) is still served from the cache, so known keys keep working
+through a short database outage; revocations still reach the cache as events meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from services.common.db.unavailable import database_unavailable
 from services.common.errors import Unauthenticated
 from services.common.keys import KeyRecord, KeyStore, hash_secret, is_usable
 from services.common.keys.tokens import looks_like_secret
@@ -50,10 +55,11 @@ def credential_from(authorization: str | None, api_key: str | None) -> str:
 class KeyAuthenticator:
     """Checks presented secrets against the key store, with a short cache."""
 
-    def __init__(self, store: KeyStore, *, cache_s: float = 10.0,
+    def __init__(self, store: KeyStore, *, cache_s: float = 10.0, stale_s: float = 300.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self._cache_s = cache_s
+        self._stale_s = stale_s
         self._clock = clock
         self._cache: dict[str, tuple[float, KeyRecord]] = {}
         self._generation = 0
@@ -71,13 +77,24 @@ class KeyAuthenticator:
             record = cached[1]
         else:
             generation = self._generation
-            found = await self.store.find(digest)
+            try:
+                found = await self.store.find(digest)
+            except Exception as exc:
+                if cached is None or now - cached[0] > self._stale_s or not database_unavailable(exc):
+                    raise
+                log.warning("key store unavailable; serving key %s from a lookup %.0fs past its "
+                            "cache period", cached[1].name, now - cached[0])
+                return self._usable(cached[1])
             if found is None:
                 self._cache.pop(digest, None)
                 raise Unauthenticated(INVALID_KEY)
             record = found
             if generation == self._generation:
                 self._cache[digest] = (now + self._cache_s, record)
+        return self._usable(record)
+
+    @staticmethod
+    def _usable(record: KeyRecord) -> KeyRecord:
         if not is_usable(record):
             raise Unauthenticated(INVALID_KEY)
         return record
