@@ -302,3 +302,24 @@ async def test_an_operation_started_when_every_slot_is_taken_waits_its_turn(db_d
         records = [await finished(repo, op.operation_id) for op in (busy, waiting)]
     assert [(r.status, r.message) for r in records] == [
         ("succeeded", "ran asset-busy"), ("succeeded", "ran asset-waiting")]
+
+
+async def test_shutdown_abandons_a_runner_that_ignores_its_stop_request(db_dsn: str) -> None:
+    """A runner deaf to `ctx.cancel` does not hold a draining jobs instance past its drain: it
+    is abandoned after a short grace, not the 30 s `cancel_grace_s`, and its operation goes back
+    to the queue."""
+    release = asyncio.Event()
+
+    async def deaf(ctx: RunContext) -> str:
+        await release.wait()  # never set, and `ctx.cancel` unheeded: only abandoning ends it
+        return "never"
+
+    async with repository(db_dsn) as repo:
+        [op] = await queue(repo)
+        running = Executor(repo, {"install": deaf}, instance_id="exec-deaf", poll_interval_s=0.2,
+                           cancel_grace_s=600)
+        running.start()
+        await reached(repo, op, lambda r: r.status == "running")
+        await asyncio.wait_for(running.stop(grace_s=0), timeout=30)  # not 600
+        requeued = await repo.get(op)
+        assert (requeued.status, requeued.lease_owner) == ("queued", "")

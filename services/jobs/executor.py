@@ -29,6 +29,12 @@ from services.jobs.runners import RunContext, Runner, StopReason, not_supported
 log = logging.getLogger(__name__)
 
 
+SHUTDOWN_CANCEL_GRACE_S = 2.0
+"""At shutdown, a runner that does not stop when asked is abandoned after this long (instead of
+`cancel_grace_s`), so the process keeps to its drain timeout; its operation goes back to the
+queue either way."""
+
+
 class _Run:
     """One operation this instance is running, and its progress reports not yet written."""
 
@@ -157,6 +163,7 @@ class Executor:
         if self._tasks and grace_s > 0:
             log.info("waiting up to %g s for %d running operation(s)", grace_s, len(self._runs))
             await asyncio.wait(set(self._tasks), timeout=grace_s)
+        self._grace_s = min(self._grace_s, SHUTDOWN_CANCEL_GRACE_S)
         for run in list(self._runs.values()):
             log.info("operation %s still runs; handing it back to the queue", run.operation_id)
             run.stop("shutdown")
