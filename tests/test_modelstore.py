@@ -12,7 +12,8 @@ import pytest
 from tiny_gguf import CHAT_TEMPLATE, write_tiny_gguf
 from tiny_models import build_tiny_llama, build_tiny_sentence_model
 
-from services.common.assetspec import AssetSpec, Source, parse_spec
+from services.common.assetspec import AssetSpec, parse_spec
+from services.common.assetspec_source import Source
 from services.common.errors import Cancelled, InvalidArgument
 from services.common.modelstore import ModelStore, Progress
 

@@ -1,187 +1,46 @@
 """The asset spec: the declared model, validated strictly.
 
-One `AssetSpec` mirrors one YAML document of `roundhouse apply` (design.md §3). Validation
-collects every problem with its field path; an invalid spec is rejected whole.
+One `AssetSpec` mirrors one YAML document of `roundhouse apply`. Validation collects every
+problem with its field path; an invalid spec is rejected whole. Its field types are in
+`assetspec_fields`, its `source` in `assetspec_source`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from services.common.errors import FieldProblem, InvalidArgument, InvalidSpec
-from services.common.request_text import NUL_REASON, shown
+from services.common.assetspec_fields import (
+    ASSET_ID_RE,
+    INT32_MAX,
+    LABEL_KEY_RE,
+    Count,
+    Name,
+    Number,
+    SpecModel,
+    Text,
+)
+from services.common.assetspec_source import Source
+from services.common.errors import FieldProblem, InvalidSpec
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 
-ASSET_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-PACKAGE_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
-HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAMED_FIELD_RE = re.compile(r"^(?P<field>[a-z_][a-z_.]*): (?P<reason>.+)$", re.DOTALL)
 _PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62}[A-Za-z0-9])?$")
 
 Interface = Literal["llm-runtime", "embedding-runtime"]
 RuntimeName = Literal["transformers", "openai"]
-SourceKindName = Literal["path", "gguf", "pypi", "hf", "url"]
 Desired = Literal["on-demand", "running", "disabled"]
 
 DEFAULT_LLM_AUTO_SLEEP_MIN = 15
 DEFAULT_MIN_RESIDENT_S = 30
 """Seconds a loaded model is kept before it may be evicted for another, unless its spec says."""
-INT32_MAX = 2**31 - 1
-"""The largest count a spec may hold: its integers travel as `int32` (asset.proto)."""
 
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError(NUL_REASON)
-    return value
-
-
-Name = Annotated[str, Field(max_length=256), AfterValidator(_no_nul)]
-Text = Annotated[str, Field(max_length=4096), AfterValidator(_no_nul)]
-Count = Annotated[int, Field(gt=0, le=INT32_MAX)]
-"""A positive integer that fits the wire."""
-
-
-def _int_is_number(value: Any) -> Any:
-    # YAML writes `1` for one GiB; strict mode would refuse an int for a float field.
-    if isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:
-            return value  # beyond any float: refused as not a valid number
-    return value
-
-
-Number = Annotated[float, BeforeValidator(_int_is_number)]
-"""A float field that takes a YAML integer too; never NaN nor infinite (see `_Strict`)."""
-
-
-class _Strict(BaseModel):
-    # No NaN nor infinity: JSON has neither, so a spec holding one could not be written back.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True,
-                              allow_inf_nan=False)
-
-
-def _safe_relative(value: str, what: str) -> str:
-    parts = PurePosixPath(value).parts
-    if ".." in parts:
-        raise ValueError(f"{what} must not contain '..'")
-    return value
-
-
-class Source(_Strict):
-    """Where install fetches the model; which fields apply depends on `kind`."""
-
-    kind: SourceKindName
-    path: Text = ""
-    package: Name = ""
-    file: Name = ""
-    repo: Name = ""
-    revision: Name = ""
-    url: Text = ""
-    api_key_env: Name = ""
-    upstream_model: Name = ""
-
-    @field_validator("path")
-    @classmethod
-    def _path_inside_roots(cls, value: str, info: ValidationInfo) -> str:
-        if not value:
-            return value
-        _safe_relative(value, "path")
-        roots = [Path(r) for r in (info.context or {}).get("source_roots", [])]
-        if Path(value).is_absolute() and not any(_is_within(Path(value), r) for r in roots):
-            allowed = ", ".join(str(r) for r in roots) or "none configured"
-            raise ValueError(
-                f"absolute path is outside the allowed source roots ({allowed}); "
-                "set ROUNDHOUSE_SOURCE_ROOTS to allow it"
-            )
-        return value
-
-    @field_validator("file")
-    @classmethod
-    def _file_relative(cls, value: str) -> str:
-        if value and PurePosixPath(value).is_absolute():
-            raise ValueError("file must be relative to the package or repository")
-        return _safe_relative(value, "file")
-
-    @field_validator("package")
-    @classmethod
-    def _package_name(cls, value: str) -> str:
-        if value and not PACKAGE_RE.match(value):
-            raise ValueError("not a valid PyPI distribution name")
-        return value
-
-    @field_validator("repo")
-    @classmethod
-    def _repo_id(cls, value: str) -> str:
-        if value and not HF_REPO_RE.match(value):
-            raise ValueError("expected a Hugging Face repository id 'org/name'")
-        return value
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str, info: ValidationInfo) -> str:
-        if value and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError("expected an http:// or https:// URL")
-        rules = _upstream_rules(info)
-        problem = rules.url_problem(value) if rules else None
-        if problem:
-            raise ValueError(problem)
-        return value
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str, info: ValidationInfo) -> str:
-        if value and not ENV_NAME_RE.match(value):
-            raise ValueError("expected an environment variable name, not a key")
-        rules = _upstream_rules(info)
-        problem = rules.key_env_problem(value) if rules else None
-        if problem:
-            raise ValueError(problem)
-        return value
-
-    @model_validator(mode="after")
-    def _fields_for_kind(self) -> Source:
-        required = {"path": "path", "gguf": "path", "pypi": "package", "hf": "repo", "url": "url"}
-        needed = required[self.kind]
-        if not getattr(self, needed):
-            raise ValueError(f"source kind '{self.kind}' needs '{needed}'")
-        if self.kind == "gguf" and not self.path.endswith(".gguf"):
-            raise ValueError("source kind 'gguf' needs a path to a .gguf file")
-        return self
-
-
-def _upstream_rules(info: ValidationInfo) -> UpstreamRules | None:
-    """The rules to check upstreams against; None for a spec that was checked when applied."""
-    return (info.context or {}).get("upstreams")
-
-
-def _is_within(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-class Resources(_Strict):
+class Resources(SpecModel):
     """What the asset needs to run."""
 
     gpu_required: bool = False
@@ -190,7 +49,7 @@ class Resources(_Strict):
     disk_gb: Annotated[Number, Field(gt=0)] | None = None
 
 
-class Lifecycle(_Strict):
+class Lifecycle(SpecModel):
     """How the asset is kept loaded. Defaults depend on the interface (see AssetSpec)."""
 
     desired: Desired | None = None
@@ -200,7 +59,7 @@ class Lifecycle(_Strict):
     on-demand models that do not fit together are not reloaded on every request)."""
 
 
-class Policy(_Strict):
+class Policy(SpecModel):
     """Admission limits the router enforces for the asset."""
 
     max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 4
@@ -208,7 +67,7 @@ class Policy(_Strict):
     queue_timeout_s: Annotated[Number, Field(gt=0, le=86_400)] = 30.0
 
 
-class Generation(_Strict):
+class Generation(SpecModel):
     """Defaults for chat requests that leave these unset (a model card's recommendation)."""
 
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
@@ -216,7 +75,7 @@ class Generation(_Strict):
     max_tokens: Count | None = None
 
 
-class Pricing(_Strict):
+class Pricing(SpecModel):
     """What the model costs, in US dollars per million tokens; API keys' dollar budgets are
     charged from it (an asset without pricing costs nothing)."""
 
@@ -226,7 +85,7 @@ class Pricing(_Strict):
     """Per million completion tokens."""
 
 
-class Metadata(_Strict):
+class Metadata(SpecModel):
     """Descriptive facts; values detected at load fill the gaps."""
 
     context_length: Count | None = None
@@ -238,7 +97,7 @@ class Metadata(_Strict):
     description: Text = ""
 
 
-class AssetSpec(_Strict):
+class AssetSpec(SpecModel):
     """A declared model asset. Build with `parse_spec` to get every problem at once."""
 
     asset_id: Name
@@ -336,17 +195,6 @@ class AssetSpec(_Strict):
         if self.pricing is None:
             del doc["pricing"]
         return doc
-
-
-def check_asset_id(value: str, field: str = "asset_id") -> str:
-    """`value` when it is a possible asset id (or alias); `InvalidArgument` naming `field`
-    otherwise, so that an impossible id is refused before it is looked up."""
-    if not value:
-        raise InvalidArgument(f"{field}: required")
-    if not ASSET_ID_RE.match(value):
-        raise InvalidArgument(f"{field}: {shown(value)} is not an asset id: lower-case letters, digits, "
-                              "'.', '_' and '-', at most 128, starting with a letter or digit")
-    return value
 
 
 def parse_spec(

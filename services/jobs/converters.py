@@ -6,7 +6,7 @@ import math
 
 from roundhouse.v1 import events_pb2, jobs_pb2
 from services.common.asset_proto import timestamp
-from services.common.assetspec import check_asset_id
+from services.common.assetspec_fields import check_asset_id
 from services.common.errors import InvalidArgument
 from services.common.operation_names import STATUS_NAMES, STATUSES, TYPE_NAMES, TYPES
 from services.jobs.model import NewOperation, OperationFilter, OperationRecord

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from roundhouse.v1 import jobs_pb2, jobs_pb2_grpc
-from services.common.assetspec import check_asset_id
+from services.common.assetspec_fields import check_asset_id
 from services.common.request_text import check_message_text
 from services.jobs.converters import (
     new_operation,

@@ -14,7 +14,8 @@ from services.common.asset_proto import (
 from services.common.assetspec import parse_spec
 from services.common.errors import FieldProblem, InvalidSpec
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
-from services.registry.service import ApplyItem, AssetFilter, Outcome
+from services.registry.changes import ApplyItem, Outcome
+from services.registry.listing import AssetFilter
 from services.registry.validation import label_filter, listed
 
 OUTCOMES: dict[Outcome, int] = {

@@ -14,7 +14,7 @@ from services.common.asset_proto import (
     capabilities_from_proto,
     record_to_proto,
 )
-from services.common.assetspec import check_asset_id
+from services.common.assetspec_fields import check_asset_id
 from services.common.errors import InvalidArgument
 from services.common.request_text import check_message_text
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules

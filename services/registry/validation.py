@@ -1,7 +1,7 @@
 """What a registry request must be before it reaches the database.
 
 Label filters and reported status are checked here (asset ids and names by
-`assetspec.check_asset_id`), each refusal an `InvalidArgument` naming its field: nothing
+`assetspec_fields.check_asset_id`), each refusal an `InvalidArgument` naming its field: nothing
 Postgres would refuse reaches a query, and no error message echoes a huge input (a gRPC
 status message must fit in the trailers, 16 KiB by default). An apply's problems are listed
 up to `MAX_LISTED_PROBLEMS` for the same reason.
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from google.protobuf.message import Message
 
-from services.common.assetspec import LABEL_KEY_RE
+from services.common.assetspec_fields import LABEL_KEY_RE
 from services.common.errors import FieldProblem, InvalidArgument
 from services.common.request_text import shown
 

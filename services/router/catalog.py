@@ -9,7 +9,7 @@ import grpc
 
 from roundhouse.v1 import registry_pb2, registry_pb2_grpc
 from services.common.asset_proto import AssetRecord, check_serves, record_from_proto
-from services.common.assetspec import ASSET_ID_RE
+from services.common.assetspec_fields import ASSET_ID_RE
 from services.common.errors import AssetNotFound
 from services.common.grpc_client import domain_error
 from services.common.registry_reads import list_all_assets

@@ -15,7 +15,7 @@ from contextlib import aclosing, asynccontextmanager
 
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
-from services.common.assetspec import ASSET_ID_RE
+from services.common.assetspec_fields import ASSET_ID_RE
 from services.common.errors import AssetNotFound
 from services.common.inference_requests import check_chat, check_embed, check_embed_size
 from services.common.keys import KeyRecord

@@ -14,7 +14,8 @@ from services.common.secrets import mask_url
 from services.common.telemetry import setup_telemetry
 from services.worker.heartbeat import Heartbeat
 from services.worker.holdings import MIB
-from services.worker.service import ModelHost, load_from_store
+from services.worker.loading import load_from_store
+from services.worker.service import ModelHost
 from services.worker.servicer import WorkerControlServicer, WorkerInferenceServicer
 from services.worker.settings import WorkerSettings
 

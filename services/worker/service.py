@@ -16,12 +16,10 @@ from services.common.assetspec import Policy
 from services.common.errors import FailedPrecondition, ModelNotReady, NotFound, QuotaExceeded
 from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
-from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.worker.admission import Intake, ModelSlots, shutting_down
+from services.worker.failures import FailedModels
 from services.worker.holdings import (
     MIB,
-    FailedModelInfo,
-    FailureStage,
     HeldModel,
     Lease,
     LoadedModelInfo,
@@ -30,31 +28,12 @@ from services.worker.holdings import (
     not_held_error,
     unloaded_error,
 )
+from services.worker.loading import Loader, MemoryBudget, load_from_store
 from services.worker.model_events import UNLOAD_EVENTS, ModelEvents
-from services.worker.models import HostedModel, load_model
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[AssetRecord, ModelStore], HostedModel]
 ChangeListener = Callable[[], None]
-
-
-def load_from_store(
-    record: AssetRecord, store: ModelStore, *, upstreams: UpstreamRules = DEFAULT_UPSTREAM_RULES
-) -> HostedModel:
-    """Load an asset from the worker's model store (blocking: run it in a thread).
-
-    Remote (`url`) assets count as installed with no folder, and are checked against
-    `upstreams` first.
-    """
-    installed = store.installed(record.spec)
-    if installed is None:
-        raise FailedPrecondition(
-            f"model '{record.spec.asset_id}' is not installed in the model store at "
-            f"{store.root}; install it first"
-        )
-    return load_model(record.spec, installed.path, upstreams=upstreams)
-
 
 
 class ModelHost:
@@ -85,19 +64,17 @@ class ModelHost:
     ) -> None:
         self.worker_id = worker_id
         self.address = address
-        self.memory_budget_bytes = memory_budget_bytes
         self.started_at = datetime.now(UTC)
         self._store = store
         self._events = ModelEvents(bus)
         self._loader = loader
         self._held: dict[str, HeldModel] = {}
         self._loading: dict[str, asyncio.Task[HeldModel]] = {}
-        self._reserved: dict[str, int] = {}
-        self._failed: dict[str, FailedModelInfo] = {}
+        self._budget = MemoryBudget(memory_budget_bytes, self._held)
+        self._failures = FailedModels(self._publish, self._held)
         self._change_listeners: list[ChangeListener] = []
         self._intake = Intake()
         self._seq = 0
-        self._dropping: set[asyncio.Task[None]] = set()
 
     def identify(self, worker_id: str, address: str) -> None:
         """Name the worker once its port is known."""
@@ -121,9 +98,14 @@ class ModelHost:
                 log.exception("worker change listener failed")
 
     @property
+    def memory_budget_bytes(self) -> int:
+        """The memory the worker may fill with models."""
+        return self._budget.budget_bytes
+
+    @property
     def memory_used_bytes(self) -> int:
         """Memory of every held model."""
-        return sum(h.memory_bytes for h in self._held.values())
+        return self._budget.used_bytes
 
     def info(self) -> WorkerState:
         """A snapshot of the worker and every model it holds; each one's `seq` is one more
@@ -136,7 +118,7 @@ class ModelHost:
             memory_used_bytes=self.memory_used_bytes,
             started_at=self.started_at,
             models=tuple(h.snapshot() for h in self._held.values()),
-            failed_models=tuple(self._failed.values()),
+            failed_models=self._failures.all(),
             seq=self._seq,
             draining=self._intake.draining,
         )
@@ -167,51 +149,31 @@ class ModelHost:
         if not task.cancelled():
             task.exception()  # retrieved here too, in case every waiter gave up
 
-    def _committed_bytes(self, excluding: HeldModel | None = None) -> int:
-        """Held plus reserved for loads in progress, less `excluding` (a model being replaced,
-        if it is still held: it may have been unloaded or dropped as failed meanwhile)."""
-        still_held = excluding is not None and self._held.get(excluding.asset_id) is excluding
-        held = self.memory_used_bytes - (excluding.memory_bytes if excluding and still_held else 0)
-        return held + sum(self._reserved.values())
-
-    def _check_budget(self, asset_id: str, needed: int, committed: int) -> None:
-        if committed + needed > self.memory_budget_bytes:
-            free = max(self.memory_budget_bytes - committed, 0)
-            raise QuotaExceeded(
-                f"model '{asset_id}' needs {mib(needed)} but worker {self.worker_id} has "
-                f"{mib(free)} free of its {mib(self.memory_budget_bytes)} budget "
-                f"({mib(committed)} in use); unload a model or raise ROUNDHOUSE_WORKER_MEMORY_MB"
-            )
-
     async def _load(self, record: AssetRecord, replacing: HeldModel | None) -> HeldModel:
         asset_id = record.spec.asset_id
         declared = (record.spec.resources.memory_mb or 0) * MIB
         try:
-            self._check_budget(asset_id, declared, self._committed_bytes(replacing))
+            self._budget.check(asset_id, declared, replacing, self.worker_id)
         except QuotaExceeded as exc:
-            self._remember_failure(record, exc.message, "load")
-            self._publish("model.load_failed", asset_id, reason=exc.message)
+            self._failures.load_failed(record, exc.message)
             raise
-        self._reserved[asset_id] = declared
         self._publish("model.loading", asset_id)
         started = time.perf_counter()
         try:
-            model = await asyncio.to_thread(self._loader, record, self._store)
+            with self._budget.reserving(asset_id, declared):
+                model = await asyncio.to_thread(self._loader, record, self._store)
             now = datetime.now(UTC)
             held = HeldModel(record, model, now, now, time.perf_counter() - started,
                              ModelSlots(asset_id, record.spec.policy))
-            del self._reserved[asset_id]
             try:
-                self._check_budget(asset_id, held.memory_bytes, self._committed_bytes(replacing))
+                self._budget.check(asset_id, held.memory_bytes, replacing, self.worker_id)
             except QuotaExceeded:
                 await model.close()
                 raise
         except Exception as exc:
-            self._reserved.pop(asset_id, None)
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             log.warning("loading %s failed: %s", asset_id, reason)
-            self._remember_failure(record, reason, "load")
-            self._publish("model.load_failed", asset_id, reason=reason)
+            self._failures.load_failed(record, reason)
             raise
         # What it replaces now: the model `replacing` names may have been unloaded or dropped.
         previous = self._held.get(asset_id)
@@ -219,7 +181,7 @@ class ModelHost:
             held.slots = previous.slots
             held.slots.apply(record.spec.policy)
         self._held[asset_id] = held
-        self._failed.pop(asset_id, None)
+        self._failures.forget(asset_id)
         held.model.on_failure(lambda reason: self._model_failed(held, reason))
         if previous is not None:
             await self._retire(previous)
@@ -228,37 +190,10 @@ class ModelHost:
                       memory_bytes=held.memory_bytes)
         return held
 
-    def _remember_failure(self, record: AssetRecord, reason: str, stage: FailureStage) -> FailedModelInfo:
-        failed = FailedModelInfo(record.spec.asset_id, record.revision, reason, datetime.now(UTC), stage)
-        self._failed[failed.asset_id] = failed
-        return failed
-
     def _model_failed(self, held: HeldModel, reason: str) -> None:
         """A held model's engine died (called on the loop): drop it now, close it and tell."""
-        asset_id = held.asset_id
-        if self._held.get(asset_id) is not held:
-            # A replaced revision finishing its last requests, or already unloaded: they failed.
-            log.warning("model %s (revision %d), no longer held, failed: %s", asset_id, held.record.revision,
-                        reason)
-            return
-        del self._held[asset_id]
-        failed = self._remember_failure(held.record, reason, "engine")
-        held.slots.refuse_waiters(lambda: not_held_error(asset_id, self.worker_id, failed))
-        log.error("model %s (revision %d) failed on worker %s and was dropped, freeing %s: %s", asset_id,
-                  held.record.revision, self.worker_id, mib(held.memory_bytes), reason)
-        task = asyncio.create_task(self._drop(held, failed), name=f"drop-{asset_id}")
-        self._dropping.add(task)
-        task.add_done_callback(self._dropping.discard)
-        self._changed()
-
-    async def _drop(self, held: HeldModel, failed: FailedModelInfo) -> None:
-        """Close a failed model (its requests have ended) and publish `model.degraded`."""
-        try:
-            await held.model.close()
-        except Exception:  # the model is dropped either way; its memory is what is at stake
-            log.exception("closing failed model %s", failed.asset_id)
-        self._publish("model.degraded", failed.asset_id, reason=failed.reason,
-                      memory_bytes=held.memory_bytes)
+        if self._failures.drop(held, reason, self.worker_id):
+            self._changed()
 
     async def _retire(self, old: HeldModel) -> None:
         """Close a replaced revision now, or when its last running request ends."""
@@ -311,7 +246,7 @@ class ModelHost:
             if held is None:
                 if asset_id in self._loading:
                     raise ModelNotReady(f"model '{asset_id}' is still loading on worker {self.worker_id}")
-                raise not_held_error(asset_id, self.worker_id, self._failed.get(asset_id))
+                raise not_held_error(asset_id, self.worker_id, self._failures.get(asset_id))
             slots = held.slots
             await slots.acquire(_wait_s(slots.policy, queue_timeout_s, deadline_s))
             try:
@@ -347,7 +282,7 @@ class ModelHost:
             task.cancel()
         for asset_id in list(self._held):
             await self.unload(asset_id, force=True, reason="shutdown")
-        await asyncio.gather(*self._dropping, return_exceptions=True)
+        await self._failures.dropped()
         await self.events_sent()
 
     def _publish(self, kind: str, asset_id: str, **detail: Any) -> None:

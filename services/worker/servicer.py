@@ -10,7 +10,7 @@ import grpc
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.asset_proto import record_from_proto
-from services.common.assetspec import check_asset_id
+from services.common.assetspec_fields import check_asset_id
 from services.common.errors import InvalidArgument
 from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY
 from services.common.inference_requests import (

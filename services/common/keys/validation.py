@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from services.common.assetspec import ASSET_ID_RE
+from services.common.assetspec_fields import ASSET_ID_RE
 from services.common.errors import FieldProblem, InvalidArgument
 from services.common.keys.model import KeyLimits
 

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from services.common.assetspec import Source
+from services.common.assetspec_source import Source
 from services.common.modelstore.model import InstallError, Reporter
 from services.common.modelstore.sources import Fetched
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services.common.assetspec import Source
+from services.common.assetspec_source import Source
 from services.common.modelstore.files import MANIFEST, list_tree, sha256_file
 from services.common.modelstore.model import (
     InstalledFile,

@@ -16,7 +16,7 @@ import sys
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from services.common.assetspec import Source
+from services.common.assetspec_source import Source
 from services.common.modelstore.child import run_child
 from services.common.modelstore.files import CHUNK, is_skipped
 from services.common.modelstore.model import InstallError, Reporter

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from services.common.assetspec import Source
+from services.common.assetspec_source import Source
 from services.common.modelstore.files import is_skipped
 from services.common.modelstore.model import InstallError
 

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from services.common.assetspec import AssetSpec, Source
+from services.common.assetspec import AssetSpec
+from services.common.assetspec_source import Source
 from services.common.errors import InvalidArgument, NotFound
 from services.common.modelstore.child import convert_gguf
 from services.common.modelstore.files import copy_tree, model_format, sha256_file, tree_bytes

@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field
 
 from roundhouse.v1 import jobs_pb2, jobs_pb2_grpc
-from services.common.assetspec import ASSET_ID_RE
+from services.common.assetspec_fields import ASSET_ID_RE
 from services.common.grpc_client import domain_error
 from services.common.operation_names import STATUSES, TYPES, status_name, type_name
 from services.common.workerpool import WorkerPool

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.assetspec import ASSET_ID_RE
+from services.common.assetspec_fields import ASSET_ID_RE
 from services.common.errors import ModelNotReady
 from services.common.keys import KeyRecord, KeyStore, NewKey
 from services.common.keys.validation import (
