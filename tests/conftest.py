@@ -225,3 +225,11 @@ def own_db(pg_dsn: str) -> Iterator[str]:
         yield dsn
     finally:
         _run_sync(_execute(pg_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def no_assets(own_db: str) -> None:
+    """The module's own database emptied of assets and operations: a `running` model an earlier
+    test applied would otherwise be loaded by this test's reconciler, and take the room this
+    test's own models need."""
+    await _execute(own_db, "DELETE FROM operations; DELETE FROM assets")

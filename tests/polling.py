@@ -9,9 +9,10 @@ from collections.abc import Awaitable, Callable
 
 
 async def wait_until(
-    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, interval: float = 0.01
+    condition: Callable[[], object | Awaitable[object]], timeout: float = 10.0, interval: float = 0.01
 ) -> None:
-    """Poll `condition` (sync or async) until it holds; fail the test after `timeout` seconds."""
+    """Poll `condition` (sync or async) until it holds (returns a true value, such as a non-empty
+    list); fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()

@@ -9,30 +9,23 @@ processes in front of one worker, as the official `openai` client sees them.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
-import httpx
 import openai
 import pytest
-from jobs_harness import jobs_settings, running_jobs
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
-from registry_harness import running_registry
-from stack_harness import TINY_CHAT, RunningWorker, roundhouse_process, running_worker, tiny_documents, tiny_spec
+from stack_harness import TINY_CHAT, RunningWorker, router_fleet, running_worker, tiny_documents, tiny_spec
 
-from roundhouse.v1 import inference_pb2, jobs_pb2_grpc, registry_pb2, worker_pb2
-from services.common.asset_proto import AssetRecord, record_to_proto, spec_to_proto
-from services.common.assetspec import parse_spec
-from services.common.embedded import free_port
+from roundhouse.v1 import inference_pb2, jobs_pb2_grpc, worker_pb2
+from services.common.asset_proto import AssetRecord, record_to_proto
 from services.common.errors import ModelNotReady, Overloaded
-from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
 from services.common.workerpool import WorkerPool
 from services.router.admission import QueueBudget
@@ -170,60 +163,16 @@ class Fleet:
 async def fleet(own_db: str, nats_url: str, sources: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet]:
     root = tmp_path_factory.mktemp("admission-at-worker")
-    async with AsyncExitStack() as stack:
-        registry = await stack.enter_async_context(running_registry(own_db, nats_url, [sources]))
-        models = ModelStore(root / "store", [sources])
-        bus = await EventBus.connect(nats_url, name="admission-worker", ensure_stream=False)
-        stack.push_async_callback(bus.close)
-        worker = await stack.enter_async_context(running_worker(models, bus=bus))
-        jobs = await stack.enter_async_context(running_jobs(jobs_settings(
-            own_db, nats_url, root / "jobs", registry.address, model_store=root / "store",
-            source_roots=[sources], worker_addresses=[worker.address], worker_refresh_s=0.5,
-            worker_heartbeat_s=0.5, jobs_instance_id=f"admission-{uuid.uuid4().hex[:8]}")))
-        documents = [tiny_documents(sources, max_concurrency=2, max_queue=8, queue_timeout_s=60)[0],
-                     {**tiny_documents(sources)[0], "asset_id": "tiny-narrow", "aliases": [],
-                      "policy": {"max_concurrency": 2, "max_queue": 1, "queue_timeout_s": 30}}]
-        specs = [parse_spec(d, source_roots=[sources]) for d in documents]
-        for spec in specs:
-            models.install(spec)
-        await registry.stub.ApplyAssets(registry_pb2.ApplyAssetsRequest(
-            assets=[registry_pb2.AssetApply(spec=spec_to_proto(s)) for s in specs]))
-        routers = []
-        for name in ("a", "b"):
-            port = free_port()
-            settings = {
-                "ROUNDHOUSE_HOME": str(root / f"home-{name}"), "ROUNDHOUSE_DATABASE_URL": own_db,
-                "ROUNDHOUSE_NATS_URL": nats_url, "ROUNDHOUSE_REGISTRY_ADDRESS": registry.address,
-                "ROUNDHOUSE_JOBS_ADDRESS": jobs.address,
-                "ROUNDHOUSE_WORKER_ADDRESSES": json.dumps([worker.address]),
-                "ROUNDHOUSE_ROUTER_ADDRESS": f"127.0.0.1:{free_port()}", "ROUNDHOUSE_HTTP_PORT": str(port),
-                "ROUNDHOUSE_AUTH": "disabled", "ROUNDHOUSE_LOAD_TIMEOUT_S": "60",
-                "ROUNDHOUSE_WORKER_REFRESH_S": "0.5", "ROUNDHOUSE_WORKER_HEARTBEAT_S": "0.5",
-            }
-            log = root / f"router-{name}.log"
-            process = await stack.enter_async_context(roundhouse_process("router", settings, log))
-            routers.append((f"http://127.0.0.1:{port}", process, log))
-        for url, process, log in routers:
-            await ready(url, process, log)
-        fleet = Fleet([url for url, _, _ in routers], worker)
+    documents = [tiny_documents(sources, max_concurrency=2, max_queue=8, queue_timeout_s=60)[0],
+                 {**tiny_documents(sources)[0], "asset_id": "tiny-narrow", "aliases": [],
+                  "policy": {"max_concurrency": 2, "max_queue": 1, "queue_timeout_s": 30}}]
+    async with router_fleet(own_db, nats_url, sources, root, documents,
+                            {"ROUNDHOUSE_AUTH": "disabled"}) as (urls, worker):
+        fleet = Fleet(urls, worker)
         async with client(fleet.urls[0]) as api:  # wake both models once
             for model in (TINY_CHAT, "tiny-narrow"):
                 await api.chat.completions.create(model=model, messages=HELLO, max_tokens=2)
         yield fleet
-
-
-async def ready(url: str, process: asyncio.subprocess.Process, log: Path) -> None:
-    """Wait for a router process's /readyz; fail with its log if it exits first."""
-    async with httpx.AsyncClient(timeout=5) as http:
-        async def answers() -> bool:
-            if process.returncode is not None:
-                raise AssertionError(f"router exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                return (await http.get(f"{url}/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_until(answers, timeout=90, interval=0.1)
 
 
 def client(url: str) -> openai.AsyncOpenAI:

@@ -21,31 +21,31 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_a_database_that_refuses_connections_is_unavailable() -> None:
-    engine = create_async_engine(f"postgresql+asyncpg://nobody@127.0.0.1:{_closed_port()}/none")
+async def failure_of(url: str, statement: str) -> Exception:
+    """What running `statement` on the database at `url` raises (the test fails if it succeeds)."""
+    engine = create_async_engine(url)
     try:
         with pytest.raises(Exception) as caught:
             async with engine.connect() as conn:
-                await conn.execute(sqlalchemy.text("SELECT 1"))
+                await conn.execute(sqlalchemy.text(statement))
     finally:
         await engine.dispose()
-    assert database_unavailable(caught.value)
-    assert isinstance(as_domain_error(caught.value), DatabaseUnavailable)
-    status, info, headers = describe(caught.value)
+    return caught.value
+
+
+async def test_a_database_that_refuses_connections_is_unavailable() -> None:
+    failure = await failure_of(f"postgresql+asyncpg://nobody@127.0.0.1:{_closed_port()}/none", "SELECT 1")
+    assert database_unavailable(failure)
+    assert isinstance(as_domain_error(failure), DatabaseUnavailable)
+    status, info, headers = describe(failure)
     assert (status, info.code, info.type) == (503, "database_unavailable", "service_unavailable_error")
     assert int(headers["Retry-After"]) >= 1
 
 
 async def test_a_wrong_statement_is_not_mistaken_for_an_outage(db_dsn: str) -> None:
-    engine = create_async_engine(async_database_url(db_dsn))
-    try:
-        with pytest.raises(Exception) as caught:
-            async with engine.connect() as conn:
-                await conn.execute(sqlalchemy.text("SELECT * FROM no_such_table"))
-    finally:
-        await engine.dispose()
-    assert not database_unavailable(caught.value)
-    assert describe(caught.value)[0] == 500
+    failure = await failure_of(async_database_url(db_dsn), "SELECT * FROM no_such_table")
+    assert not database_unavailable(failure)
+    assert describe(failure)[0] == 500
 
 
 def test_errors_outside_the_database_keep_their_meaning() -> None:

@@ -207,6 +207,39 @@ JOBS: list[tuple[str, Call, grpc.StatusCode, str]] = [
 ]
 
 
+def broken_asset(stack: Stack) -> asset_pb2.Asset:
+    """The tiny chat model's `Asset`, its spec without an id."""
+    asset = asset_message(tiny_spec(stack.sources, TINY_CHAT))
+    asset.spec.asset_id = ""
+    return asset
+
+
+WORKER: list[tuple[str, Call, grpc.StatusCode, str]] = [
+    ("load nothing", lambda s: s.workers[0].control.LoadModel(worker_pb2.LoadModelRequest()), INVALID, "asset"),
+    ("load a spec without id", lambda s: s.workers[0].control.LoadModel(worker_pb2.LoadModelRequest(
+        asset=broken_asset(s))), INVALID, "asset_id"),
+    ("unload no id", lambda s: s.workers[0].control.UnloadModel(worker_pb2.UnloadModelRequest()), INVALID,
+     "asset_id"),
+    ("unload a huge id", lambda s: s.workers[0].control.UnloadModel(worker_pb2.UnloadModelRequest(
+        asset_id=HUGE)), INVALID, "asset_id"),
+    ("unload an unknown id", lambda s: s.workers[0].control.UnloadModel(worker_pb2.UnloadModelRequest(
+        asset_id="no-such-asset")), NOT_FOUND, "no-such-asset"),
+]
+
+
+CONTROL = {"registry": REGISTRY, "jobs": JOBS, "worker": WORKER}
+"""Bad input to each service's own RPCs, by service."""
+
+
+@pytest.mark.parametrize(("call", "code", "field"), [
+    pytest.param(*case[1:], id=f"{service}: {case[0]}") for service, cases in CONTROL.items() for case in cases])
+async def test_each_service_refuses_bad_input_naming_the_field(
+    stack: Stack, call: Call, code: grpc.StatusCode, field: str
+) -> None:
+    await assert_refused(call(stack), code, field)
+    await still_serves(stack)
+
+
 async def test_a_huge_reported_message_is_kept_cut(stack: Stack) -> None:
     before = await stack.registry_asset(TINY_EMBED)
     reply = await stack.registry.stub.ReportAssetStatus(registry_pb2.ReportAssetStatusRequest(
@@ -273,22 +306,6 @@ async def still_serves(stack: Stack) -> None:
     assert len(reply.embeddings) == 1
 
 
-@pytest.mark.parametrize(("call", "code", "field"), [c[1:] for c in REGISTRY], ids=[c[0] for c in REGISTRY])
-async def test_the_registry_refuses_bad_input_naming_the_field(
-    stack: Stack, call: Call, code: grpc.StatusCode, field: str
-) -> None:
-    await assert_refused(call(stack), code, field)
-    await still_serves(stack)
-
-
-@pytest.mark.parametrize(("call", "code", "field"), [c[1:] for c in JOBS], ids=[c[0] for c in JOBS])
-async def test_the_jobs_service_refuses_bad_input_naming_the_field(
-    stack: Stack, call: Call, code: grpc.StatusCode, field: str
-) -> None:
-    await assert_refused(call(stack), code, field)
-    await still_serves(stack)
-
-
 @pytest.mark.parametrize(("rpc", "request_of", "field"), [c[:3] for c in INFERENCE],
                          ids=[f"{c[0]} {c[3]}" for c in INFERENCE])
 async def test_the_front_and_the_worker_refuse_bad_inference_naming_the_field(
@@ -297,34 +314,6 @@ async def test_the_front_and_the_worker_refuse_bad_inference_naming_the_field(
     request = request_of()
     for stub in (stack.inference, stack.workers[0].inference):
         await assert_refused(getattr(stub, rpc)(request, timeout=60), INVALID, field)
-    await still_serves(stack)
-
-
-def broken_asset(stack: Stack) -> asset_pb2.Asset:
-    """The tiny chat model's `Asset`, its spec without an id."""
-    asset = asset_message(tiny_spec(stack.sources, TINY_CHAT))
-    asset.spec.asset_id = ""
-    return asset
-
-
-WORKER: list[tuple[str, Call, grpc.StatusCode, str]] = [
-    ("load nothing", lambda s: s.workers[0].control.LoadModel(worker_pb2.LoadModelRequest()), INVALID, "asset"),
-    ("load a spec without id", lambda s: s.workers[0].control.LoadModel(worker_pb2.LoadModelRequest(
-        asset=broken_asset(s))), INVALID, "asset_id"),
-    ("unload no id", lambda s: s.workers[0].control.UnloadModel(worker_pb2.UnloadModelRequest()), INVALID,
-     "asset_id"),
-    ("unload a huge id", lambda s: s.workers[0].control.UnloadModel(worker_pb2.UnloadModelRequest(
-        asset_id=HUGE)), INVALID, "asset_id"),
-    ("unload an unknown id", lambda s: s.workers[0].control.UnloadModel(worker_pb2.UnloadModelRequest(
-        asset_id="no-such-asset")), NOT_FOUND, "no-such-asset"),
-]
-
-
-@pytest.mark.parametrize(("call", "code", "field"), [pytest.param(*c[1:], id=c[0]) for c in WORKER])
-async def test_the_worker_refuses_bad_control_naming_the_field(
-    stack: Stack, call: Call, code: grpc.StatusCode, field: str
-) -> None:
-    await assert_refused(call(stack), code, field)
     await still_serves(stack)
 
 

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import openai
 import pytest
@@ -28,19 +27,8 @@ from services.common.assetspec import parse_spec
 
 BUDGET_MB, MODEL_MB = 60, 40
 """Each worker has room for one tiny model as declared below, not two."""
-
-
-@pytest.fixture(autouse=True)
-async def no_assets_of_other_tests(own_db: str) -> None:
-    """Each test starts with an empty registry and no operations: a `running` model an earlier
-    test applied would otherwise be loaded by this test's reconciler, and take the room (one
-    model per worker here) this test's own models need."""
-    conn = await asyncpg.connect(own_db)
-    try:
-        await conn.execute("DELETE FROM operations")
-        await conn.execute("DELETE FROM assets")
-    finally:
-        await conn.close()
+# Each test starts with no assets and no operations: an earlier test's model would take the room.
+pytestmark = pytest.mark.usefixtures("no_assets")
 
 
 def chat_model(sources: Path, asset_id: str, **lifecycle: object) -> dict:

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
 import grpc
 import openai
 import pytest
@@ -88,16 +87,6 @@ async def test_a_model_past_its_hold_goes_as_it_always_did(channel: grpc.aio.Cha
     full = worker(channel, held("old", loaded_s_ago=31, used_s_ago=31), held("busy", loaded_s_ago=1,
                                                                              used_s_ago=0))
     assert place([full], holds(old=30, busy=30)) == ["old"]
-
-
-@pytest.fixture
-async def no_assets(own_db: str) -> None:
-    conn = await asyncpg.connect(own_db)
-    try:
-        await conn.execute("DELETE FROM operations")
-        await conn.execute("DELETE FROM assets")
-    finally:
-        await conn.close()
 
 
 def chat_asset(sources: Path, asset_id: str, min_resident_s: int) -> dict:

@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
 import openai
 import pytest
 from openai import AsyncOpenAI
@@ -107,16 +106,6 @@ async def test_evictions_that_bring_nothing_back_are_not_thrashing(
         assert await monitor.record(f"{worker}-x", b, a, at=t0) is None
         assert await monitor.record(f"{worker}-y", a, b, at=t0) is None
         assert await monitor.ongoing([worker, f"{worker}-x", f"{worker}-y"]) == {}
-
-
-@pytest.fixture
-async def no_assets(own_db: str) -> None:
-    conn = await asyncpg.connect(own_db)
-    try:
-        await conn.execute("DELETE FROM operations")
-        await conn.execute("DELETE FROM assets")
-    finally:
-        await conn.close()
 
 
 def chat_asset(sources: Path, asset_id: str) -> dict:

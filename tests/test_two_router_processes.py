@@ -9,11 +9,9 @@ share (the counters in Postgres, the `key.revoked` event on NATS) can keep a key
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,19 +20,11 @@ import asyncpg
 import httpx
 import openai
 import pytest
-from jobs_harness import jobs_settings, running_jobs
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
-from registry_harness import running_registry
-from stack_harness import TINY_CHAT, TINY_EMBED, roundhouse_process, running_worker, tiny_documents
+from stack_harness import TINY_CHAT, TINY_EMBED, router_fleet, tiny_documents
 
-from roundhouse.v1 import registry_pb2
-from services.common.asset_proto import spec_to_proto
-from services.common.assetspec import parse_spec
-from services.common.embedded import free_port
-from services.common.events import EventBus
 from services.common.keys.tokens import new_secret
-from services.common.modelstore.store import ModelStore
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
@@ -58,64 +48,19 @@ class Seen:
     refused: dict[str, openai.APIStatusError] = field(default_factory=dict)
 
 
-async def _ready(url: str, process: asyncio.subprocess.Process, log: Path) -> None:
-    """Wait for a router process's /readyz; fail with its log if it exits first."""
-    async with httpx.AsyncClient(timeout=5) as http:
-        async def answers() -> bool:
-            if process.returncode is not None:
-                raise AssertionError(f"router exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                return (await http.get(f"{url}/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_until(answers, timeout=90, interval=0.1)
-
-
 @pytest.fixture(scope="module")
 async def fleet(own_db: str, nats_url: str, sources: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet]:
     root = tmp_path_factory.mktemp("two-routers")
     admin_key = new_secret()
-    async with AsyncExitStack() as stack:
-        registry = await stack.enter_async_context(running_registry(own_db, nats_url, [sources]))
-        store = ModelStore(root / "store", [sources])
-        bus = await EventBus.connect(nats_url, name="two-routers-worker", ensure_stream=False)
-        stack.push_async_callback(bus.close)
-        worker = await stack.enter_async_context(running_worker(store, bus=bus))
-        jobs = await stack.enter_async_context(running_jobs(jobs_settings(
-            own_db, nats_url, root / "jobs", registry.address, model_store=root / "store",
-            source_roots=[sources], worker_addresses=[worker.address], worker_refresh_s=0.5,
-            worker_heartbeat_s=0.5, jobs_instance_id=f"two-routers-{uuid.uuid4().hex[:8]}")))
-        # A queue deep enough for every burst: only the key's limits may refuse a request.
-        documents = tiny_documents(sources, max_queue=64)
-        specs = [parse_spec(d, source_roots=[sources]) for d in documents]
-        for spec in specs:
-            store.install(spec)
-        await registry.stub.ApplyAssets(registry_pb2.ApplyAssetsRequest(
-            assets=[registry_pb2.AssetApply(spec=spec_to_proto(s)) for s in specs]))
-        urls = []
-        for name in ("a", "b"):
-            http_port = free_port()
-            settings = {
-                "ROUNDHOUSE_HOME": str(root / f"home-{name}"),
-                "ROUNDHOUSE_DATABASE_URL": own_db, "ROUNDHOUSE_NATS_URL": nats_url,
-                "ROUNDHOUSE_REGISTRY_ADDRESS": registry.address,
-                "ROUNDHOUSE_JOBS_ADDRESS": jobs.address,
-                "ROUNDHOUSE_WORKER_ADDRESSES": json.dumps([worker.address]),
-                "ROUNDHOUSE_ROUTER_ADDRESS": f"127.0.0.1:{free_port()}",
-                "ROUNDHOUSE_HTTP_PORT": str(http_port), "ROUNDHOUSE_ADMIN_KEY": admin_key,
-                "ROUNDHOUSE_AUTH": "enabled", "ROUNDHOUSE_LOAD_TIMEOUT_S": "60",
-                "ROUNDHOUSE_WORKER_REFRESH_S": "0.5", "ROUNDHOUSE_WORKER_HEARTBEAT_S": "0.5",
-                # Only the `key.revoked` event can stop a revoked key within the test.
-                "ROUNDHOUSE_KEY_CACHE_S": "600",
-            }
-            log = root / f"router-{name}.log"
-            process = await stack.enter_async_context(roundhouse_process("router", settings, log))
-            urls.append((f"http://127.0.0.1:{http_port}", process, log))
-        for url, process, log in urls:
-            await _ready(url, process, log)
-        fleet = Fleet([url for url, _, _ in urls], admin_key, own_db)
+    # A queue deep enough for every burst: only the key's limits may refuse a request.
+    documents = tiny_documents(sources, max_queue=64)
+    async with router_fleet(own_db, nats_url, sources, root, documents, {
+        "ROUNDHOUSE_ADMIN_KEY": admin_key, "ROUNDHOUSE_AUTH": "enabled",
+        # Only the `key.revoked` event can stop a revoked key within the test.
+        "ROUNDHOUSE_KEY_CACHE_S": "600",
+    }) as (urls, _):
+        fleet = Fleet(urls, admin_key, own_db)
         async with client(fleet.urls[0], admin_key) as api:  # wake both models once
             await api.chat.completions.create(model=TINY_CHAT, messages=HELLO, max_tokens=2)
             await api.embeddings.create(model=TINY_EMBED, input="wake")
