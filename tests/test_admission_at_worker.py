@@ -21,7 +21,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
-from stack_harness import TINY_CHAT, RunningWorker, router_fleet, running_worker, tiny_documents, tiny_spec
+from process_harness import router_fleet
+from stack_harness import TINY_CHAT, RunningWorker, running_worker, tiny_documents, tiny_spec
 
 from roundhouse.v1 import inference_pb2, jobs_pb2_grpc, worker_pb2
 from services.common.asset_proto import AssetRecord, record_to_proto

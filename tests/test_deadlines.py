@@ -20,7 +20,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_router, running_stack, tiny_documents, worker_process
+from process_harness import worker_process
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_router, running_stack, tiny_documents
 
 from roundhouse.v1 import worker_pb2
 from services.common.workerpool import WorkerHandle

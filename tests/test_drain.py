@@ -27,8 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs_harness import JobEvents, add_model, feed_until_done, jobs_settings, running_jobs, stalled_model, submit
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
+from process_harness import roundhouse_process, wait_ready
 from registry_harness import RunningRegistry, running_registry
-from stack_harness import TINY_CHAT, roundhouse_process, running_router, running_worker, tiny_documents
+from stack_harness import TINY_CHAT, running_router, running_worker, tiny_documents
 
 from roundhouse.v1 import (
     inference_pb2,
@@ -106,19 +107,6 @@ def client(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-async def ready(url: str, process: asyncio.subprocess.Process, log: Path) -> None:
-    """Wait for a router's /readyz (any router: the process only tells when it exits early)."""
-    async with httpx.AsyncClient(timeout=5) as http:
-        async def answers() -> bool:
-            assert process.returncode is None, log.read_text()
-            try:
-                return (await http.get(f"{url}/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_until(answers, timeout=90, interval=0.1)
-
-
 async def exit_code(process: asyncio.subprocess.Process, log: Path) -> int:
     """The process's exit code; it must exit within the drain timeout."""
     try:
@@ -147,7 +135,7 @@ async def test_a_router_drains_on_sigterm(
             "ROUNDHOUSE_AUTH": "disabled", "ROUNDHOUSE_WORKER_HEARTBEAT_S": "0.5",
             "ROUNDHOUSE_DRAIN_DELAY_S": str(delay_s), "ROUNDHOUSE_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
         }, log))
-        await ready(url, router, log)
+        await wait_ready(url, router, log)
         api = client(url)
         await api.chat.completions.create(model=TINY_CHAT, messages=HELLO, max_tokens=2)
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(grpc_address))
@@ -246,7 +234,7 @@ async def test_a_worker_drains_on_sigterm(
             jobs_address=jobs, worker_addresses=[address], worker_refresh_s=0.5,
             worker_heartbeat_s=0.5, load_timeout_s=10, database_url=own_db, auth="disabled"), bus))
         api = client(f"http://127.0.0.1:{router.http_port}")
-        await ready(f"http://127.0.0.1:{router.http_port}", worker, log)
+        await wait_ready(f"http://127.0.0.1:{router.http_port}", worker, log)
         await api.chat.completions.create(model=TINY_CHAT, messages=HELLO, max_tokens=2)
         streams = Streams(api)
         await streams.started()

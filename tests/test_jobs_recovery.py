@@ -24,8 +24,8 @@ from jobs_harness import (
     submit,
     watch_until_done,
 )
+from process_harness import roundhouse_process
 from registry_harness import RunningRegistry
-from stack_harness import roundhouse_process
 
 from roundhouse.v1 import asset_pb2, jobs_pb2, jobs_pb2_grpc
 from services.common.embedded import free_port

@@ -19,7 +19,8 @@ import pytest
 from jobs_harness import watch_until_done
 from openai import AsyncOpenAI
 from polling import wait_until
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, Witness, running_stack, tiny_documents, witness, worker_process
+from process_harness import worker_process
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, Witness, running_stack, tiny_documents, witness
 
 from roundhouse.v1 import asset_pb2, inference_pb2, jobs_pb2, registry_pb2
 from services.common.asset_proto import spec_to_proto

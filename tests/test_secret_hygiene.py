@@ -22,8 +22,9 @@ import openai
 import pytest
 import yaml
 from polling import wait_until
+from process_harness import roundhouse_process
 from registry_harness import running_registry
-from stack_harness import REPO, roundhouse_process, running_worker
+from stack_harness import REPO, running_worker
 from upstream_harness import KEY, serving_upstream
 
 from roundhouse.v1 import asset_pb2, registry_pb2, worker_pb2

@@ -22,7 +22,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
-from stack_harness import TINY_CHAT, TINY_EMBED, router_fleet, tiny_documents
+from process_harness import router_fleet
+from stack_harness import TINY_CHAT, TINY_EMBED, tiny_documents
 
 from services.common.keys.tokens import new_secret
 

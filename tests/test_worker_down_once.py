@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from polling import wait_until
-from stack_harness import worker_process
+from process_harness import worker_process
 
 from services.common.events import STREAM_NAME, EventBus
 from services.common.liveness import WorkerLiveness

@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 from polling import wait_until
-from stack_harness import TINY_CHAT, running_stack, running_worker, tiny_documents, worker_process
+from process_harness import worker_process
+from stack_harness import TINY_CHAT, running_stack, running_worker, tiny_documents
 
 from roundhouse.v1 import events_pb2, inference_pb2, worker_pb2, worker_pb2_grpc
 from services.common.asset_proto import record_to_proto
