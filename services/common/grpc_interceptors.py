@@ -89,9 +89,13 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
     return parse
 
 
-def _check_decoded(request: Any) -> None:
+def _admit(request: Any, drain: Drain | None) -> None:
+    """Refuse a call before its handler runs: a request that did not parse, or any call once
+    the service drains."""
     if isinstance(request, _Undecodable):
         raise errors.InvalidArgument(f"request: not a valid message: {request.reason}")
+    if drain is not None:
+        drain.refuse_new_work()
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
@@ -136,9 +140,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    _check_decoded(request)
-                    if drain is not None:
-                        drain.refuse_new_work()
+                    _admit(request, drain)
                     return await inner_uu(request, context)  # type: ignore[arg-type]  # aio handler
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
@@ -153,9 +155,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    _check_decoded(request)
-                    if drain is not None:
-                        drain.refuse_new_work()
+                    _admit(request, drain)
                     async for item in inner_us(request, context):  # type: ignore[attr-defined,arg-type]
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
