@@ -21,8 +21,6 @@ from services.common.errors import Overloaded
 from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY
 from services.router.deadlines import Deadline
 
-"""gRPC metadata of a request to a worker: seconds it may still wait there for a slot."""
-
 
 @dataclass
 class GateStats:
