@@ -119,6 +119,9 @@ class Dispatcher:
                      ticket: UsageTicket) -> WorkerHandle:
         """A worker for the request, waking the asset if needed; a wake's time is not taken from
         the queue budget."""
+        held = self._workers.pick(record.spec.asset_id, tries.excluded)
+        if held is not None:  # the common case: no wait, so no deadline scope to set up
+            return held
         loop = asyncio.get_running_loop()
         began, woke = loop.time(), False
 
