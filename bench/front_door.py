@@ -33,8 +33,7 @@ from typing import Any
 
 import httpx
 
-from bench.results import record
-from bench.router_overhead import percentile, summary
+from bench.results import percentile, record, summary
 from bench.stack import bench_store, catalog_folder, catalog_spec, print_table
 from roundhouse.v1 import registry_pb2, registry_pb2_grpc
 from services.common.asset_proto import spec_to_proto

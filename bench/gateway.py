@@ -28,7 +28,6 @@ import os
 import re
 import secrets
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ import orjson
 import psutil
 import yaml
 
-from bench.results import record
+from bench.results import percentile, record, summary
 from bench.stack import SERVICE_NAMES, Stack, print_table, running_stack, stack_processes
 from bench.upstream import VECTOR
 
@@ -57,10 +56,6 @@ BODY = orjson.dumps({"model": ASSET, "max_tokens": 16,
 EXPECTED_TEXT = "Hello there"
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) of `values`."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 @contextmanager
@@ -269,9 +264,6 @@ def under_load(measure: Any, processes: dict[str, psutil.Process]) -> tuple[Load
     return load, cpu, peak[0]
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    """p50, p99 and mean of latencies in ms."""
-    return {"p50": percentile(values, 50), "p99": percentile(values, 99), "mean": statistics.mean(values)}
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
@@ -86,3 +87,14 @@ def record(name: str, figures: dict[str, Any]) -> Path:
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nrecorded in {path.relative_to(ROOT)}")
     return path
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of `values`."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """p50, p99 and mean of latencies in ms."""
+    return {"p50": percentile(values, 50), "p99": percentile(values, 99), "mean": statistics.mean(values)}

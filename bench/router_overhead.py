@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import time
 
 import grpc
 
 from bench.gateway import ASSET, remote_stack, upstream_server
-from bench.results import record
+from bench.results import record, summary
 from bench.stack import Stack, print_table, running_stack
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc
 
 MODEL = "all-minilm-l6-v2"
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) of `values`."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def measure(stack: Stack, calls: int, model: str = MODEL) -> tuple[list[float], list[float]]:
@@ -62,9 +57,6 @@ async def measure(stack: Stack, calls: int, model: str = MODEL) -> tuple[list[fl
     return routed, straight
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    """p50, p99 and mean of latencies in ms."""
-    return {"p50": percentile(values, 50), "p99": percentile(values, 99), "mean": statistics.mean(values)}
 
 
 def main() -> None:

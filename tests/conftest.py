@@ -17,7 +17,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import openai
 import pytest
+from stack_harness import Stack, running_stack, tiny_documents
 
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
 
@@ -233,3 +235,24 @@ async def no_assets(own_db: str) -> None:
     test applied would otherwise be loaded by this test's reconciler, and take the room this
     test's own models need."""
     await _execute(own_db, "DELETE FROM operations; DELETE FROM assets")
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    db_dsn: str, nats_url: str, sources: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
+    """A module's in-process stack (see `stack_harness.running_stack`) with the tiny chat and
+    embedding models applied; a module that needs another one defines its own `stack`."""
+    store = tmp_path_factory.mktemp("store")
+    async with running_stack(db_dsn, nats_url, sources, store) as running:
+        await running.apply(*tiny_documents(sources))
+        yield running
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official openai client against the module's `stack`, without retries."""
+    async with openai.AsyncOpenAI(
+        base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0, timeout=60
+    ) as api:
+        yield api

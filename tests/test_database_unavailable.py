@@ -3,22 +3,15 @@ statement stays an internal error."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import sqlalchemy
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.common.db.unavailable import as_domain_error, database_unavailable
+from services.common.embedded import free_port
 from services.common.errors import DatabaseUnavailable
 from services.common.settings import async_database_url
 from services.router.http.errors import describe
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def failure_of(url: str, statement: str) -> Exception:
@@ -34,7 +27,7 @@ async def failure_of(url: str, statement: str) -> Exception:
 
 
 async def test_a_database_that_refuses_connections_is_unavailable() -> None:
-    failure = await failure_of(f"postgresql+asyncpg://nobody@127.0.0.1:{_closed_port()}/none", "SELECT 1")
+    failure = await failure_of(f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/none", "SELECT 1")
     assert database_unavailable(failure)
     assert isinstance(as_domain_error(failure), DatabaseUnavailable)
     status, info, headers = describe(failure)

@@ -6,14 +6,13 @@ writes is exactly what its response models describe.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
 from sentence_transformers import SentenceTransformer
-from stack_harness import TINY_EMBED, Stack, running_stack, tiny_documents
+from stack_harness import TINY_EMBED
 
 from roundhouse.v1 import inference_pb2
 from services.router.http.embedding.protocol import (
@@ -30,28 +29,10 @@ SENTENCES = [f"w{i} w{i + 1} hello w{i % 5}" for i in range(40)]
 
 
 @pytest.fixture(scope="module")
-async def stack(
-    db_dsn: str, nats_url: str, sources: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Stack]:
-    store = tmp_path_factory.mktemp("store")
-    async with running_stack(db_dsn, nats_url, sources, store) as running:
-        await running.apply(*tiny_documents(sources))
-        yield running
-
-
-@pytest.fixture(scope="module")
 def in_process(sources: Path) -> np.ndarray:
     """The sentences' vectors from the model folder, without the stack."""
     model = SentenceTransformer(str(sources / TINY_EMBED), device="cpu")
     return model.encode(SENTENCES, convert_to_numpy=True)
-
-
-@pytest.fixture
-async def client(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(
-        base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0, timeout=60
-    ) as api:
-        yield api
 
 
 def as_float32(reply: openai.types.CreateEmbeddingResponse) -> np.ndarray:

@@ -11,15 +11,14 @@ in-process (`stack_harness.running_stack`), on Postgres and NATS.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import httpx
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, asset_message, running_stack, tiny_documents, tiny_spec
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, asset_message, tiny_spec
 
 from roundhouse.v1 import asset_pb2, inference_pb2, jobs_pb2, registry_pb2, worker_pb2
 from services.common.inference_requests import (
@@ -38,15 +37,6 @@ UNKNOWN_ENUM = 99
 MIB = 1024 * 1024
 
 Call = Callable[[Stack], Any]
-
-
-@pytest.fixture(scope="module")
-async def stack(
-    db_dsn: str, nats_url: str, sources: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Stack]:
-    async with running_stack(db_dsn, nats_url, sources, tmp_path_factory.mktemp("store")) as running:
-        await running.apply(*tiny_documents(sources))
-        yield running
 
 
 async def answer(call: Any) -> Any:

@@ -3,24 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import grpc
 import httpx
 import pytest
-from stack_harness import TINY_CHAT, Stack, running_router, running_stack, tiny_documents
+from stack_harness import TINY_CHAT, Stack, running_router
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc
 
 CAP = 4096
-
-
-@pytest.fixture
-async def stack(db_dsn: str, nats_url: str, sources: Path, tmp_path: Path) -> AsyncIterator[Stack]:
-    async with running_stack(db_dsn, nats_url, sources, tmp_path / "store") as running:
-        await running.apply(*tiny_documents(sources))
-        yield running
 
 
 def chat(content: str) -> inference_pb2.ChatRequest:

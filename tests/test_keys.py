@@ -5,7 +5,6 @@ routes for admin keys only, and a revoked key refused at once by every router.""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_router, running_
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2
 from services.common.db import make_engine, make_sessionmaker
 from services.common.db.unavailable import database_unavailable
+from services.common.embedded import free_port
 from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.events import EventBus
 from services.common.keys import ADMIN_KEY_NAME, KeyRecord, KeyStore, NewKey, hash_secret, new_secret
@@ -517,7 +517,7 @@ async def test_a_request_without_a_key_is_refused_before_its_body_is_read(
 
 async def test_known_keys_keep_working_while_postgres_does_not_answer(db_dsn: str) -> None:
     engine = make_engine(db_dsn)
-    down = make_engine(f"postgresql://nobody@127.0.0.1:{_closed_port()}/none")
+    down = make_engine(f"postgresql://nobody@127.0.0.1:{free_port()}/none")
     try:
         store = KeyStore(make_sessionmaker(engine))
         _, secret = await store.create(NewKey(name=f"outage-{next(_names)}"))
@@ -539,9 +539,3 @@ async def test_known_keys_keep_working_while_postgres_does_not_answer(db_dsn: st
     finally:
         await engine.dispose()
         await down.dispose()
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

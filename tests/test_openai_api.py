@@ -10,12 +10,11 @@ import asyncio
 import base64
 import struct
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_stack, tiny_documents
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack
 
 from roundhouse.v1 import worker_pb2
 
@@ -24,24 +23,6 @@ HELLO = [{"role": "user", "content": "hello"}]
 # left must stop well within that.
 LONG = 4000
 STOPPED_WITHIN_S = 2.0
-
-
-@pytest.fixture(scope="module")
-async def stack(
-    db_dsn: str, nats_url: str, sources: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Stack]:
-    store = tmp_path_factory.mktemp("store")
-    async with running_stack(db_dsn, nats_url, sources, store) as running:
-        await running.apply(*tiny_documents(sources))
-        yield running
-
-
-@pytest.fixture
-async def client(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(
-        base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0, timeout=60
-    ) as api:
-        yield api
 
 
 @pytest.fixture

@@ -72,14 +72,6 @@ async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
         yield plain
 
 
-@pytest.fixture
-async def client(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(
-        base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0, timeout=60
-    ) as api:
-        yield api
-
-
 def raw_json(body: dict[str, Any]) -> bytes:
     """`body` as JSON with every non-ASCII character escaped, so lone surrogates survive."""
     return json.dumps(body, ensure_ascii=True).encode()

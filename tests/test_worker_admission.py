@@ -211,9 +211,7 @@ async def test_drain_gives_up_waiting_after_its_timeout(worker: RunningWorker, s
         assert (await figures(worker))[0] == 1, "left running for the caller to cut"
 
 
-async def test_pictures_are_ordered_across_replies_and_heartbeats(
-    store: ModelStore, sources: Path, nats_url: str
-) -> None:
+async def test_pictures_are_ordered_across_replies_and_heartbeats(store: ModelStore, nats_url: str) -> None:
     bus = await EventBus.connect(nats_url, name="test-worker-pictures")
     beats: asyncio.Queue[worker_pb2.WorkerInfo] = asyncio.Queue()
 

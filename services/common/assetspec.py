@@ -17,12 +17,12 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from services.common.assetspec_fields import (
     ASSET_ID_RE,
     INT32_MAX,
-    LABEL_KEY_RE,
     Count,
     Name,
     Number,
     SpecModel,
     Text,
+    check_label_keys,
 )
 from services.common.assetspec_source import Source
 from services.common.errors import FieldProblem, InvalidSpec
@@ -150,13 +150,7 @@ class AssetSpec(SpecModel):
             raise ValueError("aliases must not repeat")
         return value
 
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not LABEL_KEY_RE.match(key):
-                raise ValueError(f"label key {key!r} must be 1-64 letters, digits, '.', '_', '/', '-'")
-        return value
+    _labels = field_validator("labels")(check_label_keys)
 
     @model_validator(mode="after")
     def _coherent(self) -> AssetSpec:

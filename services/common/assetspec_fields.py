@@ -27,7 +27,9 @@ def _no_nul(value: str) -> str:
     return value
 
 
-Name = Annotated[str, Field(max_length=256), AfterValidator(_no_nul)]
+MAX_NAME_CHARS = 256
+"""Longest name, label value, model name or user a document or request may carry."""
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(_no_nul)]
 Text = Annotated[str, Field(max_length=4096), AfterValidator(_no_nul)]
 Count = Annotated[int, Field(gt=0, le=INT32_MAX)]
 """A positive integer that fits the wire."""
@@ -64,3 +66,12 @@ def check_asset_id(value: str, field: str = "asset_id") -> str:
         raise InvalidArgument(f"{field}: {shown(value)} is not an asset id: lower-case letters, digits, "
                               "'.', '_' and '-', at most 128, starting with a letter or digit")
     return value
+
+
+def check_label_keys(labels: dict[str, str]) -> dict[str, str]:
+    """`labels` when every key is a possible label key; `ValueError` naming the first that is not
+    (for a pydantic field validator)."""
+    for key in labels:
+        if not LABEL_KEY_RE.match(key):
+            raise ValueError(f"label key {key!r} must be 1-64 letters, digits, '.', '_', '/', '-'")
+    return labels

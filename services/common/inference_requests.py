@@ -19,12 +19,11 @@ import re
 from collections.abc import Sequence
 
 from roundhouse.v1 import inference_pb2
+from services.common.assetspec_fields import MAX_NAME_CHARS
 from services.common.errors import FieldProblem, InvalidArgument
 from services.common.request_text import NUL_REASON, shown
 
 ROLES = ("system", "user", "assistant", "tool")
-MAX_NAME_CHARS = 256
-"""Longest `model`, `user` and a message's `name`."""
 MAX_REQUEST_ID_CHARS = 128
 """Longest request id (the HTTP API accepts a client's `x-request-id` up to this long)."""
 MAX_MESSAGES = 4096

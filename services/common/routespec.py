@@ -22,11 +22,11 @@ from pydantic import (
 from services.common.assetspec import Interface, problems_from
 from services.common.assetspec_fields import (
     ASSET_ID_RE,
-    LABEL_KEY_RE,
     Count,
     Name,
     Number,
     SpecModel,
+    check_label_keys,
 )
 from services.common.errors import FieldProblem, InvalidSpec
 
@@ -105,13 +105,7 @@ class RouteSpec(SpecModel):
             raise ValueError("entries must not repeat")
         return value
 
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not LABEL_KEY_RE.match(key):
-                raise ValueError(f"label key {key!r} must be 1-64 letters, digits, '.', '_', '/', '-'")
-        return value
+    _labels = field_validator("labels")(check_label_keys)
 
     @field_validator("targets")
     @classmethod

@@ -55,13 +55,19 @@ class WorkerHandle:
     @property
     def serving(self) -> bool:
         """Healthy and not draining: new requests may go there."""
-        return self.info is not None and not self.down and not self.info.draining
+        return self.healthy and not self.info.draining  # type: ignore[union-attr]  # healthy: info set
+
+    def model(self, asset_id: str) -> worker_pb2.LoadedModel | None:
+        """The asset as its last picture shows it held there; None when it does not hold it."""
+        if self.info is None:
+            return None
+        return next((m for m in self.info.models if m.asset_id == asset_id), None)
 
     def free_slots(self, asset_id: str) -> int:
         """Slots of the asset free there, as far as this router knows: its last picture's
         `max_concurrency - in_flight - waiting`, less what this router sent since (plus what
         it finished since). Negative: requests wait there. 0 if it does not hold the asset."""
-        model = next((m for m in self.info.models if m.asset_id == asset_id), None) if self.info else None
+        model = self.model(asset_id)
         if model is None:
             return 0
         sent = self.in_flight[asset_id] - self.in_flight_at_picture[asset_id]
@@ -82,7 +88,7 @@ class WorkerHandle:
 
     def holds(self, asset_id: str) -> bool:
         """Whether it reported holding the asset."""
-        return self.info is not None and any(m.asset_id == asset_id for m in self.info.models)
+        return self.model(asset_id) is not None
 
     @property
     def free_bytes(self) -> int:
@@ -260,13 +266,9 @@ class WorkerPool:
     def capacity(self, asset_id: str, default: int) -> int:
         """Slots the workers serving the asset have for it together, as last reported;
         `default` for each that does not say, and in all when none holds it."""
-        slots = [self._slots(w, asset_id) or default for w in self.holders(asset_id) if w.serving]
+        slots = [((m := w.model(asset_id)) and m.max_concurrency) or default
+                 for w in self.holders(asset_id) if w.serving]
         return sum(slots) or default
-
-    @staticmethod
-    def _slots(worker: WorkerHandle, asset_id: str) -> int:
-        info = worker.info
-        return next((m.max_concurrency for m in info.models if m.asset_id == asset_id), 0) if info else 0
 
     def holders(self, asset_id: str) -> list[WorkerHandle]:
         """The healthy workers that reported holding the asset."""

@@ -6,13 +6,11 @@ import math
 
 from roundhouse.v1 import events_pb2, jobs_pb2
 from services.common.asset_proto import timestamp
-from services.common.assetspec_fields import check_asset_id
+from services.common.assetspec_fields import MAX_NAME_CHARS, check_asset_id
 from services.common.errors import InvalidArgument
 from services.common.operation_names import STATUS_NAMES, STATUSES, TYPE_NAMES, TYPES
 from services.jobs.model import NewOperation, OperationFilter, OperationRecord
 
-MAX_NAME_CHARS = 256
-"""Longest idempotency key and worker id (as the admin API takes them)."""
 MAX_OPERATION_ID_CHARS = 128
 """Longer is no operation id in any spelling a UUID has."""
 

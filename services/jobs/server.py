@@ -98,7 +98,8 @@ async def build_app(
     """Wire the jobs service from settings; `runners` replaces the table of runners."""
     engine = make_engine(settings.resolved_database_url())
     bus = await EventBus.connect(settings.resolved_nats_url(), name="roundhouse-jobs")
-    relay = OutboxRelay(make_sessionmaker(engine), bus)
+    sessions = make_sessionmaker(engine)
+    relay = OutboxRelay(sessions, bus)
     relay.start()
     notifier = ChangeNotifier()
 
@@ -106,12 +107,12 @@ async def build_app(
         relay.notify()
         notifier.notify(operation_id, record)
 
-    repository = OperationRepository(make_sessionmaker(engine), on_change=on_change)
+    repository = OperationRepository(sessions, on_change=on_change)
     registry = RegistryClient(settings.registry_address, settings)
     store = ModelStore.from_settings(settings)
     pool = WorkerPool(settings.worker_addresses, refresh_s=settings.worker_refresh_s, settings=settings)
     await pool.start()
-    thrashing = ThrashingMonitor(make_sessionmaker(engine), evictions=settings.jobs_thrashing_evictions,
+    thrashing = ThrashingMonitor(sessions, evictions=settings.jobs_thrashing_evictions,
                                  window_s=settings.jobs_thrashing_window_s,
                                  hold_s=settings.jobs_thrashing_hold_s, on_commit=relay.notify)
     table = (runners(store, registry) if runners

@@ -115,10 +115,10 @@ class JobService:
         """
         record = await self._registry.get_asset(asset_id)
         check_serves(record, asset_id, "")
-        if self.pool.holders(asset_id):
+        if holders := self.pool.holders(asset_id):
             # Callers ask when they see no holder: this picture may be the stale one (an unload
             # or eviction a moment ago), so it is checked with the holders themselves first.
-            await asyncio.gather(*(self.pool.refresh(w) for w in self.pool.holders(asset_id)))
+            await asyncio.gather(*(self.pool.refresh(w) for w in holders))
             if holders := self.pool.holders(asset_id):
                 return Loaded(True, [w.worker_id for w in holders])
         check_not_cooling(record, self._failure_cooldown_s)

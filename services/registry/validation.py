@@ -13,14 +13,12 @@ from collections.abc import Mapping, Sequence
 
 from google.protobuf.message import Message
 
-from services.common.assetspec_fields import LABEL_KEY_RE
+from services.common.assetspec_fields import LABEL_KEY_RE, MAX_NAME_CHARS
 from services.common.errors import FieldProblem, InvalidArgument
 from services.common.request_text import shown
 
 MAX_LISTED_PROBLEMS = 20
 """Problems one refusal lists; the rest are counted."""
-MAX_NAME_CHARS = 256
-"""Longest label value, worker id or other name (as in a spec)."""
 MAX_TEXT_CHARS = 64 * 1024
 """Longest reported status message (longer is cut) or store path (longer is refused)."""
 MAX_WORKER_IDS = 1024

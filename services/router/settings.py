@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 from services.common.keys.tokens import operator_secret
 from services.common.settings import FleetSettings
 from services.router.deadlines import DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_STREAM_IDLE_TIMEOUT_S
+from services.router.remote import DEFAULT_TOUCH_S
 
 
 class RouterSettings(FleetSettings):
@@ -75,7 +76,7 @@ class RouterSettings(FleetSettings):
     """Ledger rows kept in memory while Postgres is away; beyond it the oldest are dropped
     (and logged)."""
 
-    remote_worker_touch_s: float = Field(default=10.0, gt=0)
+    remote_worker_touch_s: float = Field(default=DEFAULT_TOUCH_S, gt=0)
     """Chats for a remote (`runtime: openai`) asset go from the router straight to its upstream,
     except one per this many seconds per asset and worker, which goes through the worker holding
     it so that the worker's idle clock (auto-sleep, eviction order) sees the asset in use. Keep

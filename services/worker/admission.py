@@ -135,10 +135,14 @@ class Intake:
         self._empty = asyncio.Event()
         self._empty.set()
 
-    def enter(self, worker_id: str) -> None:
-        """Count one request in; refused with `ShuttingDown` once the worker drains."""
+    def refuse_if_draining(self, worker_id: str) -> None:
+        """Raise `ShuttingDown` once the worker drains."""
         if self.draining:
             raise shutting_down(worker_id)
+
+    def enter(self, worker_id: str) -> None:
+        """Count one request in; refused with `ShuttingDown` once the worker drains."""
+        self.refuse_if_draining(worker_id)
         self._inside += 1
         self._empty.clear()
 

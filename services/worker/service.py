@@ -130,8 +130,7 @@ class ModelHost:
         model is not installed, `QuotaExceeded` when it does not fit the memory budget and
         `ShuttingDown` once the worker drains.
         """
-        if self._intake.draining:
-            raise shutting_down(self.worker_id)
+        self._intake.refuse_if_draining(self.worker_id)
         asset_id = record.spec.asset_id
         held = self._held.get(asset_id)
         if held is not None and held.record.revision == record.revision:
