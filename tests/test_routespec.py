@@ -158,7 +158,7 @@ def test_routes_using_names_every_route_that_would_break() -> None:
                          "targets": [{"asset": "all-minilm-l6-v2"}]})
     other = RouteSpec.model_validate(document(asset_id="chat-b", shadow=[], fallback=[]))
     routes = [chat, embed, other]
-    assert routes_using("smollm2-135m-instruct", routes) == ["chat", "chat-b"]
-    assert routes_using("candidate-model", routes) == ["chat"]
-    assert routes_using("remote-gpt-4o-mini", routes) == ["chat"]
-    assert routes_using("remote-gpt-4o", routes) == []
+    assert routes_using(["smollm2-135m-instruct"], routes) == ["chat", "chat-b"]
+    assert routes_using(["candidate-model"], routes) == ["chat"]
+    assert routes_using(["remote-gpt-4o-mini"], routes) == ["chat"]
+    assert routes_using(["remote-gpt-4o", "gpt-4o"], routes) == []

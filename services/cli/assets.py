@@ -9,11 +9,11 @@ from pathlib import Path
 import grpc
 
 from roundhouse.v1 import asset_pb2, registry_pb2, registry_pb2_grpc
-from services.common.asset_proto import spec_to_proto
 from services.common.documents import load_path
 from services.common.errors import InvalidSpec
 from services.common.grpc_client import open_channel
 from services.common.registry_reads import list_all_assets
+from services.common.route_proto import declared_to_proto
 from services.common.settings import CommonSettings
 from services.registry.settings import RegistrySettings
 
@@ -62,7 +62,7 @@ def apply_files(path: Path, *, dry_run: bool = False, address: str | None = None
     if not loaded:
         return _fail(f"{path}: no asset documents found")
     request = registry_pb2.ApplyAssetsRequest(
-        assets=[registry_pb2.AssetApply(spec=spec_to_proto(item.spec)) for item in loaded],
+        assets=[registry_pb2.AssetApply(spec=declared_to_proto(item.spec)) for item in loaded],
         dry_run=dry_run,
     )
     address = address or settings.registry_address
@@ -85,14 +85,14 @@ async def fetch_all(address: str, settings: CommonSettings) -> list[asset_pb2.As
 
 
 def render_models(assets: list[asset_pb2.Asset]) -> str:
-    """The admin view: language models and embedding models as two tables."""
+    """The admin view: language models, embedding models and routes as three tables."""
     groups = [
         ("Language models", asset_pb2.INTERFACE_LLM_RUNTIME, "CONTEXT", _context),
         ("Embedding models", asset_pb2.INTERFACE_EMBEDDING_RUNTIME, "DIMS", _dims),
     ]
     out: list[str] = []
     for title, interface, figure, value in groups:
-        rows = [a for a in assets if interface in a.spec.interfaces]
+        rows = [a for a in assets if interface in a.spec.interfaces and a.spec.asset_class != "route"]
         out.append(f"{title} ({len(rows)})")
         table = [["ID", "STATE", "DESIRED", "RUNTIME", figure, "CONCURRENCY", "ALIASES"]]
         for a in rows:
@@ -106,11 +106,30 @@ def render_models(assets: list[asset_pb2.Asset]) -> str:
                 str(a.spec.policy.max_concurrency),
                 ",".join(a.spec.aliases) or "-",
             ])
-        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-        out += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                for r in table] if rows else ["  (none)"]
+        out += _table(table) if rows else ["  (none)"]
         out.append("")
+    routes = [a for a in assets if a.spec.asset_class == "route"]
+    out.append(f"Routes ({len(routes)})")
+    table = [["ID", "INTERFACE", "TARGETS", "STICKY", "FALLBACK", "SHADOW", "CACHE"]]
+    for a in routes:
+        route = a.spec.route
+        table.append([
+            a.spec.asset_id,
+            asset_pb2.Interface.Name(a.spec.interfaces[0]).removeprefix("INTERFACE_").lower()
+            .replace("_", "-") if a.spec.interfaces else "-",
+            ",".join(f"{t.asset}:{t.weight:g}" for t in route.targets),
+            route.sticky or "none",
+            ",".join(route.fallback) or "-",
+            ",".join(f"{s.asset}:{s.sample:g}" for s in route.shadow) or "-",
+            f"{route.cache.ttl_s}s/{route.cache.scope}" if route.HasField("cache") else "-",
+        ])
+    out += _table(table) if routes else ["  (none)"]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def _context(a: asset_pb2.Asset) -> str:

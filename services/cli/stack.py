@@ -19,7 +19,6 @@ from services.cli.assets import OUTCOME_WORDS, apply_specs
 from services.cli.bootstrap import admin_key_line, bootstrap_admin_key
 from services.cli.private_files import write_private
 from services.cli.supervisor import ChildSpec, Supervisor
-from services.common.asset_proto import spec_to_proto
 from services.common.assetspec import AssetSpec
 from services.common.db.migrate import upgrade
 from services.common.documents import load_path
@@ -28,6 +27,8 @@ from services.common.grpc_client import open_channel
 from services.common.modelstore.model import Progress, ProgressCallback
 from services.common.modelstore.settings import StoreSettings
 from services.common.modelstore.store import ModelStore
+from services.common.route_proto import declared_to_proto
+from services.common.routespec import RouteSpec
 from services.common.secrets import known_secrets, mask_url, redact
 from services.common.settings import INTERNAL_TOKEN_FILE, CommonSettings
 from services.jobs.settings import JobsSettings
@@ -76,7 +77,7 @@ def up(catalog: str | None = None) -> int:
                                                  upstreams=settings.upstream_rules())]
         store = ModelStore.from_settings(settings)
         for spec in specs:
-            if not store.is_installed(spec):
+            if isinstance(spec, AssetSpec) and not store.is_installed(spec):
                 _say(f"installing {spec.asset_id} into {store.root}")
                 store.install(spec, progress=_progress_printer(spec.asset_id))
         _say(f"model store ready: {', '.join(s.asset_id for s in specs)}")
@@ -115,7 +116,7 @@ def _progress_printer(asset_id: str) -> ProgressCallback:
 
 
 async def _run_services(
-    env: dict[str, str], specs: list[AssetSpec], dsn: str, nats_url: str, home: Path
+    env: dict[str, str], specs: list[AssetSpec | RouteSpec], dsn: str, nats_url: str, home: Path
 ) -> int:
     registry = RegistrySettings(internal_token=SecretStr(env["ROUNDHOUSE_INTERNAL_TOKEN"]))
     router, worker, jobs = RouterSettings(), WorkerSettings(), JobsSettings()
@@ -131,7 +132,7 @@ async def _run_services(
             await running
             return 1
     request = registry_pb2.ApplyAssetsRequest(
-        assets=[registry_pb2.AssetApply(spec=spec_to_proto(s)) for s in specs]
+        assets=[registry_pb2.AssetApply(spec=declared_to_proto(s)) for s in specs]
     )
     response = await apply_specs(registry.registry_address, request, registry)
     for result in response.results:

@@ -8,8 +8,9 @@ from typing import Any
 
 import yaml
 
-from services.common.assetspec import AssetSpec, parse_spec
+from services.common.assetspec import AssetSpec
 from services.common.errors import FieldProblem, InvalidSpec
+from services.common.routespec import RouteSpec, parse_document
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 
 MAX_FILE_BYTES = 1024 * 1024
@@ -31,10 +32,11 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 @dataclass(frozen=True)
 class LoadedSpec:
-    """An asset spec and where it came from (`file#n`), for error messages."""
+    """An asset spec (a model's or a route's) and where it came from (`file#n`), for error
+    messages."""
 
     origin: str
-    spec: AssetSpec
+    spec: AssetSpec | RouteSpec
 
 
 def parse_yaml(
@@ -60,7 +62,8 @@ def parse_yaml(
     for n, document in enumerate(documents, start=1):
         where = f"{origin}#{n}" if len(documents) > 1 else origin
         try:
-            loaded.append(LoadedSpec(where, parse_spec(document, source_roots=source_roots, upstreams=upstreams)))
+            loaded.append(LoadedSpec(where, parse_document(document, source_roots=source_roots,
+                                                                upstreams=upstreams)))
         except InvalidSpec as exc:
             problems += [FieldProblem(f"{where}: {p.path}".rstrip(": "), p.reason) for p in exc.problems]
     if problems:

@@ -19,7 +19,7 @@ from pydantic import (
     field_validator,
 )
 
-from services.common.assetspec import Interface, problems_from
+from services.common.assetspec import AssetSpec, Interface, parse_spec, problems_from
 from services.common.assetspec_fields import (
     ASSET_ID_RE,
     Count,
@@ -28,7 +28,7 @@ from services.common.assetspec_fields import (
     SpecModel,
     check_label_keys,
 )
-from services.common.errors import FieldProblem, InvalidSpec
+from services.common.errors import Conflict, FieldProblem, InvalidSpec
 
 Sticky = Literal["user", "key", "none"]
 FallbackReason = Literal["overloaded", "unavailable", "context_length", "upstream_error", "timeout"]
@@ -122,6 +122,15 @@ class RouteSpec(SpecModel):
         return value
 
     @property
+    def interfaces(self) -> list[str]:
+        """The route's one interface, as a list (a model may have several)."""
+        return [self.interface]
+
+    def to_document(self) -> dict[str, Any]:
+        """The route as a YAML-shaped document (defaults filled in), as stored."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    @property
     def names(self) -> frozenset[str]:
         """The route's id and aliases: what a request may call it by."""
         return frozenset([self.asset_id, *self.aliases])
@@ -145,6 +154,14 @@ def parse_route(document: Any) -> RouteSpec:
         return RouteSpec.model_validate(document)
     except ValidationError as exc:
         raise InvalidSpec.from_problems(problems_from(exc)) from None
+
+
+def parse_document(document: Any, **model_options: Any) -> AssetSpec | RouteSpec:
+    """One asset document: a route when its `class` is `route`, else a model (`parse_spec`
+    with `model_options`). Raises `InvalidSpec` with every problem."""
+    if isinstance(document, dict) and document.get("class") == "route":
+        return parse_route(document)
+    return parse_spec(document, **model_options)
 
 
 def check_route_targets(route: RouteSpec, lookup: AssetLookup) -> None:
@@ -197,7 +214,19 @@ def _repeated(named: list[tuple[str, str]], first: dict[str, str]) -> list[Field
     return problems
 
 
-def routes_using(asset_id: str, routes: Iterable[RouteSpec]) -> list[str]:
-    """The ids of the routes that name `asset_id` (as target, shadow or fallback), sorted:
-    deleting that asset would break them."""
-    return sorted({r.asset_id for r in routes if any(a == asset_id for _, a in r.uses())})
+def routes_using(names: Iterable[str], routes: Iterable[RouteSpec]) -> list[str]:
+    """The ids of the routes that name an asset by any of `names` (its id and aliases) as
+    target, shadow or fallback, sorted: deleting that asset would break them."""
+    wanted = set(names)
+    return sorted({r.asset_id for r in routes if any(a in wanted for _, a in r.uses())})
+
+
+def check_unrouted(asset_id: str, aliases: Iterable[str], routes: Iterable[RouteSpec]) -> None:
+    """`Conflict` naming the routes that use the asset (by id or alias): deleting it would
+    break them."""
+    users = routes_using([asset_id, *aliases], (r for r in routes if r.asset_id != asset_id))
+    if users:
+        many = len(users) > 1
+        raise Conflict(f"asset '{asset_id}' is used by route{'s' if many else ''} "
+                       f"{', '.join(repr(u) for u in users)}; change or delete "
+                       f"{'them' if many else 'it'} first")

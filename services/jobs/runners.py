@@ -16,9 +16,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from services.common.asset_proto import AssetRecord
 from services.common.assetspec import AssetSpec
 from services.common.errors import AssetNotFound, FailedPrecondition
 from services.common.modelstore import ModelStore, source_fingerprint
+from services.common.routespec import check_unrouted
 from services.jobs.model import OperationRecord, ProgressReport
 from services.jobs.registry_client import RegistryClient
 
@@ -82,12 +84,16 @@ class DeleteRunner:
     async def __call__(self, ctx: RunContext) -> str:
         asset_id = ctx.operation.asset_id
         try:
-            asset = await self._registry.get_asset(asset_id)
+            asset = await self._registry.get_stored(asset_id)
         except AssetNotFound:
             # A repeated run: the files were dealt with before the registry entry went.
             return f"asset {asset_id} already deleted"
-        await ctx.report(ProgressReport("removing installed files", progress=10))
-        files = await self._remove_files(asset.spec)
+        # Refused before any file goes: the registry would refuse the deletion anyway.
+        check_unrouted(asset_id, asset.spec.aliases, await self._registry.list_routes())
+        files = "a route has no files"
+        if isinstance(asset, AssetRecord):
+            await ctx.report(ProgressReport("removing installed files", progress=10))
+            files = await self._remove_files(asset.spec)
         await ctx.report(ProgressReport("deleting the asset from the registry", progress=60))
         try:
             await self._registry.delete_asset(asset_id)

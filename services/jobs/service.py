@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from services.common.asset_proto import check_serves
 from services.common.errors import ModelNotReady
+from services.common.routespec import check_unrouted
 from services.common.workerpool import WorkerPool
 from services.jobs.cooldown import check_not_cooling, model_failed
 from services.jobs.executor import Executor
@@ -62,7 +63,11 @@ class JobService:
             existing = await self._repo.by_key(new.idempotency_key)
             if existing is not None and new.same_request(existing):
                 return existing
-        await self._registry.get_asset(new.asset_id)
+        if new.type == "delete":
+            stored = await self._registry.get_stored(new.asset_id)
+            check_unrouted(new.asset_id, stored.spec.aliases, await self._registry.list_routes())
+        else:
+            await self._registry.get_asset(new.asset_id)
         record = await self._repo.create(new, max_attempts=self._max_attempts)
         self._executor.wake()
         return record

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from roundhouse.v1 import events_pb2
-from services.common.asset_proto import spec_to_proto
-from services.common.assetspec import AssetSpec
 from services.common.db.models import Asset, AssetAlias
 from services.common.errors import Conflict, FieldProblem, InvalidSpec
 from services.common.events import new_event
+from services.common.route_proto import Declared, declared_to_proto
+from services.common.routespec import RouteSpec, check_route_targets, check_unrouted, parse_document
 from services.registry.validation import listed
 
 Outcome = Literal["created", "updated", "unchanged"]
@@ -25,8 +25,50 @@ Outcome = Literal["created", "updated", "unchanged"]
 class ApplyItem:
     """One spec to apply, with the revision the caller expects (None: no check, 0: new)."""
 
-    spec: AssetSpec
+    spec: Declared
     expected_revision: int | None = None
+
+
+def asset_class(spec: Declared) -> str:
+    """`route` or `model`."""
+    return "route" if isinstance(spec, RouteSpec) else "model"
+
+
+async def check_routes(session: AsyncSession, items: list[ApplyItem]) -> None:
+    """Every asset a route of the apply names must exist (stored, or in the same apply), differ
+    from the route, be no route and offer the route's interface (see `check_route_targets`).
+    Raises `InvalidSpec` with each problem's field path."""
+    routes = [(n, item.spec) for n, item in enumerate(items) if isinstance(item.spec, RouteSpec)]
+    if not routes:
+        return
+    named = {asset for _, route in routes for _, asset in route.uses()}
+    known: dict[str, tuple[str, list[str]]] = {}
+    aliases = {a.alias: a.asset_id for a in await session.scalars(
+        select(AssetAlias).where(AssetAlias.alias.in_(named)))}
+    for row in await session.scalars(
+            select(Asset).where(Asset.asset_id.in_(named | set(aliases.values())))):
+        known[row.asset_id] = (row.asset_class, list(row.interfaces))
+    known.update({alias: known[owner] for alias, owner in aliases.items() if owner in known})
+    for item in items:  # what this apply declares wins over what is stored
+        declared = item.spec
+        offered = (asset_class(declared), _columns(declared)["interfaces"])
+        known.update(dict.fromkeys((declared.asset_id, *declared.aliases), offered))
+    problems = []
+    for n, route in routes:
+        try:
+            check_route_targets(route, known.get)
+        except InvalidSpec as exc:
+            problems += [FieldProblem(f"assets[{n}].spec.{p.path}", p.reason) for p in exc.problems]
+    if problems:
+        raise InvalidSpec.from_problems(listed(problems))
+
+
+async def check_not_routed(session: AsyncSession, asset_id: str, aliases: list[str]) -> None:
+    """`Conflict` naming the routes that use the asset (by id or alias): deleting it, or making
+    it a route, would break them."""
+    stored = [parse_document(row.spec) for row in await session.scalars(
+        select(Asset).where(Asset.asset_class == "route"))]
+    check_unrouted(asset_id, aliases, [r for r in stored if isinstance(r, RouteSpec)])
 
 
 def check_unique_ids(items: list[ApplyItem]) -> None:
@@ -79,6 +121,14 @@ async def check_aliases(session: AsyncSession, items: list[ApplyItem]) -> None:
         raise InvalidSpec.from_problems(listed(problems))
 
 
+def check_class(where: str, item: ApplyItem, row: Asset | None) -> None:
+    """`Conflict` when the item would turn a stored model into a route or back: the asset's
+    loaded copies and the routes using it would no longer make sense."""
+    if row is not None and row.asset_class != asset_class(item.spec):
+        raise Conflict(f"{where}: asset '{row.asset_id}' is a {row.asset_class}, not a "
+                       f"{asset_class(item.spec)}; delete it first to reuse its id")
+
+
 def check_revision(where: str, item: ApplyItem, row: Asset | None) -> None:
     """`Conflict` when the item expects a revision other than the stored one."""
     if item.expected_revision is None:
@@ -93,23 +143,18 @@ def check_revision(where: str, item: ApplyItem, row: Asset | None) -> None:
 
 
 def write(
-    session: AsyncSession, spec: AssetSpec, row: Asset | None, now: datetime
+    session: AsyncSession, spec: Declared, row: Asset | None, now: datetime
 ) -> tuple[Asset, Outcome]:
-    """Create or update the asset's row from `spec`; a new revision only when it changed."""
+    """Create or update the asset's row from `spec`; a new revision only when it changed.
+    A route has no runtime and is never loaded: its row says runtime '' and desired `running`
+    (it answers whenever its targets do)."""
     document = spec.to_document()
     if row is not None and row.spec == document:
         return row, "unchanged"
-    values = {
-        "spec": document,
-        "interfaces": list(spec.interface),
-        "runtime": spec.runtime,
-        "desired": spec.desired,
-        "labels": dict(spec.labels),
-        "updated_at": now,
-    }
+    values = {"spec": document, **_columns(spec), "labels": dict(spec.labels), "updated_at": now}
     if row is None:
-        row = Asset(asset_id=spec.asset_id, revision=1, created_at=now, state="registered",
-                    status={}, **values)
+        row = Asset(asset_id=spec.asset_id, asset_class=asset_class(spec), revision=1,
+                    created_at=now, state="registered", status={}, **values)
         session.add(row)
         return row, "created"
     for key, value in values.items():
@@ -123,7 +168,14 @@ def write(
     return row, "updated"
 
 
-async def replace_aliases(session: AsyncSession, spec: AssetSpec) -> None:
+def _columns(spec: Declared) -> dict[str, Any]:
+    """The row's `interfaces`, `runtime` and `desired` columns for `spec`."""
+    if isinstance(spec, RouteSpec):
+        return {"interfaces": spec.interfaces, "runtime": "", "desired": "running"}
+    return {"interfaces": list(spec.interface), "runtime": spec.runtime, "desired": spec.desired}
+
+
+async def replace_aliases(session: AsyncSession, spec: Declared) -> None:
     """Make the asset's stored aliases those of `spec`."""
     await session.execute(delete(AssetAlias).where(AssetAlias.asset_id == spec.asset_id))
     await session.flush()
@@ -131,13 +183,14 @@ async def replace_aliases(session: AsyncSession, spec: AssetSpec) -> None:
     await session.flush()
 
 
-def applied_event(source: str, row: Asset, outcome: Outcome, spec: AssetSpec) -> events_pb2.Event:
+def applied_event(source: str, row: Asset, outcome: Outcome, spec: Declared) -> events_pb2.Event:
     """The `asset.applied` event of a created or updated asset."""
-    detail = events_pb2.AssetEventDetail(revision=row.revision, change=outcome, spec=spec_to_proto(spec))
+    detail = events_pb2.AssetEventDetail(revision=row.revision, change=outcome,
+                                         spec=declared_to_proto(spec))
     return new_event("asset.applied", source, asset_id=row.asset_id, asset=detail)
 
 
-def deleted_event(source: str, asset_id: str, revision: int, spec: AssetSpec) -> events_pb2.Event:
+def deleted_event(source: str, asset_id: str, revision: int, spec: Declared) -> events_pb2.Event:
     """The `asset.deleted` event of an asset removed at `revision`."""
-    detail = events_pb2.AssetEventDetail(revision=revision, spec=spec_to_proto(spec))
+    detail = events_pb2.AssetEventDetail(revision=revision, spec=declared_to_proto(spec))
     return new_event("asset.deleted", source, asset_id=asset_id, asset=detail)

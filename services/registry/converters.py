@@ -9,10 +9,10 @@ from services.common.asset_proto import (
     INTERFACE_NAMES,
     RUNTIME_NAMES,
     STATE_NAMES,
-    spec_document_from_proto,
 )
-from services.common.assetspec import parse_spec
-from services.common.errors import FieldProblem, InvalidSpec
+from services.common.errors import FieldProblem, InvalidArgument, InvalidSpec
+from services.common.request_text import shown
+from services.common.route_proto import declared_from_proto
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.registry.changes import ApplyItem, Outcome
 from services.registry.listing import AssetFilter
@@ -33,8 +33,7 @@ def apply_items(
     items, problems = [], []
     for n, entry in enumerate(request.assets):
         try:
-            spec = parse_spec(spec_document_from_proto(entry.spec), source_roots=source_roots,
-                              upstreams=upstreams)
+            spec = declared_from_proto(entry.spec, source_roots=source_roots, upstreams=upstreams)
         except InvalidSpec as exc:
             problems += [FieldProblem(f"assets[{n}].spec.{p.path}".rstrip("."), p.reason)
                          for p in exc.problems]
@@ -54,4 +53,11 @@ def asset_filter(request: registry_pb2.ListAssetsRequest) -> AssetFilter:
         state=STATE_NAMES.get(request.state, "?") if request.state else "",
         capability=request.capability,
         labels=label_filter(request.labels),
+        asset_class=_asset_class(request.asset_class),
     )
+
+
+def _asset_class(name: str) -> str:
+    if name not in ("", "model", "route"):
+        raise InvalidArgument(f"asset_class: {shown(name)} is not a class (`model` or `route`)")
+    return name

@@ -27,6 +27,7 @@ class AssetFilter:
     state: str = ""
     capability: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    asset_class: str = ""
 
 
 def page_query(filters: AssetFilter, size: int, page_token: str) -> Select[Asset]:
@@ -41,6 +42,8 @@ def page_query(filters: AssetFilter, size: int, page_token: str) -> Select[Asset
         query = query.where(Asset.runtime == filters.runtime)
     if filters.state:
         query = query.where(Asset.state == filters.state)
+    if filters.asset_class:
+        query = query.where(Asset.asset_class == filters.asset_class)
     if filters.labels:
         query = query.where(Asset.labels.contains(filters.labels))
     if filters.capability:

@@ -12,11 +12,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.common.asset_proto import AssetRecord, check_serves
-from services.common.assetspec import parse_spec
+from services.common.asset_proto import AssetRecord
+from services.common.assetspec import AssetSpec
 from services.common.db.models import Asset, AssetAlias
 from services.common.errors import AssetNotFound, Conflict, InvalidArgument
 from services.common.outbox import add_to_outbox
+from services.common.route_proto import RouteRecord, Stored, check_serves
+from services.common.routespec import RouteSpec, parse_document
 from services.registry import changes
 from services.registry.changes import ApplyItem, Outcome
 from services.registry.listing import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, AssetFilter, next_page_token, page_query
@@ -38,8 +40,10 @@ class AssetRegistry:
 
     async def apply(
         self, items: list[ApplyItem], *, dry_run: bool = False
-    ) -> list[tuple[AssetRecord, Outcome]]:
-        """Create or update every item in one transaction; all or nothing."""
+    ) -> list[tuple[Stored, Outcome]]:
+        """Create or update every item in one transaction; all or nothing. A route's targets
+        must exist (stored or in the same apply) and offer its interface; a model that a route
+        uses cannot become a route."""
         if not items:
             raise InvalidArgument("assets: at least one asset is required")
         changes.check_unique_ids(items)
@@ -52,10 +56,12 @@ class AssetRegistry:
                 )
             }
             await changes.check_aliases(session, items)
+            await changes.check_routes(session, items)
             now = datetime.now(UTC)
-            results: list[tuple[AssetRecord, Outcome]] = []
+            results: list[tuple[Stored, Outcome]] = []
             for n, item in enumerate(items):
                 row = rows.get(item.spec.asset_id)
+                changes.check_class(f"assets[{n}]", item, row)
                 changes.check_revision(f"assets[{n}]", item, row)
                 row, outcome = changes.write(session, item.spec, row, now)
                 if outcome != "unchanged":
@@ -68,7 +74,7 @@ class AssetRegistry:
         self._on_commit()
         return results
 
-    async def get(self, asset_id: str) -> AssetRecord:
+    async def get(self, asset_id: str) -> Stored:
         """The asset with that id; `AssetNotFound` otherwise."""
         async with self._sessions() as session:
             row = await session.get(Asset, asset_id)
@@ -78,7 +84,7 @@ class AssetRegistry:
 
     async def list_assets(
         self, filters: AssetFilter, *, page_size: int = 0, page_token: str = ""
-    ) -> tuple[list[AssetRecord], str]:
+    ) -> tuple[list[Stored], str]:
         """One page of assets ordered by id, and the token of the next page ('' at the end)."""
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         query = page_query(filters, size, page_token)
@@ -86,8 +92,9 @@ class AssetRegistry:
             rows = list(await session.scalars(query))
         return [_record(r) for r in rows[:size]], next_page_token(rows, size)
 
-    async def delete(self, asset_id: str, expected_revision: int | None = None) -> AssetRecord:
-        """Remove an asset and its aliases; publishes `asset.deleted`."""
+    async def delete(self, asset_id: str, expected_revision: int | None = None) -> Stored:
+        """Remove an asset and its aliases; publishes `asset.deleted`. `Conflict` naming the
+        routes that use it, if any."""
         async with self._sessions() as session, session.begin():
             row = await session.get(Asset, asset_id, with_for_update=True)
             if row is None:
@@ -97,12 +104,13 @@ class AssetRegistry:
                     f"asset '{asset_id}' is at revision {row.revision}, not {expected_revision}"
                 )
             record = _record(row)
+            await changes.check_not_routed(session, asset_id, list(record.spec.aliases))
             await session.delete(row)
             add_to_outbox(session, changes.deleted_event(self._source, asset_id, row.revision, record.spec))
         self._on_commit()
         return record
 
-    async def resolve(self, name: str, interface: str = "") -> AssetRecord:
+    async def resolve(self, name: str, interface: str = "") -> Stored:
         """An asset id or alias, checked against the interface a request needs."""
         async with self._sessions() as session:
             row = await session.get(Asset, name)
@@ -126,8 +134,8 @@ class AssetRegistry:
         """Record observed state (and detected capabilities) without touching the spec."""
         async with self._sessions() as session, session.begin():
             row = await session.get(Asset, asset_id, with_for_update=True)
-            if row is None:
-                raise AssetNotFound(f"asset '{asset_id}' not found")
+            if row is None or row.asset_class != "model":
+                raise AssetNotFound(f"model '{asset_id}' not found")
             if state:
                 row.state = state
             now = datetime.now(UTC)
@@ -135,12 +143,18 @@ class AssetRegistry:
             row.updated_at = now  # set here so the row stays readable after the commit
             if capabilities is not None:
                 row.capabilities = capabilities
-        return _record(row)
+        record = _record(row)
+        assert isinstance(record, AssetRecord)
+        return record
 
 
-def _record(row: Asset) -> AssetRecord:
+def _record(row: Asset) -> Stored:
     # Stored specs were validated when applied; re-check shape only, not source roots.
-    spec = parse_spec(row.spec, source_roots=["/"], upstreams=None)
+    spec = parse_document(row.spec, source_roots=["/"], upstreams=None)
+    if isinstance(spec, RouteSpec):
+        return RouteRecord(spec=spec, revision=row.revision, created_at=row.created_at,
+                           updated_at=row.updated_at)
+    assert isinstance(spec, AssetSpec)
     return AssetRecord(
         spec=spec,
         revision=row.revision,

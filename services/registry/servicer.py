@@ -12,11 +12,11 @@ from services.common.asset_proto import (
     INTERFACE_NAMES,
     STATE_NAMES,
     capabilities_from_proto,
-    record_to_proto,
 )
 from services.common.assetspec_fields import check_asset_id
 from services.common.errors import InvalidArgument
 from services.common.request_text import check_message_text
+from services.common.route_proto import stored_to_proto
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.registry import validation
 from services.registry.converters import OUTCOMES, apply_items, asset_filter
@@ -50,7 +50,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         items = apply_items(request, self._source_roots, self._upstreams)
         results = await self._registry.apply(items, dry_run=request.dry_run)
         return registry_pb2.ApplyAssetsResponse(results=[
-            registry_pb2.ApplyResult(asset=record_to_proto(record), outcome=OUTCOMES[outcome])
+            registry_pb2.ApplyResult(asset=stored_to_proto(record), outcome=OUTCOMES[outcome])
             for record, outcome in results
         ])
 
@@ -58,7 +58,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self, request: registry_pb2.GetAssetRequest, context: grpc.aio.ServicerContext
     ) -> asset_pb2.Asset:
         check_message_text(request)
-        return record_to_proto(await self._registry.get(check_asset_id(request.asset_id)))
+        return stored_to_proto(await self._registry.get(check_asset_id(request.asset_id)))
 
     async def ListAssets(
         self, request: registry_pb2.ListAssetsRequest, context: grpc.aio.ServicerContext
@@ -68,7 +68,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             asset_filter(request), page_size=request.page_size, page_token=request.page_token
         )
         return registry_pb2.ListAssetsResponse(
-            assets=[record_to_proto(r) for r in records], next_page_token=token
+            assets=[stored_to_proto(r) for r in records], next_page_token=token
         )
 
     async def DeleteAsset(
@@ -77,7 +77,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         check_message_text(request)
         expected = request.expected_revision if request.HasField("expected_revision") else None
         record = await self._registry.delete(check_asset_id(request.asset_id), expected)
-        return registry_pb2.DeleteAssetResponse(asset=record_to_proto(record))
+        return registry_pb2.DeleteAssetResponse(asset=stored_to_proto(record))
 
     async def ResolveAsset(
         self, request: registry_pb2.ResolveAssetRequest, context: grpc.aio.ServicerContext
@@ -87,7 +87,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         if request.interface and request.interface not in INTERFACE_NAMES:
             raise InvalidArgument(f"interface: {request.interface} is not an interface")
         interface = INTERFACE_NAMES.get(request.interface, "")
-        return record_to_proto(await self._registry.resolve(name, interface))
+        return stored_to_proto(await self._registry.resolve(name, interface))
 
     async def ReportAssetStatus(
         self, request: registry_pb2.ReportAssetStatusRequest, context: grpc.aio.ServicerContext
@@ -113,4 +113,4 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             capabilities = capabilities_from_proto(request.capabilities)
         record = await self._registry.report_status(
             asset_id, state=state, status=fields, capabilities=capabilities)
-        return record_to_proto(record)
+        return stored_to_proto(record)

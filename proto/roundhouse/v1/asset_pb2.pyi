@@ -387,6 +387,156 @@ class Generation(_message.Message):
 Global___Generation: _TypeAlias = Generation  # noqa: Y015
 
 @_typing.final
+class RouteTarget(_message.Message):
+    """One target of a route's split."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSET_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    asset: _builtins.str
+    """The asset (id or alias) that answers the target's share."""
+    weight: _builtins.float
+    """Relative weight; unset: 1."""
+    def __init__(
+        self,
+        *,
+        asset: _builtins.str = ...,
+        weight: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "weight", b"weight"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "asset", b"asset", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__weight: _TypeAlias = _typing.Literal["weight"]  # noqa: Y015
+    _WhichOneofArgType__weight: _TypeAlias = _typing.Literal["_weight", b"_weight"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight) -> _WhichOneofReturnType__weight | None: ...
+
+Global___RouteTarget: _TypeAlias = RouteTarget  # noqa: Y015
+
+@_typing.final
+class RouteShadow(_message.Message):
+    """An asset that gets copies of a sample of a route's requests; nobody sees its answers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSET_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
+    WAKE_FIELD_NUMBER: _builtins.int
+    asset: _builtins.str
+    """The asset (id or alias)."""
+    sample: _builtins.float
+    """Share of requests copied, 0 to 1; unset: 1."""
+    wake: _builtins.bool
+    """Whether a copy may wake the asset; if not, copies to an asleep asset are dropped."""
+    def __init__(
+        self,
+        *,
+        asset: _builtins.str = ...,
+        sample: _builtins.float | None = ...,
+        wake: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_sample", b"_sample", "sample", b"sample"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sample", b"_sample", "asset", b"asset", "sample", b"sample", "wake", b"wake"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__sample: _TypeAlias = _typing.Literal["sample"]  # noqa: Y015
+    _WhichOneofArgType__sample: _TypeAlias = _typing.Literal["_sample", b"_sample"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sample) -> _WhichOneofReturnType__sample | None: ...
+
+Global___RouteShadow: _TypeAlias = RouteShadow  # noqa: Y015
+
+@_typing.final
+class RouteCache(_message.Message):
+    """A route's exact-match response cache."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TTL_S_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    NONDETERMINISTIC_FIELD_NUMBER: _builtins.int
+    ttl_s: _builtins.int
+    """Seconds a cached response is served."""
+    max_bytes: _builtins.int
+    """Largest response kept, in bytes; unset: the router's bound."""
+    scope: _builtins.str
+    """`key` (each API key sees its own entries, the default) or `shared`."""
+    nondeterministic: _builtins.bool
+    """Whether sampled (temperature > 0) requests are cached too."""
+    def __init__(
+        self,
+        *,
+        ttl_s: _builtins.int = ...,
+        max_bytes: _builtins.int | None = ...,
+        scope: _builtins.str = ...,
+        nondeterministic: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_bytes", b"_max_bytes", "max_bytes", b"max_bytes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_bytes", b"_max_bytes", "max_bytes", b"max_bytes", "nondeterministic", b"nondeterministic", "scope", b"scope", "ttl_s", b"ttl_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_bytes: _TypeAlias = _typing.Literal["max_bytes"]  # noqa: Y015
+    _WhichOneofArgType__max_bytes: _TypeAlias = _typing.Literal["_max_bytes", b"_max_bytes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_bytes) -> _WhichOneofReturnType__max_bytes | None: ...
+
+Global___RouteCache: _TypeAlias = RouteCache  # noqa: Y015
+
+@_typing.final
+class Route(_message.Message):
+    """What a route (`asset_class: route`) does with a request: which asset answers it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGETS_FIELD_NUMBER: _builtins.int
+    STICKY_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    FALLBACK_FIELD_NUMBER: _builtins.int
+    FALLBACK_ON_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
+    sticky: _builtins.str
+    """`user`, `key` or `none` (default): what keeps a caller on one target."""
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteTarget]:
+        """The weighted split; at least one target with a positive weight."""
+
+    @_builtins.property
+    def shadow(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteShadow]:
+        """Assets that get copies of a sample of the requests."""
+
+    @_builtins.property
+    def fallback(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Assets tried in order when every target fails before the first byte."""
+
+    @_builtins.property
+    def fallback_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The failures that move a request to the fallbacks: `overloaded`, `unavailable`,
+        `context_length`, `upstream_error`, `timeout`. Empty: the first four.
+        """
+
+    @_builtins.property
+    def cache(self) -> Global___RouteCache:
+        """The response cache; unset: none."""
+
+    def __init__(
+        self,
+        *,
+        targets: _abc.Iterable[Global___RouteTarget] | None = ...,
+        sticky: _builtins.str = ...,
+        shadow: _abc.Iterable[Global___RouteShadow] | None = ...,
+        fallback: _abc.Iterable[_builtins.str] | None = ...,
+        fallback_on: _abc.Iterable[_builtins.str] | None = ...,
+        cache: Global___RouteCache | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "fallback", b"fallback", "fallback_on", b"fallback_on", "shadow", b"shadow", "sticky", b"sticky", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Route: _TypeAlias = Route  # noqa: Y015
+
+@_typing.final
 class Pricing(_message.Message):
     """What a model costs, in US dollars per million tokens."""
 
@@ -507,6 +657,7 @@ class AssetSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     PRICING_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
     asset_id: _builtins.str
     """Unique id, `^[a-z0-9][a-z0-9._-]{0,127}$`."""
     display_name: _builtins.str
@@ -514,7 +665,7 @@ class AssetSpec(_message.Message):
     version: _builtins.str
     """The asset's own version string."""
     asset_class: _builtins.str
-    """Asset class; only `model` today."""
+    """Asset class: `model` (default) or `route`."""
     interface_version: _builtins.str
     """Version of the interface contract, e.g. `v1`."""
     runtime: Global___Runtime.ValueType
@@ -559,6 +710,12 @@ class AssetSpec(_message.Message):
     def pricing(self) -> Global___Pricing:
         """What the model costs; API keys' dollar budgets are charged from it. Unset: free."""
 
+    @_builtins.property
+    def route(self) -> Global___Route:
+        """Set for a route (`asset_class: route`): its split, shadows, fallbacks and cache. A route has
+        one interface and no runtime, source, resources, lifecycle, policy, generation or pricing.
+        """
+
     def __init__(
         self,
         *,
@@ -578,10 +735,11 @@ class AssetSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         generation: Global___Generation | None = ...,
         pricing: Global___Pricing | None = ...,
+        route: Global___Route | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "lifecycle", b"lifecycle", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing", "resources", b"resources", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "lifecycle", b"lifecycle", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing", "resources", b"resources", "route", b"route", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "asset_class", b"asset_class", "asset_id", b"asset_id", "display_name", b"display_name", "generation", b"generation", "interface_version", b"interface_version", "interfaces", b"interfaces", "labels", b"labels", "lifecycle", b"lifecycle", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing", "resources", b"resources", "runtime", b"runtime", "source", b"source", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "asset_class", b"asset_class", "asset_id", b"asset_id", "display_name", b"display_name", "generation", b"generation", "interface_version", b"interface_version", "interfaces", b"interfaces", "labels", b"labels", "lifecycle", b"lifecycle", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing", "resources", b"resources", "route", b"route", "runtime", b"runtime", "source", b"source", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from roundhouse.v1 import asset_pb2 as roundhouse_dot_v1_dot_asset__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1croundhouse/v1/registry.proto\x12\rroundhouse.v1\x1a\x19roundhouse/v1/asset.proto\"j\n\nAssetApply\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.roundhouse.v1.AssetSpec\x12\x1e\n\x11\x65xpected_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x14\n\x12_expected_revision\"P\n\x12\x41pplyAssetsRequest\x12)\n\x06\x61ssets\x18\x01 \x03(\x0b\x32\x19.roundhouse.v1.AssetApply\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"`\n\x0b\x41pplyResult\x12#\n\x05\x61sset\x18\x01 \x01(\x0b\x32\x14.roundhouse.v1.Asset\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.roundhouse.v1.ApplyOutcome\"B\n\x13\x41pplyAssetsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.roundhouse.v1.ApplyResult\"#\n\x0fGetAssetRequest\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\"\xbb\x02\n\x11ListAssetsRequest\x12+\n\tinterface\x18\x01 \x01(\x0e\x32\x18.roundhouse.v1.Interface\x12\'\n\x07runtime\x18\x02 \x01(\x0e\x32\x16.roundhouse.v1.Runtime\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.roundhouse.v1.AssetState\x12\x12\n\ncapability\x18\x04 \x01(\t\x12<\n\x06labels\x18\x05 \x03(\x0b\x32,.roundhouse.v1.ListAssetsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x12ListAssetsResponse\x12$\n\x06\x61ssets\x18\x01 \x03(\x0b\x32\x14.roundhouse.v1.Asset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\\\n\x12\x44\x65leteAssetRequest\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x1e\n\x11\x65xpected_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x14\n\x12_expected_revision\":\n\x13\x44\x65leteAssetResponse\x12#\n\x05\x61sset\x18\x01 \x01(\x0b\x32\x14.roundhouse.v1.Asset\"P\n\x13ResolveAssetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\tinterface\x18\x02 \x01(\x0e\x32\x18.roundhouse.v1.Interface\"\xa1\x01\n\x18ReportAssetStatusRequest\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.roundhouse.v1.AssetStatus\x12\x36\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x1b.roundhouse.v1.CapabilitiesH\x00\x88\x01\x01\x42\x0f\n\r_capabilities*\x80\x01\n\x0c\x41pplyOutcome\x12\x1d\n\x19\x41PPLY_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41PPLY_OUTCOME_CREATED\x10\x01\x12\x19\n\x15\x41PPLY_OUTCOME_UPDATED\x10\x02\x12\x1b\n\x17\x41PPLY_OUTCOME_UNCHANGED\x10\x03\x32\xe9\x03\n\x08Registry\x12T\n\x0b\x41pplyAssets\x12!.roundhouse.v1.ApplyAssetsRequest\x1a\".roundhouse.v1.ApplyAssetsResponse\x12@\n\x08GetAsset\x12\x1e.roundhouse.v1.GetAssetRequest\x1a\x14.roundhouse.v1.Asset\x12Q\n\nListAssets\x12 .roundhouse.v1.ListAssetsRequest\x1a!.roundhouse.v1.ListAssetsResponse\x12T\n\x0b\x44\x65leteAsset\x12!.roundhouse.v1.DeleteAssetRequest\x1a\".roundhouse.v1.DeleteAssetResponse\x12H\n\x0cResolveAsset\x12\".roundhouse.v1.ResolveAssetRequest\x1a\x14.roundhouse.v1.Asset\x12R\n\x11ReportAssetStatus\x12\'.roundhouse.v1.ReportAssetStatusRequest\x1a\x14.roundhouse.v1.Assetb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1croundhouse/v1/registry.proto\x12\rroundhouse.v1\x1a\x19roundhouse/v1/asset.proto\"j\n\nAssetApply\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.roundhouse.v1.AssetSpec\x12\x1e\n\x11\x65xpected_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x14\n\x12_expected_revision\"P\n\x12\x41pplyAssetsRequest\x12)\n\x06\x61ssets\x18\x01 \x03(\x0b\x32\x19.roundhouse.v1.AssetApply\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"`\n\x0b\x41pplyResult\x12#\n\x05\x61sset\x18\x01 \x01(\x0b\x32\x14.roundhouse.v1.Asset\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.roundhouse.v1.ApplyOutcome\"B\n\x13\x41pplyAssetsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.roundhouse.v1.ApplyResult\"#\n\x0fGetAssetRequest\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\"\xd0\x02\n\x11ListAssetsRequest\x12+\n\tinterface\x18\x01 \x01(\x0e\x32\x18.roundhouse.v1.Interface\x12\'\n\x07runtime\x18\x02 \x01(\x0e\x32\x16.roundhouse.v1.Runtime\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.roundhouse.v1.AssetState\x12\x12\n\ncapability\x18\x04 \x01(\t\x12<\n\x06labels\x18\x05 \x03(\x0b\x32,.roundhouse.v1.ListAssetsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x13\n\x0b\x61sset_class\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x12ListAssetsResponse\x12$\n\x06\x61ssets\x18\x01 \x03(\x0b\x32\x14.roundhouse.v1.Asset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\\\n\x12\x44\x65leteAssetRequest\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x1e\n\x11\x65xpected_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x14\n\x12_expected_revision\":\n\x13\x44\x65leteAssetResponse\x12#\n\x05\x61sset\x18\x01 \x01(\x0b\x32\x14.roundhouse.v1.Asset\"P\n\x13ResolveAssetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\tinterface\x18\x02 \x01(\x0e\x32\x18.roundhouse.v1.Interface\"\xa1\x01\n\x18ReportAssetStatusRequest\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.roundhouse.v1.AssetStatus\x12\x36\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x1b.roundhouse.v1.CapabilitiesH\x00\x88\x01\x01\x42\x0f\n\r_capabilities*\x80\x01\n\x0c\x41pplyOutcome\x12\x1d\n\x19\x41PPLY_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41PPLY_OUTCOME_CREATED\x10\x01\x12\x19\n\x15\x41PPLY_OUTCOME_UPDATED\x10\x02\x12\x1b\n\x17\x41PPLY_OUTCOME_UNCHANGED\x10\x03\x32\xe9\x03\n\x08Registry\x12T\n\x0b\x41pplyAssets\x12!.roundhouse.v1.ApplyAssetsRequest\x1a\".roundhouse.v1.ApplyAssetsResponse\x12@\n\x08GetAsset\x12\x1e.roundhouse.v1.GetAssetRequest\x1a\x14.roundhouse.v1.Asset\x12Q\n\nListAssets\x12 .roundhouse.v1.ListAssetsRequest\x1a!.roundhouse.v1.ListAssetsResponse\x12T\n\x0b\x44\x65leteAsset\x12!.roundhouse.v1.DeleteAssetRequest\x1a\".roundhouse.v1.DeleteAssetResponse\x12H\n\x0cResolveAsset\x12\".roundhouse.v1.ResolveAssetRequest\x1a\x14.roundhouse.v1.Asset\x12R\n\x11ReportAssetStatus\x12\'.roundhouse.v1.ReportAssetStatusRequest\x1a\x14.roundhouse.v1.Assetb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LISTASSETSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTASSETSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_APPLYOUTCOME']._serialized_start=1271
-  _globals['_APPLYOUTCOME']._serialized_end=1399
+  _globals['_APPLYOUTCOME']._serialized_start=1292
+  _globals['_APPLYOUTCOME']._serialized_end=1420
   _globals['_ASSETAPPLY']._serialized_start=74
   _globals['_ASSETAPPLY']._serialized_end=180
   _globals['_APPLYASSETSREQUEST']._serialized_start=182
@@ -47,19 +47,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETASSETREQUEST']._serialized_start=430
   _globals['_GETASSETREQUEST']._serialized_end=465
   _globals['_LISTASSETSREQUEST']._serialized_start=468
-  _globals['_LISTASSETSREQUEST']._serialized_end=783
-  _globals['_LISTASSETSREQUEST_LABELSENTRY']._serialized_start=738
-  _globals['_LISTASSETSREQUEST_LABELSENTRY']._serialized_end=783
-  _globals['_LISTASSETSRESPONSE']._serialized_start=785
-  _globals['_LISTASSETSRESPONSE']._serialized_end=868
-  _globals['_DELETEASSETREQUEST']._serialized_start=870
-  _globals['_DELETEASSETREQUEST']._serialized_end=962
-  _globals['_DELETEASSETRESPONSE']._serialized_start=964
-  _globals['_DELETEASSETRESPONSE']._serialized_end=1022
-  _globals['_RESOLVEASSETREQUEST']._serialized_start=1024
-  _globals['_RESOLVEASSETREQUEST']._serialized_end=1104
-  _globals['_REPORTASSETSTATUSREQUEST']._serialized_start=1107
-  _globals['_REPORTASSETSTATUSREQUEST']._serialized_end=1268
-  _globals['_REGISTRY']._serialized_start=1402
-  _globals['_REGISTRY']._serialized_end=1891
+  _globals['_LISTASSETSREQUEST']._serialized_end=804
+  _globals['_LISTASSETSREQUEST_LABELSENTRY']._serialized_start=759
+  _globals['_LISTASSETSREQUEST_LABELSENTRY']._serialized_end=804
+  _globals['_LISTASSETSRESPONSE']._serialized_start=806
+  _globals['_LISTASSETSRESPONSE']._serialized_end=889
+  _globals['_DELETEASSETREQUEST']._serialized_start=891
+  _globals['_DELETEASSETREQUEST']._serialized_end=983
+  _globals['_DELETEASSETRESPONSE']._serialized_start=985
+  _globals['_DELETEASSETRESPONSE']._serialized_end=1043
+  _globals['_RESOLVEASSETREQUEST']._serialized_start=1045
+  _globals['_RESOLVEASSETREQUEST']._serialized_end=1125
+  _globals['_REPORTASSETSTATUSREQUEST']._serialized_start=1128
+  _globals['_REPORTASSETSTATUSREQUEST']._serialized_end=1289
+  _globals['_REGISTRY']._serialized_start=1423
+  _globals['_REGISTRY']._serialized_end=1912
 # @@protoc_insertion_point(module_scope)

@@ -203,6 +203,7 @@ class ListAssetsRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ASSET_CLASS_FIELD_NUMBER: _builtins.int
     interface: _asset_pb2.Interface.ValueType
     """Only assets implementing this interface."""
     runtime: _asset_pb2.Runtime.ValueType
@@ -217,6 +218,8 @@ class ListAssetsRequest(_message.Message):
     """Maximum assets per page; 0 means the server default (100), capped at 1000."""
     page_token: _builtins.str
     """`next_page_token` of the previous page; empty for the first."""
+    asset_class: _builtins.str
+    """Only assets of this class (`model` or `route`); empty: every class."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Only assets carrying all these labels (`key=value`)."""
@@ -231,10 +234,11 @@ class ListAssetsRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        asset_class: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "interface", b"interface", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "runtime", b"runtime", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_class", b"asset_class", "capability", b"capability", "interface", b"interface", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "runtime", b"runtime", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -62,16 +62,19 @@ def _updated_at() -> Mapped[datetime]:
 
 
 class Asset(Base):
-    """A declared model: its spec (desired state) and what was last observed of it."""
+    """A declared model or route: its spec (desired state) and what was last observed of it."""
 
     __tablename__ = "assets"
     __table_args__ = (
         Index("ix_assets_interfaces", "interfaces", postgresql_using="gin"),
         Index("ix_assets_runtime", "runtime"),
         Index("ix_assets_state", "state"),
+        Index("ix_assets_asset_class", "asset_class"),
     )
 
     asset_id: Mapped[str] = mapped_column(primary_key=True)
+    asset_class: Mapped[str] = mapped_column(server_default="model")
+    """`model`, or `route` (an asset that answers with other assets; no runtime)."""
     spec: Mapped[dict[str, Any]]
     """The AssetSpec as a JSON object."""
     revision: Mapped[int] = mapped_column(BigInteger)
@@ -258,6 +261,8 @@ class UsageRecord(Base):
     `budget_exhausted`, `model_not_ready`...; `internal` for an unexpected one)."""
     woke: Mapped[bool]
     """Whether the request had to wake its model."""
+    cache: Mapped[str] = mapped_column(server_default="")
+    """For a route with a response cache: `hit` (answered from it) or `miss`; else empty."""
 
 
 class Eviction(Base):
