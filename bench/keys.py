@@ -24,8 +24,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from bench.results import record
-from bench.router_overhead import percentile, summary
+from bench.results import percentile, record, summary
 from bench.stack import print_table
 from services.common.db import make_engine, make_sessionmaker
 from services.common.db.migrate import upgrade

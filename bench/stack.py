@@ -140,7 +140,7 @@ def running_stack(
 def catalog_spec(asset_id: str) -> AssetSpec:
     """The spec of a model in the built-in catalog (`deploy/catalog`)."""
     for item in load_path(CATALOG):
-        if item.spec.asset_id == asset_id:
+        if item.spec.asset_id == asset_id and isinstance(item.spec, AssetSpec):
             return item.spec
     raise KeyError(f"{asset_id} is not in the catalog {CATALOG}")
 
