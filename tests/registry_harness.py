@@ -55,7 +55,7 @@ async def running_registry(
     try:
         yield RunningRegistry(address, channel, registry_pb2_grpc.RegistryStub(channel))
     finally:
-        await channel.close()
+        await channel.close(grace=None)
         await server.stop(1)
         await relay.stop()
         await bus.close()

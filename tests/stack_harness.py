@@ -23,13 +23,15 @@ from tiny_models import build_tiny_llama, build_tiny_sentence_model
 from tls_files import TlsFiles
 
 from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2_grpc, registry_pb2, worker_pb2_grpc
-from services.common.asset_proto import AssetRecord, record_to_proto, spec_to_proto
+from services.common.asset_proto import AssetRecord, record_to_proto
 from services.common.assetspec import AssetSpec, parse_spec
 from services.common.db import make_engine, make_sessionmaker
 from services.common.events import EventBus
 from services.common.grpc_client import open_channel
 from services.common.keys import KeyStore, NewKey
 from services.common.modelstore.store import ModelStore
+from services.common.route_proto import declared_to_proto
+from services.common.routespec import RouteSpec, parse_document
 from services.common.settings import CommonSettings
 from services.router.server import RouterParts, start_router
 from services.router.settings import RouterSettings
@@ -117,13 +119,15 @@ class Stack:
         """The asset as the registry has it now (observed state included)."""
         return await self.registry.stub.GetAsset(registry_pb2.GetAssetRequest(asset_id=asset_id))
 
-    async def apply(self, *documents: dict) -> list[AssetSpec]:
-        """Apply asset documents through the registry (and install their models)."""
-        specs = [parse_spec(d, source_roots=[self.sources]) for d in documents]
+    async def apply(self, *documents: dict) -> list[AssetSpec | RouteSpec]:
+        """Apply asset documents (models and routes) through the registry, installing the
+        models first."""
+        specs = [parse_document(d, source_roots=[self.sources]) for d in documents]
         for spec in specs:
-            self.store.install(spec)
+            if isinstance(spec, AssetSpec):
+                self.store.install(spec)
         await self.registry.stub.ApplyAssets(registry_pb2.ApplyAssetsRequest(
-            assets=[registry_pb2.AssetApply(spec=spec_to_proto(s)) for s in specs]))
+            assets=[registry_pb2.AssetApply(spec=declared_to_proto(s)) for s in specs]))
         return specs
 
 

@@ -31,6 +31,10 @@ class FieldProblem:
 class RoundhouseError(Exception):
     """Base of every domain error; `message` is safe to show to a client."""
 
+    partial_usage: tuple[int, int] | None = None
+    """For a stream that failed after its first chunk: the prompt and completion tokens it had
+    used (estimated where the worker had not counted them), reported with the error."""
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message

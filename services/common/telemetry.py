@@ -28,6 +28,9 @@ OWN_HANDLER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 """Loggers that log through handlers of their own (uvicorn's), not the root's: a filter on
 the root handler never sees their records, so they get the secret filter themselves."""
 
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+"""Histogram buckets (seconds) of the request latencies Prometheus metrics keep."""
+
 
 @dataclass(frozen=True)
 class Telemetry:

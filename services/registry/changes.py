@@ -36,19 +36,24 @@ def asset_class(spec: Declared) -> str:
 
 async def check_routes(session: AsyncSession, items: list[ApplyItem]) -> None:
     """Every asset a route of the apply names must exist (stored, or in the same apply), differ
-    from the route, be no route and offer the route's interface (see `check_route_targets`).
-    Raises `InvalidSpec` with each problem's field path."""
+    from the route, be no route and offer the route's interface (see `check_route_targets`):
+    `InvalidSpec` with each problem's field path. A stored route that the apply would break (a
+    model it uses dropping or giving away the alias it is named by, or no longer offering its
+    interface) is a `Conflict` naming it. The assets named stay locked FOR SHARE until the apply
+    commits, so a concurrent delete waits for it and then sees the route."""
+    ids = {item.spec.asset_id for item in items}
+    held = set(await session.scalars(select(AssetAlias.alias).where(AssetAlias.asset_id.in_(ids))))
+    touched = held | {a for item in items for a in (item.spec.asset_id, *item.spec.aliases)}
+    affected = [r for r in (parse_document(row.spec) for row in await session.scalars(
+        select(Asset).where(Asset.asset_class == "route", Asset.asset_id.not_in(ids))))
+        if isinstance(r, RouteSpec) and any(a in touched for _, a in r.uses())]
     routes = [(n, item.spec) for n, item in enumerate(items) if isinstance(item.spec, RouteSpec)]
-    if not routes:
+    if not routes and not affected:
         return
-    named = {asset for _, route in routes for _, asset in route.uses()}
-    known: dict[str, tuple[str, list[str]]] = {}
-    aliases = {a.alias: a.asset_id for a in await session.scalars(
-        select(AssetAlias).where(AssetAlias.alias.in_(named)))}
-    for row in await session.scalars(
-            select(Asset).where(Asset.asset_id.in_(named | set(aliases.values())))):
-        known[row.asset_id] = (row.asset_class, list(row.interfaces))
-    known.update({alias: known[owner] for alias, owner in aliases.items() if owner in known})
+    known = await _named_assets(session, {a for _, r in routes for _, a in r.uses()}
+                                | {a for r in affected for _, a in r.uses()})
+    for alias in held:  # an applied asset keeps only the aliases it declares
+        known.pop(alias, None)
     for item in items:  # what this apply declares wins over what is stored
         declared = item.spec
         offered = (asset_class(declared), _columns(declared)["interfaces"])
@@ -61,6 +66,26 @@ async def check_routes(session: AsyncSession, items: list[ApplyItem]) -> None:
             problems += [FieldProblem(f"assets[{n}].spec.{p.path}", p.reason) for p in exc.problems]
     if problems:
         raise InvalidSpec.from_problems(listed(problems))
+    for route in affected:
+        try:
+            check_route_targets(route, known.get)
+        except InvalidSpec as exc:
+            why = "; ".join(f"{p.path}: {p.reason}" for p in exc.problems)
+            raise Conflict(f"route '{route.asset_id}' uses it and would break ({why}); "
+                           "change or delete the route first") from None
+
+
+async def _named_assets(session: AsyncSession, named: set[str]) -> dict[str, tuple[str, list[str]]]:
+    """The class and interfaces of each stored asset in `named` (by id or alias), locked FOR
+    SHARE until the transaction ends."""
+    aliases = {a.alias: a.asset_id for a in await session.scalars(
+        select(AssetAlias).where(AssetAlias.alias.in_(named)).with_for_update(read=True))}
+    known: dict[str, tuple[str, list[str]]] = {}
+    for row in await session.scalars(select(Asset).where(
+            Asset.asset_id.in_(named | set(aliases.values()))).with_for_update(read=True)):
+        known[row.asset_id] = (row.asset_class, list(row.interfaces))
+    known.update({alias: known[owner] for alias, owner in aliases.items() if owner in known})
+    return known
 
 
 async def check_not_routed(session: AsyncSession, asset_id: str, aliases: list[str]) -> None:

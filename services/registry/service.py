@@ -43,7 +43,8 @@ class AssetRegistry:
     ) -> list[tuple[Stored, Outcome]]:
         """Create or update every item in one transaction; all or nothing. A route's targets
         must exist (stored or in the same apply) and offer its interface; a model that a route
-        uses cannot become a route."""
+        uses cannot become a route, and an apply that would break a stored route (dropping or moving
+        an alias it uses, changing a used model's interface) is a `Conflict`."""
         if not items:
             raise InvalidArgument("assets: at least one asset is required")
         changes.check_unique_ids(items)

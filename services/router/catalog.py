@@ -8,17 +8,17 @@ import time
 import grpc
 
 from roundhouse.v1 import registry_pb2, registry_pb2_grpc
-from services.common.asset_proto import AssetRecord, check_serves, record_from_proto
 from services.common.assetspec_fields import ASSET_ID_RE
 from services.common.errors import AssetNotFound
 from services.common.grpc_client import domain_error
 from services.common.registry_reads import list_all_assets
 from services.common.request_text import shown
+from services.common.route_proto import Stored, check_serves, stored_from_proto
 
 CACHE_TTL_S = 30.0
 SNAPSHOT_TTL_S = 1.0
 
-Records = list[AssetRecord]
+Records = list[Stored]
 
 
 class AssetCatalog:
@@ -30,12 +30,12 @@ class AssetCatalog:
 
     def __init__(self, registry: registry_pb2_grpc.RegistryStub) -> None:
         self._registry = registry
-        self._cache: dict[str, tuple[float, AssetRecord]] = {}
+        self._cache: dict[str, tuple[float, Stored]] = {}
         self._snapshot: tuple[float, Records] | None = None
         self._fetching: asyncio.Future[Records] | None = None
 
-    async def resolve(self, name: str, interface: str) -> AssetRecord:
-        """The asset `name` designates, checked for `interface`; domain errors otherwise.
+    async def resolve(self, name: str, interface: str) -> Stored:
+        """The model or route `name` designates, checked for `interface`; domain errors otherwise.
 
         A name no asset id or alias could have (they match `ASSET_ID_RE`) is not found at
         once, without asking the registry.
@@ -50,19 +50,19 @@ class AssetCatalog:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise domain_error(exc, unavailable="the registry is unavailable") from None
-            entry = (time.monotonic(), record_from_proto(reply))
+            entry = (time.monotonic(), stored_from_proto(reply))
             self._cache[name] = entry
         check_serves(entry[1], name, interface)
         return entry[1]
 
-    async def list(self) -> list[AssetRecord]:
-        """Every asset, from the registry (not cached: listing must be current). The answer is
+    async def list(self) -> list[Stored]:
+        """Every model and route, from the registry (not cached: listing must be current). The answer is
         kept as the latest `snapshot`."""
         try:
             assets = await list_all_assets(self._registry, timeout_s=10)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, unavailable="the registry is unavailable") from None
-        records = [record_from_proto(a) for a in assets]
+        records = [stored_from_proto(a) for a in assets]
         self._snapshot = (time.monotonic(), records)
         return records
 

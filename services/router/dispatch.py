@@ -61,14 +61,15 @@ class Dispatcher:
         self._idle_s = stream_idle_timeout_s
 
     async def chat(self, record: AssetRecord, request: inference_pb2.ChatRequest, *, deadline: Deadline,
-                   queue: QueueBudget, ticket: UsageTicket, stream: bool,
+                   queue: QueueBudget, ticket: UsageTicket, stream: bool, may_wake: bool = True,
                    ) -> AsyncGenerator[inference_pb2.ChatChunk, None]:
         """The chunks of the request's answer (`request.model` is the asset id). `stream=False`:
-        a remote upstream is asked for the whole text, which comes as one chunk."""
+        a remote upstream is asked for the whole text, which comes as one chunk. `may_wake`
+        False: `ModelNotReady` rather than a wake when no worker holds the asset."""
         asset_id = record.spec.asset_id
         tries = _Tries(self._workers, asset_id)
         while True:
-            worker = await self._place(record, tries, deadline, queue, ticket)
+            worker = await self._place(record, tries, deadline, queue, ticket, may_wake)
             if self._remote.skips_worker(record, worker.address):
                 async with aclosing(self._remote_chat(record, request, worker, deadline, ticket,
                                                       stream)) as pieces:
@@ -98,12 +99,14 @@ class Dispatcher:
                 worker.in_flight[asset_id] -= 1
 
     async def embed(self, record: AssetRecord, request: inference_pb2.EmbedRequest, *, deadline: Deadline,
-                    queue: QueueBudget, ticket: UsageTicket) -> inference_pb2.EmbedResponse:
-        """The vectors of the request (`request.model` is the asset id)."""
+                    queue: QueueBudget, ticket: UsageTicket, may_wake: bool = True,
+                    ) -> inference_pb2.EmbedResponse:
+        """The vectors of the request (`request.model` is the asset id); `may_wake` as for
+        `chat`."""
         asset_id = record.spec.asset_id
         tries = _Tries(self._workers, asset_id)
         while True:
-            worker = await self._place(record, tries, deadline, queue, ticket)
+            worker = await self._place(record, tries, deadline, queue, ticket, may_wake)
             worker.in_flight[asset_id] += 1
             try:
                 call = worker.inference.Embed(request, timeout=deadline.remaining(), metadata=queue.metadata())
@@ -116,12 +119,15 @@ class Dispatcher:
                 worker.in_flight[asset_id] -= 1
 
     async def _place(self, record: AssetRecord, tries: _Tries, deadline: Deadline, queue: QueueBudget,
-                     ticket: UsageTicket) -> WorkerHandle:
-        """A worker for the request, waking the asset if needed; a wake's time is not taken from
-        the queue budget."""
+                     ticket: UsageTicket, may_wake: bool) -> WorkerHandle:
+        """A worker for the request, waking the asset if needed (and allowed); a wake's time is
+        not taken from the queue budget."""
         held = self._workers.pick(record.spec.asset_id, tries.excluded)
         if held is not None:  # the common case: no wait, so no deadline scope to set up
             return held
+        if not may_wake:
+            raise ModelNotReady(f"model '{record.spec.asset_id}' is not loaded, and this request "
+                                "may not wake it")
         loop = asyncio.get_running_loop()
         began, woke = loop.time(), False
 

@@ -10,30 +10,44 @@ asset is placed like any other, then sent to its upstream by the router itself (
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
 from services.common.assetspec_fields import ASSET_ID_RE
-from services.common.errors import AssetNotFound
+from services.common.errors import AssetNotFound, FailedPrecondition, NotFound, RoundhouseError, UpstreamError
 from services.common.inference_requests import check_chat, check_embed, check_embed_size
 from services.common.keys import KeyRecord
+from services.common.route_proto import RouteRecord, Stored
 from services.common.workerpool import WorkerPool
-from services.router.admission import Admission, AssetGate
+from services.router.admission import Admission, AssetGate, QueueBudget
+from services.router.cache import ResponseCache
 from services.router.catalog import AssetCatalog
 from services.router.deadlines import DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_STREAM_IDLE_TIMEOUT_S, Deadline
 from services.router.dispatch import Dispatcher
 from services.router.keys import allowed_models, check_model
 from services.router.limits import Limiter, estimate_chat, estimate_embed
+from services.router.limits.estimate import chat_prompt_tokens
 from services.router.remote import RemoteUpstreams
+from services.router.routes.caching import RouteCaching, greedy, whole_chat
+from services.router.routes.mirror import Mirror
+from services.router.routes.plan import Plan, Routed, RoutePlanner, fallback_reason
+from services.router.routes.shadow import ShadowTraffic, SideOutcome
 from services.router.usage import UsageLedger, UsageTicket
+from services.router.usage.ticket import status_of
 from services.router.waking import ModelWaker
 
 log = logging.getLogger(__name__)
 
 LLM = "llm-runtime"
 EMBEDDING = "embedding-runtime"
+R = TypeVar("R", bound=Message)
 
 
 class Gateway:
@@ -51,9 +65,14 @@ class Gateway:
         remote: RemoteUpstreams | None = None,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S,
+        cache: ResponseCache | None = None,
+        shadow: ShadowTraffic | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         """`request_timeout_s`: the longest a request may take in all; `stream_idle_timeout_s`:
-        the longest a worker or upstream may stay silent between two chunks of a stream."""
+        the longest a worker or upstream may stay silent between two chunks of a stream.
+        `cache`: where routes keep answers (None: no route caches); `shadow`: the bookkeeping
+        of routes' shadow copies; `rng`: the draws of unsticky splits."""
         self.catalog = catalog
         self.workers = workers
         self.admission = admission
@@ -63,14 +82,36 @@ class Gateway:
         self.remote = remote or RemoteUpstreams()
         self.request_timeout_s = request_timeout_s
         self.dispatcher = Dispatcher(workers, waker, self.remote, stream_idle_timeout_s=stream_idle_timeout_s)
+        self.planner = RoutePlanner(self._target, self._loaded, rng)
+        self.caching = RouteCaching(cache)
+        self.mirror = Mirror(shadow or ShadowTraffic(), self._target, self._loaded)
 
-    async def list_models(self, *, key: KeyRecord | None = None) -> list[AssetRecord]:
+    async def _target(self, name: str) -> AssetRecord:
+        """The model a route names (routes do not nest: one named since is not found)."""
+        stored = await self.catalog.resolve(name, "")
+        if not isinstance(stored, AssetRecord):
+            raise AssetNotFound(f"model '{name}' is a route; routes do not nest")
+        return stored
+
+    async def is_route(self, route_id: str) -> bool:
+        """Whether `route_id` is the id of a route."""
+        try:
+            stored = await self.catalog.resolve(route_id, "")
+        except (NotFound, FailedPrecondition):
+            return False
+        return isinstance(stored, RouteRecord) and stored.spec.asset_id == route_id
+
+    def _loaded(self, asset_id: str) -> bool:
+        """Whether a worker holds the asset now (a request would not wake it)."""
+        return self.workers.pick(asset_id) is not None
+
+    async def list_models(self, *, key: KeyRecord | None = None) -> list[Stored]:
         """Every asset `key` may use (all without a key), as the registry has it. Never wakes
         a model. The key's limit status is published (see `Limiter.report`)."""
         await self.limits.report(key)
         return allowed_models(key, await self.catalog.list())
 
-    async def get_model(self, name: str, *, key: KeyRecord | None = None) -> AssetRecord:
+    async def get_model(self, name: str, *, key: KeyRecord | None = None) -> Stored:
         """One asset by id or alias, whatever its interface or state, if `key` may use it. The
         key's limit status is published (see `Limiter.report`).
 
@@ -88,7 +129,7 @@ class Gateway:
 
     async def chat(
         self, request: inference_pb2.ChatRequest, *, timeout: float | None = None,
-        key: KeyRecord | None = None, stream: bool = True,
+        key: KeyRecord | None = None, stream: bool = True, routed: Routed | None = None,
     ) -> AsyncIterator[inference_pb2.ChatChunk]:
         """Stream a completion from a worker. Closing the iterator cancels the worker's call.
         `stream=False` says the caller wants only the whole text: a remote upstream is then
@@ -96,34 +137,142 @@ class Gateway:
 
         An invalid request fails on the first iteration, before any model is resolved or woken;
         one for a model outside `key`'s scope (None: auth is off) right after the name is
-        resolved, before admission or a wake. Then `key`'s limits are reserved (a refusal never
-        reaches a worker nor wakes a model), and settled with the real usage when the stream
-        ends; every request is recorded in the usage ledger.
+        resolved, before admission or a wake. Then `key`'s limits are reserved once (a refusal
+        never reaches a worker nor wakes a model), and settled with the real usage when the
+        stream ends; every request is recorded in the usage ledger.
+
+        A route's request goes to its plan's candidates in turn (see `routes.plan`) until one
+        answers a first chunk; after that a failure ends the stream (with the usage so far in
+        the error's `partial_usage`). `routed` gets the answering asset, the attempts and the
+        cache outcome; the answer may come from the route's cache, and a sample of requests is
+        copied to its shadows (see `routes.mirror`).
 
         The whole request, queue wait and wake included, ends by its deadline: the request
         timeout, or `timeout` (seconds) when shorter; past it, or when the worker stays silent
         longer than the idle timeout between two chunks, `DeadlineExceeded` is raised.
         """
+        routed = routed if routed is not None else Routed()
         async with self._accounted(key, request.model, LLM, request.request_id) as ticket:
             deadline = Deadline.within(self.request_timeout_s, timeout)
             async with deadline.bounding("its model was looked up"):
                 check_chat(request)
-                record = await self.catalog.resolve(request.model, LLM)
-                check_model(key, record, request.model)
-                ticket.asset = record
-                ticket.estimate = estimate_chat(request, record, self.limits.default_completion_tokens)
+                plan = await self._plan(request.model, LLM, key, request.user, routed,
+                                        chat_prompt_tokens(request))
+                ticket.asset = plan.candidates[0]
+                ticket.estimate = estimate_chat(request, ticket.asset, self.limits.default_completion_tokens)
                 ticket.reservation = await self.limits.reserve(key, ticket.estimate)
-            asset_id = record.spec.asset_id
-            log.debug("request %s: chat with %s for user %r", request.request_id, asset_id, request.user)
-            forwarded = inference_pb2.ChatRequest()
-            forwarded.CopyFrom(request)
-            forwarded.model = asset_id
-            async with self._gate(record).slot(deadline) as queue, aclosing(self.dispatcher.chat(
-                    record, forwarded, deadline=deadline, queue=queue, ticket=ticket, stream=stream,
-            )) as chunks:
-                async for chunk in chunks:
-                    ticket.chunk(chunk)
+            log.debug("request %s: chat with %s for user %r", request.request_id,
+                      ticket.asset.spec.asset_id, request.user)
+            for tried, record in enumerate(plan.candidates, start=1):
+                forwarded = _forwarded(request, record)
+                entry = self.caching.key(plan.route, record, forwarded, key, routed.no_cache)
+                if entry is not None and (hit := await self._cached(
+                        plan, record, entry, inference_pb2.ChatChunk, ticket, routed)) is not None:
+                    yield hit
+                    return
+                attempt = self._attempt_chat(record, forwarded, deadline, ticket, stream)
+                try:
+                    first = await anext(attempt)
+                except StopAsyncIteration:
+                    raise UpstreamError("The model returned no output.") from None
+                except RoundhouseError as exc:
+                    await attempt.aclose()
+                    if self._falls_back(plan, record, exc, tried, routed):
+                        continue
+                    raise
+                self._answered(record, ticket, routed)
+                async with aclosing(self._relay(plan, record, forwarded, first, attempt, entry,
+                                                ticket)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+                return
+
+    async def _plan(self, name: str, interface: str, key: KeyRecord | None, user: str,
+                    routed: Routed, prompt_tokens: int) -> Plan:
+        """The assets to try for a request naming `name`: the model it names, or the route's
+        candidates (sticky by `user` or `key` when the route says so)."""
+        stored = await self.catalog.resolve(name, interface)
+        check_model(key, stored, name)
+        sticky = key.key_id if key is not None else None
+        if isinstance(stored, RouteRecord) and stored.spec.sticky == "user":
+            sticky = user or None
+        return await self.planner.plan(stored, sticky_key=sticky, prompt_tokens=prompt_tokens,
+                                       routed=routed)
+
+    async def _cached(self, plan: Plan, record: AssetRecord, entry: str, reply: type[R],
+                      ticket: UsageTicket, routed: Routed) -> R | None:
+        """The cached answer under `entry`, recorded as a hit (or None, a miss)."""
+        assert plan.route is not None
+        found = None if routed.no_cache else await self.caching.lookup(plan.route, entry, reply)
+        routed.cache = ticket.cache = "miss" if found is None else "hit"
+        if found is None:
+            return None
+        ticket.mark_cached()
+        routed.attempts.append((record.spec.asset_id, "cache"))
+        self._answered(record, ticket, routed, attempt=False)
+        assert isinstance(found, reply)
+        return found
+
+    @staticmethod
+    def _falls_back(plan: Plan, record: AssetRecord, exc: RoundhouseError, tried: int,
+                    routed: Routed) -> bool:
+        """Record a candidate's refusal; whether the request moves on to the next one."""
+        reason = fallback_reason(exc)
+        routed.attempts.append((record.spec.asset_id, reason or status_of(exc)))
+        moves_on = plan.falls_back(reason, tried)
+        if moves_on:
+            log.info("route %s: %s refused (%s), trying the next candidate",
+                     plan.route.asset_id if plan.route else "", record.spec.asset_id, reason)
+        return moves_on
+
+    @staticmethod
+    def _answered(record: AssetRecord, ticket: UsageTicket, routed: Routed, *,
+                  attempt: bool = True) -> None:
+        ticket.asset = record
+        routed.target = record.spec.asset_id
+        if attempt:
+            routed.attempts.append((record.spec.asset_id, "ok"))
+
+    async def _attempt_chat(self, record: AssetRecord, forwarded: inference_pb2.ChatRequest,
+                            deadline: Deadline, ticket: UsageTicket, stream: bool,
+                            ) -> AsyncGenerator[inference_pb2.ChatChunk, None]:
+        """One candidate's answer: admitted by its gate, placed and relayed by the dispatcher."""
+        async with self._gate(record).slot(deadline) as queue, aclosing(self.dispatcher.chat(
+                record, forwarded, deadline=deadline, queue=queue, ticket=ticket, stream=stream,
+        )) as chunks:
+            async for chunk in chunks:
+                ticket.chunk(chunk)
+                yield chunk
+
+    async def _relay(self, plan: Plan, record: AssetRecord, forwarded: inference_pb2.ChatRequest,
+                     first: inference_pb2.ChatChunk,
+                     chunks: AsyncGenerator[inference_pb2.ChatChunk, None], entry: str | None,
+                     ticket: UsageTicket) -> AsyncGenerator[inference_pb2.ChatChunk, None]:
+        """The answering candidate's chunks, from its first: fed to the route's shadow copies,
+        kept in its cache when whole. A failure from here on ends the stream, carrying the
+        usage so far."""
+        primary = self.mirror.copy(plan.route, forwarded, self._copy_chat, answering=record.spec.asset_id,
+                                   greedy=greedy(forwarded, record))
+        text: list[str] | None = [] if entry is not None else None
+        chunk: inference_pb2.ChatChunk | None = first
+        try:
+            async with aclosing(chunks):
+                while chunk is not None:
+                    last = chunk
+                    if primary is not None:
+                        primary.chunk(chunk)
+                    if text is not None:
+                        text.append(chunk.delta)
                     yield chunk
+                    chunk = await anext(chunks, None)
+        except RoundhouseError as exc:
+            exc.partial_usage = ticket.used_so_far()
+            raise
+        finally:
+            if primary is not None:
+                primary.ended()
+        if entry is not None and text is not None and plan.route is not None and last.finish_reason:
+            self.caching.keep(plan.route, entry, whole_chat(record.spec.asset_id, text, last))
 
     @asynccontextmanager
     async def _accounted(self, key: KeyRecord | None, model: str, interface: str,
@@ -150,36 +299,79 @@ class Gateway:
 
     async def embed(
         self, request: inference_pb2.EmbedRequest, *, timeout: float | None = None,
-        key: KeyRecord | None = None,
+        key: KeyRecord | None = None, routed: Routed | None = None,
     ) -> inference_pb2.EmbedResponse:
         """Embed on a worker holding the model.
 
         Refused before any model is resolved or woken when invalid, right after the name is
         resolved when outside `key`'s scope, and before a worker is asked when the vectors
         could not come back in one message (the asset's dimension is known from its metadata
-        or detected capabilities). `key`'s limits are reserved and settled, and the deadline
-        kept, as for `chat`.
+        or detected capabilities). `key`'s limits are reserved and settled, the deadline kept,
+        and a route's candidates, cache and shadows used, as for `chat`.
         """
+        routed = routed if routed is not None else Routed()
         async with self._accounted(key, request.model, EMBEDDING, request.request_id) as ticket:
             deadline = Deadline.within(self.request_timeout_s, timeout)
             async with deadline.bounding("its model was looked up"):
                 check_embed(request)
-                record = await self.catalog.resolve(request.model, EMBEDDING)
-                check_model(key, record, request.model)
-                check_embed_size(len(request.inputs), embedding_dim(record))
-                ticket.asset = record
-                ticket.estimate = estimate_embed(request, record)
+                plan = await self._plan(request.model, EMBEDDING, key, request.user, routed, 0)
+                ticket.asset = plan.candidates[0]
+                check_embed_size(len(request.inputs), embedding_dim(ticket.asset))
+                ticket.estimate = estimate_embed(request, ticket.asset)
                 ticket.reservation = await self.limits.reserve(key, ticket.estimate)
             log.debug("request %s: embed %d inputs with %s for user %r", request.request_id,
-                      len(request.inputs), record.spec.asset_id, request.user)
-            forwarded = inference_pb2.EmbedRequest()
-            forwarded.CopyFrom(request)
-            forwarded.model = record.spec.asset_id
-            async with self._gate(record).slot(deadline) as queue:
-                result = await self.dispatcher.embed(record, forwarded, deadline=deadline, queue=queue,
-                                                     ticket=ticket)
-            ticket.used(result.usage)
-            return result
+                      len(request.inputs), ticket.asset.spec.asset_id, request.user)
+            for tried, record in enumerate(plan.candidates, start=1):
+                forwarded = _forwarded(request, record)
+                entry = self.caching.key(plan.route, record, forwarded, key, routed.no_cache)
+                if entry is not None and (hit := await self._cached(
+                        plan, record, entry, inference_pb2.EmbedResponse, ticket, routed)) is not None:
+                    return hit
+                try:
+                    async with self._gate(record).slot(deadline) as queue:
+                        result = await self.dispatcher.embed(record, forwarded, deadline=deadline,
+                                                             queue=queue, ticket=ticket)
+                except RoundhouseError as exc:
+                    if self._falls_back(plan, record, exc, tried, routed):
+                        continue
+                    raise
+                self._answered(record, ticket, routed)
+                ticket.used(result.usage)
+                if (primary := self.mirror.copy(plan.route, forwarded, self._copy_embed,
+                                                answering=record.spec.asset_id)) is not None:
+                    primary.embedded(result)
+                if entry is not None and plan.route is not None:
+                    self.caching.keep(plan.route, entry, result)
+                return result
+        raise AssertionError("unreachable: a plan's last candidate never falls back")
+
+    async def _copy_chat(self, record: AssetRecord, request: inference_pb2.ChatRequest,
+                         may_wake: bool) -> SideOutcome:
+        """A shadow copy of a chat: straight to a worker (no queue at the router, none at the
+        worker), with no key and nothing in the ledger."""
+        started, text = time.perf_counter(), []
+        usage = inference_pb2.Usage()
+        async with aclosing(self.dispatcher.chat(
+                record, request, deadline=Deadline.within(self.request_timeout_s, None),
+                queue=QueueBudget(0.0), ticket=UsageTicket("", request.model, LLM, request.request_id),
+                stream=True, may_wake=may_wake)) as chunks:
+            async for chunk in chunks:
+                text.append(chunk.delta)
+                if chunk.HasField("usage"):
+                    usage = chunk.usage
+        return SideOutcome(time.perf_counter() - started, usage.prompt_tokens, usage.completion_tokens,
+                           text="".join(text), greedy=greedy(request, record))
+
+    async def _copy_embed(self, record: AssetRecord, request: inference_pb2.EmbedRequest,
+                          may_wake: bool) -> SideOutcome:
+        """A shadow copy of an embedding request, as `_copy_chat`."""
+        started = time.perf_counter()
+        result = await self.dispatcher.embed(
+            record, request, deadline=Deadline.within(self.request_timeout_s, None),
+            queue=QueueBudget(0.0), ticket=UsageTicket("", request.model, EMBEDDING, request.request_id),
+            may_wake=may_wake)
+        return SideOutcome(time.perf_counter() - started, result.usage.prompt_tokens,
+                           vectors=[list(e.values) for e in result.embeddings])
 
     async def ready(self) -> bool:
         """Registry reachable (it answered within the catalog's snapshot period) and at least one
@@ -197,3 +389,11 @@ def embedding_dim(record: AssetRecord) -> int:
     """The asset's vector length: declared metadata wins over the detected value; 0 if unknown."""
     detected = (record.capabilities or {}).get("embedding_dim") or 0
     return int(record.spec.metadata.embedding_dim or detected)
+
+
+def _forwarded(request: R, record: AssetRecord) -> R:
+    """`request` as a worker gets it: naming the asset by its id."""
+    forwarded = type(request)()
+    forwarded.CopyFrom(request)
+    forwarded.model = record.spec.asset_id  # type: ignore[attr-defined]  # both requests have it
+    return forwarded

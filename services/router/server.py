@@ -24,13 +24,15 @@ from services.common.outbox import OutboxRelay
 from services.common.telemetry import setup_telemetry
 from services.common.workerpool import WorkerPool
 from services.router.admission import Admission
+from services.router.cache import ResponseCache
 from services.router.catalog import AssetCatalog
 from services.router.gateway import Gateway
 from services.router.http.app import create_app
-from services.router.http.metrics import THRASHING_EVENTS
+from services.router.http.metrics import THRASHING_EVENTS, HttpMetrics
 from services.router.keys import KeyAuthenticator
 from services.router.limits import Limiter, create_pool
 from services.router.remote import RemoteUpstreams
+from services.router.routes.shadow import ShadowTraffic
 from services.router.servicer import InferenceFrontServicer
 from services.router.settings import RouterSettings
 from services.router.usage import UsageLedger
@@ -89,9 +91,24 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
     waker = ModelWaker(workers, jobs, wait_s=settings.load_timeout_s)
     limiter, ledger, close_usage = await _start_limits_and_usage(settings)
     remote = RemoteUpstreams(settings.upstream_rules(), touch_s=settings.remote_worker_touch_s)
+    metrics = HttpMetrics()
+    cache = None
+    if bus is not None:
+        cache = ResponseCache(bus.nc, max_total_bytes=settings.response_cache_max_bytes,
+                              max_entry_bytes=settings.response_cache_max_entry_bytes,
+                              registry=metrics.registry)
+        await cache.start()
+    shadow = ShadowTraffic(max_in_flight=settings.shadow_max_in_flight, registry=metrics.registry)
     gateway = Gateway(catalog, workers, Admission(), waker, limits=limiter, usage=ledger, remote=remote,
                       request_timeout_s=settings.request_timeout_s,
-                      stream_idle_timeout_s=settings.stream_idle_timeout_s)
+                      stream_idle_timeout_s=settings.stream_idle_timeout_s, cache=cache, shadow=shadow)
+
+    async def close_routes() -> None:
+        await gateway.mirror.close()
+        await gateway.caching.flush()
+        if cache is not None:
+            await cache.close()
+
     store, authenticator, on_key_revoked = await _start_keys(settings, bus, stoppers)
 
     drain = Drain.from_settings(settings)
@@ -104,7 +121,8 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
         refuse_while_draining=True)
     app = create_app(gateway, jobs, max_body_bytes=settings.max_body_bytes,
                      authenticator=authenticator, key_store=store, on_key_revoked=on_key_revoked,
-                     metrics_auth=settings.metrics_auth, tracing=settings.otel_console, drain=drain)
+                     metrics_auth=settings.metrics_auth, tracing=settings.otel_console, drain=drain,
+                     metrics=metrics, shadow=shadow)
     if bus is not None:
         await bus.subscribe(THRASHING_EVENTS, app.state.metrics.observe_thrashing)
     # httptools parses HTTP (uvicorn's fastest protocol); the loop is the one `main` runs.
@@ -131,7 +149,8 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
         await jobs_channel.close(None)
 
     return RouterParts(gateway, grpc_server, http_server, http_port,
-                       [stop_http, close_usage, *stoppers, workers.close, remote.close, close_channels],
+                       [stop_http, close_routes, close_usage, *stoppers, workers.close, remote.close,
+                        close_channels],
                        stop_http)
 
 

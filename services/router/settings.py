@@ -9,6 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.keys.tokens import operator_secret
 from services.common.settings import FleetSettings
+from services.router.cache.store import DEFAULT_MAX_ENTRY_BYTES, DEFAULT_MAX_TOTAL_BYTES
 from services.router.deadlines import DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_STREAM_IDLE_TIMEOUT_S
 from services.router.remote import DEFAULT_TOUCH_S
 
@@ -81,6 +82,19 @@ class RouterSettings(FleetSettings):
     except one per this many seconds per asset and worker, which goes through the worker holding
     it so that the worker's idle clock (auto-sleep, eviction order) sees the asset in use. Keep
     it well below the shortest auto-sleep."""
+
+    response_cache_max_bytes: int = Field(default=DEFAULT_MAX_TOTAL_BYTES, gt=0)
+    """Bound of the routes' shared response cache, all entries together
+    (`ROUNDHOUSE_RESPONSE_CACHE_MAX_BYTES`); past it the oldest entries go. Set by the first
+    router that creates the NATS bucket."""
+
+    response_cache_max_entry_bytes: int = Field(default=DEFAULT_MAX_ENTRY_BYTES, gt=0)
+    """Largest answer a route's cache keeps when the route sets no `cache.max_bytes`
+    (`ROUNDHOUSE_RESPONSE_CACHE_MAX_ENTRY_BYTES`)."""
+
+    shadow_max_in_flight: int = Field(default=4, gt=0)
+    """Shadow copies one router runs at once per route and shadow asset
+    (`ROUNDHOUSE_SHADOW_MAX_IN_FLIGHT`); more are dropped and counted as `saturated`."""
 
     auth: Literal["enabled", "disabled"] = "enabled"
     """API keys on every `/v1` and `/admin/v1` route and on the gRPC front (`ROUNDHOUSE_AUTH`).

@@ -26,7 +26,9 @@ from services.router.http.metrics import HttpMetrics
 from services.router.http.middleware import BodyLimitMiddleware, DrainMiddleware, RequestContextMiddleware
 from services.router.http.rendering import OrjsonResponse
 from services.router.http.routes import openai_router
+from services.router.http.shadow import shadow_router
 from services.router.http.usage import usage_router
+from services.router.routes.shadow import ShadowTraffic
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -46,12 +48,14 @@ def create_app(
     gateway: Gateway, jobs: JobsStub, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     authenticator: KeyAuthenticator | None = None, key_store: KeyStore | None = None,
     on_key_revoked: Callable[[str], None] | None = None, metrics_auth: bool = False,
-    tracing: bool = False, drain: Drain | None = None,
+    tracing: bool = False, drain: Drain | None = None, metrics: HttpMetrics | None = None,
+    shadow: ShadowTraffic | None = None,
 ) -> FastAPI:
     """The HTTP API in front of `gateway`, with the admin API over `jobs` and `key_store`.
 
     Routes: `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, `/v1/completions`,
-    `/v1/embeddings`, `/admin/v1/...` (see `admin` and `keys`), `/healthz`, `/readyz`,
+    `/v1/embeddings`, `/admin/v1/...` (see `admin`, `keys`, `usage` and `shadow`: a route's
+    shadow summary at `/admin/v1/routes/{id}/shadow`), `/healthz`, `/readyz`,
     `/metrics`. Keys are checked by `authenticator` (see `auth`; None: not at all);
     `on_key_revoked(name)` runs after a revocation here. Bodies over `max_body_bytes`
     are refused with 413. Every error has OpenAI's shape; every response has `x-request-id`.
@@ -61,7 +65,7 @@ def create_app(
     Once `drain` has begun (SIGTERM), `/readyz` answers 503 and every new request but the
     probes and `/metrics` is refused with 503 `shutting_down` and a Retry-After.
     """
-    metrics = HttpMetrics()
+    metrics = metrics or HttpMetrics()
     app = FastAPI(
         title="Roundhouse",
         summary="OpenAI-compatible API of the Roundhouse router.",
@@ -83,6 +87,8 @@ def create_app(
     app.include_router(admin_router)
     app.include_router(keys_router)
     app.include_router(usage_router)
+    # The gateway is asked only when a request needs it: apps are built before (or without) one.
+    app.include_router(shadow_router(shadow or ShadowTraffic(), lambda route_id: gateway.is_route(route_id)))
     _add_operational_routes(app)
     # Added innermost first: request context, the drain, authentication, then the body limit,
     # so a request without a valid key is refused before its body is read.

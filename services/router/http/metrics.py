@@ -7,11 +7,11 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
 from roundhouse.v1 import events_pb2, inference_pb2
+from services.common.telemetry import LATENCY_BUCKETS
 
 THRASHING_EVENTS = "roundhouse.events.model.thrashing.>"
 """Where the jobs service announces thrashing (one event per model per episode)."""
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class HttpMetrics:

@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from roundhouse.v1 import inference_pb2
-from services.common.asset_proto import AssetRecord
 from services.common.request_text import SURROGATE_REASON, surrogate_path
+from services.common.route_proto import RouteRecord, Stored
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -126,6 +126,10 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+ROUTE_FIELDS = ("targets", "sticky", "shadow", "fallback", "fallback_on", "cache")
+"""What a route's model object shows of it."""
+
+
 class ModelCard(OpenAIResponse):
     """An OpenAI `model` object, with Roundhouse's facts about the asset added."""
 
@@ -140,10 +144,19 @@ class ModelCard(OpenAIResponse):
     aliases: list[str] = Field(default_factory=list)
     context_length: int | None = None
     embedding_dim: int | None = None
+    route: dict[str, Any] | None = None
+    """For a route: its targets and weights, stickiness, fallbacks, shadows and cache."""
 
     @classmethod
-    def from_record(cls, record: AssetRecord) -> ModelCard:
-        """A stored asset → its model object; declared metadata wins over detected values."""
+    def from_record(cls, record: Stored) -> ModelCard:
+        """A stored asset → its model object; declared metadata wins over detected values. A
+        route's state is `ready`: it answers whenever its targets do."""
+        if isinstance(record, RouteRecord):
+            route = record.spec
+            return cls(id=route.asset_id, created=_unix(record.created_at),
+                       display_name=route.display_name or None, interfaces=route.interfaces,
+                       state="ready", desired="running", aliases=list(route.aliases),
+                       route={k: v for k, v in route.to_document().items() if k in ROUTE_FIELDS})
         spec = record.spec
         detected: dict[str, Any] = record.capabilities or {}
         return cls(

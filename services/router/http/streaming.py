@@ -21,11 +21,12 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from roundhouse.v1 import inference_pb2
-from services.common.errors import UpstreamError
+from services.common.errors import RoundhouseError, UpstreamError
 from services.router.deadlines import REQUEST_TIMEOUT_HEADER, header_seconds
 from services.router.http.auth import request_key
 from services.router.http.errors import ClientClosedRequest, error_payload
 from services.router.http.protocol import FinishReason, UsageInfo, finish_reason
+from services.router.routes.plan import Routed
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -66,8 +67,9 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                           **(headers or {})})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -104,6 +106,25 @@ def client_timeout(request: Request) -> float | None:
     """The deadline the client asked for in `x-request-timeout` (seconds), if any; the gateway
     keeps the shorter of it and the request timeout. An invalid value is a 400 naming it."""
     return header_seconds(REQUEST_TIMEOUT_HEADER, request.headers.get(REQUEST_TIMEOUT_HEADER))
+
+
+def skips_cache(request: Request) -> bool:
+    """Whether the client asked not to be answered from a cache (`Cache-Control: no-cache` or
+    `no-store`); its fresh answer may still be kept."""
+    directives = {d.strip().split("=", 1)[0].lower()
+                  for d in request.headers.get("cache-control", "").split(",")}
+    return not directives.isdisjoint({"no-cache", "no-store"})
+
+
+def mid_stream_error(exc: Exception, request_id: str) -> bytes:
+    """The last event of a stream that failed after it started: OpenAI's error object, with
+    the usage so far when known."""
+    payload = error_payload(exc, request_id)
+    used = exc.partial_usage if isinstance(exc, RoundhouseError) else None
+    if used is not None:
+        payload["usage"] = UsageInfo(prompt_tokens=used[0], completion_tokens=used[1],
+                                     total_tokens=sum(used)).model_dump()
+    return sse(payload)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -233,7 +254,7 @@ async def relay(
             yield renderer.usage(UsageInfo.from_proto(chunk.usage))
         yield DONE
     except Exception as exc:
-        yield sse(error_payload(exc, request_id))
+        yield mid_stream_error(exc, request_id)
     finally:
         await close(chunks)
 
@@ -257,20 +278,22 @@ class GenerationServing(ABC):
         request_id: str = request.state.request_id
         timeout = client_timeout(request)
         record(request_id, self.endpoint, body.recorded())
+        routed = Routed(no_cache=skips_cache(request))
         chunks = self.gateway.chat(body.to_proto(request_id), timeout=timeout, key=request_key(request),
-                                   stream=body.stream)
+                                   stream=body.stream, routed=routed)
         prefix = self._prefix(body)
         if not body.stream:
             text, last = await collect(request, chunks)
             self._count_usage(last)
             whole = self._whole(body, prefix + text, last)
-            return Response(whole.model_dump_json(), media_type="application/json")
+            return Response(whole.model_dump_json(), media_type="application/json",
+                            headers=routed.headers())
         first = await first_chunk(request, chunks)
         renderer = self._renderer(first.asset_id or body.model, prefix)
         return EventStreamResponse(relay(
             first, chunks, renderer, include_usage=body.include_usage,
             on_last=self._count_usage, request_id=request_id,
-        ))
+        ), headers=routed.headers())
 
     def _prefix(self, body: Any) -> str:
         """Text that precedes the completion (a completion's echoed prompt)."""

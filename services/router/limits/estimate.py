@@ -55,11 +55,16 @@ def cost(pricing: Pricing | None, prompt_tokens: int, completion_tokens: int) ->
             + Decimal(str(pricing.output_per_1m)) * completion_tokens) / MILLION
 
 
+def chat_prompt_tokens(request: inference_pb2.ChatRequest) -> int:
+    """The tokens a chat or completion request's prompt is estimated at."""
+    return text_tokens(request.prompt) + sum(
+        text_tokens(m.content) + TOKENS_PER_MESSAGE for m in request.messages)
+
+
 def estimate_chat(request: inference_pb2.ChatRequest, record: AssetRecord,
                   default_completion_tokens: int) -> Estimate:
     """The most a chat or completion request is expected to use."""
-    prompt = text_tokens(request.prompt) + sum(
-        text_tokens(m.content) + TOKENS_PER_MESSAGE for m in request.messages)
+    prompt = chat_prompt_tokens(request)
     if request.HasField("max_tokens"):
         completion = request.max_tokens
     else:

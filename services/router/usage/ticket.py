@@ -44,7 +44,7 @@ class UsageTicket:
     __slots__ = ("at", "started", "request_id", "key_id", "route", "interface", "asset",
                  "prompt_tokens", "completion_tokens", "first_token_s", "status", "woke",
                  "latency_s", "reservation", "estimate", "dispatched", "reported",
-                 "streamed_chunks", "streamed_chars", "ended")
+                 "streamed_chunks", "streamed_chars", "ended", "cache")
 
     def __init__(self, key_id: str, route: str, interface: str, request_id: str) -> None:
         self.at = datetime.now(UTC)
@@ -63,6 +63,9 @@ class UsageTicket:
         """What the request was estimated to use before it ran."""
         self.dispatched = self.reported = self.ended = False
         self.streamed_chunks = self.streamed_chars = 0
+        self.cache = ""
+        """For a route with a response cache: `hit` (answered from it, no tokens used) or
+        `miss`."""
 
     def mark_woke(self) -> None:
         """The request had to wake its model."""
@@ -114,8 +117,20 @@ class UsageTicket:
         if self.reported:
             return
         if self.streamed_chunks or (self.dispatched and self.status == "cancelled"):
-            self.prompt_tokens = self.estimate.prompt_tokens if self.estimate is not None else 0
-            self.completion_tokens = max(self.streamed_chunks, chars_tokens(self.streamed_chars))
+            self.prompt_tokens, self.completion_tokens = self.used_so_far()
+
+    def used_so_far(self) -> tuple[int, int]:
+        """The prompt and completion tokens the request is known to have used: the worker's
+        count once reported, else the estimated prompt and the completion streamed so far."""
+        if self.reported:
+            return self.prompt_tokens, self.completion_tokens
+        return (self.estimate.prompt_tokens if self.estimate is not None else 0,
+                max(self.streamed_chunks, chars_tokens(self.streamed_chars)))
+
+    def mark_cached(self) -> None:
+        """The request was answered from the response cache: no model ran, no tokens used."""
+        self.cache = "hit"
+        self.first_token_s = time.perf_counter() - self.started
 
     def row(self) -> tuple[object, ...]:
         """The ledger row, in `COLUMNS` order."""
@@ -124,8 +139,8 @@ class UsageTicket:
                 self.interface, self.prompt_tokens, self.completion_tokens, self.cost_usd,
                 self.latency_s * 1000,
                 None if self.first_token_s is None else self.first_token_s * 1000,
-                self.status, self.woke)
+                self.status, self.woke, self.cache)
 
 
 COLUMNS = ("at", "request_id", "key_id", "asset_id", "route", "interface", "prompt_tokens",
-           "completion_tokens", "cost_usd", "latency_ms", "ttft_ms", "status", "woke")
+           "completion_tokens", "cost_usd", "latency_ms", "ttft_ms", "status", "woke", "cache")

@@ -12,7 +12,8 @@ from services.router.http.auth import request_key
 from services.router.http.embedding.protocol import EmbeddingRequest, response_body
 from services.router.http.metrics import HttpMetrics
 from services.router.http.protocol import ModelCard
-from services.router.http.streaming import client_timeout, record, until_disconnected
+from services.router.http.streaming import client_timeout, record, skips_cache, until_disconnected
+from services.router.routes.plan import Routed
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -41,14 +42,15 @@ class EmbeddingServing:
                 self._check_dimensions(body.dimensions, card.id, card.embedding_dim)
         request_id: str = request.state.request_id
         record(request_id, ENDPOINT, body.recorded())
+        routed = Routed(no_cache=skips_cache(request))
         result = await until_disconnected(request, self.gateway.embed(
-            body.to_proto(request_id), timeout=timeout, key=request_key(request)))
+            body.to_proto(request_id), timeout=timeout, key=request_key(request), routed=routed))
         if body.dimensions is not None:
             self._check_dimensions(body.dimensions, result.asset_id or body.model,
                                    result.dimensions or len(result.embeddings[0].values))
         self.metrics.observe_usage(result.asset_id or "unknown", ENDPOINT, result.usage)
         return Response(response_body(result, result.asset_id or body.model, body.encoding_format),
-                        media_type="application/json")
+                        media_type="application/json", headers=routed.headers())
 
     @staticmethod
     def _check_dimensions(wanted: int, model: str, actual: int) -> None:

@@ -1,0 +1,102 @@
+"""A route's response cache as the gateway uses it: which requests it may answer, and the
+answers it keeps (a chat's whole answer as one chunk, an embedding reply as it came).
+
+The entries live in the shared store (`services.router.cache.ResponseCache`, NATS JetStream
+key-value), so every router replica answers from what any of them kept. A hit costs the
+caller no tokens: no model ran. Keeping an answer never delays the response: it is written
+in the background once the answer is whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from google.protobuf.message import DecodeError, Message
+
+from roundhouse.v1 import inference_pb2
+from services.common.asset_proto import AssetRecord
+from services.common.assetspec import Generation
+from services.common.keys import KeyRecord
+from services.common.routespec import Cache, RouteSpec
+from services.router.cache import SHARED_SCOPE, ResponseCache, cache_key, chat_cacheable
+
+log = logging.getLogger(__name__)
+
+
+class RouteCaching:
+    """Looks answers up in, and keeps them in, the routes' shared response cache."""
+
+    def __init__(self, store: ResponseCache | None) -> None:
+        """`store`: None when the router runs without one (no route is then cached)."""
+        self._store = store
+        self._writes: set[asyncio.Task[bool]] = set()
+
+    def key(self, route: RouteSpec | None, record: AssetRecord, request: Message,
+            key: KeyRecord | None, no_cache: bool) -> str | None:
+        """The entry `request` to `route` answered by `record` would have; None when the
+        route has no cache, or the request may not be cached (a sampled chat). `no_cache`
+        (`Cache-Control: no-cache`) still gives a key: the fresh answer is kept, only the
+        lookup is skipped (see `lookup`)."""
+        cache = route.cache if route is not None else None
+        if cache is None or self._store is None:
+            return None
+        if isinstance(request, inference_pb2.ChatRequest) and not chat_cacheable(
+                request, applied_generation(record), cache):
+            return None
+        scope = SHARED_SCOPE if cache.scope == "shared" else (key.key_id if key is not None else "")
+        return cache_key(record.spec.asset_id, record.revision, scope, request)
+
+    async def lookup(self, route: RouteSpec, entry: str, reply: type[Message]) -> Message | None:
+        """The kept answer of type `reply` under `entry`; None on a miss (or an entry that
+        does not parse: a miss, not an error)."""
+        assert self._store is not None
+        data = await self._store.get(route.asset_id, entry)
+        if data is None:
+            return None
+        answer = reply()
+        try:
+            answer.ParseFromString(data)
+        except DecodeError:
+            log.warning("route %s: cache entry %s does not parse; ignored", route.asset_id, entry)
+            return None
+        return answer
+
+    def keep(self, route: RouteSpec, entry: str, answer: Message) -> None:
+        """Write `answer` under `entry` in the background (bounded by the route's
+        `max_bytes`, then the store's)."""
+        assert self._store is not None and route.cache is not None
+        write = asyncio.ensure_future(self._store.put(
+            route.asset_id, entry, answer.SerializeToString(), ttl_s=route.cache.ttl_s,
+            max_bytes=route.cache.max_bytes))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+
+    async def flush(self) -> None:
+        """Wait for the writes under way (at shutdown, and for a caller that must see its
+        answer kept)."""
+        if self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+
+
+def whole_chat(asset_id: str, text: list[str], last: inference_pb2.ChatChunk) -> inference_pb2.ChatChunk:
+    """A streamed answer as the one chunk the cache keeps: all of its text, with the last
+    chunk's finish reason and usage."""
+    return inference_pb2.ChatChunk(delta="".join(text), finish_reason=last.finish_reason,
+                                   usage=last.usage, asset_id=asset_id)
+
+
+_GREEDY_ONLY = Cache(ttl_s=1)
+"""A cache that takes greedy answers only: what `greedy` asks `chat_cacheable`."""
+
+
+def greedy(request: inference_pb2.ChatRequest, record: AssetRecord) -> bool:
+    """Whether the chat is decoded greedily (the same prompt always gets the same answer):
+    the request's sampling, or the asset's declared defaults, at temperature or top-p 0."""
+    return chat_cacheable(request, applied_generation(record), _GREEDY_ONLY)
+
+
+def applied_generation(record: AssetRecord) -> Generation:
+    """The generation defaults the asset's runtime applies to a request that sets none: a
+    remote (`runtime: openai`) asset passes the request on as it is, so none of its own."""
+    return Generation() if record.spec.runtime == "openai" else record.spec.generation
