@@ -178,14 +178,15 @@ async def test_a_row_postgres_refuses_does_not_block_the_rows_after_it(db_dsn: s
 def test_the_cli_table_has_a_line_per_group() -> None:
     text = render_usage("asset", [
         {"group": "tiny-chat", "requests": 3, "errors": 1, "prompt_tokens": 30,
-         "completion_tokens": 6, "cost_usd": 0.0123, "p50_latency_ms": 12.3, "p95_latency_ms": 40.0},
+         "completion_tokens": 6, "cost_usd": 0.0123, "p50_latency_ms": 12.3, "p95_latency_ms": 40.0,
+         "cache_hits": 2},
         {"group": "", "requests": 1, "errors": 0, "prompt_tokens": 1, "completion_tokens": 0,
          "cost_usd": 0.0, "p50_latency_ms": 1.0, "p95_latency_ms": 1.0},
     ])
     lines = text.splitlines()
     assert lines[0].split() == ["asset", "requests", "errors", "tokens", "in", "tokens", "out",
-                                "cost", "usd", "p50", "ms", "p95", "ms"]
-    assert lines[1].split() == ["tiny-chat", "3", "1", "30", "6", "0.012300", "12.3", "40.0"]
+                                "cost", "usd", "p50", "ms", "p95", "ms", "cache", "hits"]
+    assert lines[1].split() == ["tiny-chat", "3", "1", "30", "6", "0.012300", "12.3", "40.0", "2"]
     assert lines[2].startswith("(no key)")
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from services.cli.admin_api import call_admin
 
-COLUMNS = ("requests", "errors", "tokens in", "tokens out", "cost usd", "p50 ms", "p95 ms")
+COLUMNS = ("requests", "errors", "tokens in", "tokens out", "cost usd", "p50 ms", "p95 ms",
+           "cache hits")
 
 
 def show_usage(group_by: str, since: str | None = None, until: str | None = None) -> int:
@@ -27,7 +28,8 @@ def render_usage(group_by: str, rows: list[dict[str, Any]]) -> str:
     for r in rows:
         table.append((r["group"] or "(no key)", str(r["requests"]), str(r["errors"]),
                       str(r["prompt_tokens"]), str(r["completion_tokens"]), f"{r['cost_usd']:.6f}",
-                      f"{r['p50_latency_ms']:.1f}", f"{r['p95_latency_ms']:.1f}"))
+                      f"{r['p50_latency_ms']:.1f}", f"{r['p95_latency_ms']:.1f}",
+                      str(r.get("cache_hits", 0))))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip()

@@ -43,6 +43,10 @@ class UsageRow(BaseModel):
     cost_usd: float
     p50_latency_ms: float
     p95_latency_ms: float
+    cache_hits: int = 0
+    """Requests to a route answered from its response cache (no tokens used)."""
+    cache_misses: int = 0
+    """Requests to a route with a response cache that a model answered."""
 
 
 class UsageReport(BaseModel):
@@ -83,7 +87,8 @@ async def usage(
     until: Annotated[DateTime | None, Query(
         description="End, excluded (RFC 3339; UTC if no offset); default: now.")] = None,
 ) -> dict[str, Any]:
-    """Requests, errors, tokens in and out, cost and p50/p95 latency from the usage ledger,
+    """Requests, errors, tokens in and out, cost, p50/p95 latency and route cache hits and
+    misses from the usage ledger,
     every router's requests included (this router's are written before it answers). A period
     that ends before it starts is empty."""
     end = _utc(until) if until is not None else datetime.now(UTC)
@@ -97,4 +102,5 @@ async def usage(
             "rows": [UsageRow(group=r.group, key_id=r.key_id, requests=r.requests, errors=r.errors,
                               prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                               cost_usd=float(r.cost_usd), p50_latency_ms=r.p50_latency_ms,
-                              p95_latency_ms=r.p95_latency_ms) for r in rows]}
+                              p95_latency_ms=r.p95_latency_ms, cache_hits=r.cache_hits,
+                              cache_misses=r.cache_misses) for r in rows]}

@@ -43,6 +43,10 @@ class UsageSummary:
     cost_usd: Decimal
     p50_latency_ms: float
     p95_latency_ms: float
+    cache_hits: int = 0
+    """Requests to a route answered from its response cache."""
+    cache_misses: int = 0
+    """Requests to a route with a cache that a model answered."""
     key_id: str | None = None
     """The key's id when grouped by key ('' for requests made with auth off), else None."""
 
@@ -64,6 +68,8 @@ async def summarize(pool: asyncpg.Pool, group_by: GroupBy, since: datetime,
     rows = await pool.fetch(
         f"""SELECT {key_id} AS key_id, {label} AS grp, count(*) AS requests,
                    count(*) FILTER (WHERE u.status <> 'ok') AS errors,
+                   count(*) FILTER (WHERE u.cache = 'hit') AS cache_hits,
+                   count(*) FILTER (WHERE u.cache = 'miss') AS cache_misses,
                    coalesce(sum(u.prompt_tokens), 0) AS prompt_tokens,
                    coalesce(sum(u.completion_tokens), 0) AS completion_tokens,
                    coalesce(sum(u.cost_usd), 0) AS cost_usd,
@@ -76,7 +82,7 @@ async def summarize(pool: asyncpg.Pool, group_by: GroupBy, since: datetime,
     return [UsageSummary(group=r["grp"], requests=r["requests"], errors=r["errors"],
                          prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],
                          cost_usd=r["cost_usd"], p50_latency_ms=r["p50"], p95_latency_ms=r["p95"],
-                         key_id=r["key_id"])
+                         cache_hits=r["cache_hits"], cache_misses=r["cache_misses"], key_id=r["key_id"])
             for r in rows]
 
 
