@@ -175,8 +175,7 @@ class Gateway:
                     first = await anext(attempt)
                 except StopAsyncIteration:
                     raise UpstreamError("The model returned no output.") from None
-                except RoundhouseError as exc:
-                    await attempt.aclose()
+                except RoundhouseError as exc:  # the attempt has ended: its slot is free again
                     if self._falls_back(plan, record, exc, tried, routed):
                         continue
                     raise
