@@ -39,6 +39,14 @@ from services.common.asset_proto import (
 from services.common.assetspec import AssetSpec, parse_spec
 from services.common.documents import parse_yaml
 from services.common.errors import InvalidSpec
+from services.common.route_proto import (
+    RouteRecord,
+    declared_from_proto,
+    declared_to_proto,
+    stored_from_proto,
+    stored_to_proto,
+)
+from services.common.routespec import RouteSpec, parse_route
 
 ROOT = Path("/srv/roundhouse-sources")
 """The source root the parser is given: absolute `path` sources must lie under it."""
@@ -294,14 +302,19 @@ SUB_MESSAGES = tuple(f.name for f in asset_pb2.AssetSpec.DESCRIPTOR.fields
                      if f.message_type is not None and not f.message_type.GetOptions().map_entry)
 
 
-def message_fields(descriptor: Descriptor = asset_pb2.AssetSpec.DESCRIPTOR, prefix: str = "") -> list[str]:
-    """Every field of an `AssetSpec` message below `descriptor` a client sets, as a dotted path."""
+def message_fields(descriptor: Descriptor = asset_pb2.AssetSpec.DESCRIPTOR, prefix: str = "",
+                   skip: tuple[str, ...] = ("route",)) -> list[str]:
+    """Every field of an `AssetSpec` message below `descriptor` a client sets, as a dotted path
+    (a repeated message field as one path: its entries are drawn whole). `skip`: fields left
+    out (a model's message carries no route)."""
     found = []
     for field in descriptor.fields:
         path = f"{prefix}{field.name}"
         entry = field.message_type
-        if entry is not None and not entry.GetOptions().map_entry:
-            found += message_fields(entry, f"{path}.")
+        if path in skip:
+            continue
+        if entry is not None and not entry.GetOptions().map_entry and not field.is_repeated:
+            found += message_fields(entry, f"{path}.", skip)
         else:
             found.append(path)
     return found
@@ -314,7 +327,14 @@ def set_field(message: Message, path: str, draw: Callable[[st.SearchStrategy[Any
     for parent in parents:
         owner = getattr(owner, parent)
     field = owner.DESCRIPTOR.fields_by_name[name]
-    if field.message_type is not None:  # a map of text to text (labels)
+    if field.message_type is not None and field.is_repeated and not field.message_type.GetOptions().map_entry:
+        del getattr(owner, name)[:]  # entries of a repeated message (a route's targets)
+        for _ in range(draw(st.integers(0, 3))):
+            entry = getattr(owner, name).add()
+            for sub in entry.DESCRIPTOR.fields:
+                if draw(st.booleans()):
+                    set_field(entry, sub.name, draw)
+    elif field.message_type is not None:  # a map of text to text (labels)
         getattr(owner, name).clear()
         getattr(owner, name).update(draw(st.dictionaries(wire_text, wire_text, max_size=3)))
     elif field.is_repeated:
@@ -338,3 +358,40 @@ def test_any_value_of_a_message_field_is_a_spec_or_refused_by_field(path: str, d
         assert exc.problems and all(p.path and p.reason for p in exc.problems), exc
         return
     assert_round_trips(spec)
+
+
+ROUTE = {"asset_id": "chat", "class": "route", "interface": "llm-runtime",
+         "targets": [{"asset": "a", "weight": 90}, {"asset": "b", "weight": 10}], "sticky": "user",
+         "shadow": [{"asset": "c", "sample": 0.2}], "fallback": ["d"],
+         "cache": {"ttl_s": 600, "scope": "shared"}, "aliases": ["default-chat"]}
+
+
+def assert_route_round_trips(route: RouteSpec) -> None:
+    """The route is written back and read again unchanged: as a document, as YAML, on the wire
+    and as the `Asset` a client is handed."""
+    document = route.to_document()
+    assert json.loads(json.dumps(document, allow_nan=False)) == document
+    assert parse_route(document).to_document() == document
+    [loaded] = parse_yaml(yaml.safe_dump(document), "route.yaml")
+    assert loaded.spec.to_document() == document
+    wire = asset_pb2.AssetSpec.FromString(declared_to_proto(route).SerializeToString())
+    assert declared_from_proto(wire).to_document() == document
+    now = datetime.now(UTC)
+    stored = asset_pb2.Asset.FromString(stored_to_proto(RouteRecord(route, 1, now, now)).SerializeToString())
+    assert stored_from_proto(stored).spec.to_document() == document
+
+
+@pytest.mark.parametrize("path", ["asset_id", "display_name", "interfaces", "aliases", "labels",
+                                  *message_fields(asset_pb2.Route.DESCRIPTOR, "route.", ())])
+@settings(PROPERTY, max_examples=30)
+@given(st.data())
+def test_any_value_of_a_route_field_is_a_route_or_refused_by_field(path: str, data: st.DataObject) -> None:
+    message = declared_to_proto(parse_route(ROUTE))
+    set_field(message, path, data.draw)
+    try:
+        route = declared_from_proto(message)
+    except InvalidSpec as exc:
+        assert exc.problems and all(p.path and p.reason for p in exc.problems), exc
+        return
+    assert isinstance(route, RouteSpec)
+    assert_route_round_trips(route)
