@@ -141,15 +141,13 @@ class RoutePlanner:
         """The asset `name` names when it can take the request; else None, recorded."""
         try:
             record = await self._resolve(name)
-        except NotFound as exc:  # deleted since the route was applied
+        except (NotFound, AssetDisabled) as exc:  # deleted or disabled since the route was applied
             routed.attempts.append((name, "unavailable"))
             skipped.append(exc)
             return None
         asset_id = record.spec.asset_id
         refusal: RoundhouseError | None = None
-        if record.spec.desired == "disabled":
-            refusal = AssetDisabled(f"model '{asset_id}' is disabled")
-        elif record.state == "failed" and not self._is_loaded(asset_id):
+        if record.state == "failed" and not self._is_loaded(asset_id):
             refusal = ModelFailed(f"model '{asset_id}' failed to load: "
                                   f"{record.status.get('message', 'no reason recorded')}")
         elif (context := context_length(record)) and prompt_tokens >= context:
