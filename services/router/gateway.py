@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 LLM = "llm-runtime"
 EMBEDDING = "embedding-runtime"
 R = TypeVar("R", bound=Message)
+Q = TypeVar("Q", inference_pb2.ChatRequest, inference_pb2.EmbedRequest)
 
 
 class Gateway:
@@ -164,10 +165,9 @@ class Gateway:
             log.debug("request %s: chat with %s for user %r", request.request_id,
                       ticket.asset.spec.asset_id, request.user)
             for tried, record in enumerate(plan.candidates, start=1):
-                forwarded = _forwarded(request, record)
-                entry = self.caching.key(plan.route, record, forwarded, key, routed.no_cache)
-                if entry is not None and (hit := await self._cached(
-                        plan, record, entry, inference_pb2.ChatChunk, ticket, routed)) is not None:
+                forwarded, entry, hit = await self._prepare(plan, record, request, key, ticket, routed,
+                                                            inference_pb2.ChatChunk)
+                if hit is not None:
                     yield hit
                     return
                 attempt = self._attempt_chat(record, forwarded, deadline, ticket, stream)
@@ -198,19 +198,23 @@ class Gateway:
         return await self.planner.plan(stored, sticky_key=sticky, prompt_tokens=prompt_tokens,
                                        routed=routed)
 
-    async def _cached(self, plan: Plan, record: AssetRecord, entry: str, reply: type[R],
-                      ticket: UsageTicket, routed: Routed) -> R | None:
-        """The cached answer under `entry`, recorded as a hit (or None, a miss)."""
-        assert plan.route is not None
+    async def _prepare(self, plan: Plan, record: AssetRecord, request: Q, key: KeyRecord | None,
+                       ticket: UsageTicket, routed: Routed, reply: type[R]) -> tuple[Q, str | None, R | None]:
+        """`request` as the candidate `record` gets it, its entry in the route's cache (None
+        when not cached) and the cached answer there, recorded as a hit (None: none)."""
+        forwarded = _forwarded(request, record)
+        entry = self.caching.key(plan.route, record, forwarded, key, routed.no_cache)
+        if entry is None or plan.route is None:
+            return forwarded, None, None
         found = None if routed.no_cache else await self.caching.lookup(plan.route, entry, reply)
         routed.cache = ticket.cache = "miss" if found is None else "hit"
         if found is None:
-            return None
+            return forwarded, entry, None
         ticket.mark_cached()
         routed.attempts.append((record.spec.asset_id, "cache"))
         self._answered(record, ticket, routed, attempt=False)
         assert isinstance(found, reply)
-        return found
+        return forwarded, entry, found
 
     @staticmethod
     def _falls_back(plan: Plan, record: AssetRecord, exc: RoundhouseError, tried: int,
@@ -321,10 +325,9 @@ class Gateway:
             log.debug("request %s: embed %d inputs with %s for user %r", request.request_id,
                       len(request.inputs), ticket.asset.spec.asset_id, request.user)
             for tried, record in enumerate(plan.candidates, start=1):
-                forwarded = _forwarded(request, record)
-                entry = self.caching.key(plan.route, record, forwarded, key, routed.no_cache)
-                if entry is not None and (hit := await self._cached(
-                        plan, record, entry, inference_pb2.EmbedResponse, ticket, routed)) is not None:
+                forwarded, entry, hit = await self._prepare(plan, record, request, key, ticket, routed,
+                                                            inference_pb2.EmbedResponse)
+                if hit is not None:
                     return hit
                 try:
                     async with self._gate(record).slot(deadline) as queue:
