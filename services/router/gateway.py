@@ -351,6 +351,7 @@ class Gateway:
                          may_wake: bool) -> SideOutcome:
         """A shadow copy of a chat: straight to a worker (no queue at the router, none at the
         worker), with no key and nothing in the ledger."""
+        request = _forwarded(request, record)  # it came named for the primary's asset
         started, text = time.perf_counter(), []
         usage = inference_pb2.Usage()
         async with aclosing(self.dispatcher.chat(
@@ -367,6 +368,7 @@ class Gateway:
     async def _copy_embed(self, record: AssetRecord, request: inference_pb2.EmbedRequest,
                           may_wake: bool) -> SideOutcome:
         """A shadow copy of an embedding request, as `_copy_chat`."""
+        request = _forwarded(request, record)
         started = time.perf_counter()
         result = await self.dispatcher.embed(
             record, request, deadline=Deadline.within(self.request_timeout_s, None),
