@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import openai
 import pytest
 from stack_harness import Stack, running_stack, tiny_documents
@@ -247,6 +248,15 @@ async def stack(
     async with running_stack(db_dsn, nats_url, sources, store) as running:
         await running.apply(*tiny_documents(sources))
         yield running
+
+
+@pytest.fixture
+async def admin(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the module's `stack`'s admin API (`/admin/v1`), with its admin key
+    when it checks keys."""
+    async with httpx.AsyncClient(base_url=f"{stack.http_url}/admin/v1", timeout=60,
+                                 headers=stack.admin_headers) as http:
+        yield http
 
 
 @pytest.fixture

@@ -43,13 +43,6 @@ async def stack(
 
 
 @pytest.fixture
-async def admin(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"{stack.http_url}/admin/v1", timeout=60,
-                                 headers=stack.admin_headers) as client:
-        yield client
-
-
-@pytest.fixture
 async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=stack.http_url, timeout=60) as plain:
         yield plain

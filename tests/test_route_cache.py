@@ -20,6 +20,7 @@ import asyncpg
 import httpx
 import openai
 import pytest
+from limits_harness import ledger_rows, new_key
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
 from prometheus_client.parser import text_string_to_metric_families
@@ -63,21 +64,6 @@ async def stack(own_db: str, nats_url: str, sources: Path,
         yield running
 
 
-@pytest.fixture
-async def admin(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.http_url, timeout=60,
-                                 headers=stack.admin_headers) as client:
-        yield client
-
-
-async def new_key(admin: httpx.AsyncClient) -> tuple[str, str]:
-    """A fresh key: its secret and its name."""
-    name = f"cache-{uuid.uuid4().hex[:8]}"
-    reply = await admin.post("/admin/v1/keys", json={"name": name})
-    assert reply.status_code == 201, reply.text
-    return reply.json()["key"], name
-
-
 def api(url: str, secret: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0, timeout=60)
 
@@ -85,7 +71,7 @@ def api(url: str, secret: str) -> openai.AsyncOpenAI:
 @pytest.fixture
 async def caller(stack: Stack, admin: httpx.AsyncClient) -> AsyncIterator[tuple[openai.AsyncOpenAI, str]]:
     """The openai client of a fresh key, and the key's name."""
-    secret, name = await new_key(admin)
+    secret, name = await new_key(admin, "cache")
     async with api(stack.http_url, secret) as client:
         yield client, name
 
@@ -110,16 +96,6 @@ async def kept(router: RouterParts) -> None:
     """Wait until the answers `router` gave so far are in the cache (each is written in the
     background once it is whole)."""
     await router.gateway.caching.flush()
-
-
-async def ledger_rows(dsn: str, key_name: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(
-            "SELECT r.* FROM usage_records r JOIN api_keys k ON k.key_id = r.key_id "
-            "WHERE k.name = $1 ORDER BY r.at", key_name)
-    finally:
-        await conn.close()
 
 
 async def rows_when(dsn: str, key_name: str, count: int) -> list[asyncpg.Record]:
@@ -274,7 +250,7 @@ async def test_sampled_requests_are_cached_only_when_the_route_opts_in(
 
 async def test_entries_are_per_key_unless_the_route_shares_them(
         stack: Stack, admin: httpx.AsyncClient) -> None:
-    (secret_a, _), (secret_b, _) = await new_key(admin), await new_key(admin)
+    (secret_a, _), (secret_b, _) = await new_key(admin, "cache"), await new_key(admin, "cache")
     async with api(stack.http_url, secret_a) as a, api(stack.http_url, secret_b) as b:
         assert (await chat(a, "cached", "scoped"))[0][CACHE_HEADER] == "miss"
         await kept(stack.router)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -26,7 +25,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from limits_harness import clear_of_minute_boundary
+from limits_harness import clear_of_minute_boundary, new_key
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
 from prometheus_client.parser import text_string_to_metric_families
@@ -149,13 +148,6 @@ async def stack(own_db: str, nats_url: str, sources: Path, upstream: tuple[HeldU
 
 
 @pytest.fixture
-async def admin(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.http_url, timeout=60,
-                                 headers=stack.admin_headers) as client:
-        yield client
-
-
-@pytest.fixture
 async def admin_api(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
     assert stack.admin_key is not None
     async with api(stack.http_url, stack.admin_key) as client:
@@ -164,14 +156,6 @@ async def admin_api(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
 
 def api(url: str, secret: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0, timeout=60)
-
-
-async def new_key(admin: httpx.AsyncClient, **limits: Any) -> tuple[str, str]:
-    """A fresh key with `limits`: its secret and its name."""
-    name = f"shadow-{uuid.uuid4().hex[:8]}"
-    reply = await admin.post("/admin/v1/keys", json={"name": name, **limits})
-    assert reply.status_code == 201, reply.text
-    return reply.json()["key"], name
 
 
 def ask(text: str) -> list[ChatCompletionMessageParam]:
@@ -280,7 +264,7 @@ async def test_copies_are_never_billed_to_the_caller_nor_spend_its_limits(
     await answer(admin_api, TWIN, "billing")  # the twin loaded: every request is copied
     await clear_of_minute_boundary()
     n = 3
-    secret, name = await new_key(admin, rpm=n + 1)
+    secret, name = await new_key(admin, "shadow", rpm=n + 1)
     conn = await asyncpg.connect(own_db)
     try:
         async def key_rows() -> list[asyncpg.Record]:
@@ -333,7 +317,7 @@ async def test_an_asleep_shadow_is_never_woken_unless_the_route_says_wake(
     assert not await holds(stack, SLEEPER)
     asset = await stack.registry_asset(SLEEPER)
     assert asset.status.state not in (asset_pb2.ASSET_STATE_LOADING, asset_pb2.ASSET_STATE_LOADED)
-    operations = (await admin.get("/admin/v1/operations", params={"asset_id": SLEEPER})).json()
+    operations = (await admin.get("/operations", params={"asset_id": SLEEPER})).json()
     assert operations["operations"] == []
 
     assert await answer(admin_api, "mirror-wakes", "asleep") == direct

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,7 +22,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from limits_harness import clear_of_minute_boundary
+from limits_harness import clear_of_minute_boundary, ledger_rows, new_key
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
 from stack_harness import TINY_CHAT, TINY_EMBED, RunningWorker, Stack, running_stack, tiny_documents
@@ -111,21 +110,6 @@ async def api(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
         yield admin_api
 
 
-@pytest.fixture
-async def admin(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"{stack.http_url}/admin/v1", timeout=60,
-                                 headers=stack.admin_headers) as http:
-        yield http
-
-
-async def new_key(admin: httpx.AsyncClient, **limits: Any) -> tuple[str, str]:
-    """A fresh key with `limits`: its secret and its name."""
-    name = f"routes-{uuid.uuid4().hex[:8]}"
-    reply = await admin.post("/keys", json={"name": name, **limits})
-    assert reply.status_code == 201, reply.text
-    return reply.json()["key"], name
-
-
 async def ask(api: openai.AsyncOpenAI, model: str, *,
               messages: list[ChatCompletionMessageParam] = HELLO, **fields: Any,
               ) -> tuple[str, str | None]:
@@ -168,16 +152,6 @@ async def sees_weights(stack: Stack, route_id: str, weights: list[float]) -> Non
         return isinstance(stored, RouteRecord) and [t.weight for t in stored.spec.targets] == weights
 
     await wait_until(current)
-
-
-async def ledger_rows(dsn: str, key_name: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(
-            "SELECT r.* FROM usage_records r JOIN api_keys k ON k.key_id = r.key_id "
-            "WHERE k.name = $1 ORDER BY r.at", key_name)
-    finally:
-        await conn.close()
 
 
 # -- the split -------------------------------------------------------------------------------
@@ -225,7 +199,7 @@ async def test_the_same_user_always_gets_the_same_target_and_a_raised_weight_onl
 async def test_the_same_key_always_gets_the_same_target(
     stack: Stack, admin: httpx.AsyncClient,
 ) -> None:
-    keys = [key for key, _ in await asyncio.gather(*(new_key(admin) for _ in range(24)))]
+    keys = [key for key, _ in await asyncio.gather(*(new_key(admin, "routes") for _ in range(24)))]
 
     async def targets_of(key: str) -> set[str]:
         async with client(stack, key) as api:
@@ -354,7 +328,7 @@ async def test_limits_count_each_request_once_and_the_ledger_names_the_answering
     stack: Stack, api: openai.AsyncOpenAI, admin: httpx.AsyncClient, own_db: str,
 ) -> None:
     await clear_of_minute_boundary()
-    key, name = await new_key(admin, rpm=2)
+    key, name = await new_key(admin, "routes", rpm=2)
     async with busy(stack, api, SINGLE), client(stack, key) as limited:
         for left in ("1", "0"):
             raw = await limited.chat.completions.with_raw_response.create(

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -18,7 +17,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from limits_harness import clear_of_minute_boundary
+from limits_harness import clear_of_minute_boundary, ledger_rows, new_key
 from openai.types.chat import ChatCompletionMessageParam
 from polling import wait_until
 from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_router, running_stack, tiny_documents
@@ -205,33 +204,8 @@ async def stack(
         yield running
 
 
-@pytest.fixture
-async def admin(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"{stack.http_url}/admin/v1", timeout=60,
-                                 headers=stack.admin_headers) as client:
-        yield client
-
-
-async def new_key(admin: httpx.AsyncClient, **limits: Any) -> tuple[str, str]:
-    """A fresh key with `limits`: its secret and its name."""
-    name = f"usage-{uuid.uuid4().hex[:8]}"
-    reply = await admin.post("/keys", json={"name": name, **limits})
-    assert reply.status_code == 201, reply.text
-    return reply.json()["key"], name
-
-
 def client(url: str, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
-
-
-async def ledger_rows(dsn: str, key_name: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(
-            "SELECT r.* FROM usage_records r JOIN api_keys k ON k.key_id = r.key_id "
-            "WHERE k.name = $1 ORDER BY r.at", key_name)
-    finally:
-        await conn.close()
 
 
 async def holds(stack: Stack, asset_id: str) -> bool:
@@ -244,7 +218,7 @@ async def test_over_rpm_is_429_with_retry_after_and_never_wakes_the_model(
 ) -> None:
     assert not await holds(stack, TINY_CHAT)
     await clear_of_minute_boundary()
-    key, name = await new_key(admin, rpm=1)
+    key, name = await new_key(admin, "usage", rpm=1)
     async with client(stack.http_url, key) as api:
         served = await api.embeddings.with_raw_response.create(model=TINY_EMBED, input="hi")
         assert served.headers["x-ratelimit-limit-requests"] == "1"
@@ -273,7 +247,7 @@ async def test_over_rpm_is_429_with_retry_after_and_never_wakes_the_model(
 async def test_usage_rows_match_what_the_clients_saw(
     stack: Stack, admin: httpx.AsyncClient, own_db: str
 ) -> None:
-    key, name = await new_key(admin, tpm=100_000)
+    key, name = await new_key(admin, "usage", tpm=100_000)
     async with client(stack.http_url, key) as api:
         whole = await api.chat.completions.with_raw_response.create(
             model="tiny-alias", messages=HELLO, max_tokens=3)
@@ -330,7 +304,7 @@ async def test_a_stream_the_client_leaves_is_charged_what_it_streamed(
     stack: Stack, admin: httpx.AsyncClient, own_db: str
 ) -> None:
     await clear_of_minute_boundary()
-    key, name = await new_key(admin, tpm=100_000)
+    key, name = await new_key(admin, "usage", tpm=100_000)
     async with client(stack.http_url, key) as api:
         stream = await api.chat.completions.create(
             model=TINY_CHAT, messages=HELLO, max_tokens=4000, stream=True)
@@ -382,8 +356,8 @@ async def test_the_model_routes_carry_the_rate_limit_headers_without_spending_a_
     stack: Stack, admin: httpx.AsyncClient
 ) -> None:
     await clear_of_minute_boundary()
-    key, _ = await new_key(admin, rpm=10, tpm=1000)
-    unlimited, _ = await new_key(admin)
+    key, _ = await new_key(admin, "usage", rpm=10, tpm=1000)
+    unlimited, _ = await new_key(admin, "usage")
     async with client(stack.http_url, key) as api:
         vectors = await api.embeddings.create(model=TINY_EMBED, input="hello there")
         left = str(1000 - vectors.usage.total_tokens)
@@ -408,7 +382,7 @@ async def test_the_model_routes_carry_the_rate_limit_headers_without_spending_a_
 async def test_a_spent_budget_is_429_insufficient_quota(
     stack: Stack, admin: httpx.AsyncClient
 ) -> None:
-    key, _ = await new_key(admin, budget_usd=0.05)
+    key, _ = await new_key(admin, "usage", budget_usd=0.05)
     async with client(stack.http_url, key) as api:
         # Each request may cost up to (prompt estimate + 4 tokens) at $1000/$3000 per 1M tokens.
         with pytest.raises(openai.RateLimitError) as refused:
@@ -424,7 +398,7 @@ async def test_two_routers_never_let_a_key_past_its_rpm(
 ) -> None:
     assert stack.router_settings is not None
     await clear_of_minute_boundary()
-    key, _ = await new_key(admin, rpm=3)
+    key, _ = await new_key(admin, "usage", rpm=3)
     bus = await EventBus.connect(nats_url, name="second-router-usage", ensure_stream=False)
     try:
         async with running_router(stack.router_settings, bus) as (second, _):
@@ -446,7 +420,7 @@ async def test_the_grpc_front_refuses_over_the_limit_with_resource_exhausted(
     stack: Stack, admin: httpx.AsyncClient
 ) -> None:
     await clear_of_minute_boundary()
-    key, _ = await new_key(admin, rpm=1)
+    key, _ = await new_key(admin, "usage", rpm=1)
     metadata = (("authorization", f"Bearer {key}"),)
     request = inference_pb2.EmbedRequest(model=TINY_EMBED,
                                          inputs=[inference_pb2.EmbedInput(text="hi")])
