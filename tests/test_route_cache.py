@@ -26,6 +26,7 @@ from polling import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_router, running_stack, tiny_documents
 
+from roundhouse.v1 import worker_pb2
 from services.common.events import EventBus
 from services.router.server import RouterParts
 
@@ -192,8 +193,14 @@ async def test_a_streamed_miss_fills_the_cache_and_a_streamed_hit_is_a_stream(
     assert chunks[-1].usage is not None
 
 
+async def held_revision(stack: Stack, asset_id: str) -> int:
+    """The revision of the asset the worker holds (0: none)."""
+    info = await stack.workers[0].control.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest())
+    return next((m.revision for m in info.models if m.asset_id == asset_id), 0)
+
+
 async def test_a_new_revision_is_never_answered_from_the_old_ones_entries(
-        stack: Stack, caller: tuple[openai.AsyncOpenAI, str]) -> None:
+        stack: Stack, caller: tuple[openai.AsyncOpenAI, str], admin: httpx.AsyncClient) -> None:
     client, _ = caller
     first, text = await chat(client, "cached-rev", "revision")
     assert first[CACHE_HEADER] == "miss"
@@ -213,6 +220,19 @@ async def test_a_new_revision_is_never_answered_from_the_old_ones_entries(
     headers, fresh = await chat(client, "cached-rev", "revision")
     assert headers[CACHE_HEADER] == "miss" and headers[TARGET_HEADER] == REV_CHAT
     assert fresh == text  # the same weights: only the label changed
+    # The worker still holds the old revision: what it answered is not kept as the new one's.
+    assert await held_revision(stack, REV_CHAT) == old
+    await kept(stack.router)
+    assert (await chat(client, "cached-rev", "revision"))[0][CACHE_HEADER] == "miss"
+
+    reply = await admin.post(f"/models/{REV_CHAT}/load")  # the worker swaps the new one in
+    assert reply.status_code == 202, reply.text
+
+    async def new_revision_held() -> bool:
+        return await held_revision(stack, REV_CHAT) == new
+
+    await wait_until(new_revision_held, timeout=30, interval=0.05)
+    assert (await chat(client, "cached-rev", "revision"))[0][CACHE_HEADER] == "miss"
     await kept(stack.router)
     assert (await chat(client, "cached-rev", "revision"))[0][CACHE_HEADER] == "hit"
 

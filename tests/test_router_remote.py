@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from polling import wait_until
-from stack_harness import Stack, running_stack
+from stack_harness import TINY_CHAT, Stack, running_stack, tiny_documents
 from upstream_harness import KEY, serving_upstream
 
 from roundhouse.v1 import inference_pb2, worker_pb2
@@ -153,3 +153,48 @@ def test_one_request_per_period_goes_through_the_worker() -> None:
                                     "source": {"kind": "path", "path": "l"}}), 1,
                         datetime.now(UTC), datetime.now(UTC))
     assert remote.skips_worker(local, "w1:1") is False
+
+
+# -- remote assets in routes ------------------------------------------------------------------
+
+
+async def chat_through(client: openai.AsyncOpenAI, route: str) -> tuple[str, str]:
+    """One chat to `route`: the answering asset (the `model` field) and the attempts made."""
+    raw = await client.chat.completions.with_raw_response.create(
+        model=route, messages=HELLO, max_tokens=3)
+    reply = raw.parse()
+    assert raw.headers["x-roundhouse-target"] == reply.model
+    return reply.model, raw.headers["x-roundhouse-attempts"]
+
+
+async def test_a_remote_target_failing_upstream_falls_back_to_a_local_model(stack: Stack, upstream,
+                                                                            client) -> None:
+    url, _ = upstream
+    await remote_asset(stack, url, "remote-refused", key_env="GROQ_API_KEY")  # the upstream says 401
+    await stack.apply(*tiny_documents(stack.sources),
+                      {"asset_id": "via-remote", "class": "route", "interface": "llm-runtime",
+                       "targets": [{"asset": "remote-refused"}], "fallback": [TINY_CHAT]})
+    assert await chat_through(client, "via-remote") == (
+        TINY_CHAT, f"remote-refused:upstream_error,{TINY_CHAT}:ok")
+    # Without upstream_error in fallback_on, the upstream's refusal is the answer.
+    await stack.apply({"asset_id": "via-remote-strict", "class": "route", "interface": "llm-runtime",
+                       "targets": [{"asset": "remote-refused"}], "fallback": [TINY_CHAT],
+                       "fallback_on": ["overloaded"]})
+    with pytest.raises(openai.APIStatusError) as failed:
+        await client.chat.completions.create(model="via-remote-strict", messages=HELLO, max_tokens=3)
+    assert failed.value.status_code == 502
+
+
+async def test_a_remote_asset_is_an_ordinary_fallback(stack: Stack, upstream, client) -> None:
+    url, received = upstream
+    model = await remote_asset(stack, url, "remote-fallback")
+    await stack.apply(*tiny_documents(stack.sources),
+                      {"asset_id": "local-off", "interface": "llm-runtime",
+                       "lifecycle": {"desired": "disabled"},
+                       "source": {"kind": "path", "path": str(stack.sources / TINY_CHAT)}},
+                      {"asset_id": "to-remote", "class": "route", "interface": "llm-runtime",
+                       "targets": [{"asset": "local-off"}], "fallback": ["remote-fallback"]})
+    before = len(sent_to(received, model))
+    assert await chat_through(client, "to-remote") == (
+        "remote-fallback", "local-off:unavailable,remote-fallback:ok")
+    assert len(sent_to(received, model)) == before + 1

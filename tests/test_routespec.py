@@ -26,8 +26,13 @@ ASSETS: dict[str, tuple[str, Sequence[str]]] = {
 }
 
 
-def lookup(asset_id: str) -> tuple[str, Sequence[str]] | None:
-    return ASSETS.get(asset_id)
+ALIASES = {"gpt-4o-mini": "remote-gpt-4o-mini"}
+
+
+def lookup(name: str) -> tuple[str, str, Sequence[str]] | None:
+    asset_id = ALIASES.get(name, name)
+    found = ASSETS.get(asset_id)
+    return None if found is None else (asset_id, *found)
 
 
 def document(**changes: Any) -> dict[str, Any]:
@@ -134,6 +139,10 @@ def test_not_a_mapping_is_refused() -> None:
      "targets[1].asset", "repeats targets[0].asset"),
     ({"shadow": [{"asset": "candidate-model"}, {"asset": "candidate-model"}]},
      "shadow[1].asset", "repeats shadow[0].asset"),
+    # Another name of the same asset (an alias) is the same asset.
+    ({"fallback": ["remote-gpt-4o-mini", "gpt-4o-mini"]}, "fallback[1]", "repeats fallback[0]"),
+    ({"targets": [{"asset": "remote-gpt-4o-mini"}], "fallback": ["gpt-4o-mini"]},
+     "fallback[0]", "repeats targets[0].asset"),
 ])
 def test_bad_reference_is_named(change: dict[str, Any], path: str, says: str) -> None:
     problems = target_problems(document(**change))

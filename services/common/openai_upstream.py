@@ -14,6 +14,7 @@ either is used, whatever the registry accepted. Connections are kept alive and r
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,13 @@ import aiohttp
 import orjson
 
 from services.common.assetspec import AssetSpec
-from services.common.errors import FieldProblem, InvalidSpec, UpstreamError
+from services.common.errors import (
+    ContextLengthExceeded,
+    FieldProblem,
+    InvalidSpec,
+    Overloaded,
+    UpstreamError,
+)
 from services.common.upstreams import UpstreamRules
 
 log = logging.getLogger(__name__)
@@ -199,14 +206,20 @@ class OpenAIUpstream:
         if response.status < 400:
             return
         raw = await response.read()
-        detail = raw[:MAX_ERROR_DETAIL].decode(errors="replace")
+        detail, code = raw[:MAX_ERROR_DETAIL].decode(errors="replace"), ""
         try:
             error = orjson.loads(raw).get("error")
             detail = error.get("message", detail) if isinstance(error, dict) else str(error or detail)
+            code = str(error.get("code") or "") if isinstance(error, dict) else ""
         except (orjson.JSONDecodeError, AttributeError):
             pass
         message = self._scrub(f"upstream returned HTTP {response.status}: {detail}")
         log.warning("%s: %s", self.asset_id, message)
+        # What the upstream's refusal means keeps its class: a route falls back on it by class.
+        if response.status == 429:
+            raise Overloaded(message, retry_after_s=_seconds(response.headers.get("Retry-After")))
+        if code == "context_length_exceeded":
+            raise ContextLengthExceeded(message)
         raise UpstreamError(message)
 
     def _unreachable(self, exc: BaseException) -> UpstreamError:
@@ -266,3 +279,13 @@ def _json_object(payload: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UpstreamError(f"upstream {what} that is not a JSON object")
     return value
+
+
+def _seconds(retry_after: str | None) -> float:
+    """An upstream's `Retry-After` in seconds, 1 to 3600 (1 when absent or not a number of
+    seconds)."""
+    try:
+        seconds = float(retry_after or 1)
+    except ValueError:
+        return 1.0
+    return min(max(1.0, seconds), 3600.0) if math.isfinite(seconds) else 1.0

@@ -38,8 +38,9 @@ DEFAULT_FALLBACK_ON: tuple[FallbackReason, ...] = (
     "overloaded", "unavailable", "context_length", "upstream_error")
 """The failures that move a request to the fallback chain unless the route says otherwise."""
 
-AssetLookup = Callable[[str], tuple[str, Sequence[str]] | None]
-"""`lookup(asset_id) -> (asset_class, interfaces)`, or None for an unknown asset."""
+AssetLookup = Callable[[str], tuple[str, str, Sequence[str]] | None]
+"""`lookup(name) -> (asset_id, asset_class, interfaces)` of the asset an id or alias names, or
+None for an unknown name."""
 
 
 def _asset_id(value: str) -> str:
@@ -69,11 +70,15 @@ class Shadow(SpecModel):
     """Whether a copy may wake the asset; if not, copies to an asleep asset are dropped."""
 
 
+MAX_CACHE_TTL_S = 24 * 3600
+"""The longest a route's cache may keep an answer."""
+
+
 class Cache(SpecModel):
     """The exact-match response cache."""
 
-    ttl_s: Count
-    """Seconds a cached response is served."""
+    ttl_s: Annotated[Count, Field(le=MAX_CACHE_TTL_S)]
+    """Seconds a cached response is served, at most a day."""
     max_bytes: Count | None = None
     """The largest response kept; None for the router's own bound."""
     scope: CacheScope = "key"
@@ -169,9 +174,11 @@ def check_route_targets(route: RouteSpec, lookup: AssetLookup) -> None:
 
     Each must exist, differ from the route, be no route itself (routes do not nest) and
     offer the route's interface; a target or shadow must not repeat, nor a fallback entry
-    repeat a target or an earlier fallback entry. Raises `InvalidSpec` with every problem.
+    repeat a target or an earlier fallback entry, whether by the same name or by another name
+    (an alias) of the same asset. Raises `InvalidSpec` with every problem.
     """
-    problems = _repeats(route)
+    problems: list[FieldProblem] = []
+    resolved: list[tuple[str, str]] = []
     for path, asset in route.uses():
         if asset in route.names:
             problems.append(FieldProblem(path, f"{asset!r} is the route itself"))
@@ -180,25 +187,27 @@ def check_route_targets(route: RouteSpec, lookup: AssetLookup) -> None:
         if found is None:
             problems.append(FieldProblem(path, f"no asset {asset!r}"))
             continue
-        asset_class, interfaces = found
+        asset_id, asset_class, interfaces = found
         if asset_class == "route":
             problems.append(FieldProblem(path, f"{asset!r} is a route; routes do not nest"))
         elif route.interface not in interfaces:
             problems.append(FieldProblem(
                 path, f"{asset!r} does not offer {route.interface} (it offers "
                       f"{', '.join(interfaces) or 'nothing'})"))
+        resolved.append((path, asset_id))
+    problems += _repeats(resolved)
     if problems:
         raise InvalidSpec.from_problems(problems)
 
 
-def _repeats(route: RouteSpec) -> list[FieldProblem]:
-    uses = route.uses()
+def _repeats(resolved: list[tuple[str, str]]) -> list[FieldProblem]:
+    """Problems for the uses (field path, asset id) that name an asset again."""
     first: dict[str, str] = {}
-    problems = _repeated([u for u in uses if u[0].startswith("targets")], first)
+    problems = _repeated([u for u in resolved if u[0].startswith("targets")], first)
     # A fallback entry is tried after the targets: naming one of them again is a mistake.
-    problems += _repeated([u for u in uses if u[0].startswith("fallback")], first)
+    problems += _repeated([u for u in resolved if u[0].startswith("fallback")], first)
     # A shadow may copy a target's requests, but copying twice is a mistake.
-    problems += _repeated([u for u in uses if u[0].startswith("shadow")], {})
+    problems += _repeated([u for u in resolved if u[0].startswith("shadow")], {})
     return problems
 
 

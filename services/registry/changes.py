@@ -50,13 +50,16 @@ async def check_routes(session: AsyncSession, items: list[ApplyItem]) -> None:
     routes = [(n, item.spec) for n, item in enumerate(items) if isinstance(item.spec, RouteSpec)]
     if not routes and not affected:
         return
-    known = await _named_assets(session, {a for _, r in routes for _, a in r.uses()}
-                                | {a for r in affected for _, a in r.uses()})
+    # What this apply's routes name is locked; what stored routes name is only read: locking
+    # it too would take locks in an order no other apply or delete agrees on.
+    named = {a for _, r in routes for _, a in r.uses()}
+    known = await _named_assets(session, {a for r in affected for _, a in r.uses()} - named, lock=False)
+    known.update(await _named_assets(session, named, lock=True))
     for alias in held:  # an applied asset keeps only the aliases it declares
         known.pop(alias, None)
     for item in items:  # what this apply declares wins over what is stored
         declared = item.spec
-        offered = (asset_class(declared), _columns(declared)["interfaces"])
+        offered = (declared.asset_id, asset_class(declared), _columns(declared)["interfaces"])
         known.update(dict.fromkeys((declared.asset_id, *declared.aliases), offered))
     problems = []
     for n, route in routes:
@@ -75,22 +78,30 @@ async def check_routes(session: AsyncSession, items: list[ApplyItem]) -> None:
                            "change or delete the route first") from None
 
 
-async def _named_assets(session: AsyncSession, named: set[str]) -> dict[str, tuple[str, list[str]]]:
-    """The class and interfaces of each stored asset in `named` (by id or alias), locked FOR
-    SHARE until the transaction ends."""
+async def _named_assets(session: AsyncSession, named: set[str],
+                        *, lock: bool) -> dict[str, tuple[str, str, list[str]]]:
+    """The class and interfaces of each stored asset in `named` (by id or alias). With `lock`,
+    the assets and then their aliases (the order a delete takes them in) stay locked FOR
+    SHARE until the transaction ends, so a concurrent delete waits for it and then sees the
+    route."""
+    if not named:
+        return {}
     aliases = {a.alias: a.asset_id for a in await session.scalars(
-        select(AssetAlias).where(AssetAlias.alias.in_(named)).with_for_update(read=True))}
-    known: dict[str, tuple[str, list[str]]] = {}
-    for row in await session.scalars(select(Asset).where(
-            Asset.asset_id.in_(named | set(aliases.values()))).with_for_update(read=True)):
-        known[row.asset_id] = (row.asset_class, list(row.interfaces))
+        select(AssetAlias).where(AssetAlias.alias.in_(named)))}
+    rows = select(Asset).where(Asset.asset_id.in_(named | set(aliases.values()))).order_by(Asset.asset_id)
+    known: dict[str, tuple[str, str, list[str]]] = {
+        row.asset_id: (row.asset_id, row.asset_class, list(row.interfaces))
+        for row in await session.scalars(rows.with_for_update(read=True) if lock else rows)}
+    if lock and aliases:
+        aliases = {a.alias: a.asset_id for a in await session.scalars(
+            select(AssetAlias).where(AssetAlias.alias.in_(list(aliases))).with_for_update(read=True))}
     known.update({alias: known[owner] for alias, owner in aliases.items() if owner in known})
     return known
 
 
 async def check_not_routed(session: AsyncSession, asset_id: str, aliases: list[str]) -> None:
-    """`Conflict` naming the routes that use the asset (by id or alias): deleting it, or making
-    it a route, would break them."""
+    """`Conflict` naming the routes that use the asset (by id or alias): deleting it would
+    break them."""
     stored = [parse_document(row.spec) for row in await session.scalars(
         select(Asset).where(Asset.asset_class == "route"))]
     check_unrouted(asset_id, aliases, [r for r in stored if isinstance(r, RouteSpec)])

@@ -5,16 +5,19 @@ What an apply checks and writes is in `changes`, how a list call pages in `listi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.common.asset_proto import AssetRecord
 from services.common.assetspec import AssetSpec
 from services.common.db.models import Asset, AssetAlias
+from services.common.db.unavailable import lost_a_race
 from services.common.errors import AssetNotFound, Conflict, InvalidArgument
 from services.common.outbox import add_to_outbox
 from services.common.route_proto import RouteRecord, Stored, check_serves
@@ -22,6 +25,9 @@ from services.common.routespec import RouteSpec, parse_document
 from services.registry import changes
 from services.registry.changes import ApplyItem, Outcome
 from services.registry.listing import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, AssetFilter, next_page_token, page_query
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class AssetRegistry:
@@ -41,10 +47,19 @@ class AssetRegistry:
     async def apply(
         self, items: list[ApplyItem], *, dry_run: bool = False
     ) -> list[tuple[Stored, Outcome]]:
-        """Create or update every item in one transaction; all or nothing. A route's targets
-        must exist (stored or in the same apply) and offer its interface; a model that a route
-        uses cannot become a route, and an apply that would break a stored route (dropping or moving
-        an alias it uses, changing a used model's interface) is a `Conflict`."""
+        """Create or update every item in one transaction; all or nothing (see `_apply`). A
+        transaction that lost a race with another apply or delete (a deadlock over the rows
+        a route names) is run again."""
+        return await _again_after_a_race(lambda: self._apply(items, dry_run=dry_run))
+
+    async def _apply(
+        self, items: list[ApplyItem], *, dry_run: bool = False
+    ) -> list[tuple[Stored, Outcome]]:
+        """One run of `apply`. A route's targets must exist (stored or in the same apply) and
+        offer its interface; a model cannot become a route nor a route a model; an apply that
+        would break a stored route (dropping an alias it names an asset by, or giving it to an
+        asset without the route's interface, changing a used model's interface) is a
+        `Conflict`."""
         if not items:
             raise InvalidArgument("assets: at least one asset is required")
         changes.check_unique_ids(items)
@@ -95,7 +110,10 @@ class AssetRegistry:
 
     async def delete(self, asset_id: str, expected_revision: int | None = None) -> Stored:
         """Remove an asset and its aliases; publishes `asset.deleted`. `Conflict` naming the
-        routes that use it, if any."""
+        routes that use it, if any. Run again after losing a race, as `apply`."""
+        return await _again_after_a_race(lambda: self._delete(asset_id, expected_revision))
+
+    async def _delete(self, asset_id: str, expected_revision: int | None) -> Stored:
         async with self._sessions() as session, session.begin():
             row = await session.get(Asset, asset_id, with_for_update=True)
             if row is None:
@@ -147,6 +165,21 @@ class AssetRegistry:
         record = _record(row)
         assert isinstance(record, AssetRecord)
         return record
+
+
+RACE_TRIES = 3
+"""Runs of one apply or delete that lost a race before the last loss is the answer."""
+
+
+async def _again_after_a_race(run: Callable[[], Awaitable[T]]) -> T:
+    for attempt in range(1, RACE_TRIES + 1):
+        try:
+            return await run()
+        except DBAPIError as exc:
+            if attempt == RACE_TRIES or not lost_a_race(exc):
+                raise
+            log.info("a registry transaction lost a race (%s); running it again", type(exc.orig).__name__)
+    raise AssertionError("unreachable")
 
 
 def _record(row: Asset) -> Stored:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from services.common.assetspec import Policy
@@ -83,6 +83,19 @@ class AssetGate:
         await self._acquire(budget, deadline)
         try:
             yield budget
+        finally:
+            self._release()
+
+    @contextmanager
+    def try_slot(self) -> Iterator[bool]:
+        """Hold a slot for the body if one is free now, never queueing: yields whether it got
+        one (for work that must never wait nor take a slot from a waiting request)."""
+        if self._in_flight >= self.capacity or self._waiters:
+            yield False
+            return
+        self._in_flight += 1
+        try:
+            yield True
         finally:
             self._release()
 

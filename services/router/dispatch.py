@@ -154,6 +154,8 @@ class Dispatcher:
                 # A whole answer comes as one piece, after all of it was generated.
                 wait, source = (self._idle_s if stream else math.inf), f"the upstream of '{asset_id}'"
                 while (chunk := await deadline.next_chunk(pieces, wait, source)) is not None:
+                    if chunk.HasField("usage"):  # the last chunk says which revision answered
+                        chunk.revision = record.revision
                     yield chunk
                     wait = self._idle_s
         finally:

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
+from decimal import Decimal
 from typing import TypeVar
 
 from google.protobuf.message import Message
@@ -21,7 +22,14 @@ from google.protobuf.message import Message
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
 from services.common.assetspec_fields import ASSET_ID_RE
-from services.common.errors import AssetNotFound, FailedPrecondition, NotFound, RoundhouseError, UpstreamError
+from services.common.errors import (
+    AssetNotFound,
+    FailedPrecondition,
+    NotFound,
+    Overloaded,
+    RoundhouseError,
+    UpstreamError,
+)
 from services.common.inference_requests import check_chat, check_embed, check_embed_size
 from services.common.keys import KeyRecord
 from services.common.route_proto import RouteRecord, Stored
@@ -33,11 +41,11 @@ from services.router.deadlines import DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_STREAM_
 from services.router.dispatch import Dispatcher
 from services.router.keys import allowed_models, check_model
 from services.router.limits import Limiter, estimate_chat, estimate_embed
-from services.router.limits.estimate import chat_prompt_tokens
+from services.router.limits.estimate import Estimate, chat_prompt_tokens
 from services.router.remote import RemoteUpstreams
 from services.router.routes.caching import RouteCaching, greedy, whole_chat
 from services.router.routes.mirror import Mirror
-from services.router.routes.plan import Plan, Routed, RoutePlanner, fallback_reason
+from services.router.routes.plan import Candidate, Plan, Routed, RoutePlanner, fallback_reason
 from services.router.routes.shadow import ShadowTraffic, SideOutcome
 from services.router.usage import UsageLedger, UsageTicket
 from services.router.usage.ticket import status_of
@@ -88,7 +96,8 @@ class Gateway:
         self.mirror = Mirror(shadow or ShadowTraffic(), self._target, self._loaded)
 
     async def _target(self, name: str) -> AssetRecord:
-        """The model a route names (routes do not nest: one named since is not found)."""
+        """The model a route names by id or alias (`AssetNotFound` for a route: routes do not
+        nest, and one applied since under a name the route uses is not followed)."""
         stored = await self.catalog.resolve(name, "")
         if not isinstance(stored, AssetRecord):
             raise AssetNotFound(f"model '{name}' is a route; routes do not nest")
@@ -159,12 +168,17 @@ class Gateway:
                 check_chat(request)
                 plan = await self._plan(request.model, LLM, key, request.user, routed,
                                         chat_prompt_tokens(request))
-                ticket.asset = plan.candidates[0]
-                ticket.estimate = estimate_chat(request, ticket.asset, self.limits.default_completion_tokens)
+                ticket.asset = plan.usable[0]  # until a candidate is reached
+                ticket.estimate = max((estimate_chat(request, r, self.limits.default_completion_tokens)
+                                       for r in plan.usable), key=_dearest)
                 ticket.reservation = await self.limits.reserve(key, ticket.estimate)
             log.debug("request %s: chat with %s for user %r", request.request_id,
                       ticket.asset.spec.asset_id, request.user)
-            for tried, record in enumerate(plan.candidates, start=1):
+            failure: RoundhouseError | None = None
+            for tried, candidate in enumerate(plan.candidates, start=1):
+                if (record := self._reached(candidate, ticket, routed)) is None:
+                    failure = candidate.refusal
+                    continue
                 forwarded, entry, hit = await self._prepare(plan, record, request, key, ticket, routed,
                                                             inference_pb2.ChatChunk)
                 if hit is not None:
@@ -172,44 +186,66 @@ class Gateway:
                     return
                 attempt = self._attempt_chat(record, forwarded, deadline, ticket, stream)
                 try:
-                    first = await anext(attempt)
-                except StopAsyncIteration:
-                    raise UpstreamError("The model returned no output.") from None
+                    first = await anext(attempt, None)
+                    if first is None:
+                        raise UpstreamError("The model returned no output.")
                 except RoundhouseError as exc:  # the attempt has ended: its slot is free again
                     if self._falls_back(plan, record, exc, tried, routed):
+                        failure = exc
                         continue
                     raise
                 self._answered(record, ticket, routed)
                 async with aclosing(self._relay(plan, record, forwarded, first, attempt, entry,
-                                                ticket)) as chunks:
+                                                ticket, routed)) as chunks:
                     async for chunk in chunks:
                         yield chunk
                 return
+            assert failure is not None  # a plan has a usable candidate, and it answers or fails
+            raise failure
 
     async def _plan(self, name: str, interface: str, key: KeyRecord | None, user: str,
                     routed: Routed, prompt_tokens: int) -> Plan:
         """The assets to try for a request naming `name`: the model it names, or the route's
-        candidates (sticky by `user` or `key` when the route says so)."""
+        candidates (sticky by `user` or `key` when the route says so). The targets a route
+        leaves out up front are the first attempts reported."""
         stored = await self.catalog.resolve(name, interface)
         check_model(key, stored, name)
         sticky = key.key_id if key is not None else None
-        if isinstance(stored, RouteRecord) and stored.spec.sticky == "user":
-            sticky = user or None
-        return await self.planner.plan(stored, sticky_key=sticky, prompt_tokens=prompt_tokens,
-                                       routed=routed)
+        if isinstance(stored, RouteRecord):
+            routed.route = True
+            if stored.spec.sticky == "user":
+                sticky = user or None
+        plan = await self.planner.plan(stored, sticky_key=sticky, prompt_tokens=prompt_tokens)
+        routed.attempts += [(c.name, c.outcome) for c in plan.left_out]
+        return plan
+
+    @staticmethod
+    def _reached(candidate: Candidate, ticket: UsageTicket, routed: Routed) -> AssetRecord | None:
+        """The candidate's record as the request reaches it; None for one left out up front,
+        reported then."""
+        if candidate.record is None:
+            routed.attempts.append((candidate.name, candidate.outcome))
+            return None
+        ticket.asset = candidate.record
+        return candidate.record
 
     async def _prepare(self, plan: Plan, record: AssetRecord, request: Q, key: KeyRecord | None,
                        ticket: UsageTicket, routed: Routed, reply: type[R]) -> tuple[Q, str | None, R | None]:
         """`request` as the candidate `record` gets it, its entry in the route's cache (None
-        when not cached) and the cached answer there, recorded as a hit (None: none)."""
+        when not cached) and the cached answer there, recorded as a hit (None: none). A route
+        with a cache reports `miss` for whatever it does not answer from there."""
         forwarded = _forwarded(request, record)
-        entry = self.caching.key(plan.route, record, forwarded, key, routed.no_cache)
-        if entry is None or plan.route is None:
+        if plan.route is None or plan.route.cache is None:
             return forwarded, None, None
+        routed.cache, ticket.cache = "miss", ""
+        entry = self.caching.key(plan.route, record, forwarded, key)
+        if entry is None:
+            return forwarded, None, None
+        ticket.cache = "miss"
         found = None if routed.no_cache else await self.caching.lookup(plan.route, entry, reply)
-        routed.cache = ticket.cache = "miss" if found is None else "hit"
         if found is None:
-            return forwarded, entry, None
+            return forwarded, None if routed.no_store else entry, None
+        routed.cache = ticket.cache = "hit"
         ticket.mark_cached()
         routed.attempts.append((record.spec.asset_id, "cache"))
         self._answered(record, ticket, routed, attempt=False)
@@ -250,16 +286,17 @@ class Gateway:
     async def _relay(self, plan: Plan, record: AssetRecord, forwarded: inference_pb2.ChatRequest,
                      first: inference_pb2.ChatChunk,
                      chunks: AsyncGenerator[inference_pb2.ChatChunk, None], entry: str | None,
-                     ticket: UsageTicket) -> AsyncGenerator[inference_pb2.ChatChunk, None]:
+                     ticket: UsageTicket, routed: Routed) -> AsyncGenerator[inference_pb2.ChatChunk, None]:
         """The answering candidate's chunks, from its first: fed to the route's shadow copies,
-        kept in its cache when whole. A failure from here on ends the stream, carrying the
-        usage so far."""
-        primary = self.mirror.copy(plan.route, forwarded, self._copy_chat, answering=record.spec.asset_id,
-                                   greedy=greedy(forwarded, record))
+        kept in its cache when whole and answered by the revision the cache entry is for. A
+        failure from here on ends the stream, carrying the usage so far."""
         text: list[str] | None = [] if entry is not None else None
         chunk: inference_pb2.ChatChunk | None = first
+        primary = None
         try:
             async with aclosing(chunks):
+                primary = self.mirror.copy(plan.route, forwarded, self._copy_chat, started=ticket.started,
+                                           answering=record.spec.asset_id, greedy=greedy(forwarded, record))
                 while chunk is not None:
                     last = chunk
                     if primary is not None:
@@ -274,7 +311,8 @@ class Gateway:
         finally:
             if primary is not None:
                 primary.ended()
-        if entry is not None and text is not None and plan.route is not None and last.finish_reason:
+        if (entry is not None and text is not None and plan.route is not None and last.finish_reason
+                and last.revision == record.revision):
             self.caching.keep(plan.route, entry, whole_chat(record.spec.asset_id, text, last))
 
     @asynccontextmanager
@@ -318,13 +356,18 @@ class Gateway:
             async with deadline.bounding("its model was looked up"):
                 check_embed(request)
                 plan = await self._plan(request.model, EMBEDDING, key, request.user, routed, 0)
-                ticket.asset = plan.candidates[0]
-                check_embed_size(len(request.inputs), embedding_dim(ticket.asset))
-                ticket.estimate = estimate_embed(request, ticket.asset)
+                for usable in plan.usable:
+                    check_embed_size(len(request.inputs), embedding_dim(usable))
+                ticket.asset = plan.usable[0]  # until a candidate is reached
+                ticket.estimate = max((estimate_embed(request, r) for r in plan.usable), key=_dearest)
                 ticket.reservation = await self.limits.reserve(key, ticket.estimate)
-            log.debug("request %s: embed %d inputs with %s for user %r", request.request_id,
-                      len(request.inputs), ticket.asset.spec.asset_id, request.user)
-            for tried, record in enumerate(plan.candidates, start=1):
+            log.debug("request %s: embed %d inputs for user %r", request.request_id,
+                      len(request.inputs), request.user)
+            failure: RoundhouseError | None = None
+            for tried, candidate in enumerate(plan.candidates, start=1):
+                if (record := self._reached(candidate, ticket, routed)) is None:
+                    failure = candidate.refusal
+                    continue
                 forwarded, entry, hit = await self._prepare(plan, record, request, key, ticket, routed,
                                                             inference_pb2.EmbedResponse)
                 if hit is not None:
@@ -335,33 +378,39 @@ class Gateway:
                                                              queue=queue, ticket=ticket)
                 except RoundhouseError as exc:
                     if self._falls_back(plan, record, exc, tried, routed):
+                        failure = exc
                         continue
                     raise
                 self._answered(record, ticket, routed)
                 ticket.used(result.usage)
-                if (primary := self.mirror.copy(plan.route, forwarded, self._copy_embed,
+                if (primary := self.mirror.copy(plan.route, forwarded, self._copy_embed, started=ticket.started,
                                                 answering=record.spec.asset_id)) is not None:
                     primary.embedded(result)
-                if entry is not None and plan.route is not None:
+                if entry is not None and plan.route is not None and result.revision == record.revision:
                     self.caching.keep(plan.route, entry, result)
                 return result
-        raise AssertionError("unreachable: a plan's last candidate never falls back")
+            assert failure is not None  # a plan has a usable candidate, and it answers or fails
+            raise failure
 
     async def _copy_chat(self, record: AssetRecord, request: inference_pb2.ChatRequest,
                          may_wake: bool) -> SideOutcome:
-        """A shadow copy of a chat: straight to a worker (no queue at the router, none at the
-        worker), with no key and nothing in the ledger."""
+        """A shadow copy of a chat: sent only when the shadow asset has a free slot at this
+        router now (it never queues nor takes a slot a request waits for: else `Overloaded`,
+        counted as saturated), with no key and nothing in the ledger."""
         request = _forwarded(request, record)  # it came named for the primary's asset
         started, text = time.perf_counter(), []
         usage = inference_pb2.Usage()
-        async with aclosing(self.dispatcher.chat(
-                record, request, deadline=Deadline.within(self.request_timeout_s, None),
-                queue=QueueBudget(0.0), ticket=UsageTicket("", request.model, LLM, request.request_id),
-                stream=True, may_wake=may_wake)) as chunks:
-            async for chunk in chunks:
-                text.append(chunk.delta)
-                if chunk.HasField("usage"):
-                    usage = chunk.usage
+        with self._gate(record).try_slot() as free:
+            if not free:
+                raise Overloaded(f"model '{record.spec.asset_id}' has no free slot for a shadow copy")
+            async with aclosing(self.dispatcher.chat(
+                    record, request, deadline=Deadline.within(self.request_timeout_s, None),
+                    queue=QueueBudget(0.0), ticket=UsageTicket("", request.model, LLM, request.request_id),
+                    stream=True, may_wake=may_wake)) as chunks:
+                async for chunk in chunks:
+                    text.append(chunk.delta)
+                    if chunk.HasField("usage"):
+                        usage = chunk.usage
         return SideOutcome(time.perf_counter() - started, usage.prompt_tokens, usage.completion_tokens,
                            text="".join(text), greedy=greedy(request, record))
 
@@ -370,10 +419,13 @@ class Gateway:
         """A shadow copy of an embedding request, as `_copy_chat`."""
         request = _forwarded(request, record)
         started = time.perf_counter()
-        result = await self.dispatcher.embed(
-            record, request, deadline=Deadline.within(self.request_timeout_s, None),
-            queue=QueueBudget(0.0), ticket=UsageTicket("", request.model, EMBEDDING, request.request_id),
-            may_wake=may_wake)
+        with self._gate(record).try_slot() as free:
+            if not free:
+                raise Overloaded(f"model '{record.spec.asset_id}' has no free slot for a shadow copy")
+            result = await self.dispatcher.embed(
+                record, request, deadline=Deadline.within(self.request_timeout_s, None),
+                queue=QueueBudget(0.0), ticket=UsageTicket("", request.model, EMBEDDING, request.request_id),
+                may_wake=may_wake)
         return SideOutcome(time.perf_counter() - started, result.usage.prompt_tokens,
                            vectors=[list(e.values) for e in result.embeddings])
 
@@ -393,6 +445,12 @@ def embedding_dim(record: AssetRecord) -> int:
     """The asset's vector length: declared metadata wins over the detected value; 0 if unknown."""
     detected = (record.capabilities or {}).get("embedding_dim") or 0
     return int(record.spec.metadata.embedding_dim or detected)
+
+
+def _dearest(estimate: Estimate) -> tuple[Decimal, int]:
+    """How an estimate ranks among a plan's candidates': the one that could cost the key most
+    is reserved, whichever candidate answers."""
+    return estimate.usd, estimate.tokens
 
 
 def _forwarded(request: R, record: AssetRecord) -> R:

@@ -59,7 +59,10 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
                 check_tools_supported(request, request.model, lease.model.capabilities.supports_tools)
                 async for delta in stream:
                     lease.check()
-                    yield converters.chat_chunk(delta, request.model)
+                    chunk = converters.chat_chunk(delta, request.model)
+                    if delta.usage is not None:  # the last chunk says which revision answered
+                        chunk.revision = lease.held.record.revision
+                    yield chunk
             except InvalidArgument as exc:
                 raise locate(exc, subject(request)) from None
             finally:
@@ -80,7 +83,10 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
             except InvalidArgument as exc:
                 raise locate(exc, "input") from None
             lease.check()
-        return converters.embed_response(result, request.model)
+            revision = lease.held.record.revision
+        response = converters.embed_response(result, request.model)
+        response.revision = revision
+        return response
 
 
 def _queue_timeout(context: grpc.aio.ServicerContext) -> float | None:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1droundhouse/v1/inference.proto\x12\rroundhouse.v1\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"\xba\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\"\n\x05tools\x18\t \x03(\x0b\x32\x13.roundhouse.v1.Tool\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x0c\n\x04user\x18\x0b \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x85\x01\n\tChatChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.roundhouse.v1.Usage\x12\x10\n\x08\x61sset_id\x18\x04 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"O\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x06tokens\x18\x02 \x01(\x0b\x32\x17.roundhouse.v1.TokenIdsH\x00\x42\x06\n\x04kind\"j\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x06inputs\x18\x02 \x03(\x0b\x32\x19.roundhouse.v1.EmbedInput\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x88\x01\n\rEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.roundhouse.v1.Embedding\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\x12\x10\n\x08\x61sset_id\x18\x03 \x01(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x8f\x01\n\tInference\x12>\n\x04\x43hat\x12\x1a.roundhouse.v1.ChatRequest\x1a\x18.roundhouse.v1.ChatChunk0\x01\x12\x42\n\x05\x45mbed\x12\x1b.roundhouse.v1.EmbedRequest\x1a\x1c.roundhouse.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1droundhouse/v1/inference.proto\x12\rroundhouse.v1\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"\xba\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\"\n\x05tools\x18\t \x03(\x0b\x32\x13.roundhouse.v1.Tool\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x0c\n\x04user\x18\x0b \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x97\x01\n\tChatChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.roundhouse.v1.Usage\x12\x10\n\x08\x61sset_id\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"O\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x06tokens\x18\x02 \x01(\x0b\x32\x17.roundhouse.v1.TokenIdsH\x00\x42\x06\n\x04kind\"j\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x06inputs\x18\x02 \x03(\x0b\x32\x19.roundhouse.v1.EmbedInput\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9a\x01\n\rEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.roundhouse.v1.Embedding\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\x12\x10\n\x08\x61sset_id\x18\x03 \x01(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x10\n\x08revision\x18\x05 \x01(\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x8f\x01\n\tInference\x12>\n\x04\x43hat\x12\x1a.roundhouse.v1.ChatRequest\x1a\x18.roundhouse.v1.ChatChunk0\x01\x12\x42\n\x05\x45mbed\x12\x1b.roundhouse.v1.EmbedRequest\x1a\x1c.roundhouse.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'roundhouse.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1092
-  _globals['_FINISHREASON']._serialized_end=1187
+  _globals['_FINISHREASON']._serialized_start=1128
+  _globals['_FINISHREASON']._serialized_end=1223
   _globals['_CHATMESSAGE']._serialized_start=48
   _globals['_CHATMESSAGE']._serialized_end=106
   _globals['_TOOL']._serialized_start=108
@@ -42,17 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=493
   _globals['_USAGE']._serialized_end=572
   _globals['_CHATCHUNK']._serialized_start=575
-  _globals['_CHATCHUNK']._serialized_end=708
-  _globals['_TOKENIDS']._serialized_start=710
-  _globals['_TOKENIDS']._serialized_end=733
-  _globals['_EMBEDINPUT']._serialized_start=735
-  _globals['_EMBEDINPUT']._serialized_end=814
-  _globals['_EMBEDREQUEST']._serialized_start=816
-  _globals['_EMBEDREQUEST']._serialized_end=922
-  _globals['_EMBEDDING']._serialized_start=924
-  _globals['_EMBEDDING']._serialized_end=951
-  _globals['_EMBEDRESPONSE']._serialized_start=954
-  _globals['_EMBEDRESPONSE']._serialized_end=1090
-  _globals['_INFERENCE']._serialized_start=1190
-  _globals['_INFERENCE']._serialized_end=1333
+  _globals['_CHATCHUNK']._serialized_end=726
+  _globals['_TOKENIDS']._serialized_start=728
+  _globals['_TOKENIDS']._serialized_end=751
+  _globals['_EMBEDINPUT']._serialized_start=753
+  _globals['_EMBEDINPUT']._serialized_end=832
+  _globals['_EMBEDREQUEST']._serialized_start=834
+  _globals['_EMBEDREQUEST']._serialized_end=940
+  _globals['_EMBEDDING']._serialized_start=942
+  _globals['_EMBEDDING']._serialized_end=969
+  _globals['_EMBEDRESPONSE']._serialized_start=972
+  _globals['_EMBEDRESPONSE']._serialized_end=1126
+  _globals['_INFERENCE']._serialized_start=1226
+  _globals['_INFERENCE']._serialized_end=1369
 # @@protoc_insertion_point(module_scope)

@@ -222,12 +222,15 @@ class ChatChunk(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     ASSET_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     """New text since the previous chunk; may be empty on the last chunk."""
     finish_reason: Global___FinishReason.ValueType
     """Set on the last chunk only."""
     asset_id: _builtins.str
     """The asset that served the request."""
+    revision: _builtins.int
+    """Revision of the asset that served the request, set on the last chunk (0: not said)."""
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Set on the last chunk only."""
@@ -239,10 +242,11 @@ class ChatChunk(_message.Message):
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
         asset_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "delta", b"delta", "finish_reason", b"finish_reason", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "delta", b"delta", "finish_reason", b"finish_reason", "revision", b"revision", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -372,10 +376,13 @@ class EmbedResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     ASSET_ID_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     asset_id: _builtins.str
     """The asset that served the request."""
     dimensions: _builtins.int
     """Vector length."""
+    revision: _builtins.int
+    """Revision of the asset that served the request (0: not said)."""
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
         """One vector per input, in input order, all of `dimensions` values."""
@@ -391,10 +398,11 @@ class EmbedResponse(_message.Message):
         usage: Global___Usage | None = ...,
         asset_id: _builtins.str = ...,
         dimensions: _builtins.int = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "dimensions", b"dimensions", "embeddings", b"embeddings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset_id", b"asset_id", "dimensions", b"dimensions", "embeddings", b"embeddings", "revision", b"revision", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,6 +38,19 @@ def database_unavailable(exc: BaseException) -> bool:
     return any(isinstance(e, _DATABASE_ERRORS) or _raised_in_database_library(e) for e in chain)
 
 
+def lost_a_race(exc: BaseException) -> bool:
+    """Whether `exc`, or what it wraps, is Postgres ending a transaction that lost a race with
+    another (a deadlock, a serialization failure): run again, it will pass."""
+    current: BaseException | None = exc
+    for _ in range(8):  # the chain of a wrapped driver error is short
+        if current is None:
+            return False
+        if isinstance(current, asyncpg.DeadlockDetectedError | asyncpg.SerializationError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def _raised_in_database_library(exc: BaseException) -> bool:
     """Whether `exc` went through asyncpg or SQLAlchemy (a refused connect is a bare OSError)."""
     tb = exc.__traceback__

@@ -33,6 +33,7 @@ from nats.js.client import KV_PRE_TEMPLATE, KV_STREAM_TEMPLATE
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Counter
 
+from services.common.routespec import MAX_CACHE_TTL_S
 from services.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ DEFAULT_MAX_TOTAL_BYTES = 256 * 1024 * 1024
 """The whole cache's bound (the bucket's `max_bytes`, message overhead included)."""
 DEFAULT_MAX_ENTRY_BYTES = 512 * 1024
 """The largest answer kept when the route gives no `max_bytes` of its own."""
-MAX_TTL_S = 24 * 3600
+MAX_TTL_S = MAX_CACHE_TTL_S
 """The longest an entry is served, whatever its route asks: the bucket's `max_age`."""
 DEFAULT_TIMEOUT_S = 0.5
 """How long one lookup or store may wait for NATS before it counts as a miss or an error."""

@@ -192,7 +192,11 @@ async def _handle(request: Request, exc: Exception) -> Response:
         # A 405 keeps Starlette's `Allow` header: the methods the route does take.
         exc = HTTPProblem(exc.status_code, f"{what}: {request.method} {request.url.path}.", code,
                           headers=exc.headers)
-    return error_response(exc, getattr(request.state, "request_id", None))
+    response = error_response(exc, getattr(request.state, "request_id", None))
+    routed = getattr(request.state, "routed", None)
+    if routed is not None:  # a route's refusal says which assets it tried
+        response.headers.update(routed.headers())
+    return response
 
 
 def install_error_handlers(app: FastAPI) -> None:

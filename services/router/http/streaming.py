@@ -108,12 +108,17 @@ def client_timeout(request: Request) -> float | None:
     return header_seconds(REQUEST_TIMEOUT_HEADER, request.headers.get(REQUEST_TIMEOUT_HEADER))
 
 
-def skips_cache(request: Request) -> bool:
-    """Whether the client asked not to be answered from a cache (`Cache-Control: no-cache` or
-    `no-store`); its fresh answer may still be kept."""
+def routed_for(request: Request) -> Routed:
+    """What the request will say of the route that answers it (kept in `request.state.routed`,
+    so that an error response carries the attempts too), with what its `Cache-Control` asks:
+    `no-cache`, not to be answered from a cache (its fresh answer may be kept); `no-store`,
+    neither that nor to have its answer kept."""
     directives = {d.strip().split("=", 1)[0].lower()
                   for d in request.headers.get("cache-control", "").split(",")}
-    return not directives.isdisjoint({"no-cache", "no-store"})
+    store = "no-store" not in directives
+    routed = Routed(no_cache="no-cache" in directives or not store, no_store=not store)
+    request.state.routed = routed
+    return routed
 
 
 def mid_stream_error(exc: Exception, request_id: str) -> bytes:
@@ -278,7 +283,7 @@ class GenerationServing(ABC):
         request_id: str = request.state.request_id
         timeout = client_timeout(request)
         record(request_id, self.endpoint, body.recorded())
-        routed = Routed(no_cache=skips_cache(request))
+        routed = routed_for(request)
         chunks = self.gateway.chat(body.to_proto(request_id), timeout=timeout, key=request_key(request),
                                    stream=body.stream, routed=routed)
         prefix = self._prefix(body)

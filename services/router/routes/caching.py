@@ -32,20 +32,19 @@ class RouteCaching:
         self._store = store
         self._writes: set[asyncio.Task[bool]] = set()
 
-    def key(self, route: RouteSpec | None, record: AssetRecord, request: Message,
-            key: KeyRecord | None, no_cache: bool) -> str | None:
+    def key(self, route: RouteSpec, record: AssetRecord, request: Message,
+            key: KeyRecord | None) -> str | None:
         """The entry `request` to `route` answered by `record` would have; None when the
-        route has no cache, or the request may not be cached (a sampled chat). `no_cache`
-        (`Cache-Control: no-cache`) still gives a key: the fresh answer is kept, only the
-        lookup is skipped (see `lookup`)."""
-        cache = route.cache if route is not None else None
+        route has no cache, or the request may not be cached (a sampled chat). Entries are the
+        route's own: another route answered by the same asset keeps its own, with its own TTL."""
+        cache = route.cache
         if cache is None or self._store is None:
             return None
         if isinstance(request, inference_pb2.ChatRequest) and not chat_cacheable(
                 request, applied_generation(record), cache):
             return None
         scope = SHARED_SCOPE if cache.scope == "shared" else (key.key_id if key is not None else "")
-        return cache_key(record.spec.asset_id, record.revision, scope, request)
+        return cache_key(record.spec.asset_id, record.revision, f"{route.asset_id}/{scope}", request)
 
     async def lookup(self, route: RouteSpec, entry: str, reply: type[Message]) -> Message | None:
         """The kept answer of type `reply` under `entry`; None on a miss (or an entry that

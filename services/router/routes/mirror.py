@@ -35,9 +35,11 @@ Send = Callable[[AssetRecord, R, bool], Awaitable[SideOutcome]]
 class PrimarySide:
     """The primary's answer as its shadow copies compare it: fed as the primary streams."""
 
-    def __init__(self, greedy: bool) -> None:
+    def __init__(self, greedy: bool, started: float) -> None:
+        """`started`: when the primary request arrived (`time.perf_counter`), so that its
+        latency counts its queue wait and first token as the copy's does."""
         self.outcome: asyncio.Future[SideOutcome] = asyncio.get_running_loop().create_future()
-        self._started = time.perf_counter()
+        self._started = started
         self._greedy = greedy
         self._text: list[str] = []
 
@@ -75,7 +77,7 @@ class Mirror:
         self._starting: set[asyncio.Task[None]] = set()
 
     def copy(self, route: RouteSpec | None, request: R, send: Send[R], *, answering: str,
-             greedy: bool = True) -> PrimarySide | None:
+             started: float, greedy: bool = True) -> PrimarySide | None:
         """Copy `request` to each of the route's shadows its sample draws, but the asset
         `answering` it (a shadow that is also a target compares only with the others); the
         `PrimarySide` to feed with the primary's answer, or None when nothing was copied."""
@@ -84,7 +86,7 @@ class Mirror:
         drawn = [s for s in route.shadow if self.traffic.sampled(s)]
         if not drawn:
             return None
-        primary = PrimarySide(greedy)
+        primary = PrimarySide(greedy, started)
         starting = asyncio.ensure_future(self._start(route, drawn, request, send, primary, answering))
         self._starting.add(starting)
         starting.add_done_callback(self._starting.discard)

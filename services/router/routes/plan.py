@@ -27,7 +27,7 @@ from services.common.errors import (
 )
 from services.common.route_proto import RouteRecord
 from services.common.routespec import FallbackReason, RouteSpec
-from services.router.routes.split import NoLiveTarget, attempts_header, fallback_order, pick_target
+from services.router.routes.split import NoLiveTarget, attempts_header, fallback_order, rank_targets
 
 TARGET_HEADER = "x-roundhouse-target"
 ATTEMPTS_HEADER = "x-roundhouse-attempts"
@@ -55,10 +55,12 @@ def fallback_reason(exc: BaseException) -> FallbackReason | None:
 
 @dataclass
 class Routed:
-    """What one request to a route came to, for the response's headers; and whether the
-    client asked to skip the response cache (`Cache-Control: no-cache`)."""
+    """What one request to a route came to, for the response's headers; and what the client
+    asked of the response cache (`Cache-Control: no-cache`: no lookup; `no-store`: nothing
+    kept either)."""
 
     no_cache: bool = False
+    no_store: bool = False
     target: str = ""
     """The asset that answered."""
     attempts: list[tuple[str, str]] = field(default_factory=list)
@@ -79,12 +81,36 @@ class Routed:
         return headers
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One asset a request may go to: its record, or why it cannot take the request."""
+
+    name: str
+    """The asset id (the name the route gives, when it named nothing)."""
+    record: AssetRecord | None = None
+    refusal: RoundhouseError | None = None
+    """Why it was left out up front (disabled, deleted, failed, context too small)."""
+
+    @property
+    def outcome(self) -> str:
+        """How the attempts header spells its refusal."""
+        return "ok" if self.refusal is None else fallback_reason(self.refusal) or "unavailable"
+
+
 @dataclass
 class Plan:
-    """The candidates of one request, in the order to try them."""
+    """The candidates of one request, in the order to try them: the route's live targets (the
+    split's pick first), then its fallbacks. Targets left out up front are in `left_out`; a
+    fallback left out stays in its place, to be reported only if the request gets that far."""
 
     route: RouteSpec | None
-    candidates: list[AssetRecord]
+    candidates: list[Candidate]
+    left_out: list[Candidate] = field(default_factory=list)
+
+    @property
+    def usable(self) -> list[AssetRecord]:
+        """The candidates' records that may take the request, in order."""
+        return [c.record for c in self.candidates if c.record is not None]
 
     def falls_back(self, reason: FallbackReason | None, tried: int) -> bool:
         """Whether a failure of class `reason` of the `tried`-th candidate (from 1) moves the
@@ -104,61 +130,55 @@ class RoutePlanner:
         self._rng = rng or random.Random()
 
     async def plan(self, stored: AssetRecord | RouteRecord, *, sticky_key: str | None,
-                   prompt_tokens: int, routed: Routed) -> Plan:
-        """A model: itself. A route: its pick among the live targets, then its fallbacks.
-        Targets and fallbacks left out up front are recorded in `routed.attempts`; when none
-        is left, the request fails as the last one left out would have."""
+                   prompt_tokens: int) -> Plan:
+        """A model: itself. A route: its live targets (the split's pick first, see
+        `split.rank_targets`), then its fallbacks, a loaded one before one that would have to
+        wake. When no candidate can take the request, it fails as the last one left out."""
         if isinstance(stored, AssetRecord):
-            return Plan(None, [stored])
+            return Plan(None, [Candidate(stored.spec.asset_id, stored)])
         route = stored.spec
-        routed.route = True
-        skipped: list[RoundhouseError] = []
+        left_out: list[Candidate] = []
         live: dict[str, tuple[float, AssetRecord]] = {}
         for target in route.targets:
-            record = await self._usable(target.asset, prompt_tokens, routed, skipped)
-            if record is not None:
-                live.setdefault(record.spec.asset_id, (target.weight, record))
-        candidates: list[AssetRecord] = []
+            candidate = await self._candidate(target.asset, prompt_tokens)
+            if candidate.record is None:
+                left_out.append(candidate)
+            else:
+                live.setdefault(candidate.name, (target.weight, candidate.record))
         try:
-            picked = pick_target(route, {a: w for a, (w, _) in live.items()},
-                                 sticky_key if route.sticky != "none" else None, self._rng)
-            candidates.append(live[picked][1])
+            ranked = rank_targets(route, {a: w for a, (w, _) in live.items()},
+                                  sticky_key if route.sticky != "none" else None, self._rng)
         except NoLiveTarget:
-            pass
-        resolved = {name: record for name in route.fallback
-                    if (record := await self._usable(name, prompt_tokens, routed, skipped))}
-        loaded = {name for name, record in resolved.items() if self._is_loaded(record.spec.asset_id)}
+            ranked = []
+        candidates = [Candidate(name, live[name][1]) for name in ranked]
+        fallbacks = {name: await self._candidate(name, prompt_tokens) for name in route.fallback}
+        loaded = {name for name, c in fallbacks.items() if c.record is not None
+                  and self._is_loaded(c.name)}
         for name in fallback_order(route, loaded):
-            record = resolved.get(name)
-            if record is not None and all(c.spec.asset_id != record.spec.asset_id for c in candidates):
-                candidates.append(record)
-        if not candidates:
-            raise skipped[-1] if skipped else NotFound(f"route '{route.asset_id}' has no target")
-        return Plan(route, candidates)
+            if all(c.name != fallbacks[name].name for c in candidates):
+                candidates.append(fallbacks[name])
+        plan = Plan(route, candidates, left_out)
+        if not plan.usable:
+            refusals = [c.refusal for c in [*left_out, *candidates] if c.refusal is not None]
+            raise refusals[-1] if refusals else NotFound(f"route '{route.asset_id}' has no target")
+        return plan
 
-    async def _usable(self, name: str, prompt_tokens: int, routed: Routed,
-                      skipped: list[RoundhouseError]) -> AssetRecord | None:
-        """The asset `name` names when it can take the request; else None, recorded."""
+    async def _candidate(self, name: str, prompt_tokens: int) -> Candidate:
+        """The asset `name` names, or why it cannot take the request."""
         try:
             record = await self._resolve(name)
         except (NotFound, AssetDisabled) as exc:  # deleted or disabled since the route was applied
-            routed.attempts.append((name, "unavailable"))
-            skipped.append(exc)
-            return None
+            return Candidate(name, refusal=exc)
         asset_id = record.spec.asset_id
-        refusal: RoundhouseError | None = None
         if record.state == "failed" and not self._is_loaded(asset_id):
-            refusal = ModelFailed(f"model '{asset_id}' failed to load: "
-                                  f"{record.status.get('message', 'no reason recorded')}")
-        elif (context := context_length(record)) and prompt_tokens >= context:
-            refusal = ContextLengthExceeded(
+            return Candidate(asset_id, refusal=ModelFailed(
+                f"model '{asset_id}' failed to load: "
+                f"{record.status.get('message', 'no reason recorded')}"))
+        if (context := context_length(record)) and prompt_tokens >= context:
+            return Candidate(asset_id, refusal=ContextLengthExceeded(
                 f"the prompt (about {prompt_tokens} tokens) does not fit model '{asset_id}' "
-                f"({context} tokens of context)")
-        if refusal is None:
-            return record
-        routed.attempts.append((asset_id, fallback_reason(refusal) or "unavailable"))
-        skipped.append(refusal)
-        return None
+                f"({context} tokens of context)"))
+        return Candidate(asset_id, record)
 
 
 def context_length(record: AssetRecord) -> int:

@@ -46,6 +46,21 @@ def pick_target(route: RouteSpec, candidates_weights: Mapping[str, float],
     return live[-1][0]  # rounding left the point at the very end of the range
 
 
+def rank_targets(route: RouteSpec, candidates_weights: Mapping[str, float],
+                 sticky_key: str | None, rng: random.Random) -> list[str]:
+    """The live targets in the order to try them: the split's pick (`pick_target`) first,
+    then the others, by their rendezvous score for `sticky_key` (so a caller's second choice is
+    stable too), else by weight. Raises `NoLiveTarget` as `pick_target` does."""
+    first = pick_target(route, candidates_weights, sticky_key, rng)
+    rest = [t for t, w in candidates_weights.items() if w > 0 and t != first]
+    if sticky_key is not None:
+        rest.sort(key=lambda t: _score(route.asset_id, sticky_key, t, candidates_weights[t]),
+                  reverse=True)
+    else:
+        rest.sort(key=lambda t: candidates_weights[t], reverse=True)
+    return [first, *rest]
+
+
 def _score(route_id: str, key: str, target: str, weight: float) -> float:
     """The rendezvous score of `target` for `key`: -weight / ln(u), u uniform in (0, 1)."""
     digest = hashlib.blake2b(f"{route_id}\0{key}\0{target}".encode(), digest_size=8).digest()

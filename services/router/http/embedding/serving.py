@@ -12,8 +12,7 @@ from services.router.http.auth import request_key
 from services.router.http.embedding.protocol import EmbeddingRequest, response_body
 from services.router.http.metrics import HttpMetrics
 from services.router.http.protocol import ModelCard
-from services.router.http.streaming import client_timeout, record, skips_cache, until_disconnected
-from services.router.routes.plan import Routed
+from services.router.http.streaming import client_timeout, record, routed_for, until_disconnected
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -42,7 +41,7 @@ class EmbeddingServing:
                 self._check_dimensions(body.dimensions, card.id, card.embedding_dim)
         request_id: str = request.state.request_id
         record(request_id, ENDPOINT, body.recorded())
-        routed = Routed(no_cache=skips_cache(request))
+        routed = routed_for(request)
         result = await until_disconnected(request, self.gateway.embed(
             body.to_proto(request_id), timeout=timeout, key=request_key(request), routed=routed))
         if body.dimensions is not None:
