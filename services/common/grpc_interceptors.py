@@ -29,6 +29,9 @@ INTERNAL_TOKEN_KEY = "x-roundhouse-internal-token"
 QUEUE_TIMEOUT_KEY = "x-roundhouse-queue-timeout-s"
 """Metadata key of a router's call to a worker: seconds the request may still wait there for a
 slot of its model (what is left of the asset's `queue_timeout_s`)."""
+SHADOW_COPY_KEY = "x-roundhouse-shadow-copy"
+"""Metadata key of a router's call to a worker that is a route's shadow copy: it does not count
+as use of the model (its idle clock and eviction order stay as they were)."""
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Method prefixes callable without the internal token: probes and tooling."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from services.common.assetspec import Policy
 from services.common.errors import Overloaded
-from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY
+from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY, SHADOW_COPY_KEY
 from services.router.deadlines import Deadline
 
 
@@ -33,10 +33,13 @@ class GateStats:
 class QueueBudget:
     """How much longer one request may wait for a slot, here and at a worker together."""
 
-    __slots__ = ("_until",)
+    __slots__ = ("_until", "_copy")
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, *, shadow_copy: bool = False) -> None:
+        """`shadow_copy`: the request is a route's shadow copy, which the worker does not count
+        as use of the model."""
         self._until = asyncio.get_running_loop().time() + seconds
+        self._copy = shadow_copy
 
     def left(self) -> float:
         """Seconds of waiting left; 0 once spent."""
@@ -47,8 +50,10 @@ class QueueBudget:
         self._until += seconds
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        """The gRPC metadata that hands what is left of the budget to the worker."""
-        return ((QUEUE_TIMEOUT_KEY, f"{self.left():.3f}"),)
+        """The gRPC metadata that hands what is left of the budget to the worker (and says a
+        shadow copy is one)."""
+        budget = (QUEUE_TIMEOUT_KEY, f"{self.left():.3f}")
+        return (budget, (SHADOW_COPY_KEY, "1")) if self._copy else (budget,)
 
 
 class AssetGate:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
@@ -394,20 +394,15 @@ class Gateway:
 
     async def _copy_chat(self, record: AssetRecord, request: inference_pb2.ChatRequest,
                          may_wake: bool) -> SideOutcome:
-        """A shadow copy of a chat: sent only when the shadow asset has a free slot at this
-        router now (it never queues nor takes a slot a request waits for: else `Overloaded`,
-        counted as saturated), with no key and nothing in the ledger."""
+        """A shadow copy of a chat (see `_copying`)."""
         request = _forwarded(request, record)  # it came named for the primary's asset
         started, text = time.perf_counter(), []
         usage = inference_pb2.Usage()
-        with self._gate(record).try_slot() as free:
-            if not free:
-                raise Overloaded(f"model '{record.spec.asset_id}' has no free slot for a shadow copy")
-            async with aclosing(self.dispatcher.chat(
-                    record, request, deadline=Deadline.within(self.request_timeout_s, None),
-                    queue=QueueBudget(0.0), ticket=UsageTicket("", request.model, LLM, request.request_id),
-                    stream=True, may_wake=may_wake)) as chunks:
+        with self._copying(record, request, LLM) as call:
+            async with aclosing(self.dispatcher.chat(record, request, stream=True, may_wake=may_wake,
+                                                     **call)) as chunks:
                 async for chunk in chunks:
+                    _check_answered_by(record, chunk.asset_id)
                     text.append(chunk.delta)
                     if chunk.HasField("usage"):
                         usage = chunk.usage
@@ -416,18 +411,28 @@ class Gateway:
 
     async def _copy_embed(self, record: AssetRecord, request: inference_pb2.EmbedRequest,
                           may_wake: bool) -> SideOutcome:
-        """A shadow copy of an embedding request, as `_copy_chat`."""
+        """A shadow copy of an embedding request (see `_copying`)."""
         request = _forwarded(request, record)
         started = time.perf_counter()
+        with self._copying(record, request, EMBEDDING) as call:
+            result = await self.dispatcher.embed(record, request, may_wake=may_wake, **call)
+        _check_answered_by(record, result.asset_id)
+        return SideOutcome(time.perf_counter() - started, result.usage.prompt_tokens,
+                           vectors=[list(e.values) for e in result.embeddings])
+
+    @contextmanager
+    def _copying(self, record: AssetRecord, request: inference_pb2.ChatRequest | inference_pb2.EmbedRequest,
+                 interface: str) -> Iterator[dict[str, Any]]:
+        """What a shadow copy is sent with, while it holds a slot of the shadow asset at this
+        router: it is sent only when one is free now (it never queues nor takes a slot a
+        request waits for: else `Overloaded`, counted as saturated), does not wait at the
+        worker, does not count as use of the model there, and has no key nor ledger line."""
         with self._gate(record).try_slot() as free:
             if not free:
                 raise Overloaded(f"model '{record.spec.asset_id}' has no free slot for a shadow copy")
-            result = await self.dispatcher.embed(
-                record, request, deadline=Deadline.within(self.request_timeout_s, None),
-                queue=QueueBudget(0.0), ticket=UsageTicket("", request.model, EMBEDDING, request.request_id),
-                may_wake=may_wake)
-        return SideOutcome(time.perf_counter() - started, result.usage.prompt_tokens,
-                           vectors=[list(e.values) for e in result.embeddings])
+            yield {"deadline": Deadline.within(self.request_timeout_s, None),
+                   "queue": QueueBudget(0.0, shadow_copy=True),
+                   "ticket": UsageTicket("", request.model, interface, request.request_id)}
 
     async def ready(self) -> bool:
         """Registry reachable (it answered within the catalog's snapshot period) and at least one
@@ -445,6 +450,13 @@ def embedding_dim(record: AssetRecord) -> int:
     """The asset's vector length: declared metadata wins over the detected value; 0 if unknown."""
     detected = (record.capabilities or {}).get("embedding_dim") or 0
     return int(record.spec.metadata.embedding_dim or detected)
+
+
+def _check_answered_by(record: AssetRecord, asset_id: str) -> None:
+    """`UpstreamError` unless the shadow asset itself answered its copy (a copy compared with
+    what another asset answered would say nothing of the shadow)."""
+    if asset_id and asset_id != record.spec.asset_id:
+        raise UpstreamError(f"the copy for '{record.spec.asset_id}' was answered by '{asset_id}'")
 
 
 def _dearest(estimate: Estimate) -> tuple[Decimal, int]:

@@ -114,11 +114,12 @@ class HeldModel:
         self.last_used_at = datetime.now(UTC)
 
     @asynccontextmanager
-    async def lease(self, worker_id: str) -> AsyncIterator[Lease]:
-        """One request's lease, counted in flight while the body runs; the last request out
-        of a retiring revision closes it."""
+    async def lease(self, worker_id: str, *, touch: bool = True) -> AsyncIterator[Lease]:
+        """One request's lease, counted in flight while the body runs (and, with `touch`, as
+        use of the model); the last request out of a retiring revision closes it."""
         self.in_flight += 1
-        self.touch()
+        if touch:
+            self.touch()
         try:
             yield Lease(self, worker_id)
         except Exception as exc:
@@ -127,7 +128,8 @@ class HeldModel:
             raise
         finally:
             self.in_flight -= 1
-            self.touch()
+            if touch:
+                self.touch()
             if self.retiring and self.in_flight == 0:
                 await self.model.close()
 

@@ -230,7 +230,8 @@ class ModelHost:
 
     @asynccontextmanager
     async def use(
-        self, asset_id: str, *, queue_timeout_s: float | None = None, deadline_s: float | None = None
+        self, asset_id: str, *, queue_timeout_s: float | None = None, deadline_s: float | None = None,
+        counts_as_use: bool = True,
     ) -> AsyncIterator[Lease]:
         """A lease on the model for one request, holding one of its slots while the body runs.
 
@@ -238,6 +239,7 @@ class ModelHost:
         and never past `deadline_s`, the seconds the call has left; raises `Overloaded` when
         none comes in that time or the queue is full. Raises `NotFound` when the model is not
         held (`ModelNotReady` while it is loading) and `ShuttingDown` while the worker drains.
+        `counts_as_use` False (a route's shadow copy): the model's idle clock is left alone.
         """
         self._intake.enter(self.worker_id)
         try:
@@ -253,7 +255,7 @@ class ModelHost:
                 held = self._held.get(asset_id)
                 if held is None or held.slots is not slots:
                     raise unloaded_error(asset_id, self.worker_id, waiting=True)
-                async with held.lease(self.worker_id) as lease:
+                async with held.lease(self.worker_id, touch=counts_as_use) as lease:
                     yield lease
             finally:
                 slots.release()

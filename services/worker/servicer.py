@@ -12,7 +12,7 @@ from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_
 from services.common.asset_proto import record_from_proto
 from services.common.assetspec_fields import check_asset_id
 from services.common.errors import InvalidArgument
-from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY
+from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY, SHADOW_COPY_KEY
 from services.common.inference_requests import (
     check_chat,
     check_embed,
@@ -37,7 +37,9 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _lease(self, asset_id: str, context: grpc.aio.ServicerContext) -> AbstractAsyncContextManager[Lease]:
         """A lease on the model; the call waits for a slot as long as the router allows and its
         deadline leaves (`Overloaded` after that)."""
-        return self._host.use(asset_id, queue_timeout_s=_queue_timeout(context), deadline_s=context.time_remaining())
+        metadata = context.invocation_metadata() or ()
+        return self._host.use(asset_id, queue_timeout_s=_queue_timeout(context), deadline_s=context.time_remaining(),
+                              counts_as_use=all(k != SHADOW_COPY_KEY for k, _ in metadata))
 
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as CounterMetric
 
 from services.common import routespec
+from services.common.errors import Overloaded
 from services.common.telemetry import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ class ShadowTraffic:
     async def _copy(self, route_id: str, asset: str, target: _Target,
                     primary: asyncio.Future[SideOutcome],
                     run: Callable[[], Awaitable[SideOutcome]]) -> None:
-        started = time.perf_counter()
+        started, saturated = time.perf_counter(), False
         try:
             shadow = await run()
             if not isinstance(shadow, SideOutcome):
@@ -264,11 +265,16 @@ class ShadowTraffic:
             if task is not None and task.cancelling():
                 raise
             shadow = SideOutcome(time.perf_counter() - started, error="CancelledError")
+        except Overloaded:  # no free slot for a copy there: dropped, not failed
+            saturated = True
         except Exception as exc:
             log.debug("shadow copy of route %s to %s failed", route_id, asset, exc_info=True)
             shadow = SideOutcome(time.perf_counter() - started, error=type(exc).__name__)
         finally:
             target.running -= 1
+        if saturated:
+            self.skipped(route_id, asset, "saturated")
+            return
         if not primary.done():  # the primary is still answering (a long stream)
             await asyncio.wait([primary])
         try:
