@@ -152,10 +152,10 @@ class Gateway:
         stream ends; every request is recorded in the usage ledger.
 
         A route's request goes to its plan's candidates in turn (see `routes.plan`) until one
-        answers a first chunk; after that a failure ends the stream (with the usage so far in
-        the error's `partial_usage`). `routed` gets the answering asset, the attempts and the
-        cache outcome; the answer may come from the route's cache, and a sample of requests is
-        copied to its shadows (see `routes.mirror`).
+        answers a first chunk (with `stream=False`, its whole answer); after that a failure
+        ends the stream (with the usage so far in the error's `partial_usage`). `routed` gets
+        the answering asset, the attempts and the cache outcome; the answer may come from the
+        route's cache, and a sample of requests is copied to its shadows (see `routes.mirror`).
 
         The whole request, queue wait and wake included, ends by its deadline: the request
         timeout, or `timeout` (seconds) when shorter; past it, or when the worker stays silent
@@ -194,11 +194,25 @@ class Gateway:
                         failure = exc
                         continue
                     raise
+                relay = self._relay(plan, record, forwarded, first, attempt, entry, ticket, routed)
+                if stream or plan.route is None:
+                    self._answered(record, ticket, routed)
+                    async with aclosing(relay) as chunks:
+                        async for chunk in chunks:
+                            yield chunk
+                    return
+                # A whole answer reaches the client once complete: until then a failure may still
+                # move a route's request on.
+                try:
+                    whole = [chunk async for chunk in relay]
+                except RoundhouseError as exc:
+                    if self._falls_back(plan, record, exc, tried, routed):
+                        failure = exc
+                        continue
+                    raise
                 self._answered(record, ticket, routed)
-                async with aclosing(self._relay(plan, record, forwarded, first, attempt, entry,
-                                                ticket, routed)) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
+                for chunk in whole:
+                    yield chunk
                 return
             assert failure is not None  # a plan has a usable candidate, and it answers or fails
             raise failure
