@@ -74,7 +74,9 @@ class DeleteRunner:
     The store keeps one folder per source, shared by every asset with that source: the files
     go only when no other registered asset has the same source (`source_fingerprint`), and
     the final message says which way it went. Safe to repeat: files already gone and an
-    asset already deleted count as done.
+    asset already deleted count as done. An asset a route uses is refused before any file
+    goes (the registry refuses its deletion anyway); a route applied between that check and the
+    registry's leaves the asset registered without its files, which its next install restores.
     """
 
     def __init__(self, store: ModelStore, registry: RegistryClient) -> None:
