@@ -177,7 +177,6 @@ class Gateway:
             failure: RoundhouseError | None = None
             for tried, candidate in enumerate(plan.candidates, start=1):
                 if (record := self._reached(candidate, ticket, routed)) is None:
-                    failure = candidate.refusal
                     continue
                 forwarded, entry, hit = await self._prepare(plan, record, request, key, ticket, routed,
                                                             inference_pb2.ChatChunk)
@@ -214,7 +213,9 @@ class Gateway:
                 for chunk in whole:
                     yield chunk
                 return
-            assert failure is not None  # a plan has a usable candidate, and it answers or fails
+            # Only a usable candidate's failure moves a request on, and a plan has one: the last
+            # such failure is the answer (not why a later candidate was left out).
+            assert failure is not None
             raise failure
 
     async def _plan(self, name: str, interface: str, key: KeyRecord | None, user: str,
@@ -380,7 +381,6 @@ class Gateway:
             failure: RoundhouseError | None = None
             for tried, candidate in enumerate(plan.candidates, start=1):
                 if (record := self._reached(candidate, ticket, routed)) is None:
-                    failure = candidate.refusal
                     continue
                 forwarded, entry, hit = await self._prepare(plan, record, request, key, ticket, routed,
                                                             inference_pb2.EmbedResponse)
@@ -403,7 +403,9 @@ class Gateway:
                 if entry is not None and plan.route is not None and result.revision == record.revision:
                     self.caching.keep(plan.route, entry, result)
                 return result
-            assert failure is not None  # a plan has a usable candidate, and it answers or fails
+            # Only a usable candidate's failure moves a request on, and a plan has one: the last
+            # such failure is the answer (not why a later candidate was left out).
+            assert failure is not None
             raise failure
 
     async def _copy_chat(self, record: AssetRecord, request: inference_pb2.ChatRequest,
