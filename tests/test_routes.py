@@ -408,3 +408,55 @@ async def test_a_failure_after_the_first_chunk_ends_the_stream_with_an_error_and
     assert row["status"] != "ok"
     assert (row["prompt_tokens"], row["completion_tokens"]) == (
         used["prompt_tokens"], used["completion_tokens"])
+
+
+
+async def request_rows(dsn: str, request_id: str) -> list[asyncpg.Record]:
+    """The usage ledger's rows of one request."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch("SELECT * FROM usage_records WHERE request_id = $1", request_id)
+    finally:
+        await conn.close()
+
+
+async def test_a_whole_answer_falls_back_when_its_worker_fails_while_generating_it(
+    fragile: Stack, own_db: str, sources: Path,
+) -> None:
+    # A copy to a shadow starts once the primary's first chunk reached the router: a shadow
+    # that is asleep (and may not be woken) counts that moment as a dropped copy, which tells
+    # generation apart from the wait before it (a failure then is retried on another worker).
+    await fragile.apply(chat_model(sources, "ms-asleep"),
+                        route("ms-whole", ("ms-a", 1), fallback=["ms-b"],
+                              shadow=[{"asset": "ms-asleep", "sample": 1}]))
+    async with client(fragile, "no-key") as api, \
+            httpx.AsyncClient(base_url=fragile.http_url, timeout=60) as admin:  # no keys here
+        # The fallback first: the target then loads on the worker with more room, the other one.
+        await api.chat.completions.create(model="ms-b", messages=HELLO, max_tokens=1)
+        (spare,) = await holders(fragile, "ms-b")
+        asking = asyncio.ensure_future(api.chat.completions.with_raw_response.create(
+            model="ms-whole", messages=HELLO, max_tokens=LONG // 4))
+
+        async def relayed() -> bool:
+            shadows = (await admin.get("/admin/v1/routes/ms-whole/shadow")).json()["shadow"]
+            return any(s["dropped"].get("asleep", 0) > 0 for s in shadows)
+
+        await wait_until(relayed, timeout=60, interval=0.05)
+        (answering,) = await holders(fragile, "ms-a")
+        info = await answering.control.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest())
+        assert [m.in_flight for m in info.models if m.asset_id == "ms-a"] == [1]
+        assert answering is not spare
+        await answering.server.stop(0)  # the worker goes away before the answer is whole
+        raw = await asking
+    answer = raw.parse()
+    assert raw.headers[ATTEMPTS] == "ms-a:unavailable,ms-b:ok"
+    assert answer.model == raw.headers[TARGET] == "ms-b"
+    assert answer.choices[0].message.content
+    assert answer.usage is not None and answer.usage.completion_tokens > 0
+
+    request_id = raw.headers["x-request-id"]
+    await wait_until(lambda: request_rows(own_db, request_id), timeout=10, interval=0.1)
+    (row,) = await request_rows(own_db, request_id)  # one line for the request, not per attempt
+    assert (row["route"], row["asset_id"], row["status"]) == ("ms-whole", "ms-b", "ok")
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        answer.usage.prompt_tokens, answer.usage.completion_tokens)
