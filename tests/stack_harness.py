@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 from jobs_harness import RunningJobs, jobs_settings, running_jobs
+from pydantic import SecretStr
 from registry_harness import RunningRegistry, running_registry
 from tiny_models import build_tiny_llama, build_tiny_sentence_model
 from tls_files import TlsFiles
@@ -73,7 +74,8 @@ async def running_worker(
     it requires the token, with `tls` it serves TLS; the harness's channel has both.
     """
     settings = WorkerSettings(worker_address="127.0.0.1:0", worker_memory_mb=memory_mb,
-                              worker_heartbeat_s=heartbeat_s, internal_token=internal_token,
+                              worker_heartbeat_s=heartbeat_s,
+                              internal_token=SecretStr(internal_token) if internal_token else None,
                               **(tls.server() if tls else {}))
     server = WorkerServer(settings, store, bus)
     port = await server.start()
@@ -82,7 +84,7 @@ async def running_worker(
     try:
         yield RunningWorker(server, address, channel)
     finally:
-        await channel.close()
+        await channel.close(grace=None)
         await server.stop(0.5)
 
 
@@ -200,7 +202,7 @@ async def running_stack(
         router, router_port = await stack.enter_async_context(running_router(router_settings, bus))
         front = CommonSettings(home=store_root.parent / "app-home", **(tls.client() if tls else {}))
         channel = open_channel(f"127.0.0.1:{router_port}", front)
-        stack.push_async_callback(channel.close)
+        stack.push_async_callback(channel.close, None)
         yield Stack(registry, store, sources, started, router, f"127.0.0.1:{router_port}",
                     f"http://127.0.0.1:{router.http_port}", channel, jobs_service,
                     admin_key=admin_key, router_settings=router_settings, bus=bus)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -15,11 +16,11 @@ class TlsFiles:
     cert: Path
     key: Path
 
-    def server(self) -> dict[str, Path]:
+    def server(self) -> dict[str, Any]:
         """Settings of a service that serves TLS and trusts the CA as a client."""
         return {"tls_cert": self.cert, "tls_key": self.key, "tls_ca": self.ca}
 
-    def client(self) -> dict[str, Path]:
+    def client(self) -> dict[str, Any]:
         """Settings of a client that trusts the CA."""
         return {"tls_ca": self.ca}
 
