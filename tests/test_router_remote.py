@@ -170,15 +170,15 @@ async def chat_through(client: openai.AsyncOpenAI, route: str) -> tuple[str, str
 async def test_a_remote_target_failing_upstream_falls_back_to_a_local_model(stack: Stack, upstream,
                                                                             client) -> None:
     url, _ = upstream
-    await remote_asset(stack, url, "remote-refused", key_env="GROQ_API_KEY")  # the upstream says 401
+    await remote_asset(stack, url, "remote-upstream-401", key_env="GROQ_API_KEY")  # the upstream says 401
     await stack.apply(*tiny_documents(stack.sources),
                       {"asset_id": "via-remote", "class": "route", "interface": "llm-runtime",
-                       "targets": [{"asset": "remote-refused"}], "fallback": [TINY_CHAT]})
+                       "targets": [{"asset": "remote-upstream-401"}], "fallback": [TINY_CHAT]})
     assert await chat_through(client, "via-remote") == (
-        TINY_CHAT, f"remote-refused:upstream_error,{TINY_CHAT}:ok")
+        TINY_CHAT, f"remote-upstream-401:upstream_error,{TINY_CHAT}:ok")
     # Without upstream_error in fallback_on, the upstream's refusal is the answer.
     await stack.apply({"asset_id": "via-remote-strict", "class": "route", "interface": "llm-runtime",
-                       "targets": [{"asset": "remote-refused"}], "fallback": [TINY_CHAT],
+                       "targets": [{"asset": "remote-upstream-401"}], "fallback": [TINY_CHAT],
                        "fallback_on": ["overloaded"]})
     with pytest.raises(openai.APIStatusError) as failed:
         await client.chat.completions.create(model="via-remote-strict", messages=HELLO, max_tokens=3)
