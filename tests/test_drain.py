@@ -192,10 +192,12 @@ async def refused_or_closed(api: openai.AsyncOpenAI) -> None:
 
 
 async def listener_closed(url: str) -> bool:
+    """Whether the router's listener is gone: a connection is refused, or one the kernel took
+    just before the listener closed is dropped unanswered."""
     async with httpx.AsyncClient(timeout=5) as http:
         try:
             await http.get(f"{url}/healthz")
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.RemoteProtocolError):
             return True
     return False
 
