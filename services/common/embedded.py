@@ -10,6 +10,7 @@ start servers from a long-lived thread (the main or event loop thread), not a wo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import json
@@ -247,7 +248,10 @@ class EmbeddedPostgres(_ServerProcess):
             if not mode & stat.S_IXOTH:
                 parent.chmod(mode | stat.S_IXOTH)
         for path in [self.data_dir, *self.data_dir.rglob("*")]:
-            os.lchown(path, owner.pw_uid, owner.pw_gid)
+            # A server still shutting down (an orphan whose owner was killed) may remove its
+            # temporary files meanwhile: one gone is not ours to hand over.
+            with contextlib.suppress(FileNotFoundError):
+                os.lchown(path, owner.pw_uid, owner.pw_gid)
         return owner
 
     def _clear_stale_lock_files(self) -> None:
