@@ -251,6 +251,13 @@ async def stack(
 
 
 @pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """A plain HTTP client of the module's `stack`'s router (no key)."""
+    async with httpx.AsyncClient(base_url=stack.http_url, timeout=60) as plain:
+        yield plain
+
+
+@pytest.fixture
 async def admin(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client of the module's `stack`'s admin API (`/admin/v1`), with its admin key
     when it checks keys."""

@@ -42,12 +42,6 @@ async def stack(
         yield running
 
 
-@pytest.fixture
-async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.http_url, timeout=60) as plain:
-        yield plain
-
-
 _names = iter(range(10_000))
 
 

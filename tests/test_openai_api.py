@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
-from collections.abc import AsyncIterator
 
 import httpx
 import openai
@@ -23,12 +22,6 @@ HELLO = [{"role": "user", "content": "hello"}]
 # left must stop well within that.
 LONG = 4000
 STOPPED_WITHIN_S = 2.0
-
-
-@pytest.fixture
-async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.http_url, timeout=60) as plain:
-        yield plain
 
 
 async def worker_in_flight(stack: Stack, asset_id: str) -> int:

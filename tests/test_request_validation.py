@@ -66,12 +66,6 @@ async def stack(
         yield running
 
 
-@pytest.fixture
-async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.http_url, timeout=60) as plain:
-        yield plain
-
-
 def raw_json(body: dict[str, Any]) -> bytes:
     """`body` as JSON with every non-ASCII character escaped, so lone surrogates survive."""
     return json.dumps(body, ensure_ascii=True).encode()

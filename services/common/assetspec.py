@@ -15,13 +15,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from services.common.assetspec_fields import (
-    ASSET_ID_RE,
     INT32_MAX,
+    AssetRef,
     Count,
     Name,
     Number,
     SpecModel,
     Text,
+    asset_id_value,
     check_label_keys,
 )
 from services.common.assetspec_source import Source
@@ -100,7 +101,7 @@ class Metadata(SpecModel):
 class AssetSpec(SpecModel):
     """A declared model asset. Build with `parse_spec` to get every problem at once."""
 
-    asset_id: Name
+    asset_id: AssetRef
     display_name: Name = ""
     version: Name = ""
     asset_class: Literal["model"] = Field("model", alias="class")
@@ -116,15 +117,6 @@ class AssetSpec(SpecModel):
     pricing: Pricing | None = None
     aliases: Annotated[list[Name], Field(max_length=64)] = []
     labels: Annotated[dict[Name, Name], Field(max_length=64)] = {}
-
-    @field_validator("asset_id")
-    @classmethod
-    def _asset_id(cls, value: str) -> str:
-        if not ASSET_ID_RE.match(value):
-            raise ValueError(
-                "must match ^[a-z0-9][a-z0-9._-]{0,127}$ (lower-case letters, digits, '.', '_', '-')"
-            )
-        return value
 
     @field_validator("interface", mode="before")
     @classmethod
@@ -144,8 +136,10 @@ class AssetSpec(SpecModel):
     @classmethod
     def _aliases(cls, value: list[str]) -> list[str]:
         for alias in value:
-            if not ASSET_ID_RE.match(alias):
-                raise ValueError(f"alias {alias!r} must match ^[a-z0-9][a-z0-9._-]{{0,127}}$")
+            try:
+                asset_id_value(alias)
+            except ValueError as exc:
+                raise ValueError(f"alias {alias!r} {exc}") from None
         if len(set(value)) != len(value):
             raise ValueError("aliases must not repeat")
         return value

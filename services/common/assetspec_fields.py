@@ -57,6 +57,21 @@ class SpecModel(BaseModel):
                               allow_inf_nan=False)
 
 
+ASSET_ID_RULE = "must match ^[a-z0-9][a-z0-9._-]{0,127}$ (lower-case letters, digits, '.', '_', '-')"
+
+
+def asset_id_value(value: str) -> str:
+    """`value` when it is a possible asset id or alias; `ValueError` saying the rule otherwise
+    (for a pydantic validator)."""
+    if not ASSET_ID_RE.match(value):
+        raise ValueError(ASSET_ID_RULE)
+    return value
+
+
+AssetRef = Annotated[Name, AfterValidator(asset_id_value)]
+"""An asset id or alias in a document."""
+
+
 def check_asset_id(value: str, field: str = "asset_id") -> str:
     """`value` when it is a possible asset id (or alias); `InvalidArgument` naming `field`
     otherwise, so that an impossible id is refused before it is looked up."""

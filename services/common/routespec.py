@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     Field,
     ValidationError,
     ValidationInfo,
@@ -21,7 +20,7 @@ from pydantic import (
 
 from services.common.assetspec import AssetSpec, Interface, parse_spec, problems_from
 from services.common.assetspec_fields import (
-    ASSET_ID_RE,
+    AssetRef,
     Count,
     Name,
     Number,
@@ -41,16 +40,6 @@ DEFAULT_FALLBACK_ON: tuple[FallbackReason, ...] = (
 AssetLookup = Callable[[str], tuple[str, str, Sequence[str]] | None]
 """`lookup(name) -> (asset_id, asset_class, interfaces)` of the asset an id or alias names, or
 None for an unknown name."""
-
-
-def _asset_id(value: str) -> str:
-    if not ASSET_ID_RE.match(value):
-        raise ValueError(f"{value!r} is not an asset id: must match ^[a-z0-9][a-z0-9._-]{{0,127}}$")
-    return value
-
-
-AssetRef = Annotated[Name, AfterValidator(_asset_id)]
-"""The id (or alias) of another asset."""
 
 
 class Target(SpecModel):

@@ -43,7 +43,7 @@ from services.router.keys import allowed_models, check_model
 from services.router.limits import Limiter, estimate_chat, estimate_embed
 from services.router.limits.estimate import Estimate, chat_prompt_tokens
 from services.router.remote import RemoteUpstreams
-from services.router.routes.caching import RouteCaching, greedy, whole_chat
+from services.router.routes.caching import RouteCaching, decodes_greedily, whole_chat
 from services.router.routes.mirror import Mirror
 from services.router.routes.plan import Candidate, Plan, Routed, RoutePlanner, fallback_reason
 from services.router.routes.shadow import ShadowTraffic, SideOutcome
@@ -305,18 +305,18 @@ class Gateway:
         """The answering candidate's chunks, from its first: fed to the route's shadow copies,
         kept in its cache when whole and answered by the revision the cache entry is for. A
         failure from here on ends the stream, carrying the usage so far."""
-        text: list[str] | None = [] if entry is not None else None
+        text: list[str] = []  # kept only for the cache
         chunk: inference_pb2.ChatChunk | None = first
         primary = None
         try:
             async with aclosing(chunks):
                 primary = self.mirror.copy(plan.route, forwarded, self._copy_chat, started=ticket.started,
-                                           answering=record.spec.asset_id, greedy=greedy(forwarded, record))
+                                           answering=record.spec.asset_id, greedy=decodes_greedily(forwarded, record))
                 while chunk is not None:
                     last = chunk
                     if primary is not None:
                         primary.chunk(chunk)
-                    if text is not None:
+                    if entry is not None:
                         text.append(chunk.delta)
                     yield chunk
                     chunk = await anext(chunks, None)
@@ -326,7 +326,7 @@ class Gateway:
         finally:
             if primary is not None:
                 primary.ended()
-        if (entry is not None and text is not None and plan.route is not None and last.finish_reason
+        if (entry is not None and plan.route is not None and last.finish_reason
                 and last.revision == record.revision):
             self.caching.keep(plan.route, entry, whole_chat(record.spec.asset_id, text, last))
 
@@ -423,7 +423,7 @@ class Gateway:
                     if chunk.HasField("usage"):
                         usage = chunk.usage
         return SideOutcome(time.perf_counter() - started, usage.prompt_tokens, usage.completion_tokens,
-                           text="".join(text), greedy=greedy(request, record))
+                           text="".join(text), greedy=decodes_greedily(request, record))
 
     async def _copy_embed(self, record: AssetRecord, request: inference_pb2.EmbedRequest,
                           may_wake: bool) -> SideOutcome:

@@ -1,6 +1,6 @@
 """Cache: exact-match answers shared by every router (keys, cacheable check, the store)."""
 
-from services.router.cache.keys import SHARED_SCOPE, cache_key, canonical_body, chat_cacheable
+from services.router.cache.keys import SHARED_SCOPE, cache_key, canonical_body, chat_cacheable, greedy
 from services.router.cache.store import (
     DEFAULT_MAX_ENTRY_BYTES,
     DEFAULT_MAX_TOTAL_BYTES,
@@ -9,4 +9,4 @@ from services.router.cache.store import (
 )
 
 __all__ = ["DEFAULT_MAX_ENTRY_BYTES", "DEFAULT_MAX_TOTAL_BYTES", "MAX_TTL_S", "SHARED_SCOPE",
-           "ResponseCache", "cache_key", "canonical_body", "chat_cacheable"]
+           "ResponseCache", "cache_key", "canonical_body", "chat_cacheable", "greedy"]

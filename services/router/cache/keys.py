@@ -32,18 +32,20 @@ _KEY_PREFIX = "r1."
 
 
 def chat_cacheable(request: inference_pb2.ChatRequest, generation: Generation, cache: Cache) -> bool:
-    """Whether an answer to `request` may be cached and served again under `cache`.
+    """Whether an answer to `request` may be cached and served again under `cache`: any with
+    `cache.nondeterministic`, else only a greedy one (see `greedy`)."""
+    return cache.nondeterministic or greedy(request, generation)
 
-    Without `cache.nondeterministic`, only greedy requests qualify: the temperature or the
-    top-p that generation uses is 0. Each is the request's own when it sets it, else the
-    asset's declared default (`generation`), as the worker picks them. With neither set, the
-    worker falls back to the model folder's defaults, which never decode greedily (a folder
-    that samples gives its temperature and top-p, otherwise sampling at temperature 1 and
-    top-p 1 is used), so such a request is not cached. A seed does not make a request
-    qualify: sampled logits may still differ between batches on some devices.
+
+def greedy(request: inference_pb2.ChatRequest, generation: Generation) -> bool:
+    """Whether `request` is decoded greedily: the temperature or the top-p that generation
+    uses is 0. Each is the request's own when it sets it, else the asset's declared default
+    (`generation`), as the worker picks them. With neither set, the worker falls back to the
+    model folder's defaults, which never decode greedily (a folder that samples gives its
+    temperature and top-p, otherwise sampling at temperature 1 and top-p 1 is used). A seed
+    does not make a request greedy: sampled logits may still differ between batches on some
+    devices.
     """
-    if cache.nondeterministic:
-        return True
     temperature = request.temperature if request.HasField("temperature") else generation.temperature
     top_p = request.top_p if request.HasField("top_p") else generation.top_p
     return temperature == 0 or top_p == 0

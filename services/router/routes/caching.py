@@ -18,8 +18,8 @@ from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
 from services.common.assetspec import Generation
 from services.common.keys import KeyRecord
-from services.common.routespec import Cache, RouteSpec
-from services.router.cache import SHARED_SCOPE, ResponseCache, cache_key, chat_cacheable
+from services.common.routespec import RouteSpec
+from services.router.cache import SHARED_SCOPE, ResponseCache, cache_key, chat_cacheable, greedy
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,10 @@ def whole_chat(asset_id: str, text: list[str], last: inference_pb2.ChatChunk) ->
                                    usage=last.usage, asset_id=asset_id)
 
 
-_GREEDY_ONLY = Cache(ttl_s=1)
-"""A cache that takes greedy answers only: what `greedy` asks `chat_cacheable`."""
-
-
-def greedy(request: inference_pb2.ChatRequest, record: AssetRecord) -> bool:
-    """Whether the chat is decoded greedily (the same prompt always gets the same answer):
-    the request's sampling, or the asset's declared defaults, at temperature or top-p 0."""
-    return chat_cacheable(request, applied_generation(record), _GREEDY_ONLY)
+def decodes_greedily(request: inference_pb2.ChatRequest, record: AssetRecord) -> bool:
+    """Whether the chat is decoded greedily by the asset (the same prompt always gets the same
+    answer; see `cache.greedy`)."""
+    return greedy(request, applied_generation(record))
 
 
 def applied_generation(record: AssetRecord) -> Generation:
