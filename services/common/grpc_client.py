@@ -11,6 +11,7 @@ import grpc
 from services.common import errors
 from services.common.grpc_interceptors import ERROR_CLASS_KEY, INTERNAL_TOKEN_KEY, RETRY_AFTER_KEY
 from services.common.settings import CommonSettings
+from services.common.tracing import grpc_metadata
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -19,12 +20,13 @@ def open_channel(address: str, settings: CommonSettings | None, options: Channel
     """A channel to another Roundhouse service at `address`, as `settings` say: over TLS
     (trusting `tls_ca`, else the system's roots) when `tls_ca` or `tls_cert` is set, and
     sending the internal token (the setting, else the one `roundhouse up` recorded) on every
-    call. Every gRPC channel a service or the CLI opens comes from here.
+    call. Every call carries the caller's trace context and request id (see
+    `services.common.tracing`). Every gRPC channel a service or the CLI opens comes from here.
 
     `settings=None`: plaintext, no token (tests of a bare server).
     """
     token = settings.resolved_internal_token() if settings is not None else None
-    interceptors = token_senders(token) if token else None
+    interceptors = metadata_senders(token)
     if settings is None or not settings.client_tls():
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     roots = settings.tls_ca.read_bytes() if settings.tls_ca is not None else None
@@ -32,45 +34,46 @@ def open_channel(address: str, settings: CommonSettings | None, options: Channel
                                    options=options, interceptors=interceptors)
 
 
-def token_senders(token: str) -> list[Any]:  # grpc-stubs has no usable interceptor type
-    """Client interceptors that add the internal token to every call, one per call shape (a
-    channel files each interceptor under the first shape it implements only).
+def metadata_senders(token: str | None) -> list[Any]:  # grpc-stubs has no usable interceptor type
+    """Client interceptors that add the internal token (when given), the trace context and the
+    request id to every call, one per call shape (a channel files each interceptor under the
+    first shape it implements only).
 
     Interceptors rather than call credentials: those need a TLS channel, and internal traffic
     may be plaintext.
     """
-    pair = (INTERNAL_TOKEN_KEY, token)
-    return [_SendsTokenUnaryUnary(pair), _SendsTokenUnaryStream(pair), _SendsTokenStreamUnary(pair),
-            _SendsTokenStreamStream(pair)]
+    pairs = ((INTERNAL_TOKEN_KEY, token),) if token else ()
+    return [_SendsMetadataUnaryUnary(pairs), _SendsMetadataUnaryStream(pairs),
+            _SendsMetadataStreamUnary(pairs), _SendsMetadataStreamStream(pairs)]
 
 
-class _SendsToken:
-    def __init__(self, pair: tuple[str, str]) -> None:
-        self._pair = pair
+class _SendsMetadata:
+    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        self._pairs = pairs
 
-    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._pair)
+    def _with_metadata(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._pairs, *grpc_metadata())
         return details._replace(metadata=metadata)  # type: ignore[attr-defined]  # a namedtuple
 
 
-class _SendsTokenUnaryUnary(_SendsToken, grpc.aio.UnaryUnaryClientInterceptor):
+class _SendsMetadataUnaryUnary(_SendsMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_token(details), request)
+        return await continuation(self._with_metadata(details), request)
 
 
-class _SendsTokenUnaryStream(_SendsToken, grpc.aio.UnaryStreamClientInterceptor):
+class _SendsMetadataUnaryStream(_SendsMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_token(details), request)
+        return await continuation(self._with_metadata(details), request)
 
 
-class _SendsTokenStreamUnary(_SendsToken, grpc.aio.StreamUnaryClientInterceptor):
+class _SendsMetadataStreamUnary(_SendsMetadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._with_token(details), requests)
+        return await continuation(self._with_metadata(details), requests)
 
 
-class _SendsTokenStreamStream(_SendsToken, grpc.aio.StreamStreamClientInterceptor):
+class _SendsMetadataStreamStream(_SendsMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._with_token(details), requests)
+        return await continuation(self._with_metadata(details), requests)
 
 
 _BY_NAME: dict[str, type[errors.RoundhouseError]] = {

@@ -2,7 +2,8 @@
 
 `ErrorMappingInterceptor` turns domain errors into statuses in one place (an undecodable
 request into INVALID_ARGUMENT, an unexpected error into INTERNAL with a logged trace);
-`InternalTokenInterceptor` refuses calls without the internal token.
+`InternalTokenInterceptor` refuses calls without the internal token; `TracingInterceptor`
+runs each call in a server span joined to the caller's trace, as part of its request id.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.common import errors
 from services.common.db.unavailable import as_domain_error
 from services.common.drain import Drain
+from services.common.tracing import context_from, request_id_from, request_id_scope, tracer
 
 log = logging.getLogger(__name__)
 
@@ -213,3 +218,74 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(refuse, *wire)
     return grpc.stream_stream_rpc_method_handler(refuse_stream, *wire)
+
+
+class TracingInterceptor(grpc.aio.ServerInterceptor):
+    """Runs every call (health and reflection aside) inside a server span named after its
+    method, a child of the trace context the caller sent, with the caller's request id in
+    scope (log records name it, calls made on its behalf carry it on)."""
+
+    def __init__(self) -> None:
+        self._tracer = tracer(__name__)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler
+        metadata = tuple(handler_call_details.invocation_metadata or ())
+        name = method.lstrip("/")
+        tracer_ = self._tracer
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                token = otel_context.attach(context_from(metadata))
+                try:
+                    with request_id_scope(request_id_from(metadata)), tracer_.start_as_current_span(
+                            name, kind=SpanKind.SERVER, attributes=_rpc_attributes(name)) as span:
+                        try:
+                            return await inner_uu(request, context)  # type: ignore[arg-type]
+                        finally:
+                            _end_status(span, context)
+                finally:
+                    otel_context.detach(token)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                token = otel_context.attach(context_from(metadata))
+                try:
+                    with request_id_scope(request_id_from(metadata)), tracer_.start_as_current_span(
+                            name, kind=SpanKind.SERVER, attributes=_rpc_attributes(name)) as span:
+                        try:
+                            async for item in inner_us(request, context):  # type: ignore[attr-defined,arg-type]
+                                yield item
+                        finally:
+                            _end_status(span, context)
+                finally:
+                    otel_context.detach(token)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+def _rpc_attributes(name: str) -> dict[str, str]:
+    service, _, method = name.partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+
+
+def _end_status(span: trace.Span, context: grpc.aio.ServicerContext) -> None:
+    """Mark the span failed when the call ends with a status other than OK."""
+    code = context.code() if hasattr(context, "code") else None
+    if code is not None and code != grpc.StatusCode.OK:
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        span.set_status(Status(StatusCode.ERROR, str(code.name)))

@@ -41,6 +41,10 @@ class CommonSettings(BaseSettings):
     otel_console: bool = False
     """Print OpenTelemetry spans and metrics to stderr (for debugging)."""
 
+    metrics_host: str = "127.0.0.1"
+    """Interface the worker's and the jobs service's Prometheus metrics ports listen on
+    (`0.0.0.0` in a container). The router serves `/metrics` on its HTTP port."""
+
     upstream_key_envs: list[str] = Field(default_factory=lambda: list(DEFAULT_UPSTREAM_KEY_ENVS))
     """Environment variables an asset's `source.api_key_env` may name (JSON list); a
     `ROUNDHOUSE_*` name is refused whatever this says. Their values are scrubbed from logs."""

@@ -31,6 +31,10 @@ class JobsSettings(StoreSettings, FleetSettings):
     jobs_workers: int = Field(default=2, ge=1)
     """Operations this instance runs at the same time."""
 
+    jobs_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the jobs service's Prometheus `/metrics` (`ROUNDHOUSE_JOBS_METRICS_PORT`; 0 picks
+    a free one and logs it). Unset: no metrics port. `roundhouse up` sets one."""
+
     max_storage_gb: float | None = Field(default=None, gt=0)
     """Quota of the model store in GiB; installs that would exceed it fail. Unset: no quota."""
 

@@ -21,6 +21,10 @@ class WorkerSettings(StoreSettings):
     worker_id: str = ""
     """Stable id of this worker. Empty: `worker-<hostname>-<port>`."""
 
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of this worker's Prometheus `/metrics` (`ROUNDHOUSE_WORKER_METRICS_PORT`; 0 picks a
+    free one and logs it). Unset: no metrics port. `roundhouse up` sets one per worker."""
+
     worker_memory_mb: int = Field(default=4096, gt=0)
     """Memory this worker may use for models, in MiB (`ROUNDHOUSE_WORKER_MEMORY_MB`); loads
     beyond it are refused."""
