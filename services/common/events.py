@@ -5,13 +5,16 @@ Every event is a `roundhouse.v1.Event` published as proto3 JSON on
 `Nats-Msg-Id` set to its `event_id` so JetStream drops a re-published copy within the
 stream's duplicate window. Events tied to a database change go through the outbox
 (`services.common.outbox`) instead of being published directly.
+Events carry the publisher's trace context and request id as headers (`traceparent`,
+`x-request-id`...), and handlers run inside them (`delivered_in`).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import nats.errors
@@ -24,6 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
 
 from roundhouse.v1 import events_pb2
+from services.common import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,24 @@ def subject_for(event: events_pb2.Event) -> str:
     return f"{SUBJECT_PREFIX}.{event.type}.{ident}"
 
 
+def event_type_of(subject: str) -> str:
+    """The event type (`job.succeeded`) an event subject (`roundhouse.events.job.succeeded.<id>`)
+    names; empty for a subject outside the event stream."""
+    if not subject.startswith(f"{SUBJECT_PREFIX}."):
+        return ""
+    kind_and_name = subject[len(SUBJECT_PREFIX) + 1:].split(".")[:2]
+    return ".".join(kind_and_name) if len(kind_and_name) == 2 else ""
+
+
+@contextmanager
+def delivered_in(headers: Mapping[str, str] | None) -> Iterator[None]:
+    """Run the block inside the trace and request a message's headers name (as it is, when
+    they name none): wrap every handler of a delivered event in it."""
+    headers = headers or {}
+    with tracing.joined(headers.get("traceparent", ""), tracing.request_id_from(headers)):
+        yield
+
+
 def heartbeat_subject(worker_id: str) -> str:
     """`roundhouse.heartbeat.worker.<worker_id>`: where a worker's heartbeats go."""
     if not worker_id or _FORBIDDEN_IN_TOKEN & set(worker_id):
@@ -94,15 +116,8 @@ def new_event(
     if len(given) > 1:
         raise ValueError(f"an event carries one detail, got {sorted(given)}")
     event = events_pb2.Event(
-        event_id=str(uuid.uuid4()),
-        type=type,
-        source=source,
-        asset_id=asset_id,
-        worker_id=worker_id,
-        job_id=job_id,
-        request_id=request_id,
-        key_name=key_name,
-        **given,
+        event_id=str(uuid.uuid4()), type=type, source=source, asset_id=asset_id,
+        worker_id=worker_id, job_id=job_id, request_id=request_id, key_name=key_name, **given,
     )
     event.time.FromDatetime(datetime.now(UTC))
     subject_for(event)
@@ -121,13 +136,8 @@ def decode_event(msg_data: bytes) -> events_pb2.Event:
 
 def stream_config() -> StreamConfig:
     """The `ROUNDHOUSE_EVENTS` stream: every event subject, on disk, kept for 7 days."""
-    return StreamConfig(
-        name=STREAM_NAME,
-        subjects=[ALL_EVENTS],
-        storage=StorageType.FILE,
-        max_age=STREAM_MAX_AGE_S,
-        duplicate_window=STREAM_DUPLICATE_WINDOW_S,
-    )
+    return StreamConfig(name=STREAM_NAME, subjects=[ALL_EVENTS], storage=StorageType.FILE,
+                        max_age=STREAM_MAX_AGE_S, duplicate_window=STREAM_DUPLICATE_WINDOW_S)
 
 
 class EventBus:
@@ -154,10 +164,8 @@ class EventBus:
         publish_timeout: float = 5.0,
         ensure_stream: bool = True,
     ) -> EventBus:
-        """Connect to NATS at `url` and make sure the event stream exists.
-
-        Keeps retrying until the server answers (wrap it in a timeout to bound that).
-        """
+        """Connect to NATS at `url` and make sure the event stream exists. Keeps retrying until
+        the server answers (wrap it in a timeout to bound that)."""
         nc = Client()
         bus = cls(nc, publish_timeout)
 
@@ -173,13 +181,9 @@ class EventBus:
             bus._fire_reconnected()
 
         await nc.connect(
-            url,
-            name=name,
-            max_reconnect_attempts=-1,
+            url, name=name, max_reconnect_attempts=-1,
             reconnect_time_wait=reconnect_time_wait,  # type: ignore[arg-type]
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
+            error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
         )
         if ensure_stream:
             await bus.ensure_stream()
@@ -225,24 +229,31 @@ class EventBus:
         await self._js.update_stream(config)
 
     async def publish(self, event: events_pb2.Event) -> PubAck:
-        """Publish one event and wait for JetStream's ack; raise `EventPublishError` if none."""
-        return await self.publish_raw(subject_for(event), encode_event(event), event.event_id)
+        """Publish one event, with the current trace context and request id as headers, and wait
+        for JetStream's ack; raise `EventPublishError` if none."""
+        return await self.publish_raw(subject_for(event), encode_event(event), event.event_id,
+                                      trace=tracing.carrier())
 
-    async def publish_raw(self, subject: str, payload: bytes, event_id: str) -> PubAck:
+    async def publish_raw(
+        self, subject: str, payload: bytes, event_id: str, *, trace: Mapping[str, str] | None = None
+    ) -> PubAck:
         """Publish already-encoded event bytes (the outbox path); same guarantees as `publish`.
 
+        `trace` (a `tracing.carrier()`: `traceparent`, `x-request-id`...) goes along as headers.
         A duplicate (same `event_id` within the duplicate window) is acked and not stored
         twice. Fails at once while the connection is down rather than queueing the message.
         """
+        headers = {k: v for k, v in (trace or {}).items() if v}
+        headers["Nats-Msg-Id"] = event_id
         if not self.is_connected:
             raise EventPublishError(f"not connected to NATS; {subject} not published")
         try:
-            ack = await self._publish_once(subject, payload, event_id)
+            ack = await self._publish_once(subject, payload, headers)
         except nats.js.errors.NoStreamResponseError:
             # The server lost the stream (restarted without its store): recreate, retry once.
             try:
                 await self.ensure_stream()
-                ack = await self._publish_once(subject, payload, event_id)
+                ack = await self._publish_once(subject, payload, headers)
             except (nats.errors.Error, TimeoutError) as exc:
                 raise EventPublishError(f"{subject}: {exc!r}") from exc
         except (nats.errors.Error, TimeoutError) as exc:
@@ -251,14 +262,9 @@ class EventBus:
             raise EventPublishError(f"{subject}: acked by stream {ack.stream!r}")
         return ack
 
-    async def _publish_once(self, subject: str, payload: bytes, event_id: str) -> PubAck:
-        return await self._js.publish(
-            subject,
-            payload,
-            timeout=self._publish_timeout,
-            stream=STREAM_NAME,
-            headers={"Nats-Msg-Id": event_id},
-        )
+    async def _publish_once(self, subject: str, payload: bytes, headers: dict[str, str]) -> PubAck:
+        return await self._js.publish(subject, payload, timeout=self._publish_timeout,
+                                      stream=STREAM_NAME, headers=headers)
 
     async def subscribe(
         self, subject: str, handler: EventHandler, *, queue: str = ""
@@ -266,7 +272,8 @@ class EventBus:
         """Core (not durable) subscription: `handler` gets each decoded event on `subject`.
 
         Sees only events published while subscribed; use a JetStream consumer (`js`) to
-        read history or to survive restarts. Undecodable messages are logged and skipped.
+        read history or to survive restarts (with `delivered_in` around its handler). `handler`
+        runs inside the trace and request the headers name; undecodable messages are skipped.
         """
 
         async def on_message(msg: Msg) -> None:
@@ -275,7 +282,8 @@ class EventBus:
             except json_format.ParseError:
                 logger.warning("dropping undecodable message on %s", msg.subject)
                 return
-            await handler(event)
+            with delivered_in(msg.headers):
+                await handler(event)
 
         return await self._nc.subscribe(subject, queue=queue, cb=on_message)
 

@@ -5,7 +5,8 @@ and `relay.notify()` after it commits. `OutboxRelay` publishes unpublished rows 
 JetStream in `id` order and stamps them published; while NATS is unreachable the rows
 stay put and the relay retries with a capped backoff, so an outage delays events but
 loses none. A row re-published after a lost ack carries the same `Nats-Msg-Id`, which
-JetStream drops within its duplicate window.
+JetStream drops within its duplicate window. A row keeps the trace context and request id of
+the transaction that wrote it, and the event goes out with them as headers.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from roundhouse.v1 import events_pb2
+from services.common import tracing
 from services.common.db.models import OutboxEvent
-from services.common.events import EventBus, EventPublishError, encode_event, subject_for
+from services.common.events import EventBus, EventPublishError, encode_event, event_type_of, subject_for
 from services.common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -31,15 +34,32 @@ def add_to_outbox(session: AsyncSession, event: events_pb2.Event) -> OutboxEvent
     """Queue `event` for publishing as part of the session's current transaction.
 
     Synchronous: the row is flushed with the transaction, so a rollback discards it.
-    Call the relay's `notify()` after the commit for prompt delivery.
+    Call the relay's `notify()` after the commit for prompt delivery. The row keeps the
+    current trace context and request id.
     """
     row = OutboxEvent(
         event_id=uuid.UUID(event.event_id),
         subject=subject_for(event),
         payload=encode_event(event),
+        trace_context=tracing.traceparent(),
+        request_id=tracing.current_request_id(),
     )
     session.add(row)
     return row
+
+
+class OutboxMetrics:
+    """The relay's Prometheus figures, in the registry of the service that runs it:
+    `roundhouse_outbox_backlog` (rows not published yet, every writer's) and
+    `roundhouse_events_published_total{type}`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.backlog = Gauge("roundhouse_outbox_backlog",
+                             "Outbox rows committed but not yet published to the event stream",
+                             registry=registry)
+        self.published = Counter("roundhouse_events_published",
+                                 "Events this relay published to the event stream, by event type",
+                                 ["type"], registry=registry)
 
 
 class OutboxRelay:
@@ -48,7 +68,8 @@ class OutboxRelay:
     Wakes on `notify()`, on NATS reconnecting, and every `poll_interval_s` as a safety
     net for writers in other processes. Several relays may share one table: each batch is
     claimed with `FOR UPDATE SKIP LOCKED`, and order is kept within what one relay sends.
-    Published rows older than `retention_s` are deleted now and then.
+    Published rows older than `retention_s` are deleted now and then. With `metrics`, the
+    relay counts what it publishes and measures the backlog after every pass.
     """
 
     def __init__(
@@ -61,6 +82,7 @@ class OutboxRelay:
         min_backoff_s: float = 0.2,
         max_backoff_s: float = 10.0,
         retention_s: float = 24 * 3600.0,
+        metrics: OutboxMetrics | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._bus = bus
@@ -69,6 +91,7 @@ class OutboxRelay:
         self._min_backoff_s = min_backoff_s
         self._max_backoff_s = max_backoff_s
         self._retention_s = retention_s
+        self._metrics = metrics
         self._wake = asyncio.Event()
         self._urgent = False
         self._stopping = False
@@ -127,14 +150,26 @@ class OutboxRelay:
             ).all()
             published = 0
             for row in rows:
+                trace = {"traceparent": row.trace_context, tracing.REQUEST_ID_KEY: row.request_id}
                 try:
-                    await self._bus.publish_raw(row.subject, row.payload, str(row.event_id))
+                    await self._bus.publish_raw(row.subject, row.payload, str(row.event_id),
+                                                trace=trace)
                 except EventPublishError as exc:
                     row.attempts += 1
                     return published, exc
                 row.published_at = datetime.now(UTC)
                 published += 1
+                if self._metrics is not None:
+                    self._metrics.published.labels(event_type_of(row.subject)).inc()
             return published, None
+
+    async def _measure_backlog(self) -> None:
+        if self._metrics is None:
+            return
+        async with self._sessionmaker() as session:
+            pending = await session.scalar(
+                select(func.count()).select_from(OutboxEvent).where(OutboxEvent.published_at.is_(None)))
+        self._metrics.backlog.set(pending or 0)
 
     async def _purge_published(self) -> None:
         if time.monotonic() - self._last_purge < min(self._retention_s, 600.0):
@@ -158,6 +193,10 @@ class OutboxRelay:
                     log = logger.warning if isinstance(exc, EventPublishError) else logger.exception
                     log("outbox: publishing failed, will retry: %s", exc)
                 backoff = min(max(backoff * 2, self._min_backoff_s), self._max_backoff_s)
+            try:
+                await self._measure_backlog()
+            except Exception as exc:  # noqa: BLE001 - a figure, not the relay's work
+                logger.debug("outbox: measuring the backlog failed: %s", exc)
             if self._stopping:
                 return
             await self._sleep(backoff or self._poll_interval_s, notify_wakes=not backoff)

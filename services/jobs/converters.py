@@ -10,6 +10,7 @@ from services.common.assetspec_fields import MAX_NAME_CHARS, check_asset_id
 from services.common.errors import InvalidArgument
 from services.common.operation_names import STATUS_NAMES, STATUSES, TYPE_NAMES, TYPES
 from services.jobs.model import NewOperation, OperationFilter, OperationRecord
+from services.jobs.storage import StoreUsage
 
 MAX_OPERATION_ID_CHARS = 128
 """Longer is no operation id in any spelling a UUID has."""
@@ -93,4 +94,12 @@ def job_event_detail(
         attempts=record.attempts,
         bytes_done=bytes_done,
         bytes_total=bytes_total,
+    )
+
+
+def storage_to_proto(usage: StoreUsage) -> jobs_pb2.Storage:
+    """The store's disk use as `roundhouse.v1.Storage` (quota 0: none)."""
+    return jobs_pb2.Storage(
+        path=usage.path, used_bytes=usage.used_bytes, quota_bytes=usage.quota_bytes or 0,
+        assets=[jobs_pb2.AssetStorage(asset_id=a.asset_id, bytes=a.bytes) for a in usage.assets],
     )

@@ -7,10 +7,14 @@ operation. When an instance dies its leases run out and any instance takes the w
 counting a new attempt. A cancel asked of another instance reaches the runner through the
 `cancel_requested` flag the heartbeat reads.
 
-Progress is bookkeeping, not work: a runner's reports are written in order by a task of their
-own while the runner goes on, and all of them are in before the operation's outcome is. An
-operation whose caller waits for it (a load a request is waiting on) can be queued and claimed
-in one transaction and started at once (`create_and_run`), without waiting for the claim loop.
+Progress is bookkeeping, not work (see `run.OperationRun`): all of a runner's reports are in
+before the operation's outcome is. An operation whose caller waits for it (a load a request is
+waiting on) can be queued and claimed in one transaction and started at once
+(`create_and_run`), without waiting for the claim loop.
+
+Each run is an `operation <type>` span inside the trace of the request that submitted it, as
+part of that request (its id in the log lines), so the calls it makes (a worker's LoadModel)
+join that trace too.
 """
 
 from __future__ import annotations
@@ -18,58 +22,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Mapping
 
+from opentelemetry.trace import Status, StatusCode, get_current_span
+
+from services.common import tracing
 from services.common.errors import Cancelled, RoundhouseError
 from services.jobs.model import NewOperation, OperationRecord, ProgressReport, is_transient
 from services.jobs.repository import OperationRepository
-from services.jobs.runners import RunContext, Runner, StopReason, not_supported
+from services.jobs.run import OperationRun
+from services.jobs.runners import Runner, not_supported
 
 log = logging.getLogger(__name__)
+_tracer = tracing.tracer(__name__)
 
 
 SHUTDOWN_CANCEL_GRACE_S = 2.0
 """At shutdown, a runner that does not stop when asked is abandoned after this long (instead of
 `cancel_grace_s`), so the process keeps to its drain timeout; its operation goes back to the
 queue either way."""
-
-
-class _Run:
-    """One operation this instance is running, and its progress reports not yet written."""
-
-    def __init__(self, record: OperationRecord, executor: Executor) -> None:
-        self.ctx = RunContext(record, report=self._queue_report)
-        self.stopped = asyncio.Event()
-        self._executor = executor
-        self._reports: deque[ProgressReport] = deque()
-        self._writer: asyncio.Task[None] | None = None
-
-    @property
-    def operation_id(self) -> str:
-        return self.ctx.operation.operation_id
-
-    async def _queue_report(self, report: ProgressReport) -> None:
-        """Queue `report`; it is written after the ones before it, while the runner goes on."""
-        self._reports.append(report)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_reports(), name=f"progress-{self.operation_id}")
-
-    async def _write_reports(self) -> None:
-        while self._reports:
-            await self._executor._report(self, self._reports.popleft())
-
-    async def reported(self) -> None:
-        """Wait until every report queued so far is written (or failed to be)."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
-
-    def stop(self, reason: StopReason) -> None:
-        """Ask the runner to stop; the first reason given is the one that counts."""
-        if self.ctx.stop_reason is None:
-            self.ctx.stop_reason = reason
-        self.ctx.cancel.set()
-        self.stopped.set()
 
 
 class Executor:
@@ -98,7 +69,7 @@ class Executor:
         self._timeouts = dict(timeouts or {})
         self._backoff_s, self._backoff_max_s = backoff_s, backoff_max_s
         self._grace_s = cancel_grace_s
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, OperationRun] = {}
         self._starting = 0
         """Slots held by `create_and_run` calls between their check and their launch."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -184,15 +155,24 @@ class Executor:
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
 
     def _launch(self, record: OperationRecord) -> None:
-        log.info("running %s %s on %s (attempt %d)", record.type, record.operation_id,
-                 record.asset_id, record.attempts)
-        run = _Run(record, self)
+        run = OperationRun(record, self._report)
         self._runs[run.operation_id] = run
         task = asyncio.get_running_loop().create_task(self._supervise(run))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _supervise(self, run: _Run) -> None:
+    async def _supervise(self, run: OperationRun) -> None:
+        op = run.ctx.operation
+        attributes = {"roundhouse.operation.id": op.operation_id,
+                      "roundhouse.operation.type": op.type, "roundhouse.asset_id": op.asset_id}
+        with (tracing.joined(op.trace_context, op.request_id),
+              _tracer.start_as_current_span(f"operation {op.type}", attributes=attributes)):
+            await self._supervised(run)
+
+    async def _supervised(self, run: OperationRun) -> None:
+        op = run.ctx.operation
+        log.info("running %s %s on %s (attempt %d)", op.type, op.operation_id, op.asset_id,
+                 op.attempts)
         try:
             await self._execute(run)
         except Exception:  # noqa: BLE001 - the lease expires and another attempt follows
@@ -202,7 +182,7 @@ class Executor:
             del self._runs[run.operation_id]
             self._wake.set()
 
-    async def _execute(self, run: _Run) -> None:
+    async def _execute(self, run: OperationRun) -> None:
         op = run.ctx.operation
         if op.attempts > op.max_attempts:
             await self._repo.finish(
@@ -237,7 +217,7 @@ class Executor:
         await run.reported()  # its progress is in before its outcome
         await asyncio.gather(self._conclude(run, task), self._bookkept(run))
 
-    async def _conclude(self, run: _Run, task: asyncio.Task[str]) -> None:
+    async def _conclude(self, run: OperationRun, task: asyncio.Task[str]) -> None:
         op, owner, reason = run.ctx.operation, self.instance_id, run.ctx.stop_reason
         exc = Cancelled("abandoned") if task.cancelled() else task.exception()
         if exc is None:
@@ -263,17 +243,18 @@ class Executor:
         else:
             if not isinstance(exc, RoundhouseError | ConnectionError | TimeoutError):
                 log.error("operation %s failed", op.operation_id, exc_info=exc)
+            get_current_span().set_status(Status(StatusCode.ERROR, _describe(exc)))
             await self._repo.finish(op.operation_id, owner, "failed", message="failed",
                                     error=_describe(exc))
 
-    async def _bookkept(self, run: _Run) -> None:
+    async def _bookkept(self, run: OperationRun) -> None:
         """Wait for the records the runner left to be written alongside the outcome."""
         for result in await asyncio.gather(*run.ctx.bookkeeping, return_exceptions=True):
             if isinstance(result, BaseException):
                 log.warning("operation %s: a record written alongside it failed: %s",
                             run.operation_id, _describe(result))
 
-    async def _heartbeat(self, run: _Run) -> None:
+    async def _heartbeat(self, run: OperationRun) -> None:
         interval = min(self._lease_s / 3, 5.0)
         while True:
             await asyncio.sleep(interval)
@@ -288,7 +269,7 @@ class Executor:
             if record.cancel_requested:
                 run.stop("cancelled")
 
-    async def _report(self, run: _Run, report: ProgressReport) -> None:
+    async def _report(self, run: OperationRun, report: ProgressReport) -> None:
         try:
             record = await self._repo.report(run.operation_id, self.instance_id, report)
         except Exception as exc:  # noqa: BLE001 - progress is best effort; the work goes on

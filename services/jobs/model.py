@@ -56,6 +56,10 @@ class OperationRecord:
     finished_at: datetime | None = None
     lease_owner: str = ""
     params: dict[str, Any] | None = None
+    trace_context: str = ""
+    """`traceparent` of the submitter: the operation runs inside that trace."""
+    request_id: str = ""
+    """The request that submitted it; empty outside one."""
 
     @property
     def terminal(self) -> bool:

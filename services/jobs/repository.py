@@ -10,31 +10,23 @@ lease can no longer change the operation.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, overload
 
 from sqlalchemy import and_, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.common import tracing
 from services.common.db.models import Operation
-from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, OperationNotFound
+from services.common.errors import Conflict, FailedPrecondition, OperationNotFound
 from services.common.events import new_event
 from services.common.outbox import add_to_outbox
 from services.jobs.converters import job_event_detail
 from services.jobs.model import NewOperation, OperationFilter, OperationRecord, ProgressReport
-
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
-PAGE_TOKEN_RE = re.compile(r"([0-9]{1,17})\.([0-9a-f]{32})")
-"""A page token: the last row's `created_at` in microseconds since the epoch, a dot, its
-operation id in hex. Every token of this form is a cursor: one this server never issued simply
-continues from that point (17 digits stay within the years datetime and Postgres hold); only a
-malformed token is refused. The router's admin API declares the same pattern."""
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
+from services.jobs.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_token, encode_token
 
 
 class OperationRepository:
@@ -59,7 +51,8 @@ class OperationRepository:
     async def create(
         self, new: NewOperation, *, max_attempts: int, claim: tuple[str, float] | None = None
     ) -> OperationRecord:
-        """Queue `new` (event `job.queued`) and return it.
+        """Queue `new` (event `job.queued`) and return it, keeping the caller's trace context
+        and request id for the run.
 
         With a key already used, returns the first operation submitted with it. A load of an
         asset that already has a load queued or running joins that one instead (one load per
@@ -74,7 +67,9 @@ class OperationRepository:
                             idempotency_key=new.idempotency_key or None,
                             worker_id=new.worker_id or None, force=new.force,
                             max_attempts=max_attempts, message="queued",
-                            params={"reason": new.reason} if new.reason else {})
+                            params={"reason": new.reason} if new.reason else {},
+                            trace_context=tracing.traceparent(),
+                            request_id=tracing.current_request_id())
                     .on_conflict_do_nothing()
                     .returning(Operation)
                 )
@@ -106,6 +101,13 @@ class OperationRepository:
                 Operation.status.in_(("queued", "running"))).order_by(Operation.created_at).limit(1))
         return _record(row) if row else None
 
+    async def unfinished_by_type(self) -> dict[str, int]:
+        """How many operations of each type are queued or running, across every instance."""
+        async with self._sessions() as session:
+            rows = await session.execute(select(Operation.type, func.count()).where(
+                Operation.status.in_(("queued", "running"))).group_by(Operation.type))
+        return {str(type_): int(count) for type_, count in rows}
+
     async def get(self, operation_id: str) -> OperationRecord:
         """The operation with that id; `OperationNotFound` otherwise."""
         async with self._sessions() as session:
@@ -123,7 +125,7 @@ class OperationRepository:
                  .order_by(Operation.created_at.desc(), Operation.operation_id.desc())
                  .limit(size + 1))
         if page_token:
-            created_at, operation_id = _decode_token(page_token)
+            created_at, operation_id = decode_token(page_token)
             query = query.where(tuple_(Operation.created_at, Operation.operation_id)
                                 < tuple_(created_at, operation_id))
         for column, value in ((Operation.asset_id, filters.asset_id),
@@ -132,7 +134,7 @@ class OperationRepository:
                 query = query.where(column == value)
         async with self._sessions() as session:
             rows = list(await session.scalars(query))
-        token = _encode_token(rows[size - 1]) if len(rows) > size else ""
+        token = encode_token(rows[size - 1].created_at, rows[size - 1].operation_id) if len(rows) > size else ""
         return [_record(r) for r in rows[:size]], token
 
     async def request_cancel(self, operation_id: str) -> OperationRecord:
@@ -287,6 +289,7 @@ def _record(row: Operation) -> OperationRecord:
         force=row.force, created_at=row.created_at, updated_at=row.updated_at,
         started_at=row.started_at, finished_at=row.finished_at,
         lease_owner=row.lease_owner or "", params=dict(row.params or {}),
+        trace_context=row.trace_context, request_id=row.request_id,
     )
 
 
@@ -295,15 +298,3 @@ def _uuid(operation_id: str) -> uuid.UUID:
         return uuid.UUID(operation_id)
     except ValueError:
         raise OperationNotFound(f"operation '{operation_id}' not found") from None
-
-
-def _encode_token(row: Operation) -> str:
-    return f"{(row.created_at - _EPOCH) // _MICROSECOND}.{row.operation_id.hex}"
-
-
-def _decode_token(token: str) -> tuple[datetime, uuid.UUID]:
-    parsed = PAGE_TOKEN_RE.fullmatch(token)
-    if parsed is None:
-        raise InvalidArgument("page_token: not a page token (microseconds.operation id in hex), "
-                              "as returned in next_page_token")
-    return _EPOCH + int(parsed[1]) * _MICROSECOND, uuid.UUID(parsed[2])

@@ -12,6 +12,7 @@ from services.common.db.engine import make_engine, make_sessionmaker
 from services.common.events import EventBus
 from services.common.grpc_server import GrpcServer, ServiceBinding, run_until_signal
 from services.common.liveness import WorkerLiveness
+from services.common.metrics_server import MetricsServer
 from services.common.modelstore import ModelStore
 from services.common.outbox import OutboxRelay
 from services.common.telemetry import setup_telemetry
@@ -19,6 +20,7 @@ from services.common.workerpool import WorkerPool
 from services.jobs.executor import Executor
 from services.jobs.install import GIB, InstallRunner
 from services.jobs.loading import LoadRunner, ProfileRunner, UnloadRunner
+from services.jobs.metrics import InProgressSampler, JobsMetrics
 from services.jobs.model import OperationRecord
 from services.jobs.reconciler import Reconciler
 from services.jobs.registry_client import RegistryClient
@@ -27,6 +29,7 @@ from services.jobs.runners import DeleteRunner, Runner
 from services.jobs.service import JobService
 from services.jobs.servicer import JobsServicer
 from services.jobs.settings import JobsSettings
+from services.jobs.storage import StorageReport
 from services.jobs.thrashing import ThrashingMonitor
 from services.jobs.watch import ChangeNotifier
 
@@ -61,6 +64,9 @@ class JobsApp:
     reconciler: Reconciler | None
     """None when this instance does not reconcile (`ROUNDHOUSE_JOBS_RECONCILE=false`)."""
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    metrics: JobsMetrics = field(default_factory=JobsMetrics)
+    metrics_port: int | None = None
+    """Where `/metrics` is served (`ROUNDHOUSE_JOBS_METRICS_PORT`); None when it is not."""
 
     async def start(self) -> int:
         """Serve gRPC, start running operations and reconciling; returns the bound port."""
@@ -95,19 +101,26 @@ async def build_app(
     settings: JobsSettings,
     runners: Callable[[ModelStore, RegistryClient], Mapping[str, Runner]] | None = None,
 ) -> JobsApp:
-    """Wire the jobs service from settings; `runners` replaces the table of runners."""
+    """Wire the jobs service from settings; `runners` replaces the table of runners. Serves
+    `/metrics` from here when `jobs_metrics_port` is set."""
     engine = make_engine(settings.resolved_database_url())
     bus = await EventBus.connect(settings.resolved_nats_url(), name="roundhouse-jobs")
     sessions = make_sessionmaker(engine)
-    relay = OutboxRelay(sessions, bus)
+    metrics = JobsMetrics()
+    relay = OutboxRelay(sessions, bus, metrics=metrics.outbox)
     relay.start()
     notifier = ChangeNotifier()
 
     def on_change(operation_id: str, record: OperationRecord) -> None:
         relay.notify()
         notifier.notify(operation_id, record)
+        sampler.changed()
+        if record.terminal:
+            metrics.finished(record)
 
     repository = OperationRepository(sessions, on_change=on_change)
+    sampler = InProgressSampler(repository, metrics)
+    sampler.start()
     registry = RegistryClient(settings.registry_address, settings)
     store = ModelStore.from_settings(settings)
     pool = WorkerPool(settings.worker_addresses, refresh_s=settings.worker_refresh_s, settings=settings)
@@ -140,13 +153,25 @@ async def build_app(
     liveness = WorkerLiveness(pool, bus, dead_after_s=settings.dead_after_s(), announce=False,
                               on_down=reconciler.poke if reconciler else None)
     await liveness.start()
+    quota = int(settings.max_storage_gb * GIB) if settings.max_storage_gb else None
+    servicer = JobsServicer(service, StorageReport(store, registry, quota))
     server = GrpcServer(settings.jobs_address, [
-        ServiceBinding(jobs_pb2_grpc.add_JobsServicer_to_server, JobsServicer(service), SERVICE_NAME)
+        ServiceBinding(jobs_pb2_grpc.add_JobsServicer_to_server, servicer, SERVICE_NAME)
     ], settings)
     stops = [reconciler.stop] if reconciler else []
+    exporter = None
+    if settings.jobs_metrics_port is not None:
+        exporter = MetricsServer(metrics.registry, settings.metrics_host, settings.jobs_metrics_port)
+        exporter.start("jobs")
+
+    async def stop_metrics() -> None:
+        if exporter is not None:
+            exporter.stop()
+
     return JobsApp(server, executor, service, reconciler,
-                   [*stops, executor.stop, liveness.stop, pool.close, relay.stop,
-                    registry.close, bus.close, engine.dispose])
+                   [*stops, executor.stop, liveness.stop, pool.close, relay.stop, sampler.stop,
+                    stop_metrics, registry.close, bus.close, engine.dispose],
+                   metrics, exporter.port if exporter else None)
 
 async def serve(settings: JobsSettings) -> None:
     """Run the jobs service until SIGTERM/SIGINT, then drain (`JobsApp.drain`) and stop."""

@@ -14,9 +14,11 @@ from services.jobs.converters import (
     operation_filter,
     operation_id,
     operation_to_proto,
+    storage_to_proto,
     wait_seconds,
 )
 from services.jobs.service import JobService
+from services.jobs.storage import StorageReport
 
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
@@ -27,8 +29,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     fields are checked (see `converters`), each refusal naming its field.
     """
 
-    def __init__(self, jobs: JobService) -> None:
+    def __init__(self, jobs: JobService, storage: StorageReport) -> None:
         self._jobs = jobs
+        self._storage = storage
 
     async def SubmitOperation(
         self, request: jobs_pb2.SubmitOperationRequest, context: grpc.aio.ServicerContext
@@ -76,3 +79,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             reply.operation.CopyFrom(operation_to_proto(loaded.operation))
         return reply
 
+
+    async def GetStorage(
+        self, request: jobs_pb2.GetStorageRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.Storage:
+        return storage_to_proto(await self._storage.usage())

@@ -65,6 +65,11 @@ class JobsStub:
                 request_serializer=roundhouse_dot_v1_dot_jobs__pb2.EnsureLoadedRequest.SerializeToString,
                 response_deserializer=roundhouse_dot_v1_dot_jobs__pb2.EnsureLoadedResponse.FromString,
                 _registered_method=True)
+        self.GetStorage = channel.unary_unary(
+                '/roundhouse.v1.Jobs/GetStorage',
+                request_serializer=roundhouse_dot_v1_dot_jobs__pb2.GetStorageRequest.SerializeToString,
+                response_deserializer=roundhouse_dot_v1_dot_jobs__pb2.Storage.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -114,6 +119,13 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStorage(self, request, context):
+        """The model store's disk use against its quota, and the bytes each installed asset holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +158,11 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.EnsureLoaded,
                     request_deserializer=roundhouse_dot_v1_dot_jobs__pb2.EnsureLoadedRequest.FromString,
                     response_serializer=roundhouse_dot_v1_dot_jobs__pb2.EnsureLoadedResponse.SerializeToString,
+            ),
+            'GetStorage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStorage,
+                    request_deserializer=roundhouse_dot_v1_dot_jobs__pb2.GetStorageRequest.FromString,
+                    response_serializer=roundhouse_dot_v1_dot_jobs__pb2.Storage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +328,33 @@ class Jobs:
             '/roundhouse.v1.Jobs/EnsureLoaded',
             roundhouse_dot_v1_dot_jobs__pb2.EnsureLoadedRequest.SerializeToString,
             roundhouse_dot_v1_dot_jobs__pb2.EnsureLoadedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStorage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roundhouse.v1.Jobs/GetStorage',
+            roundhouse_dot_v1_dot_jobs__pb2.GetStorageRequest.SerializeToString,
+            roundhouse_dot_v1_dot_jobs__pb2.Storage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,8 @@ class JobsStub:
     """Make sure an asset is loaded somewhere, joining a load already under way;
     returns when it is loaded or the deadline passes.
     """
+    GetStorage: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetStorageRequest, _jobs_pb2.Storage]
+    """The model store's disk use against its quota, and the bytes each installed asset holds."""
 
 @_typing.type_check_only
 class JobsAsyncStub(JobsStub):
@@ -67,6 +69,8 @@ class JobsAsyncStub(JobsStub):
     """Make sure an asset is loaded somewhere, joining a load already under way;
     returns when it is loaded or the deadline passes.
     """
+    GetStorage: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetStorageRequest, _jobs_pb2.Storage]  # type: ignore[assignment]
+    """The model store's disk use against its quota, and the bytes each installed asset holds."""
 
 class JobsServicer(metaclass=_abc_1.ABCMeta):
     """Durable operations on assets, and the wake-on-demand entry point."""
@@ -120,5 +124,13 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         """Make sure an asset is loaded somewhere, joining a load already under way;
         returns when it is loaded or the deadline passes.
         """
+
+    @_abc_1.abstractmethod
+    def GetStorage(
+        self,
+        request: _jobs_pb2.GetStorageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.Storage, _abc.Awaitable[_jobs_pb2.Storage]]:
+        """The model store's disk use against its quota, and the bytes each installed asset holds."""
 
 def add_JobsServicer_to_server(servicer: JobsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

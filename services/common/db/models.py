@@ -139,6 +139,10 @@ class Operation(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = _updated_at()
+    trace_context: Mapped[str] = mapped_column(server_default="")
+    """`traceparent` of the submitter's span: the operation runs inside that trace."""
+    request_id: Mapped[str] = mapped_column(server_default="")
+    """`x-request-id` of the request that submitted it; empty outside one."""
 
 
 class OutboxEvent(Base):
@@ -165,6 +169,10 @@ class OutboxEvent(Base):
     published_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(server_default=text("0"))
     """Failed publish attempts so far."""
+    trace_context: Mapped[str] = mapped_column(server_default="")
+    """`traceparent` of the transaction that wrote it, sent as a NATS header."""
+    request_id: Mapped[str] = mapped_column(server_default="")
+    """`x-request-id` of that transaction's request, sent as a NATS header."""
 
 
 class ApiKey(Base):
