@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from queue import Empty, Queue
 
 import grpc
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -81,6 +83,7 @@ def up_env(server_root: Path, catalog_store, tmp_path: Path) -> Iterator[dict[st
         "ROUNDHOUSE_WORKER_ADDRESSES": f'["127.0.0.1:{ports["worker"]}"]',
         "ROUNDHOUSE_HTTP_PORT": str(ports["http"]),
         "ROUNDHOUSE_JOBS_ADDRESS": f"127.0.0.1:{ports['jobs']}",
+        "ROUNDHOUSE_JOBS_METRICS_PORT": str(free_port()),  # the worker's: one `up` picks
     })
     yield env
 
@@ -155,6 +158,19 @@ def check_internal_token(up: UpProcess, env: dict[str, str]) -> None:
     assert asyncio.run(list_without_token()) == grpc.StatusCode.UNAUTHENTICATED
 
 
+def check_metrics(up: UpProcess, env: dict[str, str]) -> None:
+    """`up` listed a `/metrics` URL for the router, the worker and the jobs service (the
+    configured port, else a free one), and each answers with Roundhouse metrics."""
+    listed = {match[1]: match[2] for line in up.seen
+              if (match := re.search(r"(router|worker|jobs) metrics +(http://\S+/metrics)", line))}
+    assert set(listed) == {"router", "worker", "jobs"}, up.seen
+    assert listed["jobs"].endswith(f":{env['ROUNDHOUSE_JOBS_METRICS_PORT']}/metrics")
+    for service, url in listed.items():
+        reply = httpx.get(url, timeout=10)
+        assert reply.status_code == 200, f"{service}: {reply.status_code}"
+        assert re.search(r"^roundhouse_\w+", reply.text, re.M), f"{service}: no roundhouse_ metric"
+
+
 def admin_key(up: UpProcess, env: dict[str, str]) -> str:
     """The admin key `roundhouse up` wrote: its path printed, the file private, the key never
     printed."""
@@ -181,6 +197,7 @@ def test_up_serves_catalog_and_keeps_it_across_restarts(up_env: dict[str, str]) 
             OpenAI(base_url=f"{base_url}/v1", api_key="rh-not-a-key", max_retries=0).models.list()
         check_openai_client(base_url, key)
         asyncio.run(check_grpc_stubs(up_env["ROUNDHOUSE_ROUTER_ADDRESS"], key))
+        check_metrics(first, up_env)
     finally:
         assert first.interrupt() == 0
 

@@ -22,7 +22,7 @@ from services.cli.supervisor import ChildSpec, Supervisor
 from services.common.assetspec import AssetSpec
 from services.common.db.migrate import upgrade
 from services.common.documents import load_path
-from services.common.embedded import EmbeddedNats, EmbeddedPostgres
+from services.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from services.common.grpc_client import open_channel
 from services.common.modelstore.model import Progress, ProgressCallback
 from services.common.modelstore.settings import StoreSettings
@@ -120,6 +120,12 @@ async def _run_services(
 ) -> int:
     registry = RegistrySettings(internal_token=SecretStr(env["ROUNDHOUSE_INTERNAL_TOKEN"]))
     router, worker, jobs = RouterSettings(), WorkerSettings(), JobsSettings()
+    # A metrics port each for the worker and the jobs service: the configured one, else a free
+    # one chosen here, so that it can be listed below.
+    worker_metrics = worker.worker_metrics_port or free_port(worker.metrics_host)
+    jobs_metrics = jobs.jobs_metrics_port or free_port(jobs.metrics_host)
+    env = {**env, "ROUNDHOUSE_WORKER_METRICS_PORT": str(worker_metrics),
+           "ROUNDHOUSE_JOBS_METRICS_PORT": str(jobs_metrics)}
     supervisor = Supervisor(
         (ChildSpec(name, [sys.executable, "-m", "services.cli.main", name], env) for name in SERVICES),
         secrets=known_secrets(registry.upstream_key_envs, env), grace=registry.drain_timeout_s + STOP_MARGIN_S,
@@ -145,6 +151,9 @@ async def _run_services(
         f"  registry gRPC  {registry.registry_address}",
         f"  worker gRPC    {worker.worker_address}",
         f"  jobs gRPC      {jobs.jobs_address}",
+        f"  router metrics http://{router.http_host}:{router.http_port}/metrics",
+        f"  worker metrics http://{worker.metrics_host}:{worker_metrics}/metrics",
+        f"  jobs metrics   http://{jobs.metrics_host}:{jobs_metrics}/metrics",
         f"  Postgres       {mask_url(dsn)}",
         f"  NATS           {mask_url(nats_url)}",
         f"  home           {home}",
