@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from services.cli.stats import add_stats_command
+
 # The CLI starts service processes itself; gRPC's fork handlers only add noise there.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 # Tokenizers' own thread pool competes with torch for the same cores; batching does better.
@@ -234,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operation_commands(commands)
     _add_key_commands(commands)
     _add_usage_command(commands)
+    add_stats_command(commands)
     return parser
 
 
