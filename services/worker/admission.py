@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from services.common.assetspec import Policy
 from services.common.errors import Overloaded, RoundhouseError, ShuttingDown
@@ -152,6 +153,15 @@ class Intake:
         if self._inside == 0:
             self._empty.set()
 
+    @contextmanager
+    def entered(self, worker_id: str) -> Iterator[None]:
+        """Count one request in (`enter`) while the body runs."""
+        self.enter(worker_id)
+        try:
+            yield
+        finally:
+            self.leave()
+
     def close(self) -> None:
         """Refuse every request from now on (the worker drains)."""
         self.draining = True
@@ -165,6 +175,13 @@ class Intake:
             log.warning("drain: %d request(s) still running after %gs", self._inside, timeout_s)
             return False
         return True
+
+
+def wait_s(policy: Policy, queue_timeout_s: float | None, deadline_s: float | None) -> float:
+    """How long a request may wait for a slot: its queue budget (None: the model's
+    `policy.queue_timeout_s`), within its deadline (None: none)."""
+    wait = policy.queue_timeout_s if queue_timeout_s is None else queue_timeout_s
+    return wait if deadline_s is None else min(wait, deadline_s)
 
 
 def shutting_down(worker_id: str) -> ShuttingDown:

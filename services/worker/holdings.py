@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from services.common.asset_proto import AssetRecord
 from services.common.errors import ModelNotReady, NotFound
 from services.worker.admission import ModelSlots
 from services.worker.models import Capabilities, HostedModel
+
+if TYPE_CHECKING:
+    from services.worker.metering import RequestMeter
 
 MIB = 1024 * 1024
 
@@ -109,19 +112,24 @@ class HeldModel:
         declared = (self.record.spec.resources.memory_mb or 0) * MIB
         return max(self.model.capabilities.memory_bytes, declared)
 
+    @property
+    def idle_seconds(self) -> float:
+        """Seconds since its last use."""
+        return (datetime.now(UTC) - self.last_used_at).total_seconds()
+
     def touch(self) -> None:
         """Record use now."""
         self.last_used_at = datetime.now(UTC)
 
     @asynccontextmanager
-    async def lease(self, worker_id: str, *, touch: bool = True) -> AsyncIterator[Lease]:
+    async def lease(self, worker_id: str, meter: RequestMeter, *, touch: bool = True) -> AsyncIterator[Lease]:
         """One request's lease, counted in flight while the body runs (and, with `touch`, as
         use of the model); the last request out of a retiring revision closes it."""
         self.in_flight += 1
         if touch:
             self.touch()
         try:
-            yield Lease(self, worker_id)
+            yield Lease(self, worker_id, meter)
         except Exception as exc:
             if self.unloaded:
                 raise unloaded_error(self.asset_id, worker_id) from exc
@@ -155,6 +163,8 @@ class Lease:
 
     held: HeldModel
     worker_id: str
+    meter: RequestMeter
+    """What the worker records of the request (its answer's usage and phases, for metrics and spans)."""
 
     @property
     def model(self) -> HostedModel:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 from services.common.asset_proto import AssetRecord
 from services.common.errors import FailedPrecondition, QuotaExceeded
 from services.common.modelstore.store import ModelStore
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
-from services.worker.holdings import HeldModel, mib
+from services.worker.admission import ModelSlots
+from services.worker.holdings import MIB, HeldModel, mib
 from services.worker.models import HostedModel, load_model
 
 Loader = Callable[[AssetRecord, ModelStore], HostedModel]
@@ -73,3 +77,24 @@ class MemoryBudget:
                 f"{mib(free)} free of its {mib(self.budget_bytes)} budget "
                 f"({mib(committed)} in use); unload a model or raise ROUNDHOUSE_WORKER_MEMORY_MB"
             )
+
+
+async def load_within(
+    budget: MemoryBudget, record: AssetRecord, replacing: HeldModel | None, load: Callable[[], HostedModel],
+    worker_id: str,
+) -> HeldModel:
+    """Run `load` in a thread with the room `record` declares reserved in `budget`, then check
+    what the model measures against the budget; a model that does not fit is closed again
+    (`QuotaExceeded`). The declared size is checked before, by the caller."""
+    asset_id = record.spec.asset_id
+    started = time.perf_counter()
+    with budget.reserving(asset_id, (record.spec.resources.memory_mb or 0) * MIB):
+        model = await asyncio.to_thread(load)
+    now = datetime.now(UTC)
+    held = HeldModel(record, model, now, now, time.perf_counter() - started, ModelSlots(asset_id, record.spec.policy))
+    try:
+        budget.check(asset_id, held.memory_bytes, replacing, worker_id)
+    except QuotaExceeded:
+        await model.close()
+        raise
+    return held

@@ -9,12 +9,14 @@ import logging
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.events import EventBus
 from services.common.grpc_server import GrpcServer, ServiceBinding, run_until_signal
+from services.common.metrics_server import MetricsServer
 from services.common.modelstore.store import ModelStore
 from services.common.secrets import mask_url
 from services.common.telemetry import setup_telemetry
 from services.worker.heartbeat import Heartbeat
 from services.worker.holdings import MIB
 from services.worker.loading import load_from_store
+from services.worker.metrics import WorkerMetrics
 from services.worker.service import ModelHost
 from services.worker.servicer import WorkerControlServicer, WorkerInferenceServicer
 from services.worker.settings import WorkerSettings
@@ -28,14 +30,19 @@ CONTROL = worker_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name
 class WorkerServer:
     """A worker's gRPC server around a `ModelHost`; the worker's id and address follow its port.
 
-    With a bus, the worker announces itself and heartbeats once it serves.
+    With a bus, the worker announces itself and heartbeats once it serves. Its Prometheus
+    metrics (`metrics`) are served on `worker_metrics_port` when that is set.
     """
 
     def __init__(self, settings: WorkerSettings, store: ModelStore, bus: EventBus | None = None) -> None:
         self._settings = settings
         loader = functools.partial(load_from_store, upstreams=settings.upstream_rules())
+        self.metrics = WorkerMetrics()
         self.host = ModelHost(store=store, memory_budget_bytes=settings.worker_memory_mb * MIB, bus=bus,
-                              loader=loader)
+                              loader=loader, metrics=self.metrics)
+        port = settings.worker_metrics_port
+        self._metrics_server = None if port is None else MetricsServer(self.metrics.registry,
+                                                                       settings.metrics_host, port)
         self.grpc = GrpcServer(settings.worker_address, [
             ServiceBinding(inference_pb2_grpc.add_InferenceServicer_to_server,
                            WorkerInferenceServicer(self.host), INFERENCE),
@@ -47,10 +54,29 @@ class WorkerServer:
         self.heartbeat: Heartbeat | None = None
 
     async def start(self) -> int:
-        """Bind, name the worker after its port, serve; returns the port."""
+        """Bind, name the worker after its port, serve (metrics too); returns the gRPC port."""
         port = await self.grpc.start()
+        self.serve_metrics()
         self.serving(port)
         return port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port `/metrics` is served on; None when not served."""
+        server = self._metrics_server
+        return server.port if server is not None and server.port else None
+
+    def serve_metrics(self) -> int | None:
+        """Serve `/metrics` on `worker_metrics_port` (logged) unless it is unset or served
+        already; returns its port (None: not served)."""
+        if self._metrics_server is not None and not self._metrics_server.port:
+            self._metrics_server.start("worker")
+        return self.metrics_port
+
+    async def stop_metrics(self) -> None:
+        """Stop serving `/metrics` (idempotent)."""
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.stop)
 
     def serving(self, port: int) -> None:
         """Name the worker once bound to `port`; heartbeats start when a bus is attached."""
@@ -86,15 +112,18 @@ class WorkerServer:
         await self.stop_heartbeat()
         await self.grpc.stop(grace)
         await self.host.close()
+        await self.stop_metrics()
 
 
 async def serve(settings: WorkerSettings) -> None:
     """Run a worker until SIGTERM/SIGINT, then drain (`WorkerServer.drain`), stop serving and
     unload every model.
 
-    The worker serves at once; events and heartbeats are published once NATS answers.
+    The worker serves at once (its metrics port too, when set); events and heartbeats are
+    published once NATS answers.
     """
     worker = WorkerServer(settings, ModelStore.from_settings(settings), bus=None)
+    worker.serve_metrics()
     events = asyncio.create_task(_connect_events(settings, worker), name="worker-events")
 
     async def close_events() -> None:
@@ -111,7 +140,7 @@ async def serve(settings: WorkerSettings) -> None:
                  settings.worker_address.rsplit(":", 1)[0] + f":{port}", worker.host.address)
 
     await run_until_signal(worker.grpc, on_started=started, before_stop=worker.drain,
-                           cleanups=[worker.host.close, close_events])
+                           cleanups=[worker.host.close, close_events, worker.stop_metrics])
 
 
 async def _connect_events(settings: WorkerSettings, worker: WorkerServer) -> EventBus | None:

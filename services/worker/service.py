@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from services.common.asset_proto import AssetRecord
-from services.common.assetspec import Policy
 from services.common.errors import FailedPrecondition, ModelNotReady, NotFound, QuotaExceeded
 from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
-from services.worker.admission import Intake, ModelSlots, shutting_down
+from services.worker.admission import Intake, shutting_down, wait_s
 from services.worker.failures import FailedModels
 from services.worker.holdings import (
     MIB,
@@ -28,7 +26,9 @@ from services.worker.holdings import (
     not_held_error,
     unloaded_error,
 )
-from services.worker.loading import Loader, MemoryBudget, load_from_store
+from services.worker.loading import Loader, MemoryBudget, load_from_store, load_within
+from services.worker.metering import RequestMeter, loading
+from services.worker.metrics import WorkerMetrics
 from services.worker.model_events import UNLOAD_EVENTS, ModelEvents
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class ModelHost:
     best effort when a bus is attached, in order, without holding up the work they report:
     a load starts while `model.loading` is on its way, and answers before `model.loaded` is
     acknowledged.
+    Requests, loads and unloads are counted in `metrics`, whose gauges read `held_models`.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class ModelHost:
         loader: Loader = load_from_store,
         worker_id: str = "worker",
         address: str = "",
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.address = address
@@ -75,6 +77,8 @@ class ModelHost:
         self._change_listeners: list[ChangeListener] = []
         self._intake = Intake()
         self._seq = 0
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.watch(self)
 
     def identify(self, worker_id: str, address: str) -> None:
         """Name the worker once its port is known."""
@@ -106,6 +110,10 @@ class ModelHost:
     def memory_used_bytes(self) -> int:
         """Memory of every held model."""
         return self._budget.used_bytes
+
+    def held_models(self) -> tuple[HeldModel, ...]:
+        """The models held now (copied in one step: safe to call from another thread)."""
+        return tuple(self._held.values())
 
     def info(self) -> WorkerState:
         """A snapshot of the worker and every model it holds; each one's `seq` is one more
@@ -149,6 +157,10 @@ class ModelHost:
             task.exception()  # retrieved here too, in case every waiter gave up
 
     async def _load(self, record: AssetRecord, replacing: HeldModel | None) -> HeldModel:
+        with loading(self.metrics, record, self.worker_id):
+            return await self._load_held(record, replacing)
+
+    async def _load_held(self, record: AssetRecord, replacing: HeldModel | None) -> HeldModel:
         asset_id = record.spec.asset_id
         declared = (record.spec.resources.memory_mb or 0) * MIB
         try:
@@ -157,18 +169,9 @@ class ModelHost:
             self._failures.load_failed(record, exc.message)
             raise
         self._publish("model.loading", asset_id)
-        started = time.perf_counter()
         try:
-            with self._budget.reserving(asset_id, declared):
-                model = await asyncio.to_thread(self._loader, record, self._store)
-            now = datetime.now(UTC)
-            held = HeldModel(record, model, now, now, time.perf_counter() - started,
-                             ModelSlots(asset_id, record.spec.policy))
-            try:
-                self._budget.check(asset_id, held.memory_bytes, replacing, self.worker_id)
-            except QuotaExceeded:
-                await model.close()
-                raise
+            held = await load_within(self._budget, record, replacing, lambda: self._loader(record, self._store),
+                                     self.worker_id)
         except Exception as exc:
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             log.warning("loading %s failed: %s", asset_id, reason)
@@ -182,6 +185,7 @@ class ModelHost:
         self._held[asset_id] = held
         self._failures.forget(asset_id)
         held.model.on_failure(lambda reason: self._model_failed(held, reason))
+        held.model.on_forward_pass(self.metrics.model(record.spec).batch_size.observe)
         if previous is not None:
             await self._retire(previous)
         log.info("loaded %s in %.2fs (%s)", asset_id, held.load_seconds, mib(held.memory_bytes))
@@ -192,6 +196,7 @@ class ModelHost:
     def _model_failed(self, held: HeldModel, reason: str) -> None:
         """A held model's engine died (called on the loop): drop it now, close it and tell."""
         if self._failures.drop(held, reason, self.worker_id):
+            self.metrics.unloaded(held.record.spec, "failed", held.idle_seconds)
             self._changed()
 
     async def _retire(self, old: HeldModel) -> None:
@@ -220,9 +225,10 @@ class ModelHost:
         del self._held[asset_id]
         held.slots.refuse_waiters(lambda: unloaded_error(asset_id, self.worker_id, waiting=True))
         held.unloaded = held.in_flight > 0
+        idle = held.idle_seconds
         await held.model.close()
-        idle = (datetime.now(UTC) - held.last_used_at).total_seconds()
         log.info("unloaded %s (%s): freed %s", asset_id, reason or "operator", mib(held.memory_bytes))
+        self.metrics.unloaded(held.record.spec, reason or "operator", idle)
         self._publish(UNLOAD_EVENTS.get(reason, "model.unloaded"), asset_id,
                       reason=reason or "operator", memory_bytes=held.memory_bytes,
                       idle_seconds=idle, evicted_for=evicted_for)
@@ -241,26 +247,25 @@ class ModelHost:
         held (`ModelNotReady` while it is loading) and `ShuttingDown` while the worker drains.
         `counts_as_use` False (a route's shadow copy): the model's idle clock is left alone.
         """
-        self._intake.enter(self.worker_id)
-        try:
+        with RequestMeter(self.metrics, asset_id) as meter, self._intake.entered(self.worker_id):
             held = self._held.get(asset_id)
             if held is None:
                 if asset_id in self._loading:
                     raise ModelNotReady(f"model '{asset_id}' is still loading on worker {self.worker_id}")
                 raise not_held_error(asset_id, self.worker_id, self._failures.get(asset_id))
+            meter.model(held.record.spec)
             slots = held.slots
-            await slots.acquire(_wait_s(slots.policy, queue_timeout_s, deadline_s))
+            with meter.queue():
+                await slots.acquire(wait_s(slots.policy, queue_timeout_s, deadline_s))
             try:
                 # The revision held now: a newer one may have replaced it while this request waited.
                 held = self._held.get(asset_id)
                 if held is None or held.slots is not slots:
                     raise unloaded_error(asset_id, self.worker_id, waiting=True)
-                async with held.lease(self.worker_id, touch=counts_as_use) as lease:
+                async with held.lease(self.worker_id, meter, touch=counts_as_use) as lease:
                     yield lease
             finally:
                 slots.release()
-        finally:
-            self._intake.leave()
 
     async def drain(self, timeout_s: float) -> None:
         """Take no new work from now on and wait for the running requests to end.
@@ -293,8 +298,3 @@ class ModelHost:
         """Wait until every event published so far has been sent (or failed to be)."""
         await self._events.sent()
 
-
-def _wait_s(policy: Policy, queue_timeout_s: float | None, deadline_s: float | None) -> float:
-    """How long a request may wait for a slot: its queue budget, within its deadline."""
-    wait = policy.queue_timeout_s if queue_timeout_s is None else queue_timeout_s
-    return wait if deadline_s is None else min(wait, deadline_s)

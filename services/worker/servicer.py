@@ -64,6 +64,9 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
                     chunk = converters.chat_chunk(delta, request.model)
                     if delta.usage is not None:  # the last chunk says which revision answered
                         chunk.revision = lease.held.record.revision
+                        lease.meter.chat_ended(delta)
+                    elif delta.finish_reason is not None:
+                        lease.meter.chat_ended(delta)
                     yield chunk
             except InvalidArgument as exc:
                 raise locate(exc, subject(request)) from None
@@ -85,6 +88,7 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
             except InvalidArgument as exc:
                 raise locate(exc, "input") from None
             lease.check()
+            lease.meter.embedded(len(inputs), result.prompt_tokens)
             revision = lease.held.record.revision
         response = converters.embed_response(result, request.model)
         response.revision = revision

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import sys
 from collections import deque
@@ -109,6 +110,8 @@ class DynamicBatcher:
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.on_pass: Callable[[int], None] | None = None
+        """Told the number of sequences of each forward pass, from the batch thread."""
 
     @property
     def queued(self) -> int:
@@ -128,7 +131,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._arrived = asyncio.Event()
-            self._task = loop.create_task(self._collect(), name="dynamic-batcher")
+            # A context of its own: the batches serve every caller, not the first one's request.
+            self._task = loop.create_task(self._collect(), name="dynamic-batcher", context=contextvars.Context())
         job = _Job(sequences, loop.create_future())
         self._queue.append(job)
         assert self._arrived is not None
@@ -187,6 +191,8 @@ class DynamicBatcher:
         rows: list[np.ndarray | None] = [None] * len(sequences)
         for indices in plan_passes([len(s) for s in sequences], self.settings):
             out = self._forward([sequences[i] for i in indices])
+            if self.on_pass is not None:
+                self.on_pass(len(indices))
             for i, row in zip(indices, out, strict=True):
                 rows[i] = row
         return np.stack(rows)  # type: ignore[arg-type]

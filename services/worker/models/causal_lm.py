@@ -210,7 +210,7 @@ class TransformersChatModel(HostedModel):
                 tail = ""
             tail += stops.push(decoder.flush()) + stops.flush()
             usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion)
-            yield ChatDelta(tail, finish_reason=finish, usage=usage)
+            yield ChatDelta(tail, finish_reason=finish, usage=usage, phases=stream.phases)
         finally:
             stream.cancel()
 

@@ -26,6 +26,7 @@ from services.worker.models.types import (
     EmbedInput,
     EmbedResult,
     HostedModel,
+    PassCallback,
 )
 
 INLINE_TOKENIZE_INPUTS = 16
@@ -73,6 +74,10 @@ class SentenceEmbeddingModel(HostedModel):
             streaming=False,
         )
         return cls(spec.asset_id, model, capabilities, batching)
+
+    def on_forward_pass(self, callback: PassCallback) -> None:
+        """Call `callback(inputs)` after every forward pass of its batches (batch thread)."""
+        self._batcher.on_pass = callback
 
     async def _embed(self, inputs: list[EmbedInput]) -> EmbedResult:
         # A few inputs tokenize in microseconds: a thread hop would cost more than it saves.

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from services.worker.models.types import Phases
+
 _END = object()
 
 
@@ -43,6 +45,8 @@ class TokenStream:
         self._on_cancel = on_cancel
         self.cancelled = threading.Event()
         self.finished = False
+        self.phases = Phases()
+        """When the request's prefill began, its first token and its last one came (producer side)."""
 
     def put(self, token_ids: list[int]) -> None:
         """Deliver tokens; call on the event loop."""

@@ -7,6 +7,7 @@ uses too when it calls the upstream itself; this adapts it to the model layer's 
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 from services.common.assetspec import AssetSpec
@@ -20,6 +21,7 @@ from services.worker.models.types import (
     EmbedInput,
     EmbedResult,
     HostedModel,
+    Phases,
     Usage,
 )
 
@@ -58,10 +60,17 @@ class OpenAIRemoteModel(HostedModel):
             max_tokens=params.max_tokens, seed=params.seed, stop=params.stop,
             tools=[t.to_openai() for t in params.tools], stream=True,
         )
+        phases = Phases()  # the upstream's phases are its own: only when its pieces came is known here
         async for piece in self._upstream.stream(path, body):
+            if not phases.first_token_ns:
+                phases.first_token_ns = time.time_ns()
             usage = piece.usage
+            ending = piece.finish_reason is not None or usage is not None
+            if ending:
+                phases.end_ns = time.time_ns()
             yield ChatDelta(piece.text, finish_reason=piece.finish_reason,
-                            usage=Usage(usage.prompt_tokens, usage.completion_tokens) if usage else None)
+                            usage=Usage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
+                            phases=phases if ending else None)
 
     async def _embed(self, inputs: list[EmbedInput]) -> EmbedResult:
         vectors, tokens = await self._upstream.embed(inputs)

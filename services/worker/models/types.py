@@ -104,13 +104,30 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass
+class Phases:
+    """When one chat request's phases ran in its model, in nanoseconds since the epoch (as spans
+    take them); 0: not reached, or not known for this model.
+
+    The chat engine fills them in from its thread as the request goes through its batch: the
+    prefill of its prompt begins, its first token is drawn, its last one is. A remote model
+    knows only when its first and last pieces came.
+    """
+
+    prefill_start_ns: int = 0
+    first_token_ns: int = 0
+    end_ns: int = 0
+
+
 @dataclass(frozen=True)
 class ChatDelta:
-    """A piece of a streamed completion; the last one has `finish_reason` (and usage if known)."""
+    """A piece of a streamed completion; the last one has `finish_reason` (and usage if known,
+    and the request's `phases` where the model measures them)."""
 
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    phases: Phases | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +143,10 @@ EmbedInput = str | Sequence[int]
 
 FailureCallback = Callable[[str], None]
 """Told the reason once a hosted model fails (see `HostedModel.on_failure`)."""
+
+PassCallback = Callable[[int], None]
+"""Told the number of inputs of each forward pass of a batching model (see
+`HostedModel.on_forward_pass`)."""
 
 
 def failed_model_error(asset_id: str, reason: str) -> ModelNotReady:
@@ -157,6 +178,11 @@ class HostedModel(abc.ABC):
         self._failure_callback = callback
         if self.failure is not None:
             asyncio.get_running_loop().call_soon(callback, self.failure)
+
+    def on_forward_pass(self, callback: PassCallback) -> None:
+        """Call `callback(inputs)` after every forward pass that batches requests' inputs (an
+        embedding model's), from the thread that ran it; a model without one ignores it."""
+        return None
 
     def _mark_failed(self, reason: str) -> None:
         """Record the failure and tell the holder; call on the event loop, once."""

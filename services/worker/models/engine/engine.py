@@ -16,6 +16,7 @@ import copy
 import inspect
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from services.common.errors import InvalidArgument, ModelNotReady, Overloaded
+from services.common.tracing import current_request_id, request_id_scope
 from services.worker.models.engine.kv_cache import BatchCache, kv_bytes_per_token
 from services.worker.models.engine.outbox import BoundedTokenStream, Outbox
 from services.worker.models.engine.sampling import SamplingRow, SamplingRows, sample
@@ -227,7 +229,8 @@ class ChatEngine:
                                     max_unread=self.settings.max_unread_tokens, name=self.name)
         with self._lock:
             self._streams[sequence_id] = stream
-        self._scheduler.add(Sequence(sequence_id, list(prompt_ids), max_new_tokens, SamplingRow.of(sampling), stream))
+        self._scheduler.add(Sequence(sequence_id, list(prompt_ids), max_new_tokens, SamplingRow.of(sampling), stream,
+                                     request_id=current_request_id()))
         return stream
 
     def crash(self, reason: str = "crash injected by a test") -> None:
@@ -255,9 +258,10 @@ class ChatEngine:
                         self._decode()
                     self._outbox.flush()
         except BaseException as exc:  # noqa: B036 - whatever ends the loop must reach the owner
+            requests = ", ".join(s.request_id for s in self._batch.sequences if s.request_id) or "none named"
             self._forget_all()  # before the report: a failed engine holds nothing
             if not self._closing.is_set():
-                log.exception("%s: the chat engine's step failed", self.name)
+                log.exception("%s: the chat engine's step failed (requests in its batch: %s)", self.name, requests)
                 self._died(_crashed(str(exc) or type(exc).__name__))
         finally:
             self._forget_all()
@@ -270,6 +274,8 @@ class ChatEngine:
         """Run the next chunk of a newcomer's prompt; once it is all in, draw its first token."""
         sequence.cache = sequence.cache or DynamicCache()
         start = sequence.prefilled
+        if start == 0:
+            sequence.stream.phases.prefill_start_ns = time.time_ns()
         end = min(len(sequence.prompt), start + self.settings.max_batch_tokens)
         ids = torch.tensor([sequence.prompt[start:end]], dtype=torch.long, device=self._device)
         out = self._model(
@@ -285,6 +291,7 @@ class ChatEngine:
         rows = SamplingRows.of([sequence.sampling], self._device)
         token = sample(out.logits[:, -1], rows, torch.zeros((1,), dtype=torch.long, device=self._device))
         first = int(token)
+        sequence.stream.phases.first_token_ns = time.time_ns()
         self._outbox.put(sequence.stream, first)
         if first in self._eos_ids or sequence.max_new <= 1:
             self._finished(sequence)
@@ -296,6 +303,9 @@ class ChatEngine:
     def _prefill_together(self, sequences: list[Sequence]) -> None:
         """Prefill short prompts in one pass (left-padded, as `generate` does), draw their first
         tokens and join them to the batch together."""
+        started = time.time_ns()
+        for sequence in sequences:
+            sequence.stream.phases.prefill_start_ns = started
         width = max(len(s.prompt) for s in sequences)
         ids = torch.tensor([[0] * (width - len(s.prompt)) + s.prompt for s in sequences], device=self._device)
         lengths = torch.tensor([len(s.prompt) for s in sequences], device=self._device)
@@ -307,7 +317,9 @@ class ChatEngine:
         )  # fmt: skip
         rows = SamplingRows.of([s.sampling for s in sequences], self._device)
         tokens = sample(out.logits[:, -1], rows, torch.zeros((len(sequences),), dtype=torch.long, device=self._device))
+        drawn = time.time_ns()
         for sequence, token in zip(sequences, tokens.tolist(), strict=True):
+            sequence.stream.phases.first_token_ns = drawn
             self._outbox.put(sequence.stream, token)
         self._batch.join_many(sequences, cache, tokens, rows)
         self._measure()
@@ -344,9 +356,16 @@ class ChatEngine:
         self.peak_cache_tokens = max(self.peak_cache_tokens, cache.rows * cache.columns)
 
     def _finished(self, sequence: Sequence) -> None:
+        phases = sequence.stream.phases
+        phases.end_ns = time.time_ns()
         with self._lock:
             self._streams.pop(sequence.id, None)
         self._outbox.end(sequence.stream)
+        if log.isEnabledFor(logging.DEBUG):
+            with request_id_scope(sequence.request_id):
+                log.debug("%s: generation done, %.1f ms to the first token after the prefill began, "
+                          "%.1f ms decoding", self.name, (phases.first_token_ns - phases.prefill_start_ns) / 1e6,
+                          (phases.end_ns - phases.first_token_ns) / 1e6)
 
     def _died(self, reason: str) -> None:
         """Engine thread: report the death to the watcher's loop (or to whoever comes first)."""

@@ -40,6 +40,8 @@ class Sequence:
     """Prompt tokens already in `cache` (a long prompt is prefilled in chunks)."""
     cache: DynamicCache | None = None
     """Its own cache while it is prefilled; it moves into the batch's when it joins."""
+    request_id: str = ""
+    """The request it serves, for the engine thread's log records about it."""
 
 
 @dataclass

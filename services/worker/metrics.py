@@ -1,0 +1,183 @@
+"""The worker's Prometheus metrics, in a registry of its own, served on its metrics port
+(`ROUNDHOUSE_WORKER_METRICS_PORT`).
+
+Per-model series carry `asset_id`, `interface` and `model_type` (the asset's runtime).
+Request figures are counted as each request ends (`metering.RequestMeter`), loads and
+unloads as they happen. The gauges (models held, their memory, requests in flight and queued,
+the worker's memory) are read from the worker's holdings at each scrape: they cost serving
+nothing and never name a model the worker no longer holds.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.common.assetspec import AssetSpec
+from services.common.telemetry import LATENCY_BUCKETS
+from services.worker.holdings import HeldModel
+
+MODEL_LABELS = ("asset_id", "interface", "model_type")
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Inputs per forward pass of an embedding model (a batch holds at most 64 by default)."""
+IDLE_AGE_BUCKETS = (0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200, 21600, 86400)
+"""How long an unloaded model had been idle, in seconds: from just used to a day."""
+
+ModelLabels = tuple[str, str, str]
+
+
+def model_labels(spec: AssetSpec) -> ModelLabels:
+    """The values of `MODEL_LABELS` for an asset."""
+    return spec.asset_id, ",".join(spec.interface), spec.runtime
+
+
+class Holdings(Protocol):
+    """What the scrape reads of the worker (`ModelHost`)."""
+
+    worker_id: str
+
+    @property
+    def memory_budget_bytes(self) -> int: ...
+
+    def held_models(self) -> Sequence[HeldModel]: ...
+
+
+class ModelMeters:
+    """One model's labelled series, resolved once: recording a request is then a plain
+    `observe` or `inc` on each."""
+
+    __slots__ = ("labels", "queue_wait", "duration", "ttft", "tpot", "prompt_tokens", "generated_tokens",
+                 "embedding_inputs", "batch_size", "_requests", "_by_status")
+
+    def __init__(self, metrics: WorkerMetrics, labels: ModelLabels) -> None:
+        self.labels = labels
+        self.queue_wait = metrics.queue_wait.labels(*labels)
+        self.duration = metrics.request_duration.labels(*labels)
+        self.ttft = metrics.time_to_first_token.labels(*labels)
+        self.tpot = metrics.time_per_output_token.labels(*labels)
+        self.prompt_tokens = metrics.prompt_tokens.labels(*labels)
+        self.generated_tokens = metrics.generated_tokens.labels(*labels)
+        self.embedding_inputs = metrics.embedding_inputs.labels(*labels)
+        self.batch_size = metrics.embedding_batch_size.labels(*labels)
+        self._requests = metrics.requests
+        self._by_status: dict[str, Counter] = {}
+
+    def requests(self, status: str) -> Counter:
+        """The request counter of `status` (`ok`, `cancelled` or the failure's name)."""
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = self._requests.labels(*self.labels, status)
+        return counter
+
+
+class WorkerMetrics:
+    """Every metric a worker exports, in `registry`; `watch` adds the gauges of a `ModelHost`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels, registry = MODEL_LABELS, self.registry
+        self.requests = Counter("roundhouse_worker_requests", "Requests served by this worker, by how they ended",
+                                [*labels, "status"], registry=registry)
+        self.request_duration = Histogram(
+            "roundhouse_worker_request_duration_seconds", "Time from a request's arrival at the worker to its end",
+            labels, buckets=LATENCY_BUCKETS, registry=registry)
+        self.time_to_first_token = Histogram(
+            "roundhouse_worker_time_to_first_token_seconds",
+            "Time from a chat request's arrival at the worker to its first token", labels,
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.time_per_output_token = Histogram(
+            "roundhouse_worker_time_per_output_token_seconds",
+            "Decode time per generated token after the first, per chat request", labels,
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_wait = Histogram(
+            "roundhouse_worker_queue_wait_seconds", "Time a request waited for a slot of its model at the worker",
+            labels, buckets=LATENCY_BUCKETS, registry=registry)
+        self.prompt_tokens = Counter("roundhouse_worker_prompt_tokens", "Prompt (input) tokens of served requests",
+                                     labels, registry=registry)
+        self.generated_tokens = Counter("roundhouse_worker_generated_tokens", "Tokens generated by chat requests",
+                                        labels, registry=registry)
+        self.embedding_inputs = Counter("roundhouse_worker_embedding_inputs", "Inputs of embedding requests",
+                                        labels, registry=registry)
+        self.embedding_batch_size = Histogram(
+            "roundhouse_embedding_batch_size", "Inputs per forward pass of an embedding model", labels,
+            buckets=BATCH_SIZE_BUCKETS, registry=registry)
+        self.load_duration = Histogram(
+            "roundhouse_model_load_duration_seconds", "Time to load a model on this worker, by outcome",
+            [*labels, "outcome"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.evictions = Counter("roundhouse_evictions", "Models unloaded from this worker, by reason",
+                                 [*labels, "reason"], registry=registry)
+        self.eviction_idle_age = Histogram(
+            "roundhouse_eviction_idle_age_seconds", "How long an unloaded model had been idle, by reason",
+            ["reason"], buckets=IDLE_AGE_BUCKETS, registry=registry)
+        self._models: dict[ModelLabels, ModelMeters] = {}
+
+    def model(self, spec: AssetSpec) -> ModelMeters:
+        """The series of `spec`'s model."""
+        return self.labelled(model_labels(spec))
+
+    def labelled(self, labels: ModelLabels) -> ModelMeters:
+        """The series of the model these label values name (interface and type empty: a request
+        for a model the worker does not hold)."""
+        meters = self._models.get(labels)
+        if meters is None:
+            meters = self._models[labels] = ModelMeters(self, labels)
+        return meters
+
+    def load_finished(self, spec: AssetSpec, seconds: float, ok: bool) -> None:
+        """Count a load of `spec` that took `seconds` and succeeded or failed."""
+        self.load_duration.labels(*model_labels(spec), "ok" if ok else "failed").observe(seconds)
+
+    def unloaded(self, spec: AssetSpec, reason: str, idle_s: float) -> None:
+        """Count a model unloaded (or dropped) for `reason`, idle `idle_s` seconds then."""
+        self.evictions.labels(*model_labels(spec), reason).inc()
+        self.eviction_idle_age.labels(reason).observe(max(idle_s, 0.0))
+
+    def watch(self, holdings: Holdings) -> None:
+        """Export the gauges of `holdings`, read at each scrape."""
+        self.registry.register(HoldingsCollector(holdings))
+
+
+class HoldingsCollector(Collector):
+    """The worker's gauges, read from its holdings when scraped (from the metrics thread: the
+    held models are copied in one step, then only read)."""
+
+    def __init__(self, holdings: Holdings) -> None:
+        self._holdings = holdings
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        held = self._holdings.held_models()
+        worker_id = self._holdings.worker_id
+        in_flight = GaugeMetricFamily("roundhouse_worker_requests_in_flight",
+                                      "Requests holding a slot of their model", labels=MODEL_LABELS)
+        queued = GaugeMetricFamily("roundhouse_worker_requests_queued",
+                                   "Requests waiting for a slot of their model", labels=MODEL_LABELS)
+        memory = GaugeMetricFamily("roundhouse_model_memory_bytes",
+                                   "Memory a held model counts against the worker's budget", labels=MODEL_LABELS)
+        loaded = GaugeMetricFamily("roundhouse_models_loaded", "Models held by this worker",
+                                   labels=["interface", "model_type"])
+        kinds: Tally[tuple[str, str]] = Tally()
+        used = 0
+        for model in held:
+            labels = model_labels(model.record.spec)
+            in_flight.add_metric(labels, model.slots.running)
+            queued.add_metric(labels, model.slots.waiting)
+            memory.add_metric(labels, model.memory_bytes)
+            kinds[labels[1:]] += 1
+            used += model.memory_bytes
+        for kind, count in kinds.items():
+            loaded.add_metric(list(kind), count)
+        used_gauge = GaugeMetricFamily("roundhouse_worker_memory_used_bytes",
+                                       "Memory the held models use", labels=["worker_id"])
+        used_gauge.add_metric([worker_id], used)
+        budget = GaugeMetricFamily("roundhouse_worker_memory_budget_bytes",
+                                   "Memory this worker may fill with models", labels=["worker_id"])
+        budget.add_metric([worker_id], self._holdings.memory_budget_bytes)
+        return [in_flight, queued, memory, loaded, used_gauge, budget]
