@@ -217,7 +217,8 @@ async def test_probes_and_metrics(http: httpx.AsyncClient, client: openai.AsyncO
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     await client.chat.completions.create(model=TINY_CHAT, messages=HELLO, max_tokens=3)
     text = (await http.get("/metrics")).text
-    assert f'roundhouse_generated_tokens_total{{endpoint="chat",model="{TINY_CHAT}"}}' in text
+    assert (f'roundhouse_generated_tokens_total{{asset_id="{TINY_CHAT}",interface="llm-runtime",'
+            f'model_type="transformers",route=""}}') in text
     assert 'route="/v1/chat/completions",status="200"' in text
 
 

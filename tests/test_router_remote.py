@@ -85,7 +85,8 @@ async def test_chats_after_the_first_go_straight_to_the_upstream(stack: Stack, u
     assert bodies[-1]["messages"] == HELLO
     async with httpx.AsyncClient(base_url=stack.http_url) as http:
         metrics = (await http.get("/metrics")).text
-    assert 'roundhouse_generated_tokens_total{endpoint="chat",model="remote-direct"} 9.0' in metrics
+    assert ('roundhouse_generated_tokens_total{asset_id="remote-direct",interface="llm-runtime",'
+            'model_type="openai",route=""} 9.0') in metrics
 
 
 async def test_streams_and_grpc_chats_come_straight_from_the_upstream(stack: Stack, upstream, client) -> None:

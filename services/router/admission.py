@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
@@ -20,6 +20,7 @@ from services.common.assetspec import Policy
 from services.common.errors import Overloaded
 from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY, SHADOW_COPY_KEY
 from services.router.deadlines import Deadline
+from services.router.metrics.spans import step
 
 
 @dataclass
@@ -33,13 +34,15 @@ class GateStats:
 class QueueBudget:
     """How much longer one request may wait for a slot, here and at a worker together."""
 
-    __slots__ = ("_until", "_copy")
+    __slots__ = ("_until", "_copy", "waited_s")
 
     def __init__(self, seconds: float, *, shadow_copy: bool = False) -> None:
         """`shadow_copy`: the request is a route's shadow copy, which the worker does not count
         as use of the model."""
         self._until = asyncio.get_running_loop().time() + seconds
         self._copy = shadow_copy
+        self.waited_s = 0.0
+        """How long the request waited in this router's queue for its slot."""
 
     def left(self) -> float:
         """Seconds of waiting left; 0 once spent."""
@@ -60,9 +63,14 @@ class AssetGate:
     """The requests of one asset this router sends now, and those waiting to be sent. FIFO: a
     freed slot goes straight to the longest waiter."""
 
-    def __init__(self, asset_id: str, policy: Policy) -> None:
+    def __init__(self, asset_id: str, policy: Policy, *, interface: str = "",
+                 model_type: str = "") -> None:
+        """`interface` and `model_type`: how the gate's gauges name the asset's interfaces and
+        runtime."""
         self.asset_id = asset_id
         self.policy = policy
+        self.interface = interface
+        self.model_type = model_type
         self.capacity = policy.max_concurrency
         """Requests sent at once: the slots of the asset's holders together."""
         self._in_flight = 0
@@ -83,9 +91,10 @@ class AssetGate:
     async def slot(self, deadline: Deadline | None = None) -> AsyncIterator[QueueBudget]:
         """Hold one slot for the body, which gets what is left of the request's queue budget.
         Raises `Overloaded` when the queue is full or the budget runs out first, and
-        `DeadlineExceeded` when the request's deadline does."""
+        `DeadlineExceeded` when the request's deadline does. The wait is an `admission` span."""
         budget = QueueBudget(self.policy.queue_timeout_s)
-        await self._acquire(budget, deadline)
+        with step("admission", {"roundhouse.asset_id": self.asset_id}):
+            await self._acquire(budget, deadline)
         try:
             yield budget
         finally:
@@ -114,11 +123,14 @@ class AssetGate:
                 f"{len(self._waiters)} queued); retry later",
                 retry_after_s=1.0,
             )
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         wait_s = budget.left() if deadline is None else min(budget.left(), deadline.remaining())
+        began = loop.time()
         try:
             await asyncio.wait_for(asyncio.shield(waiter), wait_s)
+            budget.waited_s = loop.time() - began
         except (TimeoutError, asyncio.CancelledError) as exc:
             if waiter.done() and not waiter.cancelled():
                 # The slot was handed over as we gave up: pass it on.
@@ -154,13 +166,22 @@ class Admission:
     def __init__(self) -> None:
         self._gates: dict[str, AssetGate] = {}
 
-    def gate(self, asset_id: str, policy: Policy) -> AssetGate:
-        """The gate of an asset, with `policy` applied to requests from now on."""
+    def gate(self, asset_id: str, policy: Policy, *, interface: str = "",
+             model_type: str = "") -> AssetGate:
+        """The gate of an asset, with `policy` applied to requests from now on (`interface`
+        and `model_type`: see `AssetGate`)."""
         gate = self._gates.get(asset_id)
         if gate is None:
-            gate = self._gates[asset_id] = AssetGate(asset_id, policy)
+            gate = self._gates[asset_id] = AssetGate(asset_id, policy, interface=interface,
+                                                     model_type=model_type)
         gate.policy = policy
+        if interface:
+            gate.interface, gate.model_type = interface, model_type
         return gate
+
+    def gates(self) -> Iterable[AssetGate]:
+        """Every gate (a snapshot: gates added meanwhile are not in it)."""
+        return list(self._gates.values())
 
     def stats(self, asset_id: str) -> GateStats:
         """In flight and waiting for one asset (zeros when it has no gate yet)."""

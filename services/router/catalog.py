@@ -14,6 +14,7 @@ from services.common.grpc_client import domain_error
 from services.common.registry_reads import list_all_assets
 from services.common.request_text import shown
 from services.common.route_proto import Stored, check_serves, stored_from_proto
+from services.router.metrics.spans import step
 
 CACHE_TTL_S = 30.0
 SNAPSHOT_TTL_S = 1.0
@@ -34,26 +35,32 @@ class AssetCatalog:
         self._snapshot: tuple[float, Records] | None = None
         self._fetching: asyncio.Future[Records] | None = None
 
+    @property
+    def registry(self) -> registry_pb2_grpc.RegistryStub:
+        """The registry the catalog reads."""
+        return self._registry
+
     async def resolve(self, name: str, interface: str) -> Stored:
         """The model or route `name` designates, checked for `interface`; domain errors otherwise.
 
         A name no asset id or alias could have (they match `ASSET_ID_RE`) is not found at
-        once, without asking the registry.
+        once, without asking the registry. The lookup is a `resolve` span.
         """
-        if not ASSET_ID_RE.fullmatch(name):
-            raise AssetNotFound(f"model {shown(name)} not found")
-        entry = self._cache.get(name)
-        if entry is None or time.monotonic() - entry[0] > CACHE_TTL_S:
-            try:
-                reply = await self._registry.ResolveAsset(
-                    registry_pb2.ResolveAssetRequest(name=name), timeout=10
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise domain_error(exc, unavailable="the registry is unavailable") from None
-            entry = (time.monotonic(), stored_from_proto(reply))
-            self._cache[name] = entry
-        check_serves(entry[1], name, interface)
-        return entry[1]
+        with step("resolve", current=True):
+            if not ASSET_ID_RE.fullmatch(name):
+                raise AssetNotFound(f"model {shown(name)} not found")
+            entry = self._cache.get(name)
+            if entry is None or time.monotonic() - entry[0] > CACHE_TTL_S:
+                try:
+                    reply = await self._registry.ResolveAsset(
+                        registry_pb2.ResolveAssetRequest(name=name), timeout=10
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    raise domain_error(exc, unavailable="the registry is unavailable") from None
+                entry = (time.monotonic(), stored_from_proto(reply))
+                self._cache[name] = entry
+            check_serves(entry[1], name, interface)
+            return entry[1]
 
     async def list(self) -> list[Stored]:
         """Every model and route, from the registry (not cached: listing must be current). The answer is

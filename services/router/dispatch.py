@@ -26,6 +26,9 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
@@ -42,6 +45,8 @@ from services.common.grpc_client import domain_error
 from services.common.workerpool import WorkerHandle, WorkerPool
 from services.router.admission import QueueBudget
 from services.router.deadlines import Deadline
+from services.router.metrics import RequestMetrics
+from services.router.metrics.spans import failed, start, step
 from services.router.remote import RemoteUpstreams
 from services.router.usage import UsageTicket
 from services.router.waking import ModelWaker
@@ -54,11 +59,13 @@ class Dispatcher:
     """Places admitted requests on workers (or their remote upstream) and relays the answer."""
 
     def __init__(self, workers: WorkerPool, waker: ModelWaker, remote: RemoteUpstreams, *,
-                 stream_idle_timeout_s: float) -> None:
+                 stream_idle_timeout_s: float, metrics: RequestMetrics | None = None) -> None:
+        """`metrics`: where wakes are counted (None: nowhere)."""
         self._workers = workers
         self._waker = waker
         self._remote = remote
         self._idle_s = stream_idle_timeout_s
+        self._metrics = metrics
 
     async def chat(self, record: AssetRecord, request: inference_pb2.ChatRequest, *, deadline: Deadline,
                    queue: QueueBudget, ticket: UsageTicket, stream: bool, may_wake: bool = True,
@@ -76,7 +83,15 @@ class Dispatcher:
                     async for chunk in pieces:
                         yield chunk
                 return
-            call = worker.inference.Chat(request, timeout=deadline.remaining(), metadata=queue.metadata())
+            # The span ends with the stream, so it is never made current (that would outlive
+            # a `yield`): the call alone is started inside it, and carries it to the worker.
+            span = start("dispatch", _dispatch_attributes(asset_id, worker), kind=SpanKind.CLIENT)
+            token = otel_context.attach(trace.set_span_in_context(span)) if span.is_recording() else None
+            try:
+                call = worker.inference.Chat(request, timeout=deadline.remaining(), metadata=queue.metadata())
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
             ticket.mark_dispatched()
             worker.in_flight[asset_id] += 1
             started = False
@@ -91,12 +106,17 @@ class Dispatcher:
                 return
             except (grpc.aio.AioRpcError, ModelNotReady) as exc:
                 error = self._worker_error(exc, worker, asset_id, deadline)
+                failed(span, error)
                 if started:
                     raise error from None
                 await tries.after(worker, error)
+            except BaseException as exc:
+                failed(span, exc)
+                raise
             finally:
                 call.cancel()
                 worker.in_flight[asset_id] -= 1
+                span.end()
 
     async def embed(self, record: AssetRecord, request: inference_pb2.EmbedRequest, *, deadline: Deadline,
                     queue: QueueBudget, ticket: UsageTicket, may_wake: bool = True,
@@ -109,12 +129,18 @@ class Dispatcher:
             worker = await self._place(record, tries, deadline, queue, ticket, may_wake)
             worker.in_flight[asset_id] += 1
             try:
-                call = worker.inference.Embed(request, timeout=deadline.remaining(), metadata=queue.metadata())
-                ticket.mark_dispatched()
-                with self._workers.tracking(worker, call):
-                    return await call
-            except (grpc.aio.AioRpcError, ModelNotReady) as exc:
-                await tries.after(worker, self._worker_error(exc, worker, asset_id, deadline))
+                with step("dispatch", _dispatch_attributes(asset_id, worker), kind=SpanKind.CLIENT,
+                          current=True):
+                    try:
+                        call = worker.inference.Embed(request, timeout=deadline.remaining(),
+                                                      metadata=queue.metadata())
+                        ticket.mark_dispatched()
+                        with self._workers.tracking(worker, call):
+                            return await call
+                    except (grpc.aio.AioRpcError, ModelNotReady) as exc:
+                        raise self._worker_error(exc, worker, asset_id, deadline) from None
+            except RoundhouseError as error:  # the worker's refusal: try another
+                await tries.after(worker, error)
             finally:
                 worker.in_flight[asset_id] -= 1
 
@@ -136,8 +162,12 @@ class Dispatcher:
             woke = True
             ticket.mark_woke()
 
-        async with deadline.bounding(f"waiting for model '{record.spec.asset_id}' to wake"):
-            worker = await self._waker.place(record, exclude=tries.excluded, on_wake=on_wake)
+        try:
+            async with deadline.bounding(f"waiting for model '{record.spec.asset_id}' to wake"):
+                worker = await self._waker.place(record, exclude=tries.excluded, on_wake=on_wake)
+        finally:
+            if woke and self._metrics is not None:
+                self._metrics.woke(record, loop.time() - began)
         if woke:
             queue.postpone(loop.time() - began)
         return worker
@@ -148,6 +178,8 @@ class Dispatcher:
         asset_id = record.spec.asset_id
         ticket.mark_dispatched()
         worker.in_flight[asset_id] += 1
+        span = start("dispatch", {**_dispatch_attributes(asset_id, worker), "roundhouse.remote": True},
+                     kind=SpanKind.CLIENT)
         try:
             async with aclosing(self._remote.chat(record, request, stream=stream,
                                                   timeout=deadline.remaining())) as pieces:
@@ -158,8 +190,12 @@ class Dispatcher:
                         chunk.revision = record.revision
                     yield chunk
                     wait = self._idle_s
+        except BaseException as exc:
+            failed(span, exc)
+            raise
         finally:
             worker.in_flight[asset_id] -= 1
+            span.end()
 
     def _worker_error(self, exc: grpc.aio.AioRpcError | ModelNotReady, worker: WorkerHandle,
                       asset_id: str, deadline: Deadline) -> RoundhouseError:
@@ -176,6 +212,10 @@ class Dispatcher:
         elif exc.code() == grpc.StatusCode.UNAVAILABLE and not isinstance(error, UpstreamError):
             worker.info = None  # stop routing there until a refresh reaches it again
         return error
+
+
+def _dispatch_attributes(asset_id: str, worker: WorkerHandle) -> dict[str, str]:
+    return {"roundhouse.asset_id": asset_id, "server.address": worker.address}
 
 
 class _Tries:

@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
+from opentelemetry import trace
 
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
@@ -42,6 +43,8 @@ from services.router.dispatch import Dispatcher
 from services.router.keys import allowed_models, check_model
 from services.router.limits import Limiter, estimate_chat, estimate_embed
 from services.router.limits.estimate import Estimate, chat_prompt_tokens
+from services.router.metrics import RequestMetrics, model_labels
+from services.router.metrics.genai import Operation, annotate
 from services.router.remote import RemoteUpstreams
 from services.router.routes.caching import RouteCaching, decodes_greedily, whole_chat
 from services.router.routes.mirror import Mirror
@@ -77,11 +80,13 @@ class Gateway:
         cache: ResponseCache | None = None,
         shadow: ShadowTraffic | None = None,
         rng: random.Random | None = None,
+        metrics: RequestMetrics | None = None,
     ) -> None:
         """`request_timeout_s`: the longest a request may take in all; `stream_idle_timeout_s`:
         the longest a worker or upstream may stay silent between two chunks of a stream.
         `cache`: where routes keep answers (None: no route caches); `shadow`: the bookkeeping
-        of routes' shadow copies; `rng`: the draws of unsticky splits."""
+        of routes' shadow copies; `rng`: the draws of unsticky splits; `metrics`: where every
+        request, wake and queue wait is counted (None: a registry of the gateway's own)."""
         self.catalog = catalog
         self.workers = workers
         self.admission = admission
@@ -90,7 +95,10 @@ class Gateway:
         self.usage = usage or UsageLedger(None)
         self.remote = remote or RemoteUpstreams()
         self.request_timeout_s = request_timeout_s
-        self.dispatcher = Dispatcher(workers, waker, self.remote, stream_idle_timeout_s=stream_idle_timeout_s)
+        self.metrics = metrics or RequestMetrics()
+        self.metrics.watch(admission)
+        self.dispatcher = Dispatcher(workers, waker, self.remote, stream_idle_timeout_s=stream_idle_timeout_s,
+                                     metrics=self.metrics)
         self.planner = RoutePlanner(self._target, self._loaded, rng)
         self.caching = RouteCaching(cache)
         self.mirror = Mirror(shadow or ShadowTraffic(), self._target, self._loaded)
@@ -162,11 +170,11 @@ class Gateway:
         longer than the idle timeout between two chunks, `DeadlineExceeded` is raised.
         """
         routed = routed if routed is not None else Routed()
-        async with self._accounted(key, request.model, LLM, request.request_id) as ticket:
+        async with self._accounted(key, request, LLM, routed) as ticket:
             deadline = Deadline.within(self.request_timeout_s, timeout)
             async with deadline.bounding("its model was looked up"):
                 check_chat(request)
-                plan = await self._plan(request.model, LLM, key, request.user, routed,
+                plan = await self._plan(request.model, LLM, key, request.user, routed, ticket,
                                         chat_prompt_tokens(request))
                 ticket.asset = plan.usable[0]  # until a candidate is reached
                 ticket.estimate = max((estimate_chat(request, r, self.limits.default_completion_tokens)
@@ -219,7 +227,7 @@ class Gateway:
             raise failure
 
     async def _plan(self, name: str, interface: str, key: KeyRecord | None, user: str,
-                    routed: Routed, prompt_tokens: int) -> Plan:
+                    routed: Routed, ticket: UsageTicket, prompt_tokens: int) -> Plan:
         """The assets to try for a request naming `name`: the model it names, or the route's
         candidates (sticky by `user` or `key` when the route says so). The targets a route
         leaves out up front are the first attempts reported."""
@@ -228,6 +236,7 @@ class Gateway:
         sticky = key.key_id if key is not None else None
         if isinstance(stored, RouteRecord):
             routed.route = True
+            ticket.route_id = stored.spec.asset_id
             if stored.spec.sticky == "user":
                 sticky = user or None
         plan = await self.planner.plan(stored, sticky_key=sticky, prompt_tokens=prompt_tokens)
@@ -242,6 +251,7 @@ class Gateway:
             routed.attempts.append((candidate.name, candidate.outcome))
             return None
         ticket.asset = candidate.record
+        ticket.reached = True
         return candidate.record
 
     async def _prepare(self, plan: Plan, record: AssetRecord, request: Q, key: KeyRecord | None,
@@ -294,6 +304,7 @@ class Gateway:
         async with self._gate(record).slot(deadline) as queue, aclosing(self.dispatcher.chat(
                 record, forwarded, deadline=deadline, queue=queue, ticket=ticket, stream=stream,
         )) as chunks:
+            self.metrics.queued(record, queue.waited_s)
             async for chunk in chunks:
                 ticket.chunk(chunk)
                 yield chunk
@@ -331,11 +342,14 @@ class Gateway:
             self.caching.keep(plan.route, entry, whole_chat(record.spec.asset_id, text, last))
 
     @asynccontextmanager
-    async def _accounted(self, key: KeyRecord | None, model: str, interface: str,
-                         request_id: str) -> AsyncIterator[UsageTicket]:
+    async def _accounted(self, key: KeyRecord | None, request: Q, interface: str,
+                         routed: Routed) -> AsyncIterator[UsageTicket]:
         """A usage ticket for the request's life; at its end the ledger records it and the
-        limits settle its reservation, both with what it used (see `UsageTicket.finish`)."""
-        ticket = self.usage.open(key, model, interface, request_id)
+        limits settle its reservation, both with what it used (see `UsageTicket.finish`), and
+        it is counted in the metrics and described on the request's front span (the HTTP
+        API's or the gRPC front's)."""
+        ticket = self.usage.open(key, request.model, interface, request.request_id)
+        front = trace.get_current_span()
         try:
             yield ticket
         except BaseException as exc:
@@ -345,11 +359,21 @@ class Gateway:
             ticket.finish()
             self.usage.record(ticket)
             self.limits.settle(ticket.reservation, ticket.tokens, ticket.cost_usd)
+            operation: Operation = "chat" if interface == LLM else "embeddings"
+            self.metrics.finished(ticket, operation, routed.attempts)
+            if isinstance(request, inference_pb2.ChatRequest):
+                annotate(front, ticket, operation,
+                         max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+                         temperature=request.temperature if request.HasField("temperature") else None)
+            else:
+                annotate(front, ticket, operation)
 
     def _gate(self, record: AssetRecord) -> AssetGate:
         """The asset's admission gate, sized to the slots its holders have together."""
         policy = record.spec.policy
-        gate = self.admission.gate(record.spec.asset_id, policy)
+        _, interface, model_type = model_labels(record)
+        gate = self.admission.gate(record.spec.asset_id, policy, interface=interface,
+                                   model_type=model_type)
         gate.resize(self.workers.capacity(record.spec.asset_id, policy.max_concurrency))
         return gate
 
@@ -366,11 +390,12 @@ class Gateway:
         and a route's candidates, cache and shadows used, as for `chat`.
         """
         routed = routed if routed is not None else Routed()
-        async with self._accounted(key, request.model, EMBEDDING, request.request_id) as ticket:
+        async with self._accounted(key, request, EMBEDDING, routed) as ticket:
+            ticket.inputs = len(request.inputs)
             deadline = Deadline.within(self.request_timeout_s, timeout)
             async with deadline.bounding("its model was looked up"):
                 check_embed(request)
-                plan = await self._plan(request.model, EMBEDDING, key, request.user, routed, 0)
+                plan = await self._plan(request.model, EMBEDDING, key, request.user, routed, ticket, 0)
                 for usable in plan.usable:
                     check_embed_size(len(request.inputs), embedding_dim(usable))
                 ticket.asset = plan.usable[0]  # until a candidate is reached
@@ -388,6 +413,7 @@ class Gateway:
                     return hit
                 try:
                     async with self._gate(record).slot(deadline) as queue:
+                        self.metrics.queued(record, queue.waited_s)
                         result = await self.dispatcher.embed(record, forwarded, deadline=deadline,
                                                              queue=queue, ticket=ticket)
                 except RoundhouseError as exc:

@@ -9,10 +9,19 @@ import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
+import asyncpg
 import uvicorn
 import uvloop
+from opentelemetry.metrics import MeterProvider
 
-from roundhouse.v1 import events_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2_grpc, registry_pb2_grpc
+from roundhouse.v1 import (
+    admin_pb2_grpc,
+    events_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    jobs_pb2_grpc,
+    registry_pb2_grpc,
+)
 from services.common.db import make_engine, make_sessionmaker
 from services.common.drain import Drain
 from services.common.events import EventBus
@@ -23,6 +32,9 @@ from services.common.liveness import WorkerLiveness
 from services.common.outbox import OutboxRelay
 from services.common.telemetry import setup_telemetry
 from services.common.workerpool import WorkerPool
+from services.router.admin_servicer import SERVICE_NAME as ADMIN_SERVICE_NAME
+from services.router.admin_servicer import AdminServicer
+from services.router.admin_sources import admin_stats
 from services.router.admission import Admission
 from services.router.cache import ResponseCache
 from services.router.catalog import AssetCatalog
@@ -31,6 +43,7 @@ from services.router.http.app import create_app
 from services.router.http.metrics import THRASHING_EVENTS, HttpMetrics
 from services.router.keys import KeyAuthenticator
 from services.router.limits import Limiter, create_pool
+from services.router.metrics import GenAIMetrics, RequestMetrics
 from services.router.remote import RemoteUpstreams
 from services.router.routes.shadow import ShadowTraffic
 from services.router.servicer import InferenceFrontServicer
@@ -69,8 +82,11 @@ class RouterParts:
     to finish; idle keep-alive connections are closed at once. Also the first of `cleanups`."""
 
 
-async def start_router(settings: RouterSettings, bus: EventBus | None) -> RouterParts:
-    """Build and start every piece; the caller stops them with `stop_router`."""
+async def start_router(settings: RouterSettings, bus: EventBus | None, *,
+                       meter_provider: MeterProvider | None = None) -> RouterParts:
+    """Build and start every piece; the caller stops them with `stop_router`. The GenAI
+    metrics, when asked for (see `services.router.metrics.genai`), go to `meter_provider`
+    (None: the process's)."""
     registry_channel = open_channel(settings.registry_address, settings)
     catalog = AssetCatalog(registry_pb2_grpc.RegistryStub(registry_channel))
     if bus is not None:
@@ -89,7 +105,7 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
     jobs_channel = open_channel(settings.jobs_address, settings)
     jobs = jobs_pb2_grpc.JobsStub(jobs_channel)
     waker = ModelWaker(workers, jobs, wait_s=settings.load_timeout_s)
-    limiter, ledger, close_usage = await _start_limits_and_usage(settings)
+    limiter, ledger, usage_pool, close_usage = await _start_limits_and_usage(settings)
     remote = RemoteUpstreams(settings.upstream_rules(), touch_s=settings.remote_worker_touch_s)
     metrics = HttpMetrics()
     cache = None
@@ -101,7 +117,8 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
     shadow = ShadowTraffic(max_in_flight=settings.shadow_max_in_flight, registry=metrics.registry)
     gateway = Gateway(catalog, workers, Admission(), waker, limits=limiter, usage=ledger, remote=remote,
                       request_timeout_s=settings.request_timeout_s,
-                      stream_idle_timeout_s=settings.stream_idle_timeout_s, cache=cache, shadow=shadow)
+                      stream_idle_timeout_s=settings.stream_idle_timeout_s, cache=cache, shadow=shadow,
+                      metrics=RequestMetrics(metrics.registry, GenAIMetrics.if_asked(meter_provider)))
 
     async def close_routes() -> None:
         await gateway.mirror.close()
@@ -112,17 +129,20 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
     store, authenticator, on_key_revoked = await _start_keys(settings, bus, stoppers)
 
     drain = Drain.from_settings(settings)
+    stats = admin_stats(gateway, jobs, usage_pool)
     # Apps call the front with API keys, never the internal token; its bodies are capped as
     # the HTTP API's are.
     grpc_server = GrpcServer(settings.router_address, [ServiceBinding(
         inference_pb2_grpc.add_InferenceServicer_to_server,
         InferenceFrontServicer(gateway, authenticator), SERVICE_NAME,
-    )], settings, internal=False, max_message_bytes=settings.max_body_bytes, drain=drain,
+    ), ServiceBinding(admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(stats, authenticator),
+                      ADMIN_SERVICE_NAME)],
+        settings, internal=False, max_message_bytes=settings.max_body_bytes, drain=drain,
         refuse_while_draining=True)
     app = create_app(gateway, jobs, max_body_bytes=settings.max_body_bytes,
                      authenticator=authenticator, key_store=store, on_key_revoked=on_key_revoked,
                      metrics_auth=settings.metrics_auth, tracing=settings.otel_console, drain=drain,
-                     metrics=metrics, shadow=shadow)
+                     metrics=metrics, shadow=shadow, stats=stats, bus=bus)
     if bus is not None:
         await bus.subscribe(THRASHING_EVENTS, app.state.metrics.observe_thrashing)
     # httptools parses HTTP (uvicorn's fastest protocol); the loop is the one `main` runs.
@@ -156,10 +176,10 @@ async def start_router(settings: RouterSettings, bus: EventBus | None) -> Router
 
 async def _start_limits_and_usage(
     settings: RouterSettings,
-) -> tuple[Limiter, UsageLedger, Callable[[], Awaitable[None]]]:
+) -> tuple[Limiter, UsageLedger, asyncpg.Pool, Callable[[], Awaitable[None]]]:
     """The limiter and the usage ledger on one asyncpg pool (no connection is opened before the
-    first request), and their cleanup: settle what is settling, write the ledger's last rows,
-    close the pool."""
+    first request), the pool (the admin statistics read the ledger through it), and their
+    cleanup: settle what is settling, write the ledger's last rows, close the pool."""
     pool = await create_pool(settings.resolved_database_url(), max_size=settings.limits_pool_size)
     limiter = Limiter(pool, hold_s=settings.limit_reservation_ttl_s,
                       default_completion_tokens=settings.limit_default_completion_tokens,
@@ -173,7 +193,7 @@ async def _start_limits_and_usage(
         await ledger.close()
         await pool.close()
 
-    return limiter, ledger, close
+    return limiter, ledger, pool, close
 
 
 async def _start_keys(

@@ -8,6 +8,7 @@ import grpc
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc
 from services.common.keys import KeyRecord
+from services.common.tracing import current_request_id, request_id_scope
 from services.router.gateway import Gateway
 from services.router.keys import KeyAuthenticator, credential_from
 
@@ -19,6 +20,9 @@ class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
     Callers present an API key in `authorization` metadata (`Bearer rh-...`, or `x-api-key`),
     checked like the HTTP API's: UNAUTHENTICATED without a valid one, PERMISSION_DENIED for a
     model outside its scope. No authenticator: auth is off.
+
+    A call runs as part of the request its `request_id` names (else the `x-request-id` its
+    metadata carries, see `TracingInterceptor`): log records name it, calls made for it carry it.
     """
 
     def __init__(self, gateway: Gateway, authenticator: KeyAuthenticator | None = None) -> None:
@@ -37,16 +41,18 @@ class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.ChatChunk]:
-        key = await self._key(context)
-        stream = self._gateway.chat(request, timeout=context.time_remaining(), key=key)
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+        with request_id_scope(request.request_id or current_request_id()):
+            key = await self._key(context)
+            stream = self._gateway.chat(request, timeout=context.time_remaining(), key=key)
+            try:
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        key = await self._key(context)
-        return await self._gateway.embed(request, timeout=context.time_remaining(), key=key)
+        with request_id_scope(request.request_id or current_request_id()):
+            key = await self._key(context)
+            return await self._gateway.embed(request, timeout=context.time_remaining(), key=key)

@@ -8,6 +8,10 @@ requests to models that are already held never wait on it.
 The reply names the workers that hold the model now, and the waiting requests go to them at
 once; the router's own picture of those workers is refreshed behind them, and requests that
 arrive meanwhile are placed from the same reply.
+
+Each waiting request's wait is a `wake` span; the call to the jobs service is made inside the
+span of the request that started the wake, so the load operation (and the worker's load)
+joins that request's trace.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from services.common.asset_proto import AssetRecord
 from services.common.errors import ModelNotReady
 from services.common.grpc_client import domain_error
 from services.common.workerpool import WorkerHandle, WorkerPool
+from services.router.metrics.spans import step
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +54,12 @@ class ModelWaker:
             return worker
         if on_wake is not None:
             on_wake()
-        holders = self._wakes.get(asset_id)
-        if holders is None:
-            holders = self._start_wake(asset_id)
-        # A request that gives up leaves the wake-up running for the others.
-        woken = await asyncio.shield(holders)
+        with step("wake", {"roundhouse.asset_id": asset_id}, current=True):
+            holders = self._wakes.get(asset_id)
+            if holders is None:
+                holders = self._start_wake(asset_id)  # its task inherits this span
+            # A request that gives up leaves the wake-up running for the others.
+            woken = await asyncio.shield(holders)
         worker = self._pool.pick(asset_id, exclude) or min(
             (w for w in woken if w.serving and w.address not in exclude),
             key=lambda w: w.in_flight[asset_id], default=None)

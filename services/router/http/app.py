@@ -21,22 +21,27 @@ from services.router.http.chat.serving import ChatServing
 from services.router.http.completion.serving import CompletionServing
 from services.router.http.embedding.serving import EmbeddingServing
 from services.router.http.errors import install_error_handlers
+from services.router.http.events_feed import events_router
 from services.router.http.keys import keys_router
 from services.router.http.metrics import HttpMetrics
 from services.router.http.middleware import BodyLimitMiddleware, DrainMiddleware, RequestContextMiddleware
 from services.router.http.rendering import OrjsonResponse
 from services.router.http.routes import openai_router
 from services.router.http.shadow import shadow_router
+from services.router.http.stats import stats_router
 from services.router.http.usage import usage_router
 from services.router.routes.shadow import ShadowTraffic
+from services.router.ui import admin_ui, install_ui
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from roundhouse.v1.jobs_pb2_grpc import JobsStub
+    from services.common.events import EventBus
     from services.common.keys import KeyStore
     from services.router.gateway import Gateway
     from services.router.keys import KeyAuthenticator
+    from services.router.stats import AdminStats
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,7 @@ def create_app(
     authenticator: KeyAuthenticator | None = None, key_store: KeyStore | None = None,
     on_key_revoked: Callable[[str], None] | None = None, metrics_auth: bool = False,
     tracing: bool = False, drain: Drain | None = None, metrics: HttpMetrics | None = None,
-    shadow: ShadowTraffic | None = None,
+    shadow: ShadowTraffic | None = None, stats: AdminStats | None = None, bus: EventBus | None = None,
 ) -> FastAPI:
     """The HTTP API in front of `gateway`, with the admin API over `jobs` and `key_store`.
 
@@ -57,7 +62,9 @@ def create_app(
     `/v1/embeddings`, `/admin/v1/...` (see `admin`, `keys`, `usage` and `shadow`: a route's
     shadow summary at `/admin/v1/routes/{id}/shadow`), `/healthz`, `/readyz`,
     `/metrics`. Keys are checked by `authenticator` (see `auth`; None: not at all);
-    `on_key_revoked(name)` runs after a revocation here. Bodies over `max_body_bytes`
+    `on_key_revoked(name)` runs after a revocation here. `stats` feeds `/admin/v1/stats/...`
+    (None: one over `gateway` and `jobs`, without request figures); `bus` feeds the event feed
+    `/admin/v1/events` (None: it answers 503). Bodies over `max_body_bytes`
     are refused with 413. Every error has OpenAI's shape; every response has `x-request-id`.
     `tracing` turns on FastAPI's own OpenTelemetry spans, metrics and logs of each request;
     off, a request costs none of them (they are exported only when asked anyway, see
@@ -79,16 +86,23 @@ def create_app(
     app.state.drain = drain = drain or Drain()
     app.state.key_store = key_store
     app.state.on_key_revoked = on_key_revoked
-    app.state.chat = ChatServing(gateway, metrics)
-    app.state.completion = CompletionServing(gateway, metrics)
-    app.state.embedding = EmbeddingServing(gateway, metrics)
+    app.state.stats = stats
+    app.state.bus = bus
+    app.state.chat = ChatServing(gateway)
+    app.state.completion = CompletionServing(gateway)
+    app.state.embedding = EmbeddingServing(gateway)
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(keys_router)
     app.include_router(usage_router)
+    app.include_router(stats_router)
+    app.include_router(events_router)
     # The gateway is asked only when a request needs it: apps are built before (or without) one.
-    app.include_router(shadow_router(shadow or ShadowTraffic(), lambda route_id: gateway.is_route(route_id)))
+    shadow = shadow or ShadowTraffic()
+    app.include_router(shadow_router(shadow, lambda route_id: gateway.is_route(route_id)))
+    install_ui(app, admin_ui(authenticator=authenticator, jobs=jobs, drain=drain, shadow=shadow.summary,
+                             registry=lambda: gateway.catalog.registry))
     _add_operational_routes(app)
     # Added innermost first: request context, the drain, authentication, then the body limit,
     # so a request without a valid key is refused before its body is read.

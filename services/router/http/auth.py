@@ -13,6 +13,7 @@ default:
 - `/admin/v1...`, `/docs...`, `/redoc...`, `/openapi.json`: an admin key (judged on the path
   with repeated slashes and dot segments resolved, so `//admin/v1/keys` and
   `/v1/../admin/v1/keys` count as admin paths too);
+- `/ui...`: open here; the admin UI signs its users in with an admin key itself;
 - anything else (the `/v1` API, unknown paths, which then answer 404): any valid key (its
   model scope is checked once the model is resolved).
 
@@ -36,6 +37,8 @@ from services.router.keys import KeyAuthenticator, check_admin, credential_from
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 METRICS_PATH = "/metrics"
 ADMIN_PATHS = ("/admin/v1/", "/docs", "/redoc", "/openapi.json")
+UI_PATH = "/ui"
+"""The admin UI: its own login and session cookie (see `services.router.ui.session`)."""
 _SLASHES = re.compile(r"/{2,}")
 SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer",
@@ -57,6 +60,8 @@ def _needs(path: str, metrics_auth: bool) -> str | None:
     resolved = posixpath.normpath(_SLASHES.sub("/", path) or "/")
     if resolved == "/admin/v1" or resolved.startswith(ADMIN_PATHS):
         return "admin"
+    if resolved == UI_PATH or resolved.startswith(UI_PATH + "/"):
+        return None
     return "key"
 
 

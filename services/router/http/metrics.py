@@ -1,4 +1,8 @@
-"""Prometheus metrics of the HTTP API, kept in a registry of their own per app instance."""
+"""Prometheus metrics of the HTTP API, kept in a registry of their own per app instance.
+
+The same registry holds the gateway's per-model request figures (`services.router.metrics`),
+so `GET /metrics` shows both.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
-from roundhouse.v1 import events_pb2, inference_pb2
+from roundhouse.v1 import events_pb2
 from services.common.telemetry import LATENCY_BUCKETS
 
 THRASHING_EVENTS = "roundhouse.events.model.thrashing.>"
 """Where the jobs service announces thrashing (one event per model per episode)."""
 
 
-
 class HttpMetrics:
-    """Request counts, latency and token counts of one app; rendered by `GET /metrics`.
+    """Request counts and latency of one app's routes; rendered by `GET /metrics`.
 
     The labelled series a request touches are looked up once per label set and kept: finding
     them again through `labels()` costs more than counting."""
@@ -35,18 +38,6 @@ class HttpMetrics:
             "Time from request to the end of the response (a stream's last byte).",
             ["route", "method"],
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.prompt_tokens = Counter(
-            "roundhouse_prompt_tokens",
-            "Prompt tokens read, by model.",
-            ["model", "endpoint"],
-            registry=self.registry,
-        )
-        self.generated_tokens = Counter(
-            "roundhouse_generated_tokens",
-            "Tokens generated, by model.",
-            ["model", "endpoint"],
             registry=self.registry,
         )
         self.thrashing = Counter(
@@ -69,14 +60,6 @@ class HttpMetrics:
         """Count one answered request and its duration."""
         self._child(self.requests, route, method, str(status)).inc()  # type: ignore[attr-defined]
         self._child(self.latency, route, method).observe(seconds)  # type: ignore[attr-defined]
-
-    def observe_usage(self, model: str, endpoint: str, usage: inference_pb2.Usage) -> None:
-        """Add the token counts the worker reported for one request."""
-        if usage.prompt_tokens:
-            self._child(self.prompt_tokens, model, endpoint).inc(usage.prompt_tokens)  # type: ignore[attr-defined]
-        if usage.completion_tokens:
-            self._child(self.generated_tokens, model, endpoint).inc(  # type: ignore[attr-defined]
-                usage.completion_tokens)
 
     async def observe_thrashing(self, event: events_pb2.Event) -> None:
         """Count a `model.thrashing` event (a handler for `THRASHING_EVENTS` on the event bus)."""

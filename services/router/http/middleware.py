@@ -1,5 +1,5 @@
-"""The layers around the HTTP API: outermost request ids, errors and metrics; then the drain;
-innermost (after authentication, see `auth`) the body size limit.
+"""The layers around the HTTP API: outermost request ids, the request's span, errors and
+metrics; then the drain; innermost (after authentication, see `auth`) the body size limit.
 
 Plain ASGI middlewares (not Starlette's `BaseHTTPMiddleware`) so that streamed responses
 pass through untouched and the client's disconnect still reaches the endpoint.
@@ -14,11 +14,15 @@ import time
 from collections.abc import MutableMapping
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.drain import Drain
 from services.common.inference_requests import MAX_REQUEST_ID_CHARS
+from services.common.tracing import context_from, request_id_scope, tracer
 from services.router.http.errors import HTTPProblem, error_response
 from services.router.http.metrics import HttpMetrics
 from services.router.http.ratelimit import ratelimit_headers
@@ -30,6 +34,7 @@ REQUEST_ID_HEADER = "x-request-id"
 ALWAYS_SERVED = frozenset({"/healthz", "/readyz", "/metrics"})
 """Paths served while the router drains: the probes and the metrics."""
 _SANE_REQUEST_ID = re.compile(rf"^[A-Za-z0-9._:/+=@-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
+_tracer = tracer(__name__)
 
 
 def accept_request_id(value: str | None) -> str:
@@ -39,11 +44,34 @@ def accept_request_id(value: str | None) -> str:
     return os.urandom(16).hex()
 
 
-class RequestContextMiddleware:
-    """Tags every request with an id, renders every error and records it in `HttpMetrics`.
+def _front_span(scope: Scope, headers: Headers) -> Span:
+    """The request's server span, a child of the trace the client's `traceparent` names (a new
+    trace without one); named `<method> <route>` once the route is known (see `_ended`)."""
+    parent = context_from(headers) if "traceparent" in headers else None
+    return _tracer.start_span(scope["method"], context=parent, kind=SpanKind.SERVER, attributes={
+        "http.request.method": scope["method"], "url.path": scope["path"]})
 
-    The id is stored as `request.state.request_id` and returned in `x-request-id` on every
-    response, errors and streams included. An exception raised inside (a refused key, a body
+
+def _ended(span: Span, scope: Scope, route: str, status: int) -> None:
+    if span.is_recording():
+        if route != "unmatched":
+            span.update_name(f"{scope['method']} {route}")
+            span.set_attribute("http.route", route)
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+    span.end()
+
+
+class RequestContextMiddleware:
+    """Tags every request with an id, runs it in a span, renders every error and records it
+    in `HttpMetrics`.
+
+    The id is stored as `request.state.request_id`, is the request id in scope while it runs
+    (log records name it, the gRPC calls made for it carry it) and is returned in
+    `x-request-id` on every response, errors and streams included. The span (`POST
+    /v1/chat/completions`...) joins the client's trace when it sends a `traceparent`; the
+    steps of the request are its children. An exception raised inside (a refused key, a body
     over the limit, a domain error) becomes OpenAI's error shape here.
     A request whose key has rate limits gets the `x-ratelimit-*` headers, refused or served.
     """
@@ -56,9 +84,14 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = accept_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
+        headers = Headers(scope=scope)
+        request_id = accept_request_id(headers.get(REQUEST_ID_HEADER))
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
+        span = _front_span(scope, headers)
+        # Without a recorded span or a trace from the client there is no context to pass on.
+        token = (otel_context.attach(trace.set_span_in_context(span))
+                 if span.get_span_context().is_valid else None)
         response: MutableMapping[str, Any] = {"started": False, "status": 500}
         limits = open_report()
 
@@ -74,17 +107,22 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
-        except Exception as exc:
-            if response["started"]:
-                log.error("request %s failed after its response started", request_id,
-                          exc_info=exc)
-                raise
-            await error_response(exc, request_id)(scope, receive, send_with_id)
+            with request_id_scope(request_id):
+                try:
+                    await self.app(scope, receive, send_with_id)
+                except Exception as exc:
+                    if response["started"]:
+                        log.error("request %s failed after its response started", request_id,
+                                  exc_info=exc)
+                        raise
+                    await error_response(exc, request_id)(scope, receive, send_with_id)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.observe_request(route, scope["method"], response["status"],
                                          time.perf_counter() - started)
+            _ended(span, scope, route, response["status"])
+            if token is not None:
+                otel_context.detach(token)
 
 
 class DrainMiddleware:

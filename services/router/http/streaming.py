@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -30,7 +30,6 @@ from services.router.routes.plan import Routed
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
-    from services.router.http.metrics import HttpMetrics
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +233,6 @@ async def relay(
     renderer: ChunkRenderer,
     *,
     include_usage: bool,
-    on_last: Callable[[inference_pb2.ChatChunk], None],
     request_id: str,
 ) -> AsyncIterator[bytes]:
     """SSE events for a stream whose first chunk was already read, ending in `[DONE]`.
@@ -254,7 +252,6 @@ async def relay(
                 break
             chunk = following
         yield renderer.finish(finish_reason(chunk.finish_reason))
-        on_last(chunk)
         if include_usage:
             yield renderer.usage(UsageInfo.from_proto(chunk.usage))
         yield DONE
@@ -273,9 +270,8 @@ class GenerationServing(ABC):
 
     endpoint: str
 
-    def __init__(self, gateway: Gateway, metrics: HttpMetrics) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.metrics = metrics
 
     async def create(self, body: Any, request: Request) -> Response:
         """Serve one request (`body` has `to_proto`, `stream`, `model`, `include_usage`,
@@ -289,15 +285,13 @@ class GenerationServing(ABC):
         prefix = self._prefix(body)
         if not body.stream:
             text, last = await collect(request, chunks)
-            self._count_usage(last)
             whole = self._whole(body, prefix + text, last)
             return Response(whole.model_dump_json(), media_type="application/json",
                             headers=routed.headers())
         first = await first_chunk(request, chunks)
         renderer = self._renderer(first.asset_id or body.model, prefix)
         return EventStreamResponse(relay(
-            first, chunks, renderer, include_usage=body.include_usage,
-            on_last=self._count_usage, request_id=request_id,
+            first, chunks, renderer, include_usage=body.include_usage, request_id=request_id,
         ), headers=routed.headers())
 
     def _prefix(self, body: Any) -> str:
@@ -311,6 +305,3 @@ class GenerationServing(ABC):
     @abstractmethod
     def _whole(self, body: Any, text: str, last: inference_pb2.ChatChunk) -> Any:
         """The whole answer as a response model."""
-
-    def _count_usage(self, last: inference_pb2.ChatChunk) -> None:
-        self.metrics.observe_usage(last.asset_id or "unknown", self.endpoint, last.usage)

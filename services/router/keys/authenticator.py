@@ -26,6 +26,7 @@ from services.common.db.unavailable import database_unavailable
 from services.common.errors import Unauthenticated
 from services.common.keys import KeyRecord, KeyStore, hash_secret, is_usable
 from services.common.keys.tokens import looks_like_secret
+from services.router.metrics.spans import step
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,12 @@ class KeyAuthenticator:
 
     async def authenticate(self, secret: str) -> KeyRecord:
         """The usable key with this secret; Unauthenticated when malformed, unknown, revoked or
-        expired (one message for all: a caller learns nothing about which)."""
+        expired (one message for all: a caller learns nothing about which). The check is a
+        `key check` span."""
+        with step("key check"):
+            return await self._authenticate(secret)
+
+    async def _authenticate(self, secret: str) -> KeyRecord:
         if not looks_like_secret(secret):
             raise Unauthenticated(INVALID_KEY)
         digest = hash_secret(secret)

@@ -44,7 +44,8 @@ class UsageTicket:
     __slots__ = ("at", "started", "request_id", "key_id", "route", "interface", "asset",
                  "prompt_tokens", "completion_tokens", "first_token_s", "status", "woke",
                  "latency_s", "reservation", "estimate", "dispatched", "reported",
-                 "streamed_chunks", "streamed_chars", "ended", "cache")
+                 "streamed_chunks", "streamed_chars", "ended", "cache", "route_id", "reached",
+                 "inputs")
 
     def __init__(self, key_id: str, route: str, interface: str, request_id: str) -> None:
         self.at = datetime.now(UTC)
@@ -66,6 +67,13 @@ class UsageTicket:
         self.cache = ""
         """For a route with a response cache: `hit` (answered from it, no tokens used) or
         `miss`."""
+        self.route_id = ""
+        """The route the client named (by id or alias); empty when it named a model."""
+        self.reached = False
+        """Whether a model was tried for the request (`asset` is then the last one tried, or
+        the one that answered); a request refused before that has reached none."""
+        self.inputs = 0
+        """An embedding request's number of inputs."""
 
     def mark_woke(self) -> None:
         """The request had to wake its model."""

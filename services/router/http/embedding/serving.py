@@ -10,7 +10,6 @@ from fastapi.responses import Response
 from services.common.errors import FieldProblem, InvalidArgument
 from services.router.http.auth import request_key
 from services.router.http.embedding.protocol import EmbeddingRequest, response_body
-from services.router.http.metrics import HttpMetrics
 from services.router.http.protocol import ModelCard
 from services.router.http.streaming import client_timeout, record, routed_for, until_disconnected
 
@@ -23,9 +22,8 @@ ENDPOINT = "embeddings"
 class EmbeddingServing:
     """Embeds through the gateway and answers in OpenAI's shape."""
 
-    def __init__(self, gateway: Gateway, metrics: HttpMetrics) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.metrics = metrics
 
     async def create(self, body: EmbeddingRequest, request: Request) -> Response:
         """The vectors of every input, in input order, within the client's `x-request-timeout`
@@ -47,7 +45,6 @@ class EmbeddingServing:
         if body.dimensions is not None:
             self._check_dimensions(body.dimensions, result.asset_id or body.model,
                                    result.dimensions or len(result.embeddings[0].values))
-        self.metrics.observe_usage(result.asset_id or "unknown", ENDPOINT, result.usage)
         return Response(response_body(result, result.asset_id or body.model, body.encoding_format),
                         media_type="application/json", headers=routed.headers())
 
