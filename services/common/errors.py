@@ -7,6 +7,7 @@ and never touches protobuf or HTTP types.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 
@@ -193,3 +194,19 @@ class ShuttingDown(RoundhouseError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def status_of(exc: BaseException | None) -> str:
+    """How a request ended, as the usage ledger and the metrics write it: `ok`, `cancelled`
+    (the caller went away), the domain error's name in snake case (`RateLimited` →
+    `rate_limited`), else `internal`."""
+    if exc is None:
+        return "ok"
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "cancelled"
+    if isinstance(exc, RoundhouseError):
+        return _CAMEL.sub("_", type(exc).__name__).lower()
+    return "internal"

@@ -30,6 +30,7 @@ from services.common.errors import (
     Overloaded,
     RoundhouseError,
     UpstreamError,
+    status_of,
 )
 from services.common.inference_requests import check_chat, check_embed, check_embed_size
 from services.common.keys import KeyRecord
@@ -51,7 +52,6 @@ from services.router.routes.mirror import Mirror
 from services.router.routes.plan import Candidate, Plan, Routed, RoutePlanner, fallback_reason
 from services.router.routes.shadow import ShadowTraffic, SideOutcome
 from services.router.usage import UsageLedger, UsageTicket
-from services.router.usage.ticket import status_of
 from services.router.waking import ModelWaker
 
 log = logging.getLogger(__name__)

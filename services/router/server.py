@@ -150,7 +150,7 @@ async def start_router(settings: RouterSettings, bus: EventBus | None, *,
                             log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=HTTP_STOP_GRACE_S)
     http_server = HttpServer(config)
-    http_task = asyncio.create_task(http_server.serve(), name="http")
+    http_task = asyncio.create_task(_serve_http(http_server, settings), name="http")
     while not http_server.started:
         if http_task.done():
             await http_task  # re-raises why it could not start
@@ -172,6 +172,16 @@ async def start_router(settings: RouterSettings, bus: EventBus | None, *,
                        [stop_http, close_routes, close_usage, *stoppers, workers.close, remote.close,
                         close_channels],
                        stop_http)
+
+
+async def _serve_http(server: uvicorn.Server, settings: RouterSettings) -> None:
+    """Serve the HTTP API; a listener that cannot be bound (port taken) fails start-up. uvicorn
+    exits the process for it (`SystemExit`), which a task under uvloop would swallow, leaving a
+    router that serves nothing."""
+    try:
+        await server.serve()
+    except SystemExit as exc:
+        raise RuntimeError(f"the HTTP API could not listen on {settings.http_host}:{settings.http_port}") from exc
 
 
 async def _start_limits_and_usage(

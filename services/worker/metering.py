@@ -9,8 +9,6 @@ with others; the server span gets the OpenTelemetry GenAI attributes. A load is 
 
 from __future__ import annotations
 
-import asyncio
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,26 +18,15 @@ from opentelemetry import trace
 
 from services.common.asset_proto import AssetRecord
 from services.common.assetspec import AssetSpec
-from services.common.errors import RoundhouseError
+from services.common.errors import status_of
 from services.common.tracing import tracer
 from services.worker.metrics import ModelMeters, WorkerMetrics
 from services.worker.models.types import ChatDelta, Phases, Usage
 
 _tracer = tracer(__name__)
-_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 NS = 1e9
 
 
-def status_of(exc: BaseException | None) -> str:
-    """How a request ended, as the usage ledger writes it: `ok`, `cancelled` (the caller went
-    away), the domain error's name in snake case (`Overloaded` → `overloaded`), else `internal`."""
-    if exc is None:
-        return "ok"
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return "cancelled"
-    if isinstance(exc, RoundhouseError):
-        return _CAMEL.sub("_", type(exc).__name__).lower()
-    return "internal"
 
 
 class RequestMeter:

@@ -2,6 +2,6 @@
 
 from services.router.usage.ledger import UsageLedger
 from services.router.usage.summary import GroupBy, KeyTotals, UsageSummary
-from services.router.usage.ticket import UsageTicket, status_of
+from services.router.usage.ticket import UsageTicket
 
-__all__ = ["GroupBy", "KeyTotals", "UsageLedger", "UsageSummary", "UsageTicket", "status_of"]
+__all__ = ["GroupBy", "KeyTotals", "UsageLedger", "UsageSummary", "UsageTicket"]

@@ -12,30 +12,15 @@ worker may have read the prompt); one that a worker refused or failed costs noth
 
 from __future__ import annotations
 
-import asyncio
-import re
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
 
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
-from services.common.errors import RoundhouseError
+from services.common.errors import status_of
 from services.router.limits.estimate import Estimate, chars_tokens, cost
 from services.router.limits.limiter import Reservation
-
-_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
-
-
-def status_of(exc: BaseException) -> str:
-    """How a failure is written in the ledger: the domain error's name in snake case
-    (`RateLimited` → `rate_limited`), `cancelled` for a client that went away, else
-    `internal`."""
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return "cancelled"
-    if isinstance(exc, RoundhouseError):
-        return _CAMEL.sub("_", type(exc).__name__).lower()
-    return "internal"
 
 
 class UsageTicket:
