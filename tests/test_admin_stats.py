@@ -14,6 +14,7 @@ import grpc
 import httpx
 import openai
 import pytest
+import torch
 from limits_harness import new_key
 from polling import wait_until
 from stack_harness import TINY_CHAT, TINY_EMBED, Stack, not_installed, running_stack, tiny_documents, tiny_spec
@@ -150,6 +151,10 @@ async def test_resources_show_worker_memory_and_the_store(
     held = {m["asset_id"]: m for m in worker["models"]}
     assert TINY_CHAT in held and held[TINY_CHAT]["memory_bytes"] > 0
     assert worker["memory_used_bytes"] >= sum(m["memory_bytes"] for m in held.values())
+    # The GPU figures are the machine's own: present or not, as torch sees it.
+    assert worker["has_gpu"] == torch.cuda.is_available()
+    assert (worker["gpu_memory_total_bytes"] > 0) == worker["has_gpu"]
+    assert worker["gpu_memory_used_bytes"] <= worker["gpu_memory_total_bytes"]
     store = resources["store"]
     assert store is not None and store["used_bytes"] > 0
     assert {a["asset_id"] for a in store["assets"]} >= {TINY_CHAT, TINY_EMBED}

@@ -74,4 +74,6 @@ def resources_to_proto(resources: Resources) -> admin_pb2.ResourceUse:
         workers=[admin_pb2.WorkerResources(
             worker_id=w.worker_id, address=w.address, healthy=w.healthy, draining=w.draining,
             memory_used_bytes=w.memory_used_bytes, memory_budget_bytes=w.memory_budget_bytes,
-            has_gpu=w.has_gpu, models=[_held(m) for m in w.models]) for w in resources.workers])
+            has_gpu=w.has_gpu, models=[_held(m) for m in w.models],
+            gpu_memory_used_bytes=w.gpu_memory_used_bytes, gpu_memory_total_bytes=w.gpu_memory_total_bytes,
+        ) for w in resources.workers])

@@ -48,6 +48,7 @@ def worker_views(pool: WorkerPool) -> list[WorkerView]:
             address=worker.address, worker_id=worker.worker_id or info.worker_id, healthy=worker.healthy,
             draining=info.draining, memory_used_bytes=info.memory_used_bytes,
             memory_budget_bytes=info.memory_budget_bytes, has_gpu=info.has_gpu,
+            gpu_memory_used_bytes=info.gpu_memory_used_bytes, gpu_memory_total_bytes=info.gpu_memory_total_bytes,
             models=[held_model(m) for m in info.models],
             failed=[FailedHere(asset_id=f.asset_id, reason=f.reason, stage=f.stage)
                     for f in info.failed_models]))

@@ -171,6 +171,9 @@ def worker_info(state: WorkerState) -> worker_pb2.WorkerInfo:
         failed_models=[failed_model(f) for f in state.failed_models],
         seq=state.seq,
         draining=state.draining,
+        has_gpu=state.gpu.present,
+        gpu_memory_used_bytes=state.gpu.used_bytes,
+        gpu_memory_total_bytes=state.gpu.total_bytes,
     )
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from services.common.asset_proto import AssetRecord
 from services.common.errors import ModelNotReady, NotFound
 from services.worker.admission import ModelSlots
+from services.worker.gpu import NO_GPU, GpuMemory
 from services.worker.models import Capabilities, HostedModel
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class WorkerState:
     failed_models: tuple[FailedModelInfo, ...] = ()
     seq: int = 0
     draining: bool = False
+    gpu: GpuMemory = NO_GPU
 
 
 @dataclass

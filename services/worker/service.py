@@ -16,6 +16,7 @@ from services.common.events import EventBus
 from services.common.modelstore.store import ModelStore
 from services.worker.admission import Intake, shutting_down, wait_s
 from services.worker.failures import FailedModels
+from services.worker.gpu import gpu_memory
 from services.worker.holdings import (
     MIB,
     HeldModel,
@@ -129,6 +130,7 @@ class ModelHost:
             failed_models=self._failures.all(),
             seq=self._seq,
             draining=self._intake.draining,
+            gpu=gpu_memory(),
         )
 
     async def load(self, record: AssetRecord) -> LoadedModelInfo:

@@ -462,6 +462,8 @@ class WorkerResources(_message.Message):
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     HAS_GPU_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     address: _builtins.str
     healthy: _builtins.bool
@@ -469,6 +471,9 @@ class WorkerResources(_message.Message):
     memory_used_bytes: _builtins.int
     memory_budget_bytes: _builtins.int
     has_gpu: _builtins.bool
+    gpu_memory_used_bytes: _builtins.int
+    """VRAM in use and in all on the worker's GPUs, in bytes (0 without one)."""
+    gpu_memory_total_bytes: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldModel]: ...
     def __init__(
@@ -482,10 +487,12 @@ class WorkerResources(_message.Message):
         memory_budget_bytes: _builtins.int = ...,
         has_gpu: _builtins.bool = ...,
         models: _abc.Iterable[Global___HeldModel] | None = ...,
+        gpu_memory_used_bytes: _builtins.int = ...,
+        gpu_memory_total_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "has_gpu", b"has_gpu", "healthy", b"healthy", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "models", b"models", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "gpu_memory_total_bytes", b"gpu_memory_total_bytes", "gpu_memory_used_bytes", b"gpu_memory_used_bytes", "has_gpu", b"has_gpu", "healthy", b"healthy", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "models", b"models", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

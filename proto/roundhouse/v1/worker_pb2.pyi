@@ -215,6 +215,8 @@ class WorkerInfo(_message.Message):
     FAILED_MODELS_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable id of the worker process."""
     address: _builtins.str
@@ -232,6 +234,10 @@ class WorkerInfo(_message.Message):
     """
     draining: _builtins.bool
     """The worker is draining before it stops: it finishes what runs and takes no new work."""
+    gpu_memory_used_bytes: _builtins.int
+    """Memory in use on its GPUs (every process, as the driver counts it), in bytes; 0 without one."""
+    gpu_memory_total_bytes: _builtins.int
+    """Memory of its GPUs, in bytes; 0 without one."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadedModel]:
         """The models it holds."""
@@ -257,10 +263,12 @@ class WorkerInfo(_message.Message):
         failed_models: _abc.Iterable[Global___FailedModel] | None = ...,
         seq: _builtins.int = ...,
         draining: _builtins.bool = ...,
+        gpu_memory_used_bytes: _builtins.int = ...,
+        gpu_memory_total_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "failed_models", b"failed_models", "has_gpu", b"has_gpu", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "models", b"models", "seq", b"seq", "started_at", b"started_at", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "failed_models", b"failed_models", "gpu_memory_total_bytes", b"gpu_memory_total_bytes", "gpu_memory_used_bytes", b"gpu_memory_used_bytes", "has_gpu", b"has_gpu", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "models", b"models", "seq", b"seq", "started_at", b"started_at", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -146,6 +146,9 @@ class WorkerResourcesView(BaseModel):
     memory_budget_bytes: int
     has_gpu: bool
     models: list[HeldModelView]
+    gpu_memory_used_bytes: int
+    """VRAM in use on the worker's GPUs (0 without one)."""
+    gpu_memory_total_bytes: int
 
 
 class ResourcesView(BaseModel):
@@ -234,6 +237,8 @@ async def resources(request: Request) -> dict[str, Any]:
         "workers": [{"worker_id": w.worker_id, "address": w.address, "healthy": w.healthy,
                      "draining": w.draining, "memory_used_bytes": w.memory_used_bytes,
                      "memory_budget_bytes": w.memory_budget_bytes, "has_gpu": w.has_gpu,
+                     "gpu_memory_used_bytes": w.gpu_memory_used_bytes,
+                     "gpu_memory_total_bytes": w.gpu_memory_total_bytes,
                      "models": [vars(m) for m in w.models]} for w in found.workers]}
 
 

@@ -54,6 +54,8 @@ class WorkerView:
     memory_budget_bytes: int
     has_gpu: bool
     models: list[HeldModel] = field(default_factory=list)
+    gpu_memory_used_bytes: int = 0
+    gpu_memory_total_bytes: int = 0
     failed: list[FailedHere] = field(default_factory=list)
 
 
@@ -147,6 +149,9 @@ class WorkerResources:
     memory_budget_bytes: int
     has_gpu: bool
     models: list[HeldModel]
+    gpu_memory_used_bytes: int = 0
+    """VRAM in use on the worker's GPUs (0 without one)."""
+    gpu_memory_total_bytes: int = 0
 
 
 @dataclass(frozen=True)

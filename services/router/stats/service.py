@@ -118,7 +118,8 @@ class AdminStats:
         workers = [WorkerResources(
             worker_id=w.worker_id, address=w.address, healthy=w.healthy, draining=w.draining,
             memory_used_bytes=w.memory_used_bytes, memory_budget_bytes=w.memory_budget_bytes,
-            has_gpu=w.has_gpu, models=list(w.models)) for w in self._workers()]
+            has_gpu=w.has_gpu, models=list(w.models), gpu_memory_used_bytes=w.gpu_memory_used_bytes,
+            gpu_memory_total_bytes=w.gpu_memory_total_bytes) for w in self._workers()]
         return Resources(store=store, workers=workers)
 
     async def usage_series(self, window_s: int, bucket_s: int, by: SeriesBy) -> list[SeriesPoint]:
