@@ -24,6 +24,7 @@ class Drain:
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self._began_at: float | None = None
+        self._begun = asyncio.Event()
 
     @classmethod
     def from_settings(cls, settings: CommonSettings) -> Drain:
@@ -39,6 +40,12 @@ class Drain:
         """Begin the drain now (later calls change nothing)."""
         if self._began_at is None:
             self._began_at = time.monotonic()
+            self._begun.set()
+
+    async def wait_begun(self) -> None:
+        """Return once the drain has begun (streams that never end by themselves, like event
+        feeds, wait on this to close)."""
+        await self._begun.wait()
 
     def remaining_s(self) -> float:
         """Seconds left for the work in flight: all of `timeout_s` before the drain begins."""
