@@ -359,3 +359,17 @@ async def test_json_nested_deeper_than_any_parser_goes_is_a_400_at_the_http_door
         reply = await http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert reply.status_code == 400, reply.text[:300]
     await still_serves(stack)
+
+
+@pytest.mark.parametrize("request_id", ["réq-1", "a\nb", "with space"])
+async def test_a_request_id_that_cannot_travel_as_metadata_is_still_served(stack: Stack, request_id: str) -> None:
+    # The id is the caller's to choose; one that is no valid header value is not passed on to the
+    # worker as metadata (it would make the call fail), and the request is answered all the same.
+    request = embed()
+    request.request_id = request_id
+    reply = await stack.inference.Embed(request, timeout=60)
+    assert len(reply.embeddings) == 1
+    chat = inference_pb2.ChatRequest(model=TINY_CHAT, request_id=request_id, max_tokens=2,
+                                     messages=[inference_pb2.ChatMessage(role="user", content="hi")])
+    chunks = [chunk async for chunk in stack.inference.Chat(chat, timeout=60)]
+    assert chunks[-1].finish_reason

@@ -9,9 +9,11 @@ runs each call in a server span joined to the caller's trace, as part of its req
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -239,21 +241,13 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = tuple(handler_call_details.invocation_metadata or ())
         name = method.lstrip("/")
-        tracer_ = self._tracer
+        server_span = functools.partial(self._server_span, metadata, name)
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                token = otel_context.attach(context_from(metadata))
-                try:
-                    with request_id_scope(request_id_from(metadata)), tracer_.start_as_current_span(
-                            name, kind=SpanKind.SERVER, attributes=_rpc_attributes(name)) as span:
-                        try:
-                            return await inner_uu(request, context)  # type: ignore[arg-type]
-                        finally:
-                            _end_status(span, context)
-                finally:
-                    otel_context.detach(token)
+                with server_span(context):
+                    return await inner_uu(request, context)  # type: ignore[arg-type]
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer)
@@ -261,21 +255,29 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                token = otel_context.attach(context_from(metadata))
-                try:
-                    with request_id_scope(request_id_from(metadata)), tracer_.start_as_current_span(
-                            name, kind=SpanKind.SERVER, attributes=_rpc_attributes(name)) as span:
-                        try:
-                            async for item in inner_us(request, context):  # type: ignore[attr-defined,arg-type]
-                                yield item
-                        finally:
-                            _end_status(span, context)
-                finally:
-                    otel_context.detach(token)
+                with server_span(context):
+                    async for item in inner_us(request, context):  # type: ignore[attr-defined,arg-type]
+                        yield item
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer)
         return handler
+
+    @contextlib.contextmanager
+    def _server_span(self, metadata: tuple[Any, ...], name: str,
+                     context: grpc.aio.ServicerContext) -> Iterator[None]:
+        """The call's server span, current, in the caller's trace and request scope; marked
+        failed when the call ends with a status other than OK."""
+        token = otel_context.attach(context_from(metadata))
+        try:
+            with request_id_scope(request_id_from(metadata)), self._tracer.start_as_current_span(
+                    name, kind=SpanKind.SERVER, attributes=_rpc_attributes(name)) as span:
+                try:
+                    yield
+                finally:
+                    _end_status(span, context)
+        finally:
+            otel_context.detach(token)
 
 
 def _rpc_attributes(name: str) -> dict[str, str]:

@@ -37,3 +37,4 @@ class MetricsServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+            self.port = 0

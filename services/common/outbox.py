@@ -138,6 +138,10 @@ class OutboxRelay:
                 return total
 
     async def _relay_batch(self) -> tuple[int, EventPublishError | None]:
+        """Publish one batch and stamp it; its events are counted once the stamps commit (a
+        batch whose commit fails goes out again, and is counted then)."""
+        published: list[str] = []
+        failure: EventPublishError | None = None
         async with self._sessionmaker() as session, session.begin():
             rows = (
                 await session.scalars(
@@ -148,7 +152,6 @@ class OutboxRelay:
                     .with_for_update(skip_locked=True)
                 )
             ).all()
-            published = 0
             for row in rows:
                 trace = {"traceparent": row.trace_context, tracing.REQUEST_ID_KEY: row.request_id}
                 try:
@@ -156,12 +159,14 @@ class OutboxRelay:
                                                 trace=trace)
                 except EventPublishError as exc:
                     row.attempts += 1
-                    return published, exc
+                    failure = exc
+                    break
                 row.published_at = datetime.now(UTC)
-                published += 1
-                if self._metrics is not None:
-                    self._metrics.published.labels(event_type_of(row.subject)).inc()
-            return published, None
+                published.append(row.subject)
+        if self._metrics is not None:
+            for subject in published:
+                self._metrics.published.labels(event_type_of(subject)).inc()
+        return len(published), failure
 
     async def _measure_backlog(self) -> None:
         if self._metrics is None:

@@ -100,23 +100,36 @@ def setup_telemetry(
 def _otlp_exporters(tracer_provider: TracerProvider,
                     readers: list[PeriodicExportingMetricReader]) -> bool:
     """Add the OTLP span exporter and metric reader the `OTEL_*` variables ask for; whether
-    spans are exported. The exporters read their endpoint, headers and timeouts themselves."""
+    spans are exported. `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER` are lists (`otlp`,
+    `console`, `none`); unset, `otlp` when an endpoint is set. OTLP goes over HTTP/protobuf (the
+    exporters read their endpoint, headers and timeouts themselves); `OTEL_EXPORTER_OTLP_PROTOCOL`
+    other than `http/protobuf` is refused at start rather than silently not honoured."""
     env = os.environ
     if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return False
     endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    traces = env.get("OTEL_TRACES_EXPORTER", "otlp" if endpoint or env.get(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") else "none")
-    metrics_exporter = env.get("OTEL_METRICS_EXPORTER", "otlp" if endpoint or env.get(
-        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") else "none")
-    if metrics_exporter == "otlp":
+
+    def chosen(variable: str, signal_endpoint: str) -> set[str]:
+        default = "otlp" if endpoint or env.get(signal_endpoint) else "none"
+        return {part.strip() for part in env.get(variable, default).split(",") if part.strip()}
+
+    traces = chosen("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    metric_exporters = chosen("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+    if "otlp" in traces | metric_exporters:
+        protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        if protocol != "http/protobuf":
+            raise RuntimeError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}: only http/protobuf is supported")
+    if "otlp" in metric_exporters:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-    if traces == "otlp":
+    if "console" in metric_exporters:
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr)))
+    if "console" in traces:
+        tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+    if "otlp" in traces:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        return True
-    return False
+    return bool(traces & {"otlp", "console"})
 
 
 def configure_logging(

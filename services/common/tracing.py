@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -23,6 +24,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 
+from services.common.inference_requests import MAX_REQUEST_ID_CHARS
+
 REQUEST_ID_KEY = "x-request-id"
 """Header and metadata key of the request id (HTTP, gRPC and NATS alike)."""
 TRACE_KEYS = ("traceparent", "tracestate")
@@ -30,6 +33,18 @@ GENAI_OPT_IN = "gen_ai_latest_experimental"
 """The `OTEL_SEMCONV_STABILITY_OPT_IN` value that turns the GenAI metric names on."""
 
 _request_id: ContextVar[str] = ContextVar("roundhouse_request_id", default="")
+_SANE_REQUEST_ID = re.compile(rf"^[A-Za-z0-9._:/+=@-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
+"""A request id that may travel as a header or metadata value and be logged as it is."""
+
+
+def sane_request_id(value: str | None) -> bool:
+    """Whether `value` may travel as a request id: short, printable ASCII, no spaces."""
+    return bool(value) and _SANE_REQUEST_ID.match(value or "") is not None
+
+
+def accept_request_id(value: str | None) -> str:
+    """The caller's request id when it is sane (see `sane_request_id`); else a new one."""
+    return value if value and sane_request_id(value) else os.urandom(16).hex()
 
 
 def tracer(name: str) -> trace.Tracer:
@@ -51,8 +66,9 @@ def current_request_id() -> str:
 
 @contextmanager
 def request_id_scope(request_id: str) -> Iterator[None]:
-    """Run the block as part of request `request_id` (log records name it, calls carry it)."""
-    token = _request_id.set(request_id)
+    """Run the block as part of request `request_id` (log records name it, calls carry it); an
+    id that is not sane (see `sane_request_id`) is left out."""
+    token = _request_id.set(request_id if sane_request_id(request_id) else "")
     try:
         yield
     finally:
@@ -120,6 +136,7 @@ class RequestIdLogFilter(logging.Filter):
     """Adds `request_tag` to every record: ` [request <id>]` inside a request, else empty."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Tag the record (never drops one)."""
         request_id = _request_id.get()
         record.request_tag = f" [request {request_id}]" if request_id else ""
         return True

@@ -8,7 +8,7 @@ import grpc
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc
 from services.common.keys import KeyRecord
-from services.common.tracing import current_request_id, request_id_scope
+from services.common.tracing import accept_request_id, current_request_id, request_id_scope
 from services.router.gateway import Gateway
 from services.router.keys import KeyAuthenticator, credential_from
 
@@ -41,7 +41,7 @@ class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.ChatChunk]:
-        with request_id_scope(request.request_id or current_request_id()):
+        with request_id_scope(accept_request_id(request.request_id or current_request_id())):
             key = await self._key(context)
             stream = self._gateway.chat(request, timeout=context.time_remaining(), key=key)
             try:
@@ -53,6 +53,6 @@ class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        with request_id_scope(request.request_id or current_request_id()):
+        with request_id_scope(accept_request_id(request.request_id or current_request_id())):
             key = await self._key(context)
             return await self._gateway.embed(request, timeout=context.time_remaining(), key=key)

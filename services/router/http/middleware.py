@@ -8,8 +8,6 @@ pass through untouched and the client's disconnect still reaches the endpoint.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import time
 from collections.abc import MutableMapping
 from typing import Any
@@ -21,8 +19,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.drain import Drain
-from services.common.inference_requests import MAX_REQUEST_ID_CHARS
-from services.common.tracing import context_from, request_id_scope, tracer
+from services.common.tracing import accept_request_id, context_from, request_id_scope, tracer
 from services.router.http.errors import HTTPProblem, error_response
 from services.router.http.metrics import HttpMetrics
 from services.router.http.ratelimit import ratelimit_headers
@@ -33,15 +30,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 ALWAYS_SERVED = frozenset({"/healthz", "/readyz", "/metrics"})
 """Paths served while the router drains: the probes and the metrics."""
-_SANE_REQUEST_ID = re.compile(rf"^[A-Za-z0-9._:/+=@-]{{1,{MAX_REQUEST_ID_CHARS}}}$")
 _tracer = tracer(__name__)
-
-
-def accept_request_id(value: str | None) -> str:
-    """The client's request id when it is sane (short, printable, no spaces); else a new one."""
-    if value and _SANE_REQUEST_ID.match(value):
-        return value
-    return os.urandom(16).hex()
 
 
 def _front_span(scope: Scope, headers: Headers) -> Span:
