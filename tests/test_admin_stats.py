@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import httpx
 import openai
@@ -22,7 +23,8 @@ from stack_harness import TINY_CHAT, TINY_EMBED, Stack, not_installed, running_s
 from roundhouse.v1 import admin_pb2, admin_pb2_grpc, registry_pb2, worker_pb2
 from services.cli.stats import show_stats
 from services.common.asset_proto import AssetRecord, spec_to_proto
-from services.common.route_proto import Stored
+from services.common.registry_reads import list_all_assets
+from services.common.route_proto import Stored, stored_from_proto
 from services.router.admission import Admission
 from services.router.stats import AdminStats, FailedHere, WorkerView
 
@@ -231,6 +233,49 @@ async def test_roundhouse_stats_prints_the_model_table(
     assert rows[TINY_CHAT][1:6] == ["loaded", "transformers", "4", "1", "25.0"]
     assert rows[DISABLED][1:4] == ["disabled", "transformers", "0"] and rows[DISABLED][6] == "-"
     assert TINY_EMBED not in rows
+
+
+async def test_a_listing_of_states_only_leaves_the_ledger_alone(
+    stack: Stack, own_db: str, traffic: None
+) -> None:
+    """What the UI's models page asks: states without figures, so no ledger flush and no
+    percentile query for each live event."""
+    flushes = 0
+
+    async def flush() -> None:
+        nonlocal flushes
+        flushes += 1
+
+    async def assets() -> list[Stored]:
+        return [stored_from_proto(a) for a in await list_all_assets(stack.registry.stub, timeout_s=10)]
+
+    async def no_store() -> None:
+        return None
+
+    pool = await asyncpg.create_pool(own_db, min_size=0, max_size=2)
+    try:
+        found = AdminStats(assets=assets, workers=lambda: [], gates=Admission().stats, storage=no_store,
+                           pool=pool, flush=flush)
+        states = {m.asset_id: m for m in await found.models(figures=False)}
+        assert flushes == 0 and states[TINY_CHAT].figures.requests == 0
+        assert states[DISABLED].state == "disabled"
+        figures = {m.asset_id: m for m in await found.models()}
+        assert flushes == 1 and figures[TINY_CHAT].figures.requests == 4
+    finally:
+        await pool.close()
+
+
+async def test_the_summary_counts_a_request_made_just_before(admin: httpx.AsyncClient, stack: Stack,
+                                                              user_key: str, traffic: None) -> None:
+    # Last of the module's tests on the stack: the others count the `traffic` fixture's requests.
+    before = (await admin.get("/stats/summary")).json()["requests"]["requests"]
+    async with openai.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key=user_key, max_retries=0,
+                                  timeout=60) as client:
+        await client.chat.completions.create(
+            model=TINY_CHAT, messages=[{"role": "user", "content": "hello"}], max_tokens=1)
+    reply = await admin.get("/stats/summary")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["requests"]["requests"] == before + 1
 
 
 async def test_a_failed_or_loading_model_says_so(sources: Path) -> None:

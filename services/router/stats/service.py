@@ -77,16 +77,17 @@ class AdminStats:
         self._pool, self._flush = pool, flush
 
     async def models(self, *, runtime: str = "", capability: str = "", state: str = "",
-                     interface: str = "", window_s: int = 3600) -> list[ModelStats]:
+                     interface: str = "", window_s: int = 3600, figures: bool = True) -> list[ModelStats]:
         """Every model matching the filters ('' matches all), by asset id, with its figures over
-        the last `window_s` seconds."""
-        figures = await self._figures(window_s)
+        the last `window_s` seconds; with `figures` false, empty figures and no ledger read (for
+        views that show only states)."""
+        by_model = await self._figures(window_s) if figures else {}
         workers = self._workers()
         found = []
         for record in await self._assets():
             if not isinstance(record, AssetRecord):
                 continue
-            stats = self._model(record, workers, figures.get(record.spec.asset_id, RequestFigures()))
+            stats = self._model(record, workers, by_model.get(record.spec.asset_id, RequestFigures()))
             if ((not runtime or stats.runtime == runtime) and (not state or stats.state == state)
                     and (not capability or capability in stats.capabilities)
                     and (not interface or interface in stats.interfaces)):
@@ -96,9 +97,10 @@ class AdminStats:
     async def summary(self, window_s: int = 3600) -> Summary:
         """Models counted by runtime, capability, state and interface; every request over the
         last `window_s` seconds (those that reached no model too)."""
-        models = await self.models(window_s=window_s)
+        models = await self.models(window_s=window_s, figures=False)
         totals = RequestFigures()
         if self._pool is not None:
+            await self._flushed()
             totals = await ledger.total_figures(self._pool, _since(window_s))
         return Summary(
             window_s=window_s, models=len(models),

@@ -11,6 +11,7 @@ from services.common.drain import Drain
 from services.router.keys import KeyAuthenticator
 from services.router.ui.actions import ModelActions
 from services.router.ui.feed import EventFeed
+from services.router.ui.freshness import PictureRefresh
 from services.router.ui.pages import AdminUi, install_ui
 from services.router.ui.session import UiSessions
 from services.router.ui.views import template_environment
@@ -28,5 +29,7 @@ def admin_ui(
     figures and live events come from the app's `stats` and `bus` (see `create_app`), and the
     feed ends when `drain` begins."""
     templates = template_environment()
+    pictures = PictureRefresh()
     return AdminUi(sessions=UiSessions(authenticator), actions=ModelActions(jobs, registry),
-                   feed=EventFeed(templates, drain), shadow=shadow, templates=templates)
+                   feed=EventFeed(templates, drain, pictures), pictures=pictures, shadow=shadow,
+                   templates=templates)

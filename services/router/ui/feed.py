@@ -5,8 +5,12 @@ the event's kind (`model`, `job`, `worker`, `asset`, `key`: what a page fragment
 and whose `data:` is the event as one line of the live event log, already rendered as HTML. The
 feed is live only (a page that opens it re-fetches its fragments once, so nothing that happened
 before is missed); `GET /admin/v1/events` is the resumable feed for API clients. A comment goes
-out every `heartbeat_s` so proxies keep the connection open, and the feed ends when the client
-goes away or the router begins to drain.
+out every `heartbeat_s` so proxies keep the connection open.
+
+The feed lasts as long as its session: it ends at once on logout, when a `key.revoked` event
+names the session's key, and at the first heartbeat or key event after the session is otherwise
+over (its key expired or refused, idle). It also ends when the client goes away or the router
+begins to drain.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import UTC
 
+import anyio
+import nats.errors
 from google.protobuf import json_format
 from jinja2 import Environment
 
@@ -23,11 +29,12 @@ from roundhouse.v1 import events_pb2
 from services.common.drain import Drain
 from services.common.events import ALL_EVENTS, EventBus
 from services.common.operation_names import type_name
+from services.router.ui.freshness import PictureRefresh
+from services.router.ui.session import UiSession, UiSessions
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 15.0
-DRAIN_CHECK_S = 1.0
 MAX_PENDING = 1000
 RESYNC = "resync"
 """Sent instead of the events a slow client missed: the page re-fetches everything."""
@@ -61,9 +68,13 @@ def event_subject(event: events_pb2.Event) -> str:
 class EventFeed:
     """Turns the bus's events into the UI's SSE messages (see the module docstring)."""
 
-    def __init__(self, templates: Environment, drain: Drain, *, heartbeat_s: float = HEARTBEAT_S) -> None:
+    def __init__(self, templates: Environment, drain: Drain, pictures: PictureRefresh, *,
+                 heartbeat_s: float = HEARTBEAT_S) -> None:
+        """`pictures` hears of every event but a key's (and of every feed opened): the views
+        refresh what they show after it."""
         self._line = templates.get_template("_event.html")
         self._drain = drain
+        self._pictures = pictures
         self._heartbeat_s = heartbeat_s
 
     def render(self, event: events_pb2.Event) -> str:
@@ -74,12 +85,14 @@ class EventFeed:
         data = " ".join(html.split())  # one `data:` line: newlines would split the message
         return f"event: {event_kind(event)}\ndata: {data}\n\n"
 
-    async def stream(self, bus: EventBus | None) -> AsyncIterator[str]:
-        """SSE messages of `bus`'s events (none without a bus) until the router drains (the
-        server cancels it when the client leaves)."""
+    async def stream(self, bus: EventBus | None, session: UiSession, sessions: UiSessions) -> AsyncIterator[str]:
+        """SSE messages of `bus`'s events (none without a bus) while `session` lasts and the
+        router does not drain (the server cancels it when the client leaves)."""
         pending: asyncio.Queue[events_pb2.Event | None] = asyncio.Queue(MAX_PENDING)
 
         async def keep(event: events_pb2.Event) -> None:
+            if event_kind(event) != "key":
+                self._pictures.changed()
             try:
                 pending.put_nowait(event)
             except asyncio.QueueFull:
@@ -89,19 +102,50 @@ class EventFeed:
                 pending.put_nowait(None)
 
         subscription = await bus.subscribe(ALL_EVENTS, keep) if bus is not None else None
+        self._pictures.changed()  # the page re-fetches its fragments once the feed is open
+        ends = [asyncio.ensure_future(self._drain.wait_begun()), asyncio.ensure_future(session.closed.wait())]
+        next_event: asyncio.Future[events_pb2.Event | None] | None = None
+        loop = asyncio.get_running_loop()
         try:
             yield ": connected\n\n"
-            since_beat = 0.0
-            while not self._drain.draining:
-                try:
-                    event = await asyncio.wait_for(pending.get(), DRAIN_CHECK_S)
-                except TimeoutError:
-                    since_beat += DRAIN_CHECK_S
-                    if since_beat >= self._heartbeat_s:
-                        since_beat = 0.0
-                        yield ": heartbeat\n\n"
+            beat_at = loop.time() + self._heartbeat_s
+            while True:
+                next_event = next_event or asyncio.ensure_future(pending.get())
+                await asyncio.wait([next_event, *ends], timeout=max(0.0, beat_at - loop.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if any(end.done() for end in ends):
+                    return
+                if next_event.done():
+                    event = next_event.result()
+                    next_event = None
+                    if event is None:
+                        yield f"event: {RESYNC}\ndata: {RESYNC}\n\n"
+                        continue
+                    if event_kind(event) == "key" and not await _outlives(event, session, sessions):
+                        return
+                    yield self.render(event)
                     continue
-                yield self.render(event) if event is not None else f"event: {RESYNC}\ndata: {RESYNC}\n\n"
+                beat_at = loop.time() + self._heartbeat_s
+                if not await sessions.still_open(session):
+                    return
+                yield ": heartbeat\n\n"
         finally:
+            for task in (*ends, next_event):
+                if task is not None:
+                    task.cancel()
             if subscription is not None:
-                await subscription.unsubscribe()
+                # Shielded: a client that went away cancels this feed, and its subscription must still go.
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await subscription.unsubscribe()
+                    except nats.errors.Error as exc:  # the connection is closing: the subscription goes with it
+                        log.debug("admin UI feed: unsubscribe failed: %r", exc)
+
+
+async def _outlives(event: events_pb2.Event, session: UiSession, sessions: UiSessions) -> bool:
+    """Whether `session` is still signed in after the key event `event`; a revocation of its
+    own key closes it at once (the key cache may not have heard of it yet)."""
+    if event.type == "key.revoked" and session.key is not None and event.key_name == session.key.name:
+        sessions.close(session)
+        return False
+    return await sessions.still_open(session)

@@ -9,7 +9,9 @@ Every POST but the login needs the session's CSRF token as well. The API key mid
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from html import escape
 from typing import Annotated, Any
@@ -27,6 +29,8 @@ from services.router.stats import SeriesBy
 from services.router.ui import views
 from services.router.ui.actions import OPERATIONS, ModelActions
 from services.router.ui.feed import EventFeed
+from services.router.ui.freshness import PictureRefresh
+from services.router.ui.security import UiHeadersMiddleware
 from services.router.ui.session import (
     LOGIN_COOKIE,
     SESSION_COOKIE,
@@ -36,6 +40,7 @@ from services.router.ui.session import (
     check_csrf,
     csrf_matches,
     form_of,
+    not_signed_in,
     set_cookie,
 )
 
@@ -56,6 +61,8 @@ class AdminUi:
     sessions: UiSessions
     actions: ModelActions
     feed: EventFeed
+    pictures: PictureRefresh
+    """The workers' pictures and the catalog's snapshot, refreshed after the feed's events."""
     shadow: Any
     """`shadow(route_id)`: the route's shadow summaries (`ShadowTraffic.summary`)."""
     templates: Any
@@ -143,12 +150,14 @@ async def logout(request: Request, signed_in: Acting) -> RedirectResponse:
 @router.get("/models")
 async def models_page(request: Request, signed_in: SignedIn) -> HTMLResponse:
     """Language and embedding models, their state and buttons."""
+    _ui(request).pictures.changed()  # a page loaded in full is current; its fragments follow the feed
     return _page(request, signed_in, "models", await _models(request))
 
 
 @router.get("/workers")
 async def workers_page(request: Request, signed_in: SignedIn) -> HTMLResponse:
     """Workers with their memory bars, and the model store."""
+    _ui(request).pictures.changed()
     return _page(request, signed_in, "workers", await _workers(request))
 
 
@@ -161,8 +170,7 @@ async def routes_page(request: Request, signed_in: SignedIn) -> HTMLResponse:
 @router.get("/operations")
 async def operations_page(request: Request, signed_in: SignedIn) -> HTMLResponse:
     """Recent operations, newest first."""
-    return _page(request, signed_in, "operations",
-                 {"operations": await views.recent_operations(request.app.state.jobs)})
+    return _page(request, signed_in, "operations", await _operations(request))
 
 
 @router.get("/usage")
@@ -188,18 +196,10 @@ async def events_page(request: Request, signed_in: SignedIn) -> HTMLResponse:
 async def fragment(request: Request, name: str, _: SignedIn, by: SeriesBy = "model",
                    window: Window = "1h") -> HTMLResponse:
     """One page's live part, re-fetched when the feed reports a change."""
-    if name == "models":
-        values = await _models(request)
-    elif name == "workers":
-        values = await _workers(request)
-    elif name == "routes":
-        values = await _routes(request)
-    elif name == "operations":
-        values = {"operations": await views.recent_operations(request.app.state.jobs)}
-    elif name == "usage":
+    if name == "usage":
         values = await views.usage_view(stats_of(request), by, window)
-    elif name == "keys":
-        values = await _keys(request)
+    elif name in FRAGMENTS:
+        values = await FRAGMENTS[name](request)
     else:
         return HTMLResponse("", status_code=404)
     return _html(request, f"_{name}.html", **values)
@@ -243,24 +243,32 @@ async def revoke_key(request: Request, name: KeyName, _: Acting) -> HTMLResponse
 
 
 @router.get("/events/feed")
-async def event_feed(request: Request, _: SignedIn) -> StreamingResponse:
-    """The live feed (server-sent events) the pages listen to; see `feed`."""
-    return StreamingResponse(_ui(request).feed.stream(request.app.state.bus), media_type="text/event-stream",
+async def event_feed(request: Request, signed_in: SignedIn) -> StreamingResponse:
+    """The live feed (server-sent events) the pages listen to while the session lasts; see `feed`."""
+    ui = _ui(request)
+    return StreamingResponse(ui.feed.stream(request.app.state.bus, signed_in, ui.sessions),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-async def _models(request: Request) -> dict[str, Any]:
+async def _fresh_pictures(request: Request) -> None:
+    # What the statistics read may be a refresh behind the feed's latest event (`PictureRefresh`).
     gateway = request.app.state.gateway
-    # The state the event just reported: the workers' pictures and the catalog's snapshot (which
-    # the statistics read) may be a refresh behind it.
-    await gateway.workers.refresh()
-    await gateway.catalog.list()
+    await _ui(request).pictures.current(lambda: asyncio.gather(gateway.workers.refresh(), gateway.catalog.list()))
+
+
+async def _models(request: Request) -> dict[str, Any]:
+    await _fresh_pictures(request)
     return await views.models_view(stats_of(request), request.app.state.jobs)
 
 
 async def _workers(request: Request) -> dict[str, Any]:
-    await request.app.state.gateway.workers.refresh()
+    await _fresh_pictures(request)
     return views.workers_view(await stats_of(request).resources())
+
+
+async def _operations(request: Request) -> dict[str, Any]:
+    return {"operations": await views.recent_operations(request.app.state.jobs)}
 
 
 async def _routes(request: Request) -> dict[str, Any]:
@@ -271,6 +279,10 @@ async def _keys(request: Request) -> dict[str, Any]:
     return await views.keys_view(_store(request), request.app.state.gateway.usage)
 
 
+FRAGMENTS: dict[str, Callable[[Request], Awaitable[dict[str, Any]]]] = {  # all but usage (see `fragment`)
+    "models": _models, "workers": _workers, "routes": _routes, "operations": _operations, "keys": _keys}
+
+
 def _store(request: Request) -> KeyStore:
     store: KeyStore | None = request.app.state.key_store
     if store is None:
@@ -278,16 +290,11 @@ def _store(request: Request) -> KeyStore:
     return store
 
 
-async def _not_signed_in(request: Request, _: Exception) -> Response:
-    if request.method == "GET" and "hx-request" not in request.headers and not request.url.path.startswith(
-            ("/ui/fragments", "/ui/events/feed")):
-        return RedirectResponse("/ui/login", status_code=303)
-    return HTMLResponse("<p>Not signed in.</p>", status_code=403, headers={"HX-Redirect": "/ui/login"})
-
-
 def install_ui(app: FastAPI, ui: AdminUi) -> None:
-    """Serve the admin UI on `app` under `/ui` (pages, fragments, actions, feed, static files)."""
+    """Serve the admin UI on `app` under `/ui` (pages, fragments, actions, feed, static files),
+    every response with the headers of `security`."""
     app.state.admin_ui = ui
     app.include_router(router)
+    app.add_middleware(UiHeadersMiddleware)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
-    app.add_exception_handler(NotSignedIn, _not_signed_in)
+    app.add_exception_handler(NotSignedIn, not_signed_in)

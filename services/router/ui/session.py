@@ -6,7 +6,12 @@ CSRF token of its own. Every request re-authenticates that secret through the ro
 `KeyAuthenticator` (its short cache and revocation events included), so a session ends as soon
 as its key is revoked or expires, and the cookie itself carries nothing worth stealing outside
 this process: a router restart, or a second router behind the same address, simply asks for
-the key again. Sessions idle for `idle_s` are forgotten; logging out forgets one at once.
+the key again. Sessions idle for `idle_s` are forgotten; logging out forgets one at once and
+ends its live feed (`UiSession.closed`), and the feed re-checks its session as it goes.
+
+The cookie is `Secure` when the request came over https, as the router sees the request's
+scheme. Behind a proxy that ends TLS, run the router's uvicorn with forwarded headers
+(`--proxy-headers --forwarded-allow-ips=<the proxy>`), or the cookie goes out without `Secure`.
 
 The CSRF token is checked on every POST (the `csrf_token` form field or the `X-CSRF-Token`
 header), with a constant-time comparison. The login form itself carries a one-off token bound to
@@ -15,6 +20,7 @@ a short-lived cookie (double submit), so another site cannot log a browser in wi
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 import time
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from services.common.errors import PermissionDenied, Unauthenticated
 from services.common.keys import KeyRecord
@@ -47,12 +53,15 @@ class NotSignedIn(Exception):
 class UiSession:
     """One signed-in browser."""
 
-    session_id: str
-    secret: str
+    session_id: str = field(repr=False)
+    """The cookie's value."""
+    secret: str = field(repr=False)
     """The admin key's secret, re-checked on every request; empty when keys are not checked."""
-    csrf_token: str
+    csrf_token: str = field(repr=False)
     key: KeyRecord | None
     last_seen: float = field(default=0.0)
+    closed: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+    """Set when the session ends (logout, its key refused, idle): its live feed ends with it."""
 
 
 class UiSessions:
@@ -78,23 +87,33 @@ class UiSessions:
 
     async def current(self, request: Request) -> UiSession:
         """The request's live session; NotSignedIn otherwise."""
-        session_id = request.cookies.get(SESSION_COOKIE, "")
-        session = self._sessions.get(session_id)
-        now = self._clock()
-        if session is None or now - session.last_seen > self._idle_s:
-            self._sessions.pop(session_id, None)
+        session = self._sessions.get(request.cookies.get(SESSION_COOKIE, ""))
+        if session is None or not await self.still_open(session):
             raise NotSignedIn()
+        session.last_seen = self._clock()
+        return session
+
+    async def still_open(self, session: UiSession) -> bool:
+        """Whether `session` is still signed in: not closed, not idle, its key still a usable
+        admin key (checked again now). A session found over is closed."""
+        if self._sessions.get(session.session_id) is not session:
+            session.closed.set()
+            return False
+        if self._clock() - session.last_seen > self._idle_s:
+            self.close(session)
+            return False
         try:
             session.key = await self._verify(session.secret)
         except (Unauthenticated, PermissionDenied):
-            self._sessions.pop(session_id, None)
-            raise NotSignedIn() from None
-        session.last_seen = now
-        return session
+            self.close(session)
+            return False
+        return True
 
     def close(self, session: UiSession) -> None:
-        """Forget the session (logout)."""
-        self._sessions.pop(session.session_id, None)
+        """Forget the session (logout) and end its live feed."""
+        if self._sessions.get(session.session_id) is session:
+            del self._sessions[session.session_id]
+        session.closed.set()
 
     async def _verify(self, secret: str) -> KeyRecord | None:
         if self._authenticator is None:
@@ -105,11 +124,20 @@ class UiSessions:
 
     def _forget_idle(self) -> None:
         now = self._clock()
-        for session_id, session in list(self._sessions.items()):
+        for session in list(self._sessions.values()):
             if now - session.last_seen > self._idle_s:
-                del self._sessions[session_id]
+                self.close(session)
         while len(self._sessions) >= MAX_SESSIONS:  # oldest first: dicts keep insertion order
-            del self._sessions[next(iter(self._sessions))]
+            self.close(next(iter(self._sessions.values())))
+
+
+async def not_signed_in(request: Request, _: Exception) -> Response:
+    """The answer to a request without a session: a page's GET goes to the login form; anything
+    else (fragments, the feed, actions) is refused with 403 and `HX-Redirect` for htmx."""
+    if request.method == "GET" and "hx-request" not in request.headers and not request.url.path.startswith(
+            ("/ui/fragments", "/ui/events/feed")):
+        return RedirectResponse("/ui/login", status_code=303)
+    return HTMLResponse("<p>Not signed in.</p>", status_code=403, headers={"HX-Redirect": "/ui/login"})
 
 
 def csrf_matches(expected: str, given: str | None) -> bool:

@@ -105,7 +105,7 @@ async def recent_operations(jobs: jobs_pb2_grpc.JobsStub) -> list[dict[str, Any]
 async def models_view(stats: AdminStats, jobs: jobs_pb2_grpc.JobsStub) -> dict[str, Any]:
     """The models page: language and embedding models in two groups (others after), and each
     model's latest operation with its progress."""
-    models = await stats.models()
+    models = await stats.models(figures=False)  # the page shows states, not request figures
     groups = []
     placed: set[str] = set()
     for interface, title in GROUPS:
@@ -157,15 +157,17 @@ def routes_view(records: list[Stored], shadow: Callable[[str], list[dict[str, An
 
 
 async def usage_view(stats: AdminStats, by: SeriesBy, window: str) -> dict[str, Any]:
-    """The usage page: one bar chart of requests per bucket for each model (or key)."""
+    """The usage page: one bar chart of requests per bucket for each model (or key), as of now
+    (requests publish no event, so the page shows when it was drawn)."""
     window_s, wanted_bucket = WINDOWS[window]
     bucket_s = series_bucket(window_s, wanted_bucket)
-    since = datetime.now(UTC) - timedelta(seconds=window_s)
+    now = datetime.now(UTC)
+    since = now - timedelta(seconds=window_s)
     points = await stats.usage_series(window_s, bucket_s, by)
     charts: list[UsageChart] = charts_from(
         [(p.group, p.start, p.requests, p.prompt_tokens + p.completion_tokens) for p in points],
         since, bucket_s, math.ceil(window_s / bucket_s))
-    return {"by": by, "window": window, "windows": WINDOW_LABELS,
+    return {"by": by, "window": window, "windows": WINDOW_LABELS, "as_of": human_time(now),
             "window_label": dict(WINDOW_LABELS)[window],
             "bucket_label": BUCKET_LABELS.get(bucket_s, f"{bucket_s} s"),
             "charts": [{"group": c.group, "requests": c.requests, "tokens": c.tokens,
