@@ -4,17 +4,27 @@ events from JetStream, filtered by subject, resumable with `Last-Event-ID`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlencode
 
 import httpx
 import pytest
 from limits_harness import new_key
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_stack, tiny_documents
+from polling import wait_until
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_router, running_stack, tiny_documents
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp
+from starlette.types import Message as AsgiMessage
+
+from services.common.events import STREAM_NAME
+from services.router.http import events_feed
 
 CHAT_EVENTS = f"roundhouse.events.model.*.{TINY_CHAT}"
 EMBED_EVENTS = f"roundhouse.events.model.*.{TINY_EMBED}"
@@ -136,3 +146,67 @@ async def test_the_feed_needs_an_admin_key(stack: Stack, admin: httpx.AsyncClien
         assert (await http.get("/admin/v1/events")).status_code == 401
         user = await http.get("/admin/v1/events", headers={"Authorization": f"Bearer {secret}"})
         assert user.status_code == 403
+
+
+async def test_a_feed_whose_client_left_before_it_began_keeps_no_consumer(stack: Stack) -> None:
+    """A feed's consumer is let go when the client goes away: mid-stream, and also before the
+    response could start (the server fails the first write, as ASGI servers of spec 2.4 do),
+    when no event was ever read."""
+    assert stack.bus is not None
+    subject = f"roundhouse.events.model.*.left-{uuid.uuid4().hex[:8]}"
+    jsm = stack.bus.nc.jsm()
+
+    async def consumers() -> list[Any]:
+        return [c for c in await jsm.consumers_info(STREAM_NAME) if c.config.filter_subject == subject]
+
+    async def delivering() -> int:
+        return len([c for c in await consumers() if c.push_bound])
+
+    async def none_delivering() -> bool:
+        return await delivering() == 0
+
+    async with feed(stack, subject=subject):  # an open feed's consumer delivers...
+        await wait_until(delivering, timeout=READ_TIMEOUT_S, interval=0.05)
+    await wait_until(none_delivering, timeout=READ_TIMEOUT_S, interval=0.05)  # ...until it closes
+
+    starts: list[int] = []
+
+    async def gone() -> AsgiMessage:
+        return {"type": "http.disconnect"}
+
+    async def send(message: AsgiMessage) -> None:
+        if message["type"] == "http.response.start":
+            starts.append(message["status"])
+            raise OSError("the client went away")
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": "/admin/v1/events", "raw_path": b"/admin/v1/events",
+             "root_path": "", "query_string": urlencode({"subject": subject}).encode(),
+             "headers": [(b"host", b"router"), *((k.lower().encode(), v.encode())
+                                                 for k, v in stack.admin_headers.items())],
+             "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 80)}
+    with contextlib.suppress(ClientDisconnect):
+        app = cast(ASGIApp, stack.router.http_server.config.app)
+        await app(scope, gone, send)
+    assert starts == [200]
+
+    async def made() -> bool:
+        return len(await consumers()) == 2
+
+    await wait_until(made, timeout=READ_TIMEOUT_S, interval=0.05)
+    await wait_until(none_delivering, timeout=READ_TIMEOUT_S, interval=0.05)
+
+
+async def test_the_feed_ends_when_the_router_begins_to_drain(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events_feed, "HEARTBEAT_S", 3600.0)  # only the drain can end this quiet feed
+    assert stack.router_settings is not None
+    async with running_router(stack.router_settings, stack.bus) as (router, _), httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{router.http_port}", timeout=READ_TIMEOUT_S) as http, http.stream(
+            "GET", "/admin/v1/events", params={"subject": CHAT_EVENTS}, headers=stack.admin_headers) as response:
+        assert response.status_code == 200
+        await router.grpc_server.begin_drain()
+        async with asyncio.timeout(READ_TIMEOUT_S):  # the body ends: the feed closed
+            async for _ in response.aiter_lines():
+                pass

@@ -4,6 +4,7 @@ install, a load onto a real worker, an unload, a failing install, and one held r
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,7 @@ from stack_harness import running_worker
 
 from roundhouse.v1 import jobs_pb2
 from services.common.modelstore import ModelStore
+from services.jobs.server import build_app
 
 INSTALL, LOAD, UNLOAD = (jobs_pb2.OPERATION_TYPE_INSTALL, jobs_pb2.OPERATION_TYPE_LOAD,
                          jobs_pb2.OPERATION_TYPE_UNLOAD)
@@ -104,8 +106,8 @@ async def test_operations_outbox_and_events_are_counted_and_served(
         assert value(samples, "roundhouse_operations_total", type=type_, status=status) == count
         assert value(samples, "roundhouse_operation_duration_seconds_count",
                      type=type_, status=status) == count
-        assert value(samples, "roundhouse_operation_duration_seconds_sum",
-                     type=type_, status=status) > 0  # type: ignore[operator]
+        assert (value(samples, "roundhouse_operation_duration_seconds_sum", type=type_, status=status)
+                or 0) > 0
     assert value(samples, "roundhouse_operation_duration_seconds_bucket",
                  type="load", status="succeeded", le="0.0005") == 0
     assert value(samples, "roundhouse_operations_in_progress", type="load") == 0
@@ -121,3 +123,19 @@ async def test_no_metrics_port_unless_asked(
 ) -> None:
     async with running_jobs(jobs_settings(db_dsn, nats_url, tmp_path, registry.address)) as jobs:
         assert jobs.app.metrics_port is None
+
+
+async def test_a_metrics_port_already_taken_fails_start_up_before_anything_runs(
+    registry: RunningRegistry, db_dsn: str, nats_url: str, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = jobs_settings(db_dsn, nats_url, tmp_path, registry.address,
+                                 jobs_metrics_port=taken.getsockname()[1])
+        before = asyncio.all_tasks()
+        with pytest.raises(OSError):
+            await build_app(settings)
+    # Nothing was left running: no outbox relay, gauge sampler or liveness watch of its own.
+    left = {t.get_name() for t in asyncio.all_tasks() - before if not t.done()}
+    assert not left & {"outbox-relay", "operations-gauge", "worker-liveness"}, left

@@ -21,6 +21,7 @@ import grpc
 import httpx
 import openai
 import pytest
+from limits_harness import new_key
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 from polling import wait_until
@@ -29,7 +30,11 @@ from prometheus_client.samples import Sample
 from stack_harness import TINY_CHAT, TINY_EMBED, Stack
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc
+from services.common.assetspec import Policy
+from services.common.errors import Overloaded
 from services.common.tracing import RequestIdLogFilter
+from services.router.admission import Admission
+from services.router.metrics import RequestMetrics
 from services.router.server import RouterParts, start_router
 
 M = {"asset_id", "interface", "model_type"}
@@ -215,6 +220,42 @@ async def test_in_flight_and_queued_gauges_show_the_requests_at_the_gate(observe
     assert in_flight and all(set(s.labels) == M for s in in_flight)
     await wait_until(lambda: gate(TINY_CHAT).in_flight == 0, timeout=10)
     assert await gauges() == (0, 0)
+
+
+async def test_waits_that_end_without_a_slot_are_queue_waits_too() -> None:
+    metrics, admission = RequestMetrics(), Admission()
+    metrics.watch(admission)
+    labels = {"asset_id": "busy", "interface": "llm-runtime", "model_type": "transformers"}
+    gate = admission.gate("busy", Policy(max_concurrency=1, max_queue=1, queue_timeout_s=0.2),
+                          interface="llm-runtime", model_type="transformers")
+
+    def waits(figure: str = "count") -> float | None:
+        return metrics.registry.get_sample_value(f"roundhouse_queue_wait_seconds_{figure}", labels)
+
+    async with gate.slot():
+        with pytest.raises(Overloaded, match="stayed at capacity"):  # its queue budget ran out
+            await gate.slot().__aenter__()
+        assert waits() == 1 and (waits("sum") or 0) > 0
+        waiting = asyncio.create_task(gate.slot().__aenter__())
+        await wait_until(lambda: gate.stats.waiting == 1)
+        with pytest.raises(Overloaded, match="queued"):  # the queue is full
+            await gate.slot().__aenter__()
+        waiting.cancel()  # and this one gives up
+        await asyncio.wait([waiting])
+    assert waits() == 3
+
+
+async def test_the_routers_outbox_relay_is_measured(observed: Observed) -> None:
+    async with httpx.AsyncClient(base_url=f"{observed.url}/admin/v1", timeout=30) as admin:
+        async def revoked_and_published() -> bool:  # the relays of other services may be first
+            _, name = await new_key(admin, "relayed")
+            assert (await admin.delete(f"/keys/{name}")).status_code == 200
+            return any(s.name == "roundhouse_events_published_total" and s.labels == {"type": "key.revoked"}
+                       and s.value > 0 for s in await scrape(observed.url))
+
+        await wait_until(revoked_and_published, timeout=30, interval=0.2)
+    backlog = [s for s in await scrape(observed.url) if s.name == "roundhouse_outbox_backlog"]
+    assert len(backlog) == 1 and backlog[0].labels == {}, backlog
 
 
 @dataclass

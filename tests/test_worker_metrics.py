@@ -21,6 +21,7 @@ from stack_harness import TINY_CHAT, TINY_EMBED, RunningWorker, asset_message, n
 
 from roundhouse.v1 import inference_pb2, worker_pb2
 from services.common.assetspec import AssetSpec
+from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY
 from services.common.modelstore.store import ModelStore
 
 MIB = 1024 * 1024
@@ -172,6 +173,26 @@ async def test_requests_in_flight_and_queued_show_while_they_are(
     assert grew(before, after, "roundhouse_worker_requests_total", **labels, status="ok") == 2
 
 
+async def test_a_wait_for_a_slot_that_runs_out_is_counted_as_a_queue_wait(
+    worker: RunningWorker, scrape: Scraper, sources: Path,
+) -> None:
+    hasty = tiny_spec(sources, TINY_CHAT, asset_id="hasty-chat",
+                      policy={"max_concurrency": 1, "max_queue": 4, "queue_timeout_s": 60})
+    labels = {**CHAT_LABELS, "asset_id": "hasty-chat"}
+    await load(worker, hasty)
+    before = await scrape()
+    async with worker.server.host.use("hasty-chat"):  # a request holding the only slot
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await anext(aiter(worker.inference.Chat(chat("hasty-chat", max_tokens=4), timeout=60,
+                                                    metadata=((QUEUE_TIMEOUT_KEY, "0.2"),))))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    after = await scrape()
+    assert grew(before, after, "roundhouse_worker_requests_total", **labels, status="overloaded") == 1
+    # Both waited for a slot: the holder (at once) and the request refused after its budget ran out.
+    assert grew(before, after, "roundhouse_worker_queue_wait_seconds_count", **labels) == 2
+    assert grew(before, after, "roundhouse_worker_queue_wait_seconds_sum", **labels) > 0
+
+
 async def test_unloads_are_counted_by_reason_with_the_idle_age_and_failures_by_name(
     worker: RunningWorker, scrape: Scraper, sources: Path,
 ) -> None:
@@ -195,9 +216,12 @@ async def test_unloads_are_counted_by_reason_with_the_idle_age_and_failures_by_n
     assert grew(before, after, "roundhouse_eviction_idle_age_seconds_count", reason="evict") == 1
     assert grew(before, after, "roundhouse_eviction_idle_age_seconds_sum", reason="evict") > 0
     assert not after.has("roundhouse_model_memory_bytes", **labels), "no longer held, no longer shown"
-    # Not held: counted under the asset id alone, by the error's name.
-    assert grew(before, after, "roundhouse_worker_requests_total", asset_id="spare-embed", interface="",
+    # Not held: counted by the error's name, without the name the caller gave (so made-up names
+    # open no series of their own).
+    assert grew(before, after, "roundhouse_worker_requests_total", asset_id="", interface="",
                 model_type="", status="not_found") == 1
+    assert not [key for key in after.samples if ("asset_id", "spare-embed") in key[1]
+                and key[0].startswith("roundhouse_worker_requests_total")]
     assert grew(before, after, "roundhouse_model_load_duration_seconds_count", asset_id=stranger.asset_id,
                 interface="llm-runtime", model_type="transformers", outcome="failed") == 1
 

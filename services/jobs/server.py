@@ -102,11 +102,16 @@ async def build_app(
     runners: Callable[[ModelStore, RegistryClient], Mapping[str, Runner]] | None = None,
 ) -> JobsApp:
     """Wire the jobs service from settings; `runners` replaces the table of runners. Serves
-    `/metrics` from here when `jobs_metrics_port` is set."""
+    `/metrics` from here when `jobs_metrics_port` is set: first, so that a port already taken
+    fails start-up before anything else has started."""
+    metrics = JobsMetrics()
+    exporter = None
+    if settings.jobs_metrics_port is not None:
+        exporter = MetricsServer(metrics.registry, settings.metrics_host, settings.jobs_metrics_port)
+        exporter.start("jobs")
     engine = make_engine(settings.resolved_database_url())
     bus = await EventBus.connect(settings.resolved_nats_url(), name="roundhouse-jobs")
     sessions = make_sessionmaker(engine)
-    metrics = JobsMetrics()
     relay = OutboxRelay(sessions, bus, metrics=metrics.outbox)
     relay.start()
     notifier = ChangeNotifier()
@@ -159,10 +164,6 @@ async def build_app(
         ServiceBinding(jobs_pb2_grpc.add_JobsServicer_to_server, servicer, SERVICE_NAME)
     ], settings)
     stops = [reconciler.stop] if reconciler else []
-    exporter = None
-    if settings.jobs_metrics_port is not None:
-        exporter = MetricsServer(metrics.registry, settings.metrics_host, settings.jobs_metrics_port)
-        exporter.start("jobs")
 
     async def stop_metrics() -> None:
         if exporter is not None:
@@ -172,6 +173,7 @@ async def build_app(
                    [*stops, executor.stop, liveness.stop, pool.close, relay.stop, sampler.stop,
                     stop_metrics, registry.close, bus.close, engine.dispose],
                    metrics, exporter.port if exporter else None)
+
 
 async def serve(settings: JobsSettings) -> None:
     """Run the jobs service until SIGTERM/SIGINT, then drain (`JobsApp.drain`) and stop."""

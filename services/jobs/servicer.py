@@ -79,7 +79,6 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             reply.operation.CopyFrom(operation_to_proto(loaded.operation))
         return reply
 
-
     async def GetStorage(
         self, request: jobs_pb2.GetStorageRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.Storage:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
@@ -21,6 +21,9 @@ from services.common.errors import Overloaded
 from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY, SHADOW_COPY_KEY
 from services.router.deadlines import Deadline
 from services.router.metrics.spans import step
+
+UnservedWait = Callable[["AssetGate", float], None]
+"""Told of a request that left a gate without a slot, and how many seconds it waited there."""
 
 
 @dataclass
@@ -64,9 +67,10 @@ class AssetGate:
     freed slot goes straight to the longest waiter."""
 
     def __init__(self, asset_id: str, policy: Policy, *, interface: str = "",
-                 model_type: str = "") -> None:
+                 model_type: str = "", on_unserved: UnservedWait | None = None) -> None:
         """`interface` and `model_type`: how the gate's gauges name the asset's interfaces and
-        runtime."""
+        runtime; `on_unserved`: told of every request that leaves without a slot (see
+        `Admission.on_unserved_wait`)."""
         self.asset_id = asset_id
         self.policy = policy
         self.interface = interface
@@ -75,6 +79,7 @@ class AssetGate:
         """Requests sent at once: the slots of the asset's holders together."""
         self._in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._on_unserved = on_unserved
 
     @property
     def stats(self) -> GateStats:
@@ -93,8 +98,14 @@ class AssetGate:
         Raises `Overloaded` when the queue is full or the budget runs out first, and
         `DeadlineExceeded` when the request's deadline does. The wait is an `admission` span."""
         budget = QueueBudget(self.policy.queue_timeout_s)
+        began = asyncio.get_running_loop().time()
         with step("admission", {"roundhouse.asset_id": self.asset_id}):
-            await self._acquire(budget, deadline)
+            try:
+                await self._acquire(budget, deadline)
+            except BaseException:
+                if self._on_unserved is not None:
+                    self._on_unserved(self, asyncio.get_running_loop().time() - began)
+                raise
         try:
             yield budget
         finally:
@@ -165,6 +176,14 @@ class Admission:
 
     def __init__(self) -> None:
         self._gates: dict[str, AssetGate] = {}
+        self._unserved: list[UnservedWait] = []
+
+    def on_unserved_wait(self, observer: UnservedWait) -> None:
+        """Tell `observer` of every request that leaves a gate without a slot (its queue was
+        full, its queue budget or deadline ran out, or it gave up), with the seconds it waited
+        (0 when refused at once). The wait of a request that got its slot is its
+        `QueueBudget.waited_s`."""
+        self._unserved.append(observer)
 
     def gate(self, asset_id: str, policy: Policy, *, interface: str = "",
              model_type: str = "") -> AssetGate:
@@ -173,11 +192,15 @@ class Admission:
         gate = self._gates.get(asset_id)
         if gate is None:
             gate = self._gates[asset_id] = AssetGate(asset_id, policy, interface=interface,
-                                                     model_type=model_type)
+                                                     model_type=model_type, on_unserved=self._left_unserved)
         gate.policy = policy
         if interface:
             gate.interface, gate.model_type = interface, model_type
         return gate
+
+    def _left_unserved(self, gate: AssetGate, seconds: float) -> None:
+        for observer in self._unserved:
+            observer(gate, seconds)
 
     def gates(self) -> Iterable[AssetGate]:
         """Every gate (a snapshot: gates added meanwhile are not in it)."""

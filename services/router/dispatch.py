@@ -86,16 +86,18 @@ class Dispatcher:
             # The span ends with the stream, so it is never made current (that would outlive
             # a `yield`): the call alone is started inside it, and carries it to the worker.
             span = start("dispatch", _dispatch_attributes(asset_id, worker), kind=SpanKind.CLIENT)
-            token = otel_context.attach(trace.set_span_in_context(span)) if span.is_recording() else None
-            try:
-                call = worker.inference.Chat(request, timeout=deadline.remaining(), metadata=queue.metadata())
-            finally:
-                if token is not None:
-                    otel_context.detach(token)
-            ticket.mark_dispatched()
+            call: grpc.aio.UnaryStreamCall | None = None
             worker.in_flight[asset_id] += 1
             started = False
             try:
+                token = otel_context.attach(trace.set_span_in_context(span)) if span.is_recording() else None
+                try:
+                    call = worker.inference.Chat(request, timeout=deadline.remaining(),
+                                                 metadata=queue.metadata())
+                finally:
+                    if token is not None:
+                        otel_context.detach(token)
+                ticket.mark_dispatched()
                 with self._workers.tracking(worker, call):
                     chunks, source = aiter(call), f"the worker serving '{asset_id}'"
                     wait = queue.left() + self._idle_s
@@ -114,7 +116,8 @@ class Dispatcher:
                 failed(span, exc)
                 raise
             finally:
-                call.cancel()
+                if call is not None:
+                    call.cancel()
                 worker.in_flight[asset_id] -= 1
                 span.end()
 

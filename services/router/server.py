@@ -13,6 +13,7 @@ import asyncpg
 import uvicorn
 import uvloop
 from opentelemetry.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
 
 from roundhouse.v1 import (
     admin_pb2_grpc,
@@ -29,7 +30,7 @@ from services.common.grpc_client import open_channel
 from services.common.grpc_server import GrpcServer, ServiceBinding, run_until_signal
 from services.common.keys import KeyStore
 from services.common.liveness import WorkerLiveness
-from services.common.outbox import OutboxRelay
+from services.common.outbox import OutboxMetrics, OutboxRelay
 from services.common.telemetry import setup_telemetry
 from services.common.workerpool import WorkerPool
 from services.router.admin_servicer import SERVICE_NAME as ADMIN_SERVICE_NAME
@@ -126,7 +127,7 @@ async def start_router(settings: RouterSettings, bus: EventBus | None, *,
         if cache is not None:
             await cache.close()
 
-    store, authenticator, on_key_revoked = await _start_keys(settings, bus, stoppers)
+    store, authenticator, on_key_revoked = await _start_keys(settings, bus, stoppers, metrics.registry)
 
     drain = Drain.from_settings(settings)
     stats = admin_stats(gateway, jobs, usage_pool)
@@ -207,11 +208,13 @@ async def _start_limits_and_usage(
 
 
 async def _start_keys(
-    settings: RouterSettings, bus: EventBus | None, stoppers: list[Callable[[], Awaitable[None]]]
+    settings: RouterSettings, bus: EventBus | None, stoppers: list[Callable[[], Awaitable[None]]],
+    registry: CollectorRegistry,
 ) -> tuple[KeyStore, KeyAuthenticator | None, Callable[[str], None]]:
     """The key store on Postgres, the authenticator (None with `auth=disabled`), and what to do
     after a revocation here: drop the key from this router's cache and publish `key.revoked`
-    (through the outbox) so every other router drops it too."""
+    (through the outbox) so every other router drops it too. The outbox relay's figures go to
+    `registry` (the one `/metrics` serves)."""
     engine = make_engine(settings.resolved_database_url())
     stoppers.append(engine.dispose)
     sessions = make_sessionmaker(engine)
@@ -226,7 +229,7 @@ async def _start_keys(
         authenticator = KeyAuthenticator(store, cache_s=settings.key_cache_s)
     relay: OutboxRelay | None = None
     if bus is not None:
-        relay = OutboxRelay(sessions, bus)
+        relay = OutboxRelay(sessions, bus, metrics=OutboxMetrics(registry))
         relay.start()
         stoppers.insert(0, relay.stop)
         if authenticator is not None:

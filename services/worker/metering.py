@@ -27,15 +27,13 @@ _tracer = tracer(__name__)
 NS = 1e9
 
 
-
-
 class RequestMeter:
     """One request at the worker, from its arrival to its end, counted once as it ends (`end`;
     as a context manager, with the status the body ended with).
 
-    `model` names the model once it is found (until then the request counts under its asset id
-    alone), `queue` times the wait for a slot, `chat_ended` and `embedded` keep what the answer
-    said. Nothing here runs per token.
+    `model` names the model once it is found here (a request for a model the worker does not
+    hold counts with empty labels, whatever name it gave), `queue` times the wait for a slot,
+    `chat_ended` and `embedded` keep what the answer said. Nothing here runs per token.
     """
 
     __slots__ = ("_metrics", "_asset_id", "_meters", "_started_ns", "_usage", "_phases", "_inputs",
@@ -65,12 +63,15 @@ class RequestMeter:
 
     @contextmanager
     def queue(self) -> Iterator[None]:
-        """Time the body as the request's wait for a slot (span `queue`)."""
+        """Time the body as the request's wait for a slot (span `queue`), however the wait
+        ends: with a slot, refused (queue full, timed out, the worker draining) or given up."""
         started = time.perf_counter()
-        with _tracer.start_as_current_span("queue"):
-            yield
-        if self._meters is not None:
-            self._meters.queue_wait.observe(time.perf_counter() - started)
+        try:
+            with _tracer.start_as_current_span("queue"):
+                yield
+        finally:
+            if self._meters is not None:
+                self._meters.queue_wait.observe(time.perf_counter() - started)
 
     def chat_ended(self, delta: ChatDelta) -> None:
         """Keep the usage and phases of a chat's last delta (or deltas: usage may come last)."""
@@ -85,8 +86,8 @@ class RequestMeter:
     def end(self, status: str) -> None:
         """Count the request, ended with `status`, and its figures; record its phases' spans."""
         ended = time.time_ns()
-        meters = self._meters or self._metrics.labelled((self._asset_id, "", ""))
-        meters.requests(status).inc()
+        meters = self._meters or self._metrics.model(None)
+        meters.requests.of(status).inc()
         meters.duration.observe((ended - self._started_ns) / NS)
         usage, phases = self._usage, self._phases
         if usage is not None:

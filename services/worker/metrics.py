@@ -19,21 +19,16 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.common.assetspec import AssetSpec
+from services.common.model_labels import MODEL_LABELS, ModelLabels, StatusCounters, model_labels
 from services.common.telemetry import LATENCY_BUCKETS
 from services.worker.holdings import HeldModel
 
-MODEL_LABELS = ("asset_id", "interface", "model_type")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Inputs per forward pass of an embedding model (a batch holds at most 64 by default)."""
 IDLE_AGE_BUCKETS = (0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200, 21600, 86400)
 """How long an unloaded model had been idle, in seconds: from just used to a day."""
-
-ModelLabels = tuple[str, str, str]
-
-
-def model_labels(spec: AssetSpec) -> ModelLabels:
-    """The values of `MODEL_LABELS` for an asset."""
-    return spec.asset_id, ",".join(spec.interface), spec.runtime
+UNHELD: ModelLabels = model_labels(None)
+"""The label values of requests for a model the worker does not hold (whatever name they gave)."""
 
 
 class Holdings(Protocol):
@@ -51,11 +46,13 @@ class ModelMeters:
     """One model's labelled series, resolved once: recording a request is then a plain
     `observe` or `inc` on each."""
 
-    __slots__ = ("labels", "queue_wait", "duration", "ttft", "tpot", "prompt_tokens", "generated_tokens",
-                 "embedding_inputs", "batch_size", "_requests", "_by_status")
+    __slots__ = ("labels", "requests", "queue_wait", "duration", "ttft", "tpot", "prompt_tokens",
+                 "generated_tokens", "embedding_inputs", "batch_size")
 
     def __init__(self, metrics: WorkerMetrics, labels: ModelLabels) -> None:
         self.labels = labels
+        self.requests = StatusCounters(metrics.requests, labels)
+        """The request counter by status (`ok`, `cancelled` or the failure's name)."""
         self.queue_wait = metrics.queue_wait.labels(*labels)
         self.duration = metrics.request_duration.labels(*labels)
         self.ttft = metrics.time_to_first_token.labels(*labels)
@@ -64,15 +61,6 @@ class ModelMeters:
         self.generated_tokens = metrics.generated_tokens.labels(*labels)
         self.embedding_inputs = metrics.embedding_inputs.labels(*labels)
         self.batch_size = metrics.embedding_batch_size.labels(*labels)
-        self._requests = metrics.requests
-        self._by_status: dict[str, Counter] = {}
-
-    def requests(self, status: str) -> Counter:
-        """The request counter of `status` (`ok`, `cancelled` or the failure's name)."""
-        counter = self._by_status.get(status)
-        if counter is None:
-            counter = self._by_status[status] = self._requests.labels(*self.labels, status)
-        return counter
 
 
 class WorkerMetrics:
@@ -115,14 +103,12 @@ class WorkerMetrics:
             "roundhouse_eviction_idle_age_seconds", "How long an unloaded model had been idle, by reason",
             ["reason"], buckets=IDLE_AGE_BUCKETS, registry=registry)
         self._models: dict[ModelLabels, ModelMeters] = {}
+        """Per model held (at some point) and `UNHELD`: bounded by the catalog, never by the
+        names callers send."""
 
-    def model(self, spec: AssetSpec) -> ModelMeters:
-        """The series of `spec`'s model."""
-        return self.labelled(model_labels(spec))
-
-    def labelled(self, labels: ModelLabels) -> ModelMeters:
-        """The series of the model these label values name (interface and type empty: a request
-        for a model the worker does not hold)."""
+    def model(self, spec: AssetSpec | None) -> ModelMeters:
+        """The series of `spec`'s model; None: of the requests for a model not held here."""
+        labels = UNHELD if spec is None else model_labels(spec)
         meters = self._models.get(labels)
         if meters is None:
             meters = self._models[labels] = ModelMeters(self, labels)
@@ -150,9 +136,12 @@ class HoldingsCollector(Collector):
         self._holdings = holdings
 
     def describe(self) -> Iterable[Metric]:
+        """Nothing: the gauges are read at each scrape only (registering reads no holdings)."""
         return ()
 
     def collect(self) -> Iterable[Metric]:
+        """The gauges, from the models held now: one sample per model, per kind of model, and
+        the worker's memory used and budget."""
         held = self._holdings.held_models()
         worker_id = self._holdings.worker_id
         in_flight = GaugeMetricFamily("roundhouse_worker_requests_in_flight",

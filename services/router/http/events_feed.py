@@ -6,15 +6,18 @@ Each event is one SSE message: `id:` its stream sequence, `event:` its type (`mo
 `Last-Event-ID` (the header, or `?last_event_id=`) gets exactly the events after that one that
 match its subject; without, it gets the events from now on (`?since=all`: every event the
 stream still holds first). A comment line every `HEARTBEAT_S` keeps proxies from closing an idle
-feed. The feed reads through an ephemeral ordered consumer of its own, dropped when the client
-goes away; it ends once the router begins to drain (at the next event or heartbeat).
+feed. The feed reads through an ephemeral ordered consumer of its own, made before the response
+starts (so that a bad subject is a 400 and an unreachable stream a 503) and dropped however the
+response ends, even when the client went away before its first byte. The feed ends as soon as
+the router begins to drain.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -25,6 +28,7 @@ from fastapi.responses import StreamingResponse
 from google.protobuf import json_format
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
+from starlette.types import Receive, Scope, Send
 
 from services.common.drain import Drain
 from services.common.errors import FieldProblem, InvalidArgument
@@ -73,14 +77,24 @@ def _consumer(after: int | None, since: str) -> ConsumerConfig:
                           inactive_threshold=CONSUMER_INACTIVE_S)
 
 
-async def _feed(subscription: Any, drain: Drain) -> AsyncIterator[str]:
+async def _feed(subscription: Any, drain: Drain) -> AsyncGenerator[str, None]:
+    """The SSE messages of the events `subscription` delivers, a heartbeat comment when none
+    came for `HEARTBEAT_S`; ends when the drain begins (or the connection to NATS closes)."""
+    drained = asyncio.ensure_future(drain.wait_begun())
+    arrival: asyncio.Future[Any] | None = None
     try:
         while not drain.draining:
+            arrival = asyncio.ensure_future(subscription.next_msg(timeout=HEARTBEAT_S))
+            await asyncio.wait((arrival, drained), return_when=asyncio.FIRST_COMPLETED)
+            if not arrival.done():
+                return
             try:
-                msg = await subscription.next_msg(timeout=HEARTBEAT_S)
+                msg = arrival.result()
             except nats.errors.TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
+            except nats.errors.ConnectionClosedError:
+                return
             try:
                 event = decode_event(msg.data)
             except json_format.ParseError:
@@ -88,12 +102,42 @@ async def _feed(subscription: Any, drain: Drain) -> AsyncIterator[str]:
                 continue
             yield sse_message(msg.metadata.sequence.stream, event.type, json_format.MessageToDict(event))
     finally:
-        # Shielded: a client that went away cancels this feed, and its consumer must still go.
-        with anyio.CancelScope(shield=True):
-            try:
-                await subscription.unsubscribe()
-            except nats.errors.Error as exc:  # the connection is closing: the consumer goes with it
-                log.debug("event feed: unsubscribe failed: %r", exc)
+        _drop(drained)
+        if arrival is not None:
+            _drop(arrival)
+
+
+def _drop(waiting: asyncio.Future[Any]) -> None:
+    """Cancel a wait whose outcome nobody reads (retrieved here, so never reported)."""
+    if not waiting.done():
+        waiting.add_done_callback(lambda done: done.cancelled() or done.exception())
+        waiting.cancel()
+
+
+class EventFeedResponse(StreamingResponse):
+    """The feed as a streamed response that owns its subscription: the consumer is dropped
+    however the response ends (the feed ended, the client went away mid-stream, or before
+    the response even started, when the feed never ran)."""
+
+    def __init__(self, subscription: Any, drain: Drain) -> None:
+        self._subscription = subscription
+        self._messages = _feed(subscription, drain)
+        super().__init__(self._messages, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Stream the feed; then, whatever happened, close it and drop its consumer."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Shielded: a client that went away cancels this response, and its consumer must
+            # still go.
+            with anyio.CancelScope(shield=True):
+                await self._messages.aclose()
+                try:
+                    await self._subscription.unsubscribe()
+                except nats.errors.Error as exc:  # the connection is closing: the consumer goes with it
+                    log.debug("event feed: unsubscribe failed: %r", exc)
 
 
 @events_router.get(
@@ -132,5 +176,4 @@ async def events(
     except (nats.errors.Error, TimeoutError) as exc:
         log.warning("event feed: no consumer: %r", exc)
         raise _unavailable() from None
-    return StreamingResponse(_feed(subscription, request.app.state.drain), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventFeedResponse(subscription, request.app.state.drain)

@@ -1,12 +1,13 @@
 """Prometheus series of the requests the router serves, per model and route.
 
 Per-model series carry `asset_id`, `interface` (the asset's interfaces, as the worker writes
-them) and `model_type` (its runtime); request series also `route` (the route the client
-named; empty when it named a model). A request is counted once, as it ends
-(`RequestMetrics.finished`, from the usage ticket the gateway filled in); a wake and a wait
-in the admission queue as they end. A model's labelled series are resolved once and kept, so
-recording a request costs a dict lookup and a few `inc`/`observe`. The in-flight and queued
-gauges are read from the admission gates at each scrape: they cost serving nothing.
+them) and `model_type` (its runtime), as `services.common.model_labels` names them; request
+series also `route` (the route the client named; empty when it named a model). A request is
+counted once, as it ends (`RequestMetrics.finished`, from the usage ticket the gateway filled
+in); a wake as it ends, and a wait in the admission queue as it ends (with a slot or without:
+refused, or given up). A model's labelled series are resolved once and kept, so recording a
+request costs a dict lookup and a few `inc`/`observe`. The in-flight and queued gauges are
+read from the admission gates at each scrape: they cost serving nothing.
 """
 
 from __future__ import annotations
@@ -19,37 +20,27 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
+from services.common.model_labels import MODEL_LABELS, ModelLabels, StatusCounters, model_labels
 from services.common.telemetry import LATENCY_BUCKETS
 from services.router.metrics.genai import GenAIMetrics, Operation
 
 if TYPE_CHECKING:  # the admission records its span through this package: no import cycle
     from services.common.asset_proto import AssetRecord
-    from services.router.admission import Admission
+    from services.router.admission import Admission, AssetGate
     from services.router.usage.ticket import UsageTicket
-
-MODEL_LABELS = ("asset_id", "interface", "model_type")
-ModelLabels = tuple[str, str, str]
-
-
-def model_labels(record: AssetRecord | None, interface: str = "") -> ModelLabels:
-    """The values of `MODEL_LABELS` for an asset; for none (a request that reached no model),
-    the `interface` the request asked for and empty id and type."""
-    if record is None:
-        return "", interface, ""
-    return record.spec.asset_id, ",".join(record.spec.interface), record.spec.runtime
 
 
 class _ModelSeries:
     """One model's (and route's) request series, each resolved at its first use (a chat
     model shows no embedding inputs, an embedding model no time to first token)."""
 
-    __slots__ = ("labels", "_children", "_requests", "_by_status")
+    __slots__ = ("labels", "requests", "_children")
 
     def __init__(self, metrics: RequestMetrics, labels: ModelLabels, route: str) -> None:
         self.labels = (*labels, route)
+        self.requests = StatusCounters(metrics.requests, self.labels)
+        """The request counter by status."""
         self._children: dict[MetricWrapperBase, Any] = {}
-        self._requests = metrics.requests
-        self._by_status: dict[str, Counter] = {}
 
     def of(self, metric: MetricWrapperBase) -> Any:
         """The series of `metric` (a per-route one) for this model and route."""
@@ -57,13 +48,6 @@ class _ModelSeries:
         if child is None:
             child = self._children[metric] = metric.labels(*self.labels)
         return child
-
-    def requests(self, status: str) -> Counter:
-        """The request counter of `status`."""
-        counter = self._by_status.get(status)
-        if counter is None:
-            counter = self._by_status[status] = self._requests.labels(*self.labels, status)
-        return counter
 
 
 class RequestMetrics:
@@ -93,7 +77,8 @@ class RequestMetrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram(
             "roundhouse_queue_wait_seconds", "Time requests waited in the router's admission "
-            "queue for a slot of their model.", model, buckets=LATENCY_BUCKETS, registry=r)
+            "queue for a slot of their model (those refused or given up too).", model,
+            buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter(
             "roundhouse_prompt_tokens", "Prompt tokens read (embedding inputs included).",
             per_route, registry=r)
@@ -112,15 +97,17 @@ class RequestMetrics:
             "the x-roundhouse-attempts header spells it: ok, overloaded, cache, ...).",
             ["route", "target", "outcome"], registry=r)
         self._series: dict[tuple[object, ...], _ModelSeries] = {}
-        self._model: dict[tuple[object, ...], tuple[Counter, Histogram, Histogram]] = {}
+        self._model: dict[ModelLabels, tuple[Counter, Histogram, Histogram]] = {}
         self._attempts: dict[tuple[str, str, str], Counter] = {}
         self._watched: set[int] = set()
 
     def watch(self, admission: Admission) -> None:
-        """Export the in-flight and queued gauges of `admission`'s gates (once per admission)."""
+        """Export the in-flight and queued gauges of `admission`'s gates, and count the waits
+        of requests that left them without a slot (once per admission)."""
         if id(admission) not in self._watched:
             self._watched.add(id(admission))
             self.registry.register(AdmissionGauges(admission))
+            admission.on_unserved_wait(self._left_unserved)
 
     def _series_of(self, record: AssetRecord | None, interface: str, route: str) -> _ModelSeries:
         key = ((record.spec.asset_id, record.spec.runtime, tuple(record.spec.interface), route)
@@ -130,14 +117,12 @@ class RequestMetrics:
             series = self._series[key] = _ModelSeries(self, model_labels(record, interface), route)
         return series
 
-    def _model_series(self, record: AssetRecord) -> tuple[Counter, Histogram, Histogram]:
+    def _model_series(self, labels: ModelLabels) -> tuple[Counter, Histogram, Histogram]:
         """The model's wake counter, wake delay and queue wait series."""
-        key = (record.spec.asset_id, record.spec.runtime, tuple(record.spec.interface))
-        series = self._model.get(key)
+        series = self._model.get(labels)
         if series is None:
-            labels = model_labels(record)
-            series = self._model[key] = (self.wakes.labels(*labels), self.wake_delay.labels(*labels),
-                                         self.queue_wait.labels(*labels))
+            series = self._model[labels] = (self.wakes.labels(*labels), self.wake_delay.labels(*labels),
+                                            self.queue_wait.labels(*labels))
         return series
 
     def finished(self, ticket: UsageTicket, operation: Operation,
@@ -146,7 +131,7 @@ class RequestMetrics:
         it made (target, outcome)."""
         series = self._series_of(ticket.asset if ticket.reached else None, ticket.interface,
                                  ticket.route_id)
-        series.requests(ticket.status).inc()
+        series.requests.of(ticket.status).inc()
         series.of(self.duration).observe(ticket.latency_s)
         if operation == "chat" and ticket.first_token_s is not None:
             series.of(self.ttft).observe(ticket.first_token_s)
@@ -174,13 +159,17 @@ class RequestMetrics:
 
     def woke(self, record: AssetRecord, seconds: float) -> None:
         """A request waited `seconds` for `record`'s model to be loaded."""
-        wakes, delay, _ = self._model_series(record)
+        wakes, delay, _ = self._model_series(model_labels(record))
         wakes.inc()
         delay.observe(seconds)
 
     def queued(self, record: AssetRecord, seconds: float) -> None:
         """A request got a slot of `record`'s model after waiting `seconds` at the gate."""
-        self._model_series(record)[2].observe(seconds)
+        self._model_series(model_labels(record))[2].observe(seconds)
+
+    def _left_unserved(self, gate: AssetGate, seconds: float) -> None:
+        """A request waited `seconds` at `gate` and left without a slot: refused or given up."""
+        self._model_series((gate.asset_id, gate.interface, gate.model_type))[2].observe(seconds)
 
 
 class AdmissionGauges(Collector):
