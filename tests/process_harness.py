@@ -120,7 +120,7 @@ async def router_fleet(
 @asynccontextmanager
 async def worker_process(nats_url: str, store: Path, sources: Path, log: Path) -> AsyncIterator[
         tuple[asyncio.subprocess.Process, str, str]]:
-    """`roundhouse worker` as a real process; yields it with its id and address."""
+    """`roundhouse worker` as a real process, once it serves; yields it with its id and address."""
     address = f"127.0.0.1:{free_port()}"
     worker_id = f"doomed-{address.rsplit(':', 1)[1]}"
     settings = {"ROUNDHOUSE_WORKER_ADDRESS": address, "ROUNDHOUSE_WORKER_ID": worker_id,
@@ -128,6 +128,8 @@ async def worker_process(nats_url: str, store: Path, sources: Path, log: Path) -
                 "ROUNDHOUSE_SOURCE_ROOTS": str(sources), "ROUNDHOUSE_HOME": str(log.parent / "home"),
                 "ROUNDHOUSE_WORKER_HEARTBEAT_S": "0.5"}
     async with roundhouse_process("worker", settings, log) as process:
+        # Until it listens, the jobs service finds no worker for a wake (a 503 at once).
+        await wait_serving(address, process, log)
         yield process, worker_id, address
 
 
