@@ -2,18 +2,16 @@
 
 `ErrorMappingInterceptor` turns domain errors into statuses in one place (an undecodable
 request into INVALID_ARGUMENT, an unexpected error into INTERNAL with a logged trace);
-`InternalTokenInterceptor` refuses calls without the internal token; `TracingInterceptor`
+`InternalTokenInterceptor` refuses calls without the internal token. The error mapping also
 runs each call in a server span joined to the caller's trace, as part of its request id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -25,7 +23,14 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from services.common import errors
 from services.common.db.unavailable import as_domain_error
 from services.common.drain import Drain
-from services.common.tracing import context_from, request_id_from, request_id_scope, tracer
+from services.common.tracing import (
+    context_from,
+    recording,
+    request_id_from,
+    reset_request_id,
+    set_request_id,
+    tracer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +132,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Turns domain errors into gRPC statuses in one place; anything else becomes INTERNAL.
+    Also runs every call (health and reflection aside) in its trace: a server span named after
+    its method, a child of the trace context the caller sent, with the caller's request id in
+    scope (log records name it, calls made on its behalf carry it on); where no span is
+    recorded (no exporter) the caller's context is only passed on. One wrapper does both: each
+    layer of handler wrapping costs every call about 0.1 ms of CPU.
 
     With `drain`, once it has begun every new call (health and reflection aside) fails with
     `ShuttingDown` (UNAVAILABLE, with a retry hint); calls already running go on.
@@ -134,6 +144,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, drain: Drain | None = None) -> None:
         self._drain = drain
+        self._tracer = tracer(__name__)
 
     async def intercept_service(
         self,
@@ -144,18 +155,28 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        drain = None if method.startswith(OPEN_SERVICES) else self._drain
+        open_service = method.startswith(OPEN_SERVICES)
+        drain = None if open_service else self._drain
+        metadata = tuple(handler_call_details.invocation_metadata or ())
+        name = method.lstrip("/")
+        tracer_ = None if open_service else self._tracer
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                scope = _ServerScope(tracer_, metadata, name) if tracer_ is not None else None
                 try:
                     _admit(request, drain)
                     return await inner_uu(request, context)  # type: ignore[arg-type]  # aio handler
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - mapped or logged as INTERNAL
+                    if scope is not None:
+                        scope.failed(exc)
                     await _abort(context, exc, method)
+                finally:
+                    if scope is not None:
+                        scope.end(context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, _lenient(handler.request_deserializer), handler.response_serializer
@@ -164,6 +185,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                scope = _ServerScope(tracer_, metadata, name) if tracer_ is not None else None
                 try:
                     _admit(request, drain)
                     async for item in inner_us(request, context):  # type: ignore[attr-defined,arg-type]
@@ -171,7 +193,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:  # noqa: BLE001
+                    if scope is not None:
+                        scope.failed(exc)
                     await _abort(context, exc, method)
+                finally:
+                    if scope is not None:
+                        scope.end(context)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, _lenient(handler.request_deserializer), handler.response_serializer
@@ -222,62 +249,37 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(refuse_stream, *wire)
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
-    """Runs every call (health and reflection aside) inside a server span named after its
-    method, a child of the trace context the caller sent, with the caller's request id in
-    scope (log records name it, calls made on its behalf carry it on)."""
+class _ServerScope:
+    """One call's trace context and request id, current from its start to `end`, and its server
+    span when spans are recorded. A class, not a generator's context manager: it is on every
+    call's path."""
 
-    def __init__(self) -> None:
-        self._tracer = tracer(__name__)
+    __slots__ = ("_context_token", "_request_token", "_span")
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_SERVICES):
-            return handler
-        metadata = tuple(handler_call_details.invocation_metadata or ())
-        name = method.lstrip("/")
-        server_span = functools.partial(self._server_span, metadata, name)
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
+    def __init__(self, tracer_: trace.Tracer, metadata: tuple[Any, ...], name: str) -> None:
+        self._request_token = set_request_id(request_id_from(metadata))
+        parent = context_from(metadata) if any(k == "traceparent" for k, _ in metadata) else None
+        self._span: trace.Span | None = None
+        if recording():
+            self._span = tracer_.start_span(name, context=parent, kind=SpanKind.SERVER,
+                                            attributes=_rpc_attributes(name))
+            parent = trace.set_span_in_context(self._span, parent)
+        self._context_token = otel_context.attach(parent) if parent is not None else None
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with server_span(context):
-                    return await inner_uu(request, context)  # type: ignore[arg-type]
+    def failed(self, exc: BaseException) -> None:
+        """Record why the call failed on its span (its status follows the call's code)."""
+        if self._span is not None:
+            self._span.record_exception(exc)
+            self._span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with server_span(context):
-                    async for item in inner_us(request, context):  # type: ignore[attr-defined,arg-type]
-                        yield item
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer)
-        return handler
-
-    @contextlib.contextmanager
-    def _server_span(self, metadata: tuple[Any, ...], name: str,
-                     context: grpc.aio.ServicerContext) -> Iterator[None]:
-        """The call's server span, current, in the caller's trace and request scope; marked
-        failed when the call ends with a status other than OK."""
-        token = otel_context.attach(context_from(metadata))
-        try:
-            with request_id_scope(request_id_from(metadata)), self._tracer.start_as_current_span(
-                    name, kind=SpanKind.SERVER, attributes=_rpc_attributes(name)) as span:
-                try:
-                    yield
-                finally:
-                    _end_status(span, context)
-        finally:
-            otel_context.detach(token)
+    def end(self, context: grpc.aio.ServicerContext) -> None:
+        """End the span (failed when the call's status is not OK) and leave the call's scope."""
+        if self._span is not None:
+            _end_status(self._span, context)
+            self._span.end()
+        if self._context_token is not None:
+            otel_context.detach(self._context_token)
+        reset_request_id(self._request_token)
 
 
 def _rpc_attributes(name: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.drain import Drain
-from services.common.grpc_interceptors import ErrorMappingInterceptor, InternalTokenInterceptor, TracingInterceptor
+from services.common.grpc_interceptors import ErrorMappingInterceptor, InternalTokenInterceptor
 from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class GrpcServer:
         self.drain = drain or (Drain.from_settings(settings) if settings is not None else Drain())
         token = settings.internal_token if settings is not None and internal else None
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            TracingInterceptor(), ErrorMappingInterceptor(self.drain if refuse_while_draining else None)]
+            ErrorMappingInterceptor(self.drain if refuse_while_draining else None)]
         if token is not None and token.get_secret_value():
             interceptors.insert(0, InternalTokenInterceptor(token.get_secret_value()))
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in grpc-stubs

@@ -1,7 +1,7 @@
 """Trace context and request ids across services.
 
 W3C trace context (`traceparent`, `tracestate`) and the request id (`x-request-id`) travel
-together in one carrier: gRPC metadata (`grpc_metadata`, read back by `TracingInterceptor`),
+together in one carrier: gRPC metadata (`grpc_metadata`, read back by `ErrorMappingInterceptor`),
 NATS headers (`carrier`, `context_from`) and stored rows (`traceparent`, so an operation or an
 outbox event joins the trace of the request that caused it). The request id in flight is kept
 in a context variable; `RequestIdLogFilter` puts it on every log record.
@@ -16,8 +16,8 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar, Token
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -57,6 +57,25 @@ def genai_semconv() -> bool:
     `OTEL_SEMCONV_STABILITY_OPT_IN` lists `gen_ai_latest_experimental`."""
     chosen = os.environ.get("OTEL_SEMCONV_STABILITY_OPT_IN", "")
     return GENAI_OPT_IN in {part.strip() for part in chosen.split(",")}
+
+
+def recording() -> bool:
+    """Whether spans are recorded in this process (`setup_telemetry` installed an exporting
+    provider); without, a span only carries its parent's context on."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+def set_request_id(request_id: str) -> Token[str]:
+    """`request_id_scope` for code that cannot use a `with` block: put the request id (when
+    sane) in scope; `reset_request_id` with the token ends it."""
+    return _request_id.set(request_id if sane_request_id(request_id) else "")
+
+
+def reset_request_id(token: Token[str]) -> None:
+    """End what `set_request_id` began (a token of another context, as an abandoned stream's
+    cleanup may hold, ended with that context)."""
+    with suppress(ValueError):
+        _request_id.reset(token)
 
 
 def current_request_id() -> str:

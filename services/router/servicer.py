@@ -22,7 +22,7 @@ class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
     model outside its scope. No authenticator: auth is off.
 
     A call runs as part of the request its `request_id` names (else the `x-request-id` its
-    metadata carries, see `TracingInterceptor`): log records name it, calls made for it carry it.
+    metadata carries, see `ErrorMappingInterceptor`): log records name it, calls made for it carry it.
     """
 
     def __init__(self, gateway: Gateway, authenticator: KeyAuthenticator | None = None) -> None:

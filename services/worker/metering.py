@@ -1,7 +1,7 @@
 """What a worker records of one request and of one load: metrics (`metrics.WorkerMetrics`) and
 spans.
 
-A request's spans are children of the worker's server span (the `TracingInterceptor` opened it,
+A request's spans are children of the worker's server span (the `ErrorMappingInterceptor` opened it,
 joined to the router's call): `queue` (its wait for a slot of its model), then `prefill` and
 `decode`, which the chat engine timed for this request alone, even as it shared forward passes
 with others; the server span gets the OpenTelemetry GenAI attributes. A load is the span `load`.
