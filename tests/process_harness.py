@@ -102,7 +102,10 @@ async def router_fleet(
             "ROUNDHOUSE_DATABASE_URL": dsn, "ROUNDHOUSE_NATS_URL": nats_url,
             "ROUNDHOUSE_REGISTRY_ADDRESS": registry.address, "ROUNDHOUSE_JOBS_ADDRESS": jobs.address,
             "ROUNDHOUSE_WORKER_ADDRESSES": json.dumps([worker.address]), "ROUNDHOUSE_LOAD_TIMEOUT_S": "60",
-            "ROUNDHOUSE_WORKER_REFRESH_S": "0.5", "ROUNDHOUSE_WORKER_HEARTBEAT_S": "0.5", **router_settings,
+            "ROUNDHOUSE_WORKER_REFRESH_S": "0.5", "ROUNDHOUSE_WORKER_HEARTBEAT_S": "0.5",
+            # The worker heartbeats from the test's own event loop, which a busy two-core machine
+            # can stall past three missed beats: no fleet test is about a worker's death.
+            "ROUNDHOUSE_WORKER_DEAD_AFTER_S": "15", **router_settings,
         }
         routers = []
         for name in names:
