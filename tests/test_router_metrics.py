@@ -233,16 +233,17 @@ async def test_waits_that_end_without_a_slot_are_queue_waits_too() -> None:
         return metrics.registry.get_sample_value(f"roundhouse_queue_wait_seconds_{figure}", labels)
 
     async with gate.slot():
+        assert waits() == 1 and waits("sum") == 0  # served at once: a wait of 0
         with pytest.raises(Overloaded, match="stayed at capacity"):  # its queue budget ran out
             await gate.slot().__aenter__()
-        assert waits() == 1 and (waits("sum") or 0) > 0
+        assert waits() == 2 and (waits("sum") or 0) > 0
         waiting = asyncio.create_task(gate.slot().__aenter__())
         await wait_until(lambda: gate.stats.waiting == 1)
         with pytest.raises(Overloaded, match="queued"):  # the queue is full
             await gate.slot().__aenter__()
         waiting.cancel()  # and this one gives up
         await asyncio.wait([waiting])
-    assert waits() == 3
+    assert waits() == 4
 
 
 async def test_the_routers_outbox_relay_is_measured(observed: Observed) -> None:

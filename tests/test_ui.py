@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 from jobs_harness import copy_model, uid
+from limits_harness import new_key
 from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_stack, tiny_documents
 
 from roundhouse.v1 import registry_pb2
@@ -161,18 +162,15 @@ async def operations_of(stack: Stack, asset_id: str) -> list[dict[str, Any]]:
 
 async def user_key(stack: Stack) -> str:
     async with httpx.AsyncClient(base_url=f"{stack.http_url}/admin/v1", headers=stack.admin_headers) as admin:
-        created = await admin.post("/keys", json={"name": uid("ui-user")})
-        assert created.status_code == 201, created.text
-        secret: str = created.json()["key"]
+        secret, _ = await new_key(admin, "ui-user")
         return secret
 
 
 async def test_without_an_admin_session_there_is_no_page_and_no_action(stack: Stack) -> None:
-    plain = httpx.AsyncClient(base_url=stack.http_url, timeout=30)
-    assert (await plain.get("/ui/models")).headers.get("location") == "/ui/login"
-    assert (await plain.get("/ui/fragments/models")).status_code == 403
-    assert (await plain.post("/ui/models/tiny-chat/unload")).status_code == 403
-    await plain.aclose()
+    async with httpx.AsyncClient(base_url=stack.http_url, timeout=30) as plain:
+        assert (await plain.get("/ui/models")).headers.get("location") == "/ui/login"
+        assert (await plain.get("/ui/fragments/models")).status_code == 403
+        assert (await plain.post("/ui/models/tiny-chat/unload")).status_code == 403
 
     for key in ("rh-" + "x" * 40, await user_key(stack)):  # an unknown key; a key that is not admin
         http, _ = await ui_session(stack, None)
@@ -336,17 +334,15 @@ async def test_an_install_shows_its_progress_bar_reaching_100(stack: Stack, brow
 @needs_chromium
 async def test_the_usage_chart_counts_a_request_made_through_the_api(stack: Stack, browser: Browser) -> None:
     # A key of the test's own, charted by key: no other test's requests count in its chart.
-    name = uid("ui-usage")
     async with httpx.AsyncClient(base_url=f"{stack.http_url}/admin/v1", headers=stack.admin_headers) as admin:
-        created = await admin.post("/keys", json={"name": name})
-        assert created.status_code == 201, created.text
+        secret, name = await new_key(admin, "ui-usage")
     await browser.log_in(stack.admin_key or "")
     chart = "document.querySelector(`figure[data-group='${arguments[0]}']`)"
     await browser.open("/ui/usage?by=key&window=1h")
     assert await browser.script(f"return {chart}", name) is None
     hint = await browser.script("return document.querySelector('#usage .hint').textContent")
     assert "press Show" in hint
-    async with openai.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key=created.json()["key"],
+    async with openai.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key=secret,
                                   max_retries=0) as client:
         await client.embeddings.create(model=TINY_EMBED, input=["count me"])
 
@@ -387,8 +383,8 @@ async def test_logging_out_ends_the_live_feed(stack: Stack) -> None:
 
 
 async def test_revoking_the_sessions_key_through_the_admin_api_ends_its_feed(stack: Stack) -> None:
-    name = uid("ui-admin")
     async with httpx.AsyncClient(base_url=f"{stack.http_url}/admin/v1", headers=stack.admin_headers) as admin:
+        name = uid("ui-admin")
         created = await admin.post("/keys", json={"name": name, "admin": True})
         assert created.status_code == 201, created.text
         http, _ = await ui_session(stack, created.json()["key"])

@@ -4,7 +4,6 @@ the jobs service): `ROUNDHOUSE_WORKER_METRICS_PORT`, `ROUNDHOUSE_JOBS_METRICS_PO
 from __future__ import annotations
 
 import logging
-import threading
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -21,12 +20,11 @@ class MetricsServer:
         self._host = host
         self._port = port
         self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
         self.port = 0
 
     def start(self, service: str) -> int:
         """Start serving; returns (and logs) the bound port."""
-        self._server, self._thread = start_http_server(self._port, addr=self._host, registry=self.registry)
+        self._server, _ = start_http_server(self._port, addr=self._host, registry=self.registry)
         self.port = self._server.server_port
         log.info("%s metrics on http://%s:%d/metrics", service, self._host, self.port)
         return self.port

@@ -87,7 +87,7 @@ def current_request_id() -> str:
 def request_id_scope(request_id: str) -> Iterator[None]:
     """Run the block as part of request `request_id` (log records name it, calls carry it); an
     id that is not sane (see `sane_request_id`) is left out."""
-    token = _request_id.set(request_id if sane_request_id(request_id) else "")
+    token = set_request_id(request_id)
     try:
         yield
     finally:

@@ -38,15 +38,19 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name
 
 
+def storage_quota(settings: JobsSettings) -> int | None:
+    """The model store's quota in bytes (`ROUNDHOUSE_MAX_STORAGE_GB`); None: no quota."""
+    return int(settings.max_storage_gb * GIB) if settings.max_storage_gb else None
+
+
 def default_runners(
     store: ModelStore, registry: RegistryClient, pool: WorkerPool, settings: JobsSettings,
     thrashing: ThrashingMonitor | None = None,
 ) -> dict[str, Runner]:
     """The runner of every operation type; loads report evictions to `thrashing`."""
-    quota = int(settings.max_storage_gb * GIB) if settings.max_storage_gb else None
     load = LoadRunner(pool, registry, load_call_s=settings.jobs_load_timeout_s, thrashing=thrashing)
     return {
-        "install": InstallRunner(store, registry, max_storage_bytes=quota),
+        "install": InstallRunner(store, registry, max_storage_bytes=storage_quota(settings)),
         "delete": DeleteRunner(store, registry),
         "load": load,
         "unload": UnloadRunner(pool, registry),
@@ -158,8 +162,7 @@ async def build_app(
     liveness = WorkerLiveness(pool, bus, dead_after_s=settings.dead_after_s(), announce=False,
                               on_down=reconciler.poke if reconciler else None)
     await liveness.start()
-    quota = int(settings.max_storage_gb * GIB) if settings.max_storage_gb else None
-    servicer = JobsServicer(service, StorageReport(store, registry, quota))
+    servicer = JobsServicer(service, StorageReport(store, registry, storage_quota(settings)))
     server = GrpcServer(settings.jobs_address, [
         ServiceBinding(jobs_pb2_grpc.add_JobsServicer_to_server, servicer, SERVICE_NAME)
     ], settings)

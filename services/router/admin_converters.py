@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from roundhouse.v1 import admin_pb2, jobs_pb2
+from services.common.asset_proto import timestamp
 from services.router.stats import HeldModel, ModelStats, RequestFigures, Resources, StoreUse, Summary
 
 DEFAULT_WINDOW_S = 3600
@@ -16,14 +13,6 @@ DEFAULT_WINDOW_S = 3600
 def window_of(window_s: int) -> int:
     """A request's window in seconds: its own, or `DEFAULT_WINDOW_S` for 0."""
     return window_s or DEFAULT_WINDOW_S
-
-
-def _timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def figures_to_proto(figures: RequestFigures) -> admin_pb2.RequestFigures:
@@ -58,7 +47,7 @@ def _held(model: HeldModel) -> admin_pb2.HeldModel:
     return admin_pb2.HeldModel(
         asset_id=model.asset_id, memory_bytes=model.memory_bytes, in_flight=model.in_flight,
         waiting=model.waiting, max_concurrency=model.max_concurrency,
-        loaded_at=_timestamp(model.loaded_at), last_used_at=_timestamp(model.last_used_at))
+        loaded_at=timestamp(model.loaded_at), last_used_at=timestamp(model.last_used_at))
 
 
 def _store(store: StoreUse) -> jobs_pb2.Storage:

@@ -11,7 +11,7 @@ from services.router.admin_converters import (
     summary_to_proto,
     window_of,
 )
-from services.router.keys import KeyAuthenticator, check_admin, credential_from
+from services.router.keys import KeyAuthenticator, check_admin, credential_from_metadata
 from services.router.stats import AdminStats
 
 SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -32,10 +32,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def _check_admin(self, context: grpc.aio.ServicerContext) -> None:
         if self._authenticator is None:
             return
-        metadata = {str(k).lower(): v for k, v in (context.invocation_metadata() or ())}
-        authorization, api_key = metadata.get("authorization"), metadata.get("x-api-key")
-        secret = credential_from(authorization if isinstance(authorization, str) else None,
-                                 api_key if isinstance(api_key, str) else None)
+        secret = credential_from_metadata(context.invocation_metadata())
         check_admin(await self._authenticator.authenticate(secret))
 
     async def ListModelStats(

@@ -22,7 +22,7 @@ from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY, SHADOW_COPY_KEY
 from services.router.deadlines import Deadline
 from services.router.metrics.spans import step
 
-UnservedWait = Callable[["AssetGate", float], None]
+GateWait = Callable[["AssetGate", float], None]
 """Told of a request that left a gate without a slot, and how many seconds it waited there."""
 
 
@@ -67,10 +67,9 @@ class AssetGate:
     freed slot goes straight to the longest waiter."""
 
     def __init__(self, asset_id: str, policy: Policy, *, interface: str = "",
-                 model_type: str = "", on_unserved: UnservedWait | None = None) -> None:
+                 model_type: str = "", on_wait: GateWait | None = None) -> None:
         """`interface` and `model_type`: how the gate's gauges name the asset's interfaces and
-        runtime; `on_unserved`: told of every request that leaves without a slot (see
-        `Admission.on_unserved_wait`)."""
+        runtime; `on_wait`: told of every request's wait here (see `Admission.on_wait`)."""
         self.asset_id = asset_id
         self.policy = policy
         self.interface = interface
@@ -79,7 +78,7 @@ class AssetGate:
         """Requests sent at once: the slots of the asset's holders together."""
         self._in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._on_unserved = on_unserved
+        self._on_wait = on_wait
 
     @property
     def stats(self) -> GateStats:
@@ -103,9 +102,11 @@ class AssetGate:
             try:
                 await self._acquire(budget, deadline)
             except BaseException:
-                if self._on_unserved is not None:
-                    self._on_unserved(self, asyncio.get_running_loop().time() - began)
+                if self._on_wait is not None:
+                    self._on_wait(self, asyncio.get_running_loop().time() - began)
                 raise
+        if self._on_wait is not None:
+            self._on_wait(self, budget.waited_s)
         try:
             yield budget
         finally:
@@ -176,14 +177,13 @@ class Admission:
 
     def __init__(self) -> None:
         self._gates: dict[str, AssetGate] = {}
-        self._unserved: list[UnservedWait] = []
+        self._waits: list[GateWait] = []
 
-    def on_unserved_wait(self, observer: UnservedWait) -> None:
-        """Tell `observer` of every request that leaves a gate without a slot (its queue was
-        full, its queue budget or deadline ran out, or it gave up), with the seconds it waited
-        (0 when refused at once). The wait of a request that got its slot is its
-        `QueueBudget.waited_s`."""
-        self._unserved.append(observer)
+    def on_wait(self, observer: GateWait) -> None:
+        """Tell `observer` of every request's wait at a gate, with the seconds it waited (0
+        when it got a slot, or was refused, at once): whether it got its slot or left without
+        one (its queue was full, its queue budget or deadline ran out, or it gave up)."""
+        self._waits.append(observer)
 
     def gate(self, asset_id: str, policy: Policy, *, interface: str = "",
              model_type: str = "") -> AssetGate:
@@ -192,14 +192,14 @@ class Admission:
         gate = self._gates.get(asset_id)
         if gate is None:
             gate = self._gates[asset_id] = AssetGate(asset_id, policy, interface=interface,
-                                                     model_type=model_type, on_unserved=self._left_unserved)
+                                                     model_type=model_type, on_wait=self._waited)
         gate.policy = policy
         if interface:
             gate.interface, gate.model_type = interface, model_type
         return gate
 
-    def _left_unserved(self, gate: AssetGate, seconds: float) -> None:
-        for observer in self._unserved:
+    def _waited(self, gate: AssetGate, seconds: float) -> None:
+        for observer in self._waits:
             observer(gate, seconds)
 
     def gates(self) -> Iterable[AssetGate]:

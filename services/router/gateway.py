@@ -304,7 +304,6 @@ class Gateway:
         async with self._gate(record).slot(deadline) as queue, aclosing(self.dispatcher.chat(
                 record, forwarded, deadline=deadline, queue=queue, ticket=ticket, stream=stream,
         )) as chunks:
-            self.metrics.queued(record, queue.waited_s)
             async for chunk in chunks:
                 ticket.chunk(chunk)
                 yield chunk
@@ -413,7 +412,6 @@ class Gateway:
                     return hit
                 try:
                     async with self._gate(record).slot(deadline) as queue:
-                        self.metrics.queued(record, queue.waited_s)
                         result = await self.dispatcher.embed(record, forwarded, deadline=deadline,
                                                              queue=queue, ticket=ticket)
                 except RoundhouseError as exc:

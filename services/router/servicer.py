@@ -10,7 +10,7 @@ from roundhouse.v1 import inference_pb2, inference_pb2_grpc
 from services.common.keys import KeyRecord
 from services.common.tracing import accept_request_id, current_request_id, request_id_scope
 from services.router.gateway import Gateway
-from services.router.keys import KeyAuthenticator, credential_from
+from services.router.keys import KeyAuthenticator, credential_from_metadata
 
 
 class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
@@ -32,10 +32,7 @@ class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
     async def _key(self, context: grpc.aio.ServicerContext) -> KeyRecord | None:
         if self._authenticator is None:
             return None
-        metadata = {str(k).lower(): v for k, v in (context.invocation_metadata() or ())}
-        authorization, api_key = metadata.get("authorization"), metadata.get("x-api-key")
-        secret = credential_from(authorization if isinstance(authorization, str) else None,
-                                 api_key if isinstance(api_key, str) else None)
+        secret = credential_from_metadata(context.invocation_metadata())
         return await self._authenticator.authenticate(secret)
 
     async def Chat(

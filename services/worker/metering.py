@@ -19,6 +19,7 @@ from opentelemetry import trace
 from services.common.asset_proto import AssetRecord
 from services.common.assetspec import AssetSpec
 from services.common.errors import status_of
+from services.common.model_labels import model_labels
 from services.common.tracing import tracer
 from services.worker.metrics import ModelMeters, WorkerMetrics
 from services.worker.models.types import ChatDelta, Phases, Usage
@@ -128,10 +129,10 @@ class RequestMeter:
 @contextmanager
 def loading(metrics: WorkerMetrics, record: AssetRecord, worker_id: str) -> Iterator[None]:
     """Time the body as a load of `record` (span `load`, and the load duration by outcome)."""
-    spec = record.spec
+    asset_id, interface, model_type = model_labels(record.spec)
     attributes: dict[str, str | int] = {
-        "roundhouse.asset_id": spec.asset_id, "roundhouse.asset.revision": record.revision,
-        "roundhouse.interface": ",".join(spec.interface), "roundhouse.model_type": spec.runtime,
+        "roundhouse.asset_id": asset_id, "roundhouse.asset.revision": record.revision,
+        "roundhouse.interface": interface, "roundhouse.model_type": model_type,
         "roundhouse.worker_id": worker_id}
     started = time.perf_counter()
     ok = False
@@ -140,4 +141,4 @@ def loading(metrics: WorkerMetrics, record: AssetRecord, worker_id: str) -> Iter
             yield
             ok = True
         finally:
-            metrics.load_finished(spec, time.perf_counter() - started, ok)
+            metrics.load_finished(record.spec, time.perf_counter() - started, ok)

@@ -64,8 +64,7 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
                     chunk = converters.chat_chunk(delta, request.model)
                     if delta.usage is not None:  # the last chunk says which revision answered
                         chunk.revision = lease.held.record.revision
-                        lease.meter.chat_ended(delta)
-                    elif delta.finish_reason is not None:
+                    if delta.usage is not None or delta.finish_reason is not None:
                         lease.meter.chat_ended(delta)
                     yield chunk
             except InvalidArgument as exc:

@@ -8,6 +8,7 @@ field. The figures come from the usage ledger, every router's requests included.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -182,12 +183,7 @@ class UsageSeries(BaseModel):
 
 
 def _figures(figures: RequestFigures) -> dict[str, Any]:
-    return {"requests": figures.requests, "errors": figures.errors, "error_rate": figures.error_rate,
-            "prompt_tokens": figures.prompt_tokens, "completion_tokens": figures.completion_tokens,
-            "p50_latency_ms": figures.p50_latency_ms, "p95_latency_ms": figures.p95_latency_ms,
-            "p99_latency_ms": figures.p99_latency_ms, "p50_ttft_ms": figures.p50_ttft_ms,
-            "p95_ttft_ms": figures.p95_ttft_ms, "p99_ttft_ms": figures.p99_ttft_ms,
-            "tokens_per_s": figures.tokens_per_s}
+    return {**asdict(figures), "error_rate": figures.error_rate}
 
 
 @stats_router.get("/models", response_model=ModelStatsList, responses={**INVALID, **REGISTRY_DOWN})

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from services.common.db.unavailable import database_unavailable
 from services.common.errors import Unauthenticated
@@ -51,6 +52,14 @@ def credential_from(authorization: str | None, api_key: str | None) -> str:
     if api_key is not None and api_key.strip():
         return api_key.strip()
     raise Unauthenticated(MISSING_KEY)
+
+
+def credential_from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    """`credential_from` for a gRPC call: its `authorization` or `x-api-key` metadata."""
+    found = {str(k).lower(): v for k, v in (metadata or ())}
+    authorization, api_key = found.get("authorization"), found.get("x-api-key")
+    return credential_from(authorization if isinstance(authorization, str) else None,
+                           api_key if isinstance(api_key, str) else None)
 
 
 class KeyAuthenticator:

@@ -102,12 +102,12 @@ class RequestMetrics:
         self._watched: set[int] = set()
 
     def watch(self, admission: Admission) -> None:
-        """Export the in-flight and queued gauges of `admission`'s gates, and count the waits
-        of requests that left them without a slot (once per admission)."""
+        """Export the in-flight and queued gauges of `admission`'s gates, and observe every
+        request's wait at them (once per admission)."""
         if id(admission) not in self._watched:
             self._watched.add(id(admission))
             self.registry.register(AdmissionGauges(admission))
-            admission.on_unserved_wait(self._left_unserved)
+            admission.on_wait(self._waited)
 
     def _series_of(self, record: AssetRecord | None, interface: str, route: str) -> _ModelSeries:
         key = ((record.spec.asset_id, record.spec.runtime, tuple(record.spec.interface), route)
@@ -163,12 +163,8 @@ class RequestMetrics:
         wakes.inc()
         delay.observe(seconds)
 
-    def queued(self, record: AssetRecord, seconds: float) -> None:
-        """A request got a slot of `record`'s model after waiting `seconds` at the gate."""
-        self._model_series(model_labels(record))[2].observe(seconds)
-
-    def _left_unserved(self, gate: AssetGate, seconds: float) -> None:
-        """A request waited `seconds` at `gate` and left without a slot: refused or given up."""
+    def _waited(self, gate: AssetGate, seconds: float) -> None:
+        """A request waited `seconds` at `gate`, served or not."""
         self._model_series((gate.asset_id, gate.interface, gate.model_type))[2].observe(seconds)
 
 

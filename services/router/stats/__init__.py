@@ -2,7 +2,6 @@
 series (see `AdminStats`). No protobuf here: the sources are converted before they arrive."""
 
 from services.router.stats.model import (
-    MODEL_STATES,
     FailedHere,
     HeldModel,
     ModelState,
@@ -20,7 +19,6 @@ from services.router.stats.service import MAX_BUCKETS, AdminStats, capabilities_
 
 __all__ = [
     "MAX_BUCKETS",
-    "MODEL_STATES",
     "AdminStats",
     "FailedHere",
     "HeldModel",

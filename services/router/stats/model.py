@@ -13,8 +13,6 @@ from datetime import datetime
 from typing import Literal
 
 ModelState = Literal["loaded", "loading", "sleeping", "failed", "disabled", "not_installed"]
-MODEL_STATES: tuple[ModelState, ...] = ("loaded", "loading", "sleeping", "failed", "disabled",
-                                        "not_installed")
 SeriesBy = Literal["model", "key"]
 
 

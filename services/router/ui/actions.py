@@ -22,7 +22,6 @@ from services.router.stats import ModelStats
 OperationKind = Literal["install", "load", "unload", "profile"]
 OPERATIONS: tuple[OperationKind, ...] = ("install", "load", "unload", "profile")
 Toggle = Literal["disable", "enable"]
-ACTIONS = (*OPERATIONS, "disable", "enable")
 
 
 def actions_for(model: ModelStats) -> list[str]:
