@@ -759,6 +759,8 @@ class Capabilities(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     STREAMING_FIELD_NUMBER: _builtins.int
     DETECTED_AT_FIELD_NUMBER: _builtins.int
+    SUPPORTS_STRUCTURED_OUTPUT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLING_FIELD_NUMBER: _builtins.int
     context_length: _builtins.int
     """Maximum tokens of prompt plus completion."""
     embedding_dim: _builtins.int
@@ -773,6 +775,18 @@ class Capabilities(_message.Message):
     """Measured resident memory of the loaded model, in bytes."""
     streaming: _builtins.bool
     """Whether the runtime streams tokens."""
+    supports_structured_output: _builtins.bool
+    """Whether `response_format` (json_object, json_schema) is enforced in decoding (local
+    models) or passed to an upstream that supports it (remote ones).
+    """
+    tool_calling: _builtins.str
+    """How the model calls tools; empty: it does not. `template`: its chat template has a tool
+    slot, and every `tool_choice` works (`auto` lets the model decide, its calls are
+    constrained to the tools' schemas). `constrained`: no tool slot; the tools are described
+    in a system message and every `tool_choice` works by constrained decoding (`auto` lets
+    the model answer in text or with calls; small models rarely choose calls). `upstream`:
+    a remote upstream decides and its calls are passed through.
+    """
     @_builtins.property
     def detected_at(self) -> _timestamp_pb2.Timestamp:
         """When these figures were measured."""
@@ -788,10 +802,12 @@ class Capabilities(_message.Message):
         memory_bytes: _builtins.int = ...,
         streaming: _builtins.bool = ...,
         detected_at: _timestamp_pb2.Timestamp | None = ...,
+        supports_structured_output: _builtins.bool = ...,
+        tool_calling: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["detected_at", b"detected_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "detected_at", b"detected_at", "embedding_dim", b"embedding_dim", "memory_bytes", b"memory_bytes", "parameter_count", b"parameter_count", "streaming", b"streaming", "supports_system_role", b"supports_system_role", "supports_tools", b"supports_tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "detected_at", b"detected_at", "embedding_dim", b"embedding_dim", "memory_bytes", b"memory_bytes", "parameter_count", b"parameter_count", "streaming", b"streaming", "supports_structured_output", b"supports_structured_output", "supports_system_role", b"supports_system_role", "supports_tools", b"supports_tools", "tool_calling", b"tool_calling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

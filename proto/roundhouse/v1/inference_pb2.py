@@ -24,35 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1droundhouse/v1/inference.proto\x12\rroundhouse.v1\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"\xba\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\"\n\x05tools\x18\t \x03(\x0b\x32\x13.roundhouse.v1.Tool\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x0c\n\x04user\x18\x0b \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x97\x01\n\tChatChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.roundhouse.v1.Usage\x12\x10\n\x08\x61sset_id\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"O\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x06tokens\x18\x02 \x01(\x0b\x32\x17.roundhouse.v1.TokenIdsH\x00\x42\x06\n\x04kind\"j\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x06inputs\x18\x02 \x03(\x0b\x32\x19.roundhouse.v1.EmbedInput\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9a\x01\n\rEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.roundhouse.v1.Embedding\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\x12\x10\n\x08\x61sset_id\x18\x03 \x01(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x10\n\x08revision\x18\x05 \x01(\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x8f\x01\n\tInference\x12>\n\x04\x43hat\x12\x1a.roundhouse.v1.ChatRequest\x1a\x18.roundhouse.v1.ChatChunk0\x01\x12\x42\n\x05\x45mbed\x12\x1b.roundhouse.v1.EmbedRequest\x1a\x1c.roundhouse.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1droundhouse/v1/inference.proto\x12\rroundhouse.v1\"4\n\nTokenCount\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x10\n\x08\x61sset_id\x18\x02 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"}\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12+\n\ntool_calls\x18\x04 \x03(\x0b\x32\x17.roundhouse.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"R\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"f\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bschema_json\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"1\n\nToolChoice\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"\x88\x06\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\"\n\x05tools\x18\t \x03(\x0b\x32\x13.roundhouse.v1.Tool\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x0c\n\x04user\x18\x0b \x01(\t\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x05\x88\x01\x01\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).roundhouse.v1.ChatRequest.LogitBiasEntry\x12\x10\n\x08logprobs\x18\x0f \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x10 \x01(\r\x12\t\n\x01n\x18\x11 \x01(\r\x12\x12\n\x05top_k\x18\x12 \x01(\rH\x06\x88\x01\x01\x12\x36\n\x0fresponse_format\x18\x13 \x01(\x0b\x32\x1d.roundhouse.v1.ResponseFormat\x12.\n\x0btool_choice\x18\x14 \x01(\x0b\x32\x19.roundhouse.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x15 \x01(\x08H\x07\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_top_kB\x16\n\x14_parallel_tool_calls\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"n\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.roundhouse.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x9e\x02\n\tChatChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.roundhouse.v1.Usage\x12\x10\n\x08\x61sset_id\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\x12\r\n\x05index\x18\x06 \x01(\r\x12\x30\n\ntool_calls\x18\x07 \x03(\x0b\x32\x1c.roundhouse.v1.ToolCallDelta\x12-\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1b.roundhouse.v1.TokenLogprob\x12\x15\n\rstop_sequence\x18\t \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"O\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x06tokens\x18\x02 \x01(\x0b\x32\x17.roundhouse.v1.TokenIdsH\x00\x42\x06\n\x04kind\"j\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x06inputs\x18\x02 \x03(\x0b\x32\x19.roundhouse.v1.EmbedInput\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9a\x01\n\rEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.roundhouse.v1.Embedding\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\x12\x10\n\x08\x61sset_id\x18\x03 \x01(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x10\n\x08revision\x18\x05 \x01(\x03*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\xd5\x01\n\tInference\x12>\n\x04\x43hat\x12\x1a.roundhouse.v1.ChatRequest\x1a\x18.roundhouse.v1.ChatChunk0\x01\x12\x42\n\x05\x45mbed\x12\x1b.roundhouse.v1.EmbedRequest\x1a\x1c.roundhouse.v1.EmbedResponse\x12\x44\n\x0b\x43ountTokens\x12\x1a.roundhouse.v1.ChatRequest\x1a\x19.roundhouse.v1.TokenCountb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'roundhouse.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1128
-  _globals['_FINISHREASON']._serialized_end=1223
-  _globals['_CHATMESSAGE']._serialized_start=48
-  _globals['_CHATMESSAGE']._serialized_end=106
-  _globals['_TOOL']._serialized_start=108
-  _globals['_TOOL']._serialized_end=174
-  _globals['_CHATREQUEST']._serialized_start=177
-  _globals['_CHATREQUEST']._serialized_end=491
-  _globals['_USAGE']._serialized_start=493
-  _globals['_USAGE']._serialized_end=572
-  _globals['_CHATCHUNK']._serialized_start=575
-  _globals['_CHATCHUNK']._serialized_end=726
-  _globals['_TOKENIDS']._serialized_start=728
-  _globals['_TOKENIDS']._serialized_end=751
-  _globals['_EMBEDINPUT']._serialized_start=753
-  _globals['_EMBEDINPUT']._serialized_end=832
-  _globals['_EMBEDREQUEST']._serialized_start=834
-  _globals['_EMBEDREQUEST']._serialized_end=940
-  _globals['_EMBEDDING']._serialized_start=942
-  _globals['_EMBEDDING']._serialized_end=969
-  _globals['_EMBEDRESPONSE']._serialized_start=972
-  _globals['_EMBEDRESPONSE']._serialized_end=1126
-  _globals['_INFERENCE']._serialized_start=1226
-  _globals['_INFERENCE']._serialized_end=1369
+  _globals['_CHATREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_CHATREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2324
+  _globals['_FINISHREASON']._serialized_end=2449
+  _globals['_TOKENCOUNT']._serialized_start=48
+  _globals['_TOKENCOUNT']._serialized_end=100
+  _globals['_TOOLCALL']._serialized_start=102
+  _globals['_TOOLCALL']._serialized_end=157
+  _globals['_CHATMESSAGE']._serialized_start=159
+  _globals['_CHATMESSAGE']._serialized_end=284
+  _globals['_TOOL']._serialized_start=286
+  _globals['_TOOL']._serialized_end=368
+  _globals['_RESPONSEFORMAT']._serialized_start=370
+  _globals['_RESPONSEFORMAT']._serialized_end=472
+  _globals['_TOOLCHOICE']._serialized_start=474
+  _globals['_TOOLCHOICE']._serialized_end=523
+  _globals['_CHATREQUEST']._serialized_start=526
+  _globals['_CHATREQUEST']._serialized_end=1302
+  _globals['_CHATREQUEST_LOGITBIASENTRY']._serialized_start=1127
+  _globals['_CHATREQUEST_LOGITBIASENTRY']._serialized_end=1175
+  _globals['_TOOLCALLDELTA']._serialized_start=1304
+  _globals['_TOOLCALLDELTA']._serialized_end=1379
+  _globals['_TOPLOGPROB']._serialized_start=1381
+  _globals['_TOPLOGPROB']._serialized_end=1440
+  _globals['_TOKENLOGPROB']._serialized_start=1442
+  _globals['_TOKENLOGPROB']._serialized_end=1552
+  _globals['_USAGE']._serialized_start=1554
+  _globals['_USAGE']._serialized_end=1633
+  _globals['_CHATCHUNK']._serialized_start=1636
+  _globals['_CHATCHUNK']._serialized_end=1922
+  _globals['_TOKENIDS']._serialized_start=1924
+  _globals['_TOKENIDS']._serialized_end=1947
+  _globals['_EMBEDINPUT']._serialized_start=1949
+  _globals['_EMBEDINPUT']._serialized_end=2028
+  _globals['_EMBEDREQUEST']._serialized_start=2030
+  _globals['_EMBEDREQUEST']._serialized_end=2136
+  _globals['_EMBEDDING']._serialized_start=2138
+  _globals['_EMBEDDING']._serialized_end=2165
+  _globals['_EMBEDRESPONSE']._serialized_start=2168
+  _globals['_EMBEDRESPONSE']._serialized_end=2322
+  _globals['_INFERENCE']._serialized_start=2452
+  _globals['_INFERENCE']._serialized_end=2665
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,11 @@ class InferenceStub:
                 request_serializer=roundhouse_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=roundhouse_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/roundhouse.v1.Inference/CountTokens',
+                request_serializer=roundhouse_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=roundhouse_dot_v1_dot_inference__pb2.TokenCount.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -68,6 +73,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """Count the prompt tokens a chat request would use (after the chat template), without
+        generating. The model must be served (the router wakes it as for a chat).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +93,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=roundhouse_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
                     response_serializer=roundhouse_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=roundhouse_dot_v1_dot_inference__pb2.ChatRequest.FromString,
+                    response_serializer=roundhouse_dot_v1_dot_inference__pb2.TokenCount.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +156,33 @@ class Inference:
             '/roundhouse.v1.Inference/Embed',
             roundhouse_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
             roundhouse_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roundhouse.v1.Inference/CountTokens',
+            roundhouse_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+            roundhouse_dot_v1_dot_inference__pb2.TokenCount.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,10 @@ class InferenceStub:
     """
     Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
     """Embed many inputs in one call."""
+    CountTokens: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ChatRequest, _inference_pb2.TokenCount]
+    """Count the prompt tokens a chat request would use (after the chat template), without
+    generating. The model must be served (the router wakes it as for a chat).
+    """
 
 @_typing.type_check_only
 class InferenceAsyncStub(InferenceStub):
@@ -55,6 +59,10 @@ class InferenceAsyncStub(InferenceStub):
     """
     Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embed many inputs in one call."""
+    CountTokens: _aio.UnaryUnaryMultiCallable[_inference_pb2.ChatRequest, _inference_pb2.TokenCount]  # type: ignore[assignment]
+    """Count the prompt tokens a chat request would use (after the chat template), without
+    generating. The model must be served (the router wakes it as for a chat).
+    """
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
     """Serving. The router implements it for internal services (by model name or alias);
@@ -78,5 +86,15 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.EmbedResponse, _abc.Awaitable[_inference_pb2.EmbedResponse]]:
         """Embed many inputs in one call."""
+
+    @_abc_1.abstractmethod
+    def CountTokens(
+        self,
+        request: _inference_pb2.ChatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.TokenCount, _abc.Awaitable[_inference_pb2.TokenCount]]:
+        """Count the prompt tokens a chat request would use (after the chat template), without
+        generating. The model must be served (the router wakes it as for a chat).
+        """
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

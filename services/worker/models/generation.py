@@ -20,11 +20,25 @@ _END = object()
 @dataclass(frozen=True)
 class Sampling:
     """How the next token is picked: temperature 0 or top_p 0 is greedy; a seed makes sampling
-    reproducible."""
+    reproducible (alone or in any batch).
+
+    Penalties and biases change the logits before the draw (OpenAI's definitions: presence
+    once per token that appeared in the completion, frequency per occurrence); `top_k` 0 is no
+    limit. `logprobs` asks for each drawn token's log probability and `top_logprobs`
+    alternatives (see `TokenStream.take_logprobs`). Generation ends at the token that completes
+    one of `stop` (the text after it is never generated; see `TokenStream.stop_sequence`).
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    stop: tuple[str, ...] = ()
 
     @property
     def greedy(self) -> bool:

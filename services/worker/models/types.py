@@ -18,7 +18,8 @@ from services.common.errors import InvalidArgument, ModelNotReady, WrongInterfac
 LLM = "llm-runtime"
 EMBEDDING = "embedding-runtime"
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+ToolCallingMode = Literal["", "template", "constrained", "upstream"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,18 @@ class Capabilities:
     parameter_count: int = 0
     memory_bytes: int = 0
     streaming: bool = False
+    supports_structured_output: bool = False
+    tool_calling: ToolCallingMode = ""
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the assistant made (in an earlier turn, or in a response)."""
+
+    id: str
+    name: str
+    arguments: str
+    """The arguments, as JSON text (an object)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,10 @@ class ChatMessage:
     role: str
     content: str
     name: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """An assistant message's tool calls."""
+    tool_call_id: str = ""
+    """A `tool` message: the call it answers."""
 
 
 @dataclass(frozen=True)
@@ -51,11 +68,33 @@ class Tool:
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
 
+    strict: bool = False
+
     def to_openai(self) -> dict[str, Any]:
         """The OpenAI `tools[]` entry, also what chat templates expect."""
         function: dict[str, Any] = {"name": self.name, "description": self.description}
         function["parameters"] = self.parameters or {"type": "object", "properties": {}}
         return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """The answer's shape: `text`, `json_object` (any JSON object) or `json_schema`."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    schema: dict[str, Any] | None = None
+    """`json_schema`: the schema."""
+    name: str = ""
+    strict: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """Which tool the model is to call: `auto`, `none`, `required`, or `function` (`name`)."""
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: str = ""
 
 
 @dataclass
@@ -73,6 +112,19 @@ class ChatParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     tools: list[Tool] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> bias added to its logit."""
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+    top_k: int = 0
+    """0: no limit."""
+    response_format: ResponseFormat = field(default_factory=ResponseFormat)
+    tool_choice: ToolChoice | None = None
+    """None: `auto` when tools are given."""
+    parallel_tool_calls: bool = True
 
     def __post_init__(self) -> None:
         self.messages = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in self.messages]
@@ -89,6 +141,36 @@ class ChatParams:
             raise InvalidArgument("max_tokens must be at least 1")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop sequences must not be empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidArgument(f"{name} must be between -2 and 2")
+        if any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
+            raise InvalidArgument("logit_bias: every bias must be between -100 and 100")
+        if not 0 <= self.top_logprobs <= 20:
+            raise InvalidArgument("top_logprobs must be between 0 and 20")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidArgument("top_logprobs needs logprobs: true")
+        if not 1 <= self.n <= 16:
+            raise InvalidArgument("n must be between 1 and 16")
+        if self.top_k < 0:
+            raise InvalidArgument("top_k must not be negative")
+        if self.response_format.type == "json_schema" and not isinstance(self.response_format.schema, dict):
+            raise InvalidArgument("response_format: json_schema needs a schema (a JSON object)")
+        choice = self.tool_choice
+        if choice is not None and choice.mode in ("required", "function") and not self.tools:
+            raise InvalidArgument(f"tool_choice: '{choice.mode}' needs tools")
+        if choice is not None and choice.mode == "function" and choice.name not in {t.name for t in self.tools}:
+            raise InvalidArgument(f"tool_choice: function {choice.name!r} is not among the tools")
+        if self.tools and self.response_format.type != "text" and self.effective_tool_choice != "none":
+            raise InvalidArgument("response_format and tool calls cannot be combined; "
+                                  "send tool_choice 'none' or leave response_format out")
+
+    @property
+    def effective_tool_choice(self) -> str:
+        """`none` without tools; else the choice's mode (`auto` when unset)."""
+        if not self.tools:
+            return "none"
+        return self.tool_choice.mode if self.tool_choice is not None else "auto"
 
 
 @dataclass(frozen=True)
@@ -120,14 +202,49 @@ class Phases:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call: the first of a call has `id` and `name`, later ones
+    more `arguments` text (OpenAI's streaming)."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """An alternative token at a position."""
+
+    token: str
+    logprob: float
+    bytes: bytes = b""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability, with the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: bytes = b""
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class ChatDelta:
-    """A piece of a streamed completion; the last one has `finish_reason` (and usage if known,
-    and the request's `phases` where the model measures them)."""
+    """A piece of a streamed completion of choice `index`. Each choice's last delta has its
+    `finish_reason` (and `stop_sequence` when one ended it); the stream's very last delta has
+    `usage` (all choices) if known, and the request's `phases` where the model measures them."""
 
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     phases: Phases | None = None
+    index: int = 0
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    stop_sequence: str = ""
 
 
 @dataclass(frozen=True)
