@@ -1,6 +1,8 @@
 """A loopback OpenAI-compatible upstream for tests of the `openai` runtime: it checks the
 bearer key, answers chat and completions whole or streamed (as the request's `stream` asks),
-embeds, and records what it received."""
+embeds, and records what it received. Chat answers as the request asks: `n` choices,
+`logprobs` (made up) with `top_logprobs` alternatives, and two tool calls when tools are
+offered (and `tool_choice` is not `none`)."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def upstream_app(received: list[dict[str, Any]]) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+    usage: Any = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -47,15 +49,53 @@ def upstream_app(received: list[dict[str, Any]]) -> FastAPI:
             return denied
         body = await request.json()
         received.append(body)
-        words = ["Hel", "lo", " there"]
+        if body.get("tools") and body.get("tool_choice") != "none":
+            return tool_calls(body)
+        choices = [(["Hel", "lo", " there"], "length")]
+        choices += [([f"Alt{n}", " answer"], "stop") for n in range(1, body.get("n", 1))]
         if not body.get("stream"):
-            message = {"role": "assistant", "content": "".join(words)}
-            return {"object": "chat.completion", "usage": usage,
-                    "choices": [{"index": 0, "message": message, "finish_reason": "length"}]}
-        chunks = [{"choices": [{"index": 0, "delta": {"content": w}}]} for w in words]
-        chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+            return {"object": "chat.completion", "usage": usage, "choices": [
+                {"index": n, "message": {"role": "assistant", "content": "".join(words)}, "finish_reason": finish}
+                for n, (words, finish) in enumerate(choices)]}
+        chunks = []
+        for step in range(max(len(words) for words, _ in choices)):  # the choices interleaved
+            for n, (words, _) in enumerate(choices):
+                if step < len(words):
+                    choice = {"index": n, "delta": {"content": words[step]}}
+                    if body.get("logprobs"):
+                        choice["logprobs"] = {"content": [logprob(words[step], body.get("top_logprobs", 0))]}
+                    chunks.append({"choices": [choice]})
+        chunks += [{"choices": [{"index": n, "delta": {}, "finish_reason": finish}]}
+                   for n, (_, finish) in enumerate(choices)]
         if body.get("stream_options", {}).get("include_usage"):
             chunks.append({"choices": [], "usage": usage})
+        return sse(chunks)
+
+    def logprob(token: str, alternatives: int) -> dict[str, Any]:
+        """A made-up logprob entry for `token`, with `alternatives` made-up alternatives."""
+        top = [{"token": token, "logprob": -0.25, "bytes": list(token.encode())}]
+        top += [{"token": f"alt{k}", "logprob": -1.0 - k, "bytes": list(f"alt{k}".encode())}
+                for k in range(1, alternatives)]
+        return {"token": token, "logprob": -0.25, "bytes": list(token.encode()), "top_logprobs": top}
+
+    def tool_calls(body: dict[str, Any]) -> Any:
+        """Two calls of the first tool: the first streamed in pieces as OpenAI does, the second
+        sent whole in one delta (as some upstreams do)."""
+        name = body["tools"][0]["function"]["name"]
+        if not body.get("stream"):
+            calls = [{"id": f"call_up{k}", "type": "function",
+                      "function": {"name": name, "arguments": f'{{"city": "C{k}"}}'}} for k in (1, 2)]
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            return {"object": "chat.completion", "usage": usage,
+                    "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+        first = {"index": 0, "id": "call_up1", "type": "function", "function": {"name": name, "arguments": ""}}
+        pieces = [{"index": 0, "function": {"arguments": part}} for part in ('{"city": ', '"C1"}')]
+        whole = {"index": 1, "id": "call_up2", "type": "function",
+                 "function": {"name": name, "arguments": '{"city": "C2"}'}}
+        chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": None, "tool_calls": [call]}}]}
+                  for call in (first, *pieces, whole)]
+        chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        chunks.append({"choices": [], "usage": usage})
         return sse(chunks)
 
     @app.post("/v1/completions")

@@ -17,8 +17,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 import orjson
@@ -31,11 +30,32 @@ from services.common.errors import (
     Overloaded,
     UpstreamError,
 )
+from services.common.openai_chat import (
+    ChatOptions,
+    FinishReason,
+    StreamedAnswer,
+    UpstreamLogprob,
+    UpstreamText,
+    UpstreamToolCall,
+    UpstreamUsage,
+    chat_body,
+    whole_answer,
+)
 from services.common.upstreams import UpstreamRules
+
+__all__ = [
+    "ChatOptions",
+    "FinishReason",
+    "OpenAIUpstream",
+    "UpstreamLogprob",
+    "UpstreamText",
+    "UpstreamToolCall",
+    "UpstreamUsage",
+    "chat_body",
+]
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length"]
 CONNECT_TIMEOUT_S = 30.0
 READ_TIMEOUT_S = 300.0
 """Longest silence between two reads of an answer (a slow upstream's first token included)."""
@@ -43,51 +63,6 @@ MAX_CONNECTIONS = 256
 """Connections kept to one upstream at most; more concurrent requests wait for one."""
 MAX_ERROR_DETAIL = 500
 JSON_HEADERS = {"Content-Type": "application/json"}
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamUsage:
-    """Token counts the upstream reported."""
-
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamText:
-    """A piece of an answer (streamed), or a whole one: its text, and on the last piece the
-    finish reason and, when the upstream reported it, the usage."""
-
-    text: str
-    finish_reason: FinishReason | None = None
-    usage: UpstreamUsage | None = None
-
-
-def chat_body(
-    model: str, *, messages: Sequence[dict[str, Any]] = (), prompt: str | None = None,
-    temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
-    seed: int | None = None, stop: Sequence[str] = (), tools: Sequence[dict[str, Any]] = (),
-    stream: bool,
-) -> tuple[str, dict[str, Any]]:
-    """The path (relative to the upstream's base URL) and body of a chat or raw completion.
-
-    `messages` and `tools` are in OpenAI's shape already; a raw `prompt` (no messages) goes to
-    `completions`. Unset sampling fields are left out, so the upstream's defaults apply. A
-    streamed request asks for the usage in its last event.
-    """
-    body: dict[str, Any] = {"model": model, "stream": stream}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    if prompt is not None and not messages:
-        path, body["prompt"] = "completions", prompt
-    else:
-        path, body["messages"] = "chat/completions", list(messages)
-        if tools:
-            body["tools"] = list(tools)
-    optional = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
-                "seed": seed, "stop": list(stop) or None}
-    body.update({k: v for k, v in optional.items() if v is not None})
-    return path, body
 
 
 class OpenAIUpstream:
@@ -137,21 +112,23 @@ class OpenAIUpstream:
 
     async def complete(self, path: str, body: dict[str, Any], *,
                        timeout_s: float | None = None) -> UpstreamText:
-        """The whole answer to a request that does not stream (see `chat_body`)."""
-        data = await self._post_json(path, body, timeout_s)
-        choices = data.get("choices") or [{}]
-        choice = choices[0] if isinstance(choices, list) and isinstance(choices[0], dict) else {}
-        message = choice.get("message")
-        text = (message.get("content") if isinstance(message, dict) else None) or choice.get("text") or ""
-        return UpstreamText(str(text), _finish(choice.get("finish_reason")) or "stop",
-                            _usage(data.get("usage")))
+        """The whole answer to a request that does not stream (see `chat_body`): its first
+        choice, with the usage."""
+        return (await self.complete_choices(path, body, timeout_s=timeout_s))[0]
+
+    async def complete_choices(self, path: str, body: dict[str, Any], *,
+                               timeout_s: float | None = None) -> list[UpstreamText]:
+        """Every choice of an answer that does not stream, whole, in index order (at least
+        one); the usage is on each."""
+        return whole_answer(await self._post_json(path, body, timeout_s))
 
     async def stream(self, path: str, body: dict[str, Any], *,
                      timeout_s: float | None = None) -> AsyncIterator[UpstreamText]:
-        """The pieces of a streamed answer as they arrive, then a last one with no text, the
-        finish reason and the usage (when the upstream reported it)."""
-        finish: FinishReason | None = None
-        usage: UpstreamUsage | None = None
+        """The pieces of a streamed answer as they arrive (text, tool-call pieces, logprobs, each
+        of its choice), then per choice, in index order, a last piece with no text and the
+        finish reason; the very last one has the usage (when the upstream reported it). See
+        `StreamedAnswer`."""
+        answer = StreamedAnswer()
         try:
             async with self._client().post(self._url(path), data=orjson.dumps(body),
                                            timeout=self._timeout(timeout_s)) as response:
@@ -159,16 +136,12 @@ class OpenAIUpstream:
                 async for event in _sse_events(response):
                     if event.get("error"):
                         raise UpstreamError(self._scrub(f"upstream error: {event['error']}"))
-                    usage = _usage(event.get("usage")) or usage
-                    for choice in event.get("choices") or []:
-                        delta = choice.get("delta") or {}
-                        text = (delta.get("content") if isinstance(delta, dict) else None) or choice.get("text") or ""
-                        finish = _finish(choice.get("finish_reason")) or finish
-                        if text:
-                            yield UpstreamText(text)
+                    for piece in answer.pieces(event):
+                        yield piece
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._unreachable(exc) from None
-        yield UpstreamText("", finish or "stop", usage)
+        for piece in answer.endings():
+            yield piece
 
     async def embed(self, inputs: Sequence[str | Sequence[int]], *,
                     timeout_s: float | None = None) -> tuple[list[list[float]], int]:
@@ -236,19 +209,6 @@ class OpenAIUpstream:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-def _finish(value: Any) -> FinishReason | None:
-    """OpenAI's finish reason as one of ours: `length` stays, any other reason is a stop."""
-    if not value:
-        return None
-    return "length" if value == "length" else "stop"
-
-
-def _usage(value: Any) -> UpstreamUsage | None:
-    if not isinstance(value, dict):
-        return None
-    return UpstreamUsage(int(value.get("prompt_tokens") or 0), int(value.get("completion_tokens") or 0))
 
 
 async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 
 from roundhouse.v1 import asset_pb2, events_pb2, inference_pb2, worker_pb2
 from services.common.asset_proto import timestamp
-from services.common.errors import InvalidArgument
+from services.common.errors import FieldProblem, InvalidArgument
 from services.common.events import new_event
 from services.common.grpc_interceptors import QUEUE_TIMEOUT_KEY
 from services.worker.holdings import FailedModelInfo, LoadedModelInfo, WorkerState
 from services.worker.models import Capabilities, ChatDelta, ChatMessage, ChatParams, EmbedInput, EmbedResult, Tool
+from services.worker.models.types import ResponseFormat, TokenLogprob, ToolCall, ToolChoice
 
-FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
+FINISH = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "tool_calls": inference_pb2.FINISH_REASON_TOOL_CALLS,
+}
+ResponseFormatType = Literal["text", "json_object", "json_schema"]
+ToolChoiceMode = Literal["auto", "none", "required", "function"]
+RESPONSE_FORMATS: tuple[ResponseFormatType, ...] = get_args(ResponseFormatType)
+TOOL_CHOICES: tuple[ToolChoiceMode, ...] = get_args(ToolChoiceMode)
+Name = TypeVar("Name", bound=str)
 
 
 def queue_timeout(sent: str | bytes | None) -> float | None:
@@ -33,31 +44,105 @@ def queue_timeout(sent: str | bytes | None) -> float | None:
 
 
 def chat_params(request: inference_pb2.ChatRequest) -> ChatParams:
-    """A `ChatRequest` as the model layer's parameters."""
-    tools = []
-    for tool in request.tools:
-        try:
-            parameters = json.loads(tool.parameters_json) if tool.parameters_json else {}
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"tools: parameters of '{tool.name}' are not JSON: {exc}") from None
-        tools.append(Tool(tool.name, tool.description, parameters))
+    """A `ChatRequest` as the model layer's parameters; JSON text that is not JSON (tool
+    parameters, a response schema) is refused naming the field. Unset fields take the model
+    layer's defaults: no penalties, one choice, parallel tool calls allowed."""
     return ChatParams(
-        messages=[ChatMessage(m.role, m.content, m.name) for m in request.messages],
+        messages=[_message(m) for m in request.messages],
         prompt=request.prompt if not request.messages else None,
         temperature=request.temperature if request.HasField("temperature") else None,
         top_p=request.top_p if request.HasField("top_p") else None,
         max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
         stop=list(request.stop),
         seed=request.seed if request.HasField("seed") else None,
-        tools=tools,
+        tools=[_tool(n, t) for n, t in enumerate(request.tools)],
+        presence_penalty=request.presence_penalty if request.HasField("presence_penalty") else 0.0,
+        frequency_penalty=request.frequency_penalty if request.HasField("frequency_penalty") else 0.0,
+        logit_bias={int(token): bias for token, bias in request.logit_bias.items()},
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
+        n=request.n or 1,
+        top_k=request.top_k if request.HasField("top_k") else 0,
+        response_format=_response_format(request),
+        tool_choice=_tool_choice(request),
+        parallel_tool_calls=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
     )
 
 
+def _message(message: inference_pb2.ChatMessage) -> ChatMessage:
+    calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in message.tool_calls)
+    return ChatMessage(message.role, message.content, message.name, tool_calls=calls,
+                       tool_call_id=message.tool_call_id)
+
+
+def _tool(n: int, tool: inference_pb2.Tool) -> Tool:
+    path = f"tools[{n}].function.parameters"
+    parameters = _json_object(tool.parameters_json, path) if tool.parameters_json else {}
+    return Tool(tool.name, tool.description, parameters, strict=tool.strict)
+
+
+def _response_format(request: inference_pb2.ChatRequest) -> ResponseFormat:
+    if not request.HasField("response_format"):
+        return ResponseFormat()
+    sent = request.response_format
+    kind = _one_of(sent.type or "text", RESPONSE_FORMATS, "response_format.type", "")
+    if kind != "json_schema":
+        return ResponseFormat(kind)
+    if not sent.schema_json:
+        raise _problem("response_format.json_schema.schema", "required for json_schema (a JSON Schema object)")
+    schema = _json_object(sent.schema_json, "response_format.json_schema.schema")
+    return ResponseFormat("json_schema", schema, sent.name, sent.strict, sent.description)
+
+
+def _tool_choice(request: inference_pb2.ChatRequest) -> ToolChoice | None:
+    if not request.HasField("tool_choice"):
+        return None
+    sent = request.tool_choice
+    mode = _one_of(sent.mode or ("function" if sent.function_name else "auto"), TOOL_CHOICES, "tool_choice",
+                   " (a named function)")
+    if mode == "function" and not sent.function_name:
+        raise _problem("tool_choice.function.name", "required when a function is chosen")
+    return ToolChoice(mode, sent.function_name if mode == "function" else "")
+
+
+def _one_of(value: str, names: tuple[Name, ...], path: str, note: str) -> Name:
+    """`value` as one of `names`; `InvalidArgument` naming `path` otherwise."""
+    for name in names:
+        if name == value:
+            return name
+    raise _problem(path, f"{value!r} is not one of {', '.join(names)}{note}")
+
+
+def _json_object(text: str, path: str) -> dict[str, Any]:
+    """`text` parsed as a JSON object; `InvalidArgument` naming `path` otherwise."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the stack
+        raise _problem(path, f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _problem(path, "must be a JSON object")
+    return value
+
+
+def _problem(path: str, reason: str) -> InvalidArgument:
+    return InvalidArgument.from_problems([FieldProblem(path, reason)])
+
+
 def chat_chunk(delta: ChatDelta, asset_id: str) -> inference_pb2.ChatChunk:
-    """One streamed piece as a `ChatChunk`."""
-    chunk = inference_pb2.ChatChunk(delta=delta.text, asset_id=asset_id)
+    """One streamed piece as a `ChatChunk`: its choice, text, tool-call pieces and logprobs,
+    and on a choice's last piece the finish reason (and the stop sequence that ended it)."""
+    chunk = inference_pb2.ChatChunk(delta=delta.text, asset_id=asset_id, index=delta.index)
     if delta.finish_reason:
         chunk.finish_reason = FINISH[delta.finish_reason]
+    if delta.stop_sequence:
+        chunk.stop_sequence = delta.stop_sequence
+    if delta.tool_calls:
+        chunk.tool_calls.extend(
+            inference_pb2.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments)
+            for c in delta.tool_calls
+        )
+    if delta.logprobs:
+        chunk.logprobs.extend(_token_logprob(p) for p in delta.logprobs)
     if delta.usage is not None:
         chunk.usage.CopyFrom(inference_pb2.Usage(
             prompt_tokens=delta.usage.prompt_tokens,
@@ -65,6 +150,18 @@ def chat_chunk(delta: ChatDelta, asset_id: str) -> inference_pb2.ChatChunk:
             total_tokens=delta.usage.total_tokens,
         ))
     return chunk
+
+
+def _token_logprob(entry: TokenLogprob) -> inference_pb2.TokenLogprob:
+    return inference_pb2.TokenLogprob(
+        token=entry.token, logprob=entry.logprob, bytes=entry.bytes,
+        top_logprobs=[inference_pb2.TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in entry.top],
+    )
+
+
+def token_count(count: int, asset_id: str) -> inference_pb2.TokenCount:
+    """A prompt's token count as `TokenCount`."""
+    return inference_pb2.TokenCount(input_tokens=count, asset_id=asset_id)
 
 
 def embed_inputs(request: inference_pb2.EmbedRequest) -> list[EmbedInput]:
@@ -129,6 +226,8 @@ def capabilities(caps: Capabilities) -> asset_pb2.Capabilities:
         parameter_count=caps.parameter_count,
         memory_bytes=caps.memory_bytes,
         streaming=caps.streaming,
+        supports_structured_output=caps.supports_structured_output,
+        tool_calling=caps.tool_calling,
     )
 
 

@@ -31,6 +31,7 @@ from services.worker.loading import Loader, MemoryBudget, load_from_store, load_
 from services.worker.metering import RequestMeter, loading
 from services.worker.metrics import WorkerMetrics
 from services.worker.model_events import UNLOAD_EVENTS, ModelEvents
+from services.worker.models import ChatParams
 
 log = logging.getLogger(__name__)
 
@@ -250,13 +251,9 @@ class ModelHost:
         `counts_as_use` False (a route's shadow copy): the model's idle clock is left alone.
         """
         with RequestMeter(self.metrics, asset_id) as meter, self._intake.entered(self.worker_id):
-            held = self._held.get(asset_id)
-            if held is None:
-                if asset_id in self._loading:
-                    raise ModelNotReady(f"model '{asset_id}' is still loading on worker {self.worker_id}")
-                raise not_held_error(asset_id, self.worker_id, self._failures.get(asset_id))
-            meter.model(held.record.spec)
-            slots = held.slots
+            waited_for = self._serving(asset_id)
+            meter.model(waited_for.record.spec)
+            slots = waited_for.slots
             with meter.queue():
                 await slots.acquire(wait_s(slots.policy, queue_timeout_s, deadline_s))
             try:
@@ -268,6 +265,27 @@ class ModelHost:
                     yield lease
             finally:
                 slots.release()
+
+    async def count_tokens(self, asset_id: str, params: ChatParams) -> int:
+        """The prompt tokens `params` would use on the held model, without generating.
+
+        Counting takes no slot (it waits behind no generation) but counts as use of the model.
+        Raises as `use` does when the model is not held, and `FailedPrecondition` when the model
+        cannot count (see `HostedModel.count_prompt_tokens`).
+        """
+        with self._intake.entered(self.worker_id):
+            held = self._serving(asset_id)
+            held.touch()
+            return await held.model.count_prompt_tokens(params)
+
+    def _serving(self, asset_id: str) -> HeldModel:
+        """The held model of `asset_id`; `ModelNotReady` while it loads, else `NotFound`."""
+        held = self._held.get(asset_id)
+        if held is None:
+            if asset_id in self._loading:
+                raise ModelNotReady(f"model '{asset_id}' is still loading on worker {self.worker_id}")
+            raise not_held_error(asset_id, self.worker_id, self._failures.get(asset_id))
+        return held
 
     async def drain(self, timeout_s: float) -> None:
         """Take no new work from now on and wait for the running requests to end.

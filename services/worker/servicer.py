@@ -58,7 +58,8 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
             except InvalidArgument as exc:
                 raise locate(exc, subject(request)) from None
             try:
-                check_tools_supported(request, request.model, lease.model.capabilities.supports_tools)
+                caps = lease.model.capabilities
+                check_tools_supported(request, request.model, caps.supports_tools or bool(caps.tool_calling))
                 async for delta in stream:
                     lease.check()
                     chunk = converters.chat_chunk(delta, request.model)
@@ -72,6 +73,20 @@ class WorkerInferenceServicer(inference_pb2_grpc.InferenceServicer):
             finally:
                 # Also runs when grpc cancels the handler (client gone): stop generating.
                 await stream.aclose()  # type: ignore[attr-defined]
+
+    async def CountTokens(
+        self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.TokenCount:
+        """The prompt tokens the chat request would use on the held model, counted without
+        generating; checked as `Chat` checks it. A model that cannot count (a remote OpenAI
+        upstream) answers FAILED_PRECONDITION."""
+        check_chat(request)
+        params = converters.chat_params(request)
+        try:
+            count = await self._host.count_tokens(request.model, params)
+        except InvalidArgument as exc:
+            raise locate(exc, subject(request)) from None
+        return converters.token_count(count, request.model)
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext

@@ -11,8 +11,8 @@ import time
 from collections.abc import AsyncIterator
 
 from services.common.assetspec import AssetSpec
-from services.common.errors import UpstreamError
-from services.common.openai_upstream import OpenAIUpstream, chat_body
+from services.common.errors import FailedPrecondition, InvalidArgument, UpstreamError
+from services.common.openai_upstream import ChatOptions, OpenAIUpstream, chat_body
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.worker.models.types import (
     Capabilities,
@@ -22,7 +22,15 @@ from services.worker.models.types import (
     EmbedResult,
     HostedModel,
     Phases,
+    ToolCallDelta,
     Usage,
+)
+from services.worker.models.upstream_shapes import (
+    openai_message,
+    openai_response_format,
+    openai_tool,
+    openai_tool_choice,
+    token_logprob,
 )
 
 __all__ = ["OpenAIRemoteModel", "UpstreamHTTPError"]
@@ -49,16 +57,17 @@ class OpenAIRemoteModel(HostedModel):
             supports_system_role=True,
             supports_tools=True,
             streaming=True,
+            supports_structured_output=True,
+            tool_calling="upstream",
         )
 
     async def _chat(self, params: ChatParams) -> AsyncIterator[ChatDelta]:
         path, body = chat_body(
             self.upstream_model,
-            messages=[{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-                      for m in params.messages],
+            messages=[openai_message(m) for m in params.messages],
             prompt=params.prompt, temperature=params.temperature, top_p=params.top_p,
             max_tokens=params.max_tokens, seed=params.seed, stop=params.stop,
-            tools=[t.to_openai() for t in params.tools], stream=True,
+            tools=[openai_tool(t) for t in params.tools], stream=True, options=self._options(params),
         )
         phases = Phases()  # the upstream's phases are its own: only when its pieces came is known here
         async for piece in self._upstream.stream(path, body):
@@ -68,9 +77,31 @@ class OpenAIRemoteModel(HostedModel):
             ending = piece.finish_reason is not None or usage is not None
             if ending:
                 phases.end_ns = time.time_ns()
-            yield ChatDelta(piece.text, finish_reason=piece.finish_reason,
-                            usage=Usage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
-                            phases=phases if ending else None)
+            yield ChatDelta(
+                piece.text, finish_reason=piece.finish_reason,
+                usage=Usage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
+                phases=phases if ending else None, index=piece.index,
+                tool_calls=tuple(ToolCallDelta(c.index, c.id, c.name, c.arguments) for c in piece.tool_calls),
+                logprobs=tuple(token_logprob(p) for p in piece.logprobs),
+            )
+
+    def _options(self, params: ChatParams) -> ChatOptions:
+        """The request's other fields, as the upstream takes them; `top_k` is not OpenAI's."""
+        if params.top_k:
+            raise InvalidArgument(f"top_k: model '{self.asset_id}' is served by an OpenAI-compatible "
+                                  "upstream, which takes no top_k; leave it out")
+        return ChatOptions(
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+            logit_bias=params.logit_bias, logprobs=params.logprobs, top_logprobs=params.top_logprobs,
+            n=params.n, response_format=openai_response_format(params.response_format),
+            tool_choice=openai_tool_choice(params.tool_choice),
+            parallel_tool_calls=params.parallel_tool_calls,
+        )
+
+    def count_tokens(self, params: ChatParams) -> int:
+        """Refused: an OpenAI-compatible API has no way to count a prompt's tokens."""
+        raise FailedPrecondition(f"model '{self.asset_id}' is served by an OpenAI-compatible upstream, "
+                                 "which cannot count tokens without generating")
 
     async def _embed(self, inputs: list[EmbedInput]) -> EmbedResult:
         vectors, tokens = await self._upstream.embed(inputs)

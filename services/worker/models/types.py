@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from services.common.errors import InvalidArgument, ModelNotReady, WrongInterface
+from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotReady, WrongInterface
 
 LLM = "llm-runtime"
 EMBEDDING = "embedding-runtime"
@@ -337,6 +338,26 @@ class HostedModel(abc.ABC):
         if not inputs:
             raise InvalidArgument("at least one input is required")
         return await self._embed(inputs)
+
+    async def count_prompt_tokens(self, params: ChatParams) -> int:
+        """The prompt tokens `params` would use (after the chat template, tools included),
+        without generating. Raises `WrongInterface` if the model does not chat, `ModelNotReady`
+        if it failed, `FailedPrecondition` if it cannot count (a remote upstream without a way
+        to count).
+
+        A model counts with its `count_tokens(params)`, plain (run in a thread: templating and
+        tokenizing take CPU) or a coroutine function (a remote upstream asked over the network).
+        """
+        if LLM not in self.interfaces:
+            raise WrongInterface(f"model '{self.asset_id}' does not implement {LLM}")
+        self.check_serving()
+        params.validate()
+        count = getattr(self, "count_tokens", None)
+        if count is None:
+            raise FailedPrecondition(f"model '{self.asset_id}' cannot count tokens")
+        if inspect.iscoroutinefunction(count):
+            return int(await count(params))
+        return int(await asyncio.to_thread(count, params))
 
     def _chat(self, params: ChatParams) -> AsyncIterator[ChatDelta]:
         raise WrongInterface(f"model '{self.asset_id}' does not implement {LLM}")
