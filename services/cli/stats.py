@@ -53,7 +53,7 @@ def add_stats_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     stats = commands.add_parser("stats", help="every model's state, requests, errors, latency and "
                                 "TTFT percentiles and tokens/s over a window")
     stats.add_argument("--window", default="1h", help="how far back: 30s, 5m, 1h, 7d (default 1h)")
-    stats.add_argument("--runtime", choices=("transformers", "openai"), help="only this runtime")
+    stats.add_argument("--runtime", choices=("transformers", "openai", "anthropic"), help="only this runtime")
     stats.add_argument("--capability", help="only models with this capability (chat, embeddings...)")
     stats.add_argument("--state", choices=("loaded", "loading", "sleeping", "failed", "disabled",
                                            "not_installed"), help="only models in this state")

@@ -20,7 +20,8 @@ INTERFACES = {
     "llm-runtime": asset_pb2.INTERFACE_LLM_RUNTIME,
     "embedding-runtime": asset_pb2.INTERFACE_EMBEDDING_RUNTIME,
 }
-RUNTIMES = {"transformers": asset_pb2.RUNTIME_TRANSFORMERS, "openai": asset_pb2.RUNTIME_OPENAI}
+RUNTIMES = {"transformers": asset_pb2.RUNTIME_TRANSFORMERS, "openai": asset_pb2.RUNTIME_OPENAI,
+            "anthropic": asset_pb2.RUNTIME_ANTHROPIC}
 SOURCE_KINDS = {
     "path": asset_pb2.SOURCE_KIND_PATH,
     "gguf": asset_pb2.SOURCE_KIND_GGUF,

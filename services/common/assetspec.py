@@ -33,7 +33,10 @@ _NAMED_FIELD_RE = re.compile(r"^(?P<field>[a-z_][a-z_.]*): (?P<reason>.+)$", re.
 _PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 
 Interface = Literal["llm-runtime", "embedding-runtime"]
-RuntimeName = Literal["transformers", "openai"]
+RuntimeName = Literal["transformers", "openai", "anthropic"]
+REMOTE_RUNTIMES = ("openai", "anthropic")
+"""Runtimes served by a remote upstream (`source.kind: url`): OpenAI-compatible APIs, and
+Anthropic's Messages API."""
 Desired = Literal["on-demand", "running", "disabled"]
 
 DEFAULT_LLM_AUTO_SLEEP_MIN = 15
@@ -150,8 +153,12 @@ class AssetSpec(SpecModel):
     def _coherent(self) -> AssetSpec:
         if self.asset_id in self.aliases:
             raise ValueError("aliases: an alias must differ from the asset id")
-        if (self.runtime == "openai") != (self.source.kind == "url"):
-            raise ValueError("runtime: 'openai' goes with source kind 'url', and only with it")
+        remote = self.runtime in REMOTE_RUNTIMES
+        if remote != (self.source.kind == "url"):
+            named = f"'{self.runtime}'" if remote else "'openai' or 'anthropic'"
+            raise ValueError(f"runtime: {named} goes with source kind 'url', and only with it")
+        if self.runtime == "anthropic":
+            _check_anthropic(self)
         if self.lifecycle.auto_sleep_min and self.lifecycle.desired in ("running", "disabled"):
             raise ValueError(
                 f"lifecycle.auto_sleep_min: applies to on-demand assets only, "
@@ -183,6 +190,15 @@ class AssetSpec(SpecModel):
         if self.pricing is None:
             del doc["pricing"]
         return doc
+
+
+def _check_anthropic(spec: AssetSpec) -> None:
+    """An Anthropic Messages API asset chats only, at temperatures Anthropic takes (0 to 1)."""
+    if spec.interface != ["llm-runtime"]:
+        raise ValueError("interface: runtime 'anthropic' serves llm-runtime only")
+    temperature = spec.generation.temperature
+    if temperature is not None and temperature > 1:
+        raise ValueError("generation.temperature: runtime 'anthropic' takes 0 to 1")
 
 
 def parse_spec(

@@ -53,6 +53,8 @@ class _RuntimeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Runtime.Value
     """In-process torch + transformers."""
     RUNTIME_OPENAI: _Runtime.ValueType  # 2
     """A remote OpenAI-compatible upstream (Ollama, vLLM, LM Studio, a cloud API)."""
+    RUNTIME_ANTHROPIC: _Runtime.ValueType  # 3
+    """A remote Anthropic Messages API (`/v1/messages`: Claude, or another Roundhouse)."""
 
 class Runtime(_Runtime, metaclass=_RuntimeEnumTypeWrapper):
     """How a worker hosts the asset."""
@@ -62,6 +64,8 @@ RUNTIME_TRANSFORMERS: Runtime.ValueType  # 1
 """In-process torch + transformers."""
 RUNTIME_OPENAI: Runtime.ValueType  # 2
 """A remote OpenAI-compatible upstream (Ollama, vLLM, LM Studio, a cloud API)."""
+RUNTIME_ANTHROPIC: Runtime.ValueType  # 3
+"""A remote Anthropic Messages API (`/v1/messages`: Claude, or another Roundhouse)."""
 Global___Runtime: _TypeAlias = Runtime  # noqa: Y015
 
 class _SourceKind:
@@ -80,7 +84,7 @@ class _SourceKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SourceKind
     SOURCE_KIND_HF: _SourceKind.ValueType  # 4
     """A Hugging Face hub repository (`source.repo`, `source.revision`)."""
     SOURCE_KIND_URL: _SourceKind.ValueType  # 5
-    """A remote OpenAI-compatible endpoint (`source.url`); runtime `openai` only."""
+    """A remote endpoint (`source.url`); runtimes `openai` and `anthropic` only."""
 
 class SourceKind(_SourceKind, metaclass=_SourceKindEnumTypeWrapper):
     """Where an install gets the model from."""
@@ -95,7 +99,7 @@ SOURCE_KIND_PYPI: SourceKind.ValueType  # 3
 SOURCE_KIND_HF: SourceKind.ValueType  # 4
 """A Hugging Face hub repository (`source.repo`, `source.revision`)."""
 SOURCE_KIND_URL: SourceKind.ValueType  # 5
-"""A remote OpenAI-compatible endpoint (`source.url`); runtime `openai` only."""
+"""A remote endpoint (`source.url`); runtimes `openai` and `anthropic` only."""
 Global___SourceKind: _TypeAlias = SourceKind  # noqa: Y015
 
 class _DesiredState:

@@ -189,7 +189,7 @@ def _figures(figures: RequestFigures) -> dict[str, Any]:
 @stats_router.get("/models", response_model=ModelStatsList, responses={**INVALID, **REGISTRY_DOWN})
 async def model_stats(
     request: Request,
-    runtime: Annotated[Literal["", "transformers", "openai"], Query(description="Only this runtime.")] = "",
+    runtime: Annotated[Literal["", "transformers", "openai", "anthropic"], Query(description="Only this runtime.")] = "",
     capability: Annotated[Capability, Query(description="Only models with this capability.")] = "",
     state: Annotated[Literal["", ModelState], Query(description="Only models in this state.")] = "",
     interface: Annotated[Literal["", "llm-runtime", "embedding-runtime"], Query(

@@ -12,6 +12,7 @@ from pathlib import Path
 from services.common.assetspec import AssetSpec
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
+from services.worker.models.anthropic_remote import AnthropicRemoteModel
 from services.worker.models.batching import BatchSettings
 from services.worker.models.causal_lm import TransformersChatModel
 from services.worker.models.encoder import SentenceEmbeddingModel
@@ -34,6 +35,7 @@ from services.worker.models.types import (
 __all__ = [
     "EMBEDDING",
     "LLM",
+    "AnthropicRemoteModel",
     "BatchSettings",
     "BatchingSettings",
     "Capabilities",
@@ -71,11 +73,13 @@ def load_model(
     Blocking (weights are read and capabilities measured): the caller runs it in a thread.
     Loads of transformers models in one process run one at a time (see `_TRANSFORMERS_LOAD`).
     A `transformers` asset hosts one interface: `llm-runtime` loads a causal LM,
-    `embedding-runtime` a sentence-transformers model. An `openai` asset is checked against
-    `upstreams` (`InvalidSpec`) before its key is read.
+    `embedding-runtime` a sentence-transformers model. An `openai` or `anthropic` asset is
+    checked against `upstreams` (`InvalidSpec`) before its key is read.
     """
     if spec.runtime == "openai":
         return OpenAIRemoteModel(spec, upstreams=upstreams)
+    if spec.runtime == "anthropic":
+        return AnthropicRemoteModel(spec, upstreams=upstreams)
     if spec.runtime != "transformers":
         raise InvalidArgument(f"runtime '{spec.runtime}' is not supported by this worker")
     if folder is None or not Path(folder).is_dir():
