@@ -51,7 +51,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from bench.results import record
 from bench.stack import MemorySampler, Stack, cpu_seconds, print_table, resident_memory, running_stack
-from services.worker.models.chat_template import PromptBuilder, accepts_system_role, accepts_tools
+from services.worker.models.chat_template import PromptBuilder, accepts_system_role, tool_calling_mode
 from services.worker.models.engine import BatchingSettings, ChatEngine
 from services.worker.models.generation import Sampling
 from services.worker.models.types import ChatMessage, ChatParams
@@ -221,7 +221,7 @@ def load_like_the_worker(folder: Path) -> tuple[Any, PromptBuilder]:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
     if model.generation_config.eos_token_id is not None or tokenizer.eos_token_id is not None:
         raise RuntimeError("the bench model has an end-of-sequence token: streams could stop early")
-    return model, PromptBuilder(tokenizer, accepts_system_role(tokenizer), accepts_tools(tokenizer))
+    return model, PromptBuilder(tokenizer, accepts_system_role(tokenizer), tool_calling_mode(tokenizer))
 
 
 def prompt_ids(builder: PromptBuilder, text: str) -> list[int]:

@@ -196,19 +196,20 @@ async def test_system_prompt_is_folded_when_template_has_no_system_role(
     no_system_llm: TransformersChatModel,
 ) -> None:
     caps = no_system_llm.capabilities
-    assert not caps.supports_system_role and not caps.supports_tools
+    assert not caps.supports_system_role and caps.tool_calling == "constrained"
     messages = [{"role": "system", "content": "w7 w8"}, {"role": "user", "content": "hello"}]
     tokenizer = no_system_llm._tokenizer
     folded = tokenizer.apply_chat_template(
         [{"role": "user", "content": "w7 w8\n\nhello"}], add_generation_prompt=True, tokenize=False
     )
     expected = tokenizer(folded, add_special_tokens=False)["input_ids"]
-    builder = PromptBuilder(tokenizer, supports_system_role=False, supports_tools=False)
+    builder = PromptBuilder(tokenizer, supports_system_role=False, tool_calling="constrained")
     assert builder.prompt_ids(ChatParams(messages=messages)) == expected
     deltas = await run(no_system_llm, messages=messages, max_tokens=3, temperature=0)
     assert deltas[-1].usage.prompt_tokens == len(expected)
-    with pytest.raises(InvalidArgument, match="tools"):
-        await run(no_system_llm, messages=messages, tools=[Tool("lookup")])
+    # Without a tool slot, tools are described in the (folded) system prompt.
+    with_tools = builder.prompt_ids(ChatParams(messages=messages, tools=[Tool("lookup")], tool_choice=None))
+    assert len(with_tools) > len(expected)
 
 
 def test_load_rejects_missing_folder(tmp_path: Path) -> None:

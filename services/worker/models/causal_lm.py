@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +16,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from services.common.assetspec import AssetSpec, Generation
 from services.common.errors import ContextLengthExceeded
-from services.worker.models.chat_template import PromptBuilder, accepts_system_role, accepts_tools
+from services.worker.models.chat_template import PromptBuilder, accepts_system_role, tool_calling_mode
 from services.worker.models.engine import BatchingSettings, ChatEngine
+from services.worker.models.engine.constraint import Constraint
 from services.worker.models.engine.engine import probe_model
-from services.worker.models.generation import Sampling
-from services.worker.models.streaming_text import IncrementalDecoder, StopMatcher
+from services.worker.models.generation import Sampling, TokenStream
+from services.worker.models.streaming_text import ChoiceDecoder, TokenTexts
+from services.worker.models.structured import GrammarCompiler
 from services.worker.models.types import (
     LLM,
     Capabilities,
     ChatDelta,
     ChatParams,
     FailureCallback,
-    FinishReason,
     HostedModel,
     Usage,
 )
@@ -33,6 +36,13 @@ from services.worker.models.types import (
 log = logging.getLogger(__name__)
 
 _SANE_MAX_LENGTH = 10_000_000
+
+_SEED_MODULUS = 2**64
+
+_GRAMMARS: dict[tuple[str, int, tuple[int, ...]], GrammarCompiler] = {}
+"""Grammar compilers (tokenizer info and compiled grammars) of the model folders loaded in this
+process, by folder, logits width and end-of-sequence ids: a model woken again keeps them."""
+_GRAMMARS_LOCK = threading.Lock()
 
 _PROBED: set[tuple[str, str, str]] = set()
 """Model folders (with their device and config) that passed the chat engine's probe in this
@@ -80,14 +90,18 @@ class TransformersChatModel(HostedModel):
         tokenizer: Any,
         capabilities: Capabilities,
         engine: ChatEngine,
+        folder: Path | None = None,
     ) -> None:
         self.asset_id = asset_id
         self.capabilities = capabilities
         self.interfaces = (LLM,)
         self._model = model
         self._tokenizer = tokenizer
-        self._prompts = PromptBuilder(tokenizer, capabilities.supports_system_role, capabilities.supports_tools)
+        self._prompts = PromptBuilder(tokenizer, capabilities.supports_system_role, capabilities.tool_calling)
         self._eos = _eos_token_ids(model, tokenizer)
+        self._texts = TokenTexts(tokenizer)
+        self._grammar_key = (str(folder.resolve()) if folder else f"id:{id(model)}",
+                             int(model.get_output_embeddings().weight.shape[0]), tuple(self._eos))
         generation = model.generation_config
         self._default_temperature = 1.0
         self._default_top_p = 1.0
@@ -122,20 +136,22 @@ class TransformersChatModel(HostedModel):
             probe_model(model, spec.asset_id)
             _PROBED.add(probed)
         context = detect_context_length(model, tokenizer, spec)
-        system_role, tools = accepts_system_role(tokenizer), accepts_tools(tokenizer)
+        system_role, tools = accepts_system_role(tokenizer), tool_calling_mode(tokenizer)
         # The engine's thread starts with it: built last, and stopped if what follows fails.
         engine = ChatEngine(model, context, _eos_token_ids(model, tokenizer), batching, name=spec.asset_id,
-                            probe=False)
+                            probe=False, tokenizer=tokenizer)
         try:
             capabilities = Capabilities(
                 context_length=context,
                 supports_system_role=system_role,
-                supports_tools=tools,
+                supports_tools=bool(tools),
                 parameter_count=sum(p.numel() for p in model.parameters()),
                 memory_bytes=module_bytes(model) + engine.cache_bytes,
                 streaming=True,
+                supports_structured_output=True,
+                tool_calling=tools,
             )
-            hosted = cls(spec.asset_id, model, tokenizer, capabilities, engine)
+            hosted = cls(spec.asset_id, model, tokenizer, capabilities, engine, Path(folder))
             hosted.apply_defaults(spec.generation)
         except BaseException:
             engine.stop()
@@ -168,51 +184,72 @@ class TransformersChatModel(HostedModel):
         return self._engine.active_streams
 
     def count_tokens(self, params: ChatParams) -> int:
-        """Prompt tokens the request would use (after the chat template)."""
+        """Prompt tokens the request would use (after the chat template, tool descriptions included)."""
         return len(self._prompts.prompt_ids(params))
 
+    def grammars(self) -> GrammarCompiler:
+        """The model's grammar compiler, built at its first use (blocking: its tokenizer info
+        takes a moment for a large vocabulary) and kept for the model folder."""
+        with _GRAMMARS_LOCK:
+            compiler = _GRAMMARS.get(self._grammar_key)
+            if compiler is None:
+                _, vocab, eos = self._grammar_key
+                compiler = _GRAMMARS[self._grammar_key] = GrammarCompiler(self._tokenizer, vocab, list(eos))
+            return compiler
+
+    def _prepare(self, params: ChatParams) -> tuple[list[int], list[Constraint | None]]:
+        """Prompt ids and one constraint per choice (None: free text). Blocking."""
+        prompt_ids = self._prompts.prompt_ids(params)
+        if params.response_format.type == "text" and params.effective_tool_choice == "none":
+            return prompt_ids, [None] * params.n
+        grammars = self.grammars()
+        return prompt_ids, [grammars.constraint(params) for _ in range(params.n)]
+
+    def _sampling(self, params: ChatParams, choice: int) -> Sampling:
+        seed = None if params.seed is None else (params.seed + choice) % _SEED_MODULUS
+        return Sampling(
+            temperature=self._default_temperature if params.temperature is None else params.temperature,
+            top_p=self._default_top_p if params.top_p is None else params.top_p,
+            seed=seed,
+            top_k=params.top_k,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logit_bias=tuple(sorted(params.logit_bias.items())),
+            logprobs=params.logprobs,
+            top_logprobs=params.top_logprobs,
+            stop=tuple(params.stop),
+        )
+
     async def _chat(self, params: ChatParams) -> AsyncIterator[ChatDelta]:
-        prompt_ids = await asyncio.to_thread(self._prompts.prompt_ids, params)
+        prompt_ids, constraints = await asyncio.to_thread(self._prepare, params)
         max_new = self._max_new_tokens(len(prompt_ids), params.max_tokens)
         if params.max_tokens is None and self._default_max_tokens:
             max_new = min(max_new, self._default_max_tokens)
-        sampling = Sampling(
-            temperature=self._default_temperature if params.temperature is None else params.temperature,
-            top_p=self._default_top_p if params.top_p is None else params.top_p,
-            seed=params.seed,
-        )
         self._watch_engine()
         self._engine.check()  # a death not reported yet is found here, and fails the model
         self.check_serving()  # it may have failed while the prompt was built
-        stream = self._engine.submit(prompt_ids, sampling, max_new)
-        decoder = IncrementalDecoder(self._tokenizer)
-        stops = StopMatcher(params.stop)
-        completion = 0
-        finish: FinishReason = "length"
+        streams: list[TokenStream] = []
         try:
-            async for token_ids in stream:
-                pieces = []
-                for token_id in token_ids:
-                    completion += 1
-                    if token_id in self._eos:
-                        finish = "stop"
-                        break
-                    pieces.append(stops.push(decoder.push([token_id])))
-                    if stops.stopped:
-                        finish = "stop"
-                        break
-                if finish == "stop":
-                    tail = "".join(pieces)
-                    break
-                if text := "".join(pieces):
-                    yield ChatDelta(text)
-            else:
-                tail = ""
-            tail += stops.push(decoder.flush()) + stops.flush()
-            usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion)
-            yield ChatDelta(tail, finish_reason=finish, usage=usage, phases=stream.phases)
+            for i, constraint in enumerate(constraints):
+                streams.append(self._engine.submit(prompt_ids, self._sampling(params, i), max_new,
+                                                   constraint=constraint))
+            parse_tools = params.effective_tool_choice != "none"
+            decoders = [ChoiceDecoder(self._tokenizer, self._texts, self._eos, params.stop, parse_tools)
+                        for _ in streams]
+            choices = [_choice(i, stream, decoder) for i, (stream, decoder) in enumerate(zip(streams, decoders,
+                                                                                                strict=True))]
+            finished = 0
+            async for delta in choices[0] if len(choices) == 1 else _merge(choices):
+                if delta.finish_reason is not None:
+                    finished += 1
+                    if finished == len(choices):
+                        completion = sum(d.completion_tokens for d in decoders)
+                        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion)
+                        delta = replace(delta, usage=usage, phases=streams[0].phases)
+                yield delta
         finally:
-            stream.cancel()
+            for stream in streams:
+                stream.cancel()
 
     def _max_new_tokens(self, prompt_tokens: int, max_tokens: int | None) -> int:
         context = self.capabilities.context_length
@@ -236,6 +273,56 @@ class TransformersChatModel(HostedModel):
         await self._engine.close()
         self._model = None
         gc.collect()
+
+
+async def _choice(index: int, stream: TokenStream, decoder: ChoiceDecoder) -> AsyncIterator[ChatDelta]:
+    """One choice's deltas; its last has the finish reason (and the stop sequence that ended it)."""
+    async for token_ids in stream:
+        piece = decoder.push(token_ids, stream.take_logprobs())
+        if decoder.ended:
+            break
+        if piece:
+            yield ChatDelta(piece.text, index=index, tool_calls=tuple(piece.tool_calls), logprobs=tuple(piece.logprobs))
+    else:
+        piece = None
+    stream.cancel()  # a stop sequence found here may come before the engine's
+    tail, reason, stop = decoder.finish(stream.finish_reason, stream.stop_sequence)
+    if piece is not None:
+        tail.text = piece.text + tail.text
+        tail.tool_calls = piece.tool_calls + tail.tool_calls
+        tail.logprobs = piece.logprobs + tail.logprobs
+    yield ChatDelta(tail.text, finish_reason=reason, index=index, tool_calls=tuple(tail.tool_calls),
+                    logprobs=tuple(tail.logprobs), stop_sequence=stop)
+
+
+async def _merge(choices: list[AsyncIterator[ChatDelta]]) -> AsyncIterator[ChatDelta]:
+    """The deltas of several choices as they come (each choice's in its order)."""
+    queue: asyncio.Queue[ChatDelta | BaseException | None] = asyncio.Queue()
+
+    async def pump(choice: AsyncIterator[ChatDelta]) -> None:
+        try:
+            async for delta in choice:
+                queue.put_nowait(delta)
+        except Exception as exc:  # handed to the consumer, which raises it
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
