@@ -16,6 +16,9 @@ from fastapi.responses import Response
 
 from services.common.drain import Drain
 from services.router.http.admin import admin_router
+from services.router.http.anthropic.errors import MESSAGES_PATH, anthropic_error_response, document_anthropic_errors
+from services.router.http.anthropic.routes import messages_router
+from services.router.http.anthropic.serving import MessagesServing
 from services.router.http.auth import AuthMiddleware, document_security
 from services.router.http.chat.serving import ChatServing
 from services.router.http.completion.serving import CompletionServing
@@ -25,6 +28,8 @@ from services.router.http.events_feed import events_router
 from services.router.http.keys import keys_router
 from services.router.http.metrics import HttpMetrics
 from services.router.http.middleware import BodyLimitMiddleware, DrainMiddleware, RequestContextMiddleware
+from services.router.http.ollama import ModelLifecycle, OllamaServing, ollama_router
+from services.router.http.ollama.errors import error_response as ollama_error_response
 from services.router.http.rendering import OrjsonResponse
 from services.router.http.routes import openai_router
 from services.router.http.shadow import shadow_router
@@ -59,13 +64,16 @@ def create_app(
     """The HTTP API in front of `gateway`, with the admin API over `jobs` and `key_store`.
 
     Routes: `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, `/v1/completions`,
-    `/v1/embeddings`, `/admin/v1/...` (see `admin`, `keys`, `usage` and `shadow`: a route's
+    `/v1/embeddings`, Anthropic's `/v1/messages` and `/v1/messages/count_tokens` (see
+    `anthropic`), `/admin/v1/...` (see `admin`, `keys`, `usage` and `shadow`: a route's
     shadow summary at `/admin/v1/routes/{id}/shadow`), `/healthz`, `/readyz`,
     `/metrics`. Keys are checked by `authenticator` (see `auth`; None: not at all);
     `on_key_revoked(name)` runs after a revocation here. `stats` feeds `/admin/v1/stats/...`
     (None: one over `gateway` and `jobs`, without request figures); `bus` feeds the event feed
     `/admin/v1/events` (None: it answers 503). Bodies over `max_body_bytes`
-    are refused with 413. Every error has OpenAI's shape; every response has `x-request-id`.
+    are refused with 413. Every error has OpenAI's shape (Anthropic's under `/v1/messages`);
+    every response has `x-request-id`. The Ollama API is under `/api`, with
+    `/` answering "Ollama is running" (see `ollama`; its errors take Ollama's shape).
     `tracing` turns on FastAPI's own OpenTelemetry spans, metrics and logs of each request;
     off, a request costs none of them (they are exported only when asked anyway, see
     `services.common.telemetry`).
@@ -91,13 +99,17 @@ def create_app(
     app.state.chat = ChatServing(gateway)
     app.state.completion = CompletionServing(gateway)
     app.state.embedding = EmbeddingServing(gateway)
+    app.state.messages = MessagesServing(gateway)
     install_error_handlers(app)
+    app.state.ollama = OllamaServing(gateway, ModelLifecycle(gateway, jobs))
     app.include_router(openai_router)
+    app.include_router(messages_router)
     app.include_router(admin_router)
     app.include_router(keys_router)
     app.include_router(usage_router)
     app.include_router(stats_router)
     app.include_router(events_router)
+    app.include_router(ollama_router)
     # The gateway is asked only when a request needs it: apps are built before (or without) one.
     shadow = shadow or ShadowTraffic()
     app.include_router(shadow_router(shadow, lambda route_id: gateway.is_route(route_id)))
@@ -109,7 +121,9 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     app.add_middleware(AuthMiddleware, authenticator=authenticator, metrics_auth=metrics_auth)
     app.add_middleware(DrainMiddleware, drain=drain)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics,
+                       error_dialects=[(MESSAGES_PATH, anthropic_error_response),
+                                       ("/api/", ollama_error_response)])
     app.openapi = lambda: _exact_openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -133,6 +147,7 @@ def _exact_openapi(app: FastAPI) -> dict[str, Any]:
         for name in _FASTAPI_VALIDATION:
             schemas.pop(name, None)
         document_security(document, "#/components/schemas/ErrorResponse")
+        document_anthropic_errors(document, "#/components/schemas/AnthropicErrorResponse")
         app.openapi_schema = document
     return app.openapi_schema
 

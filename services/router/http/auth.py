@@ -10,6 +10,7 @@ It decides on the path Starlette routes on (the request path less `root_path`), 
 default:
 
 - `/healthz`, `/readyz`: open; `/metrics`: open, or any valid key with `metrics_auth`;
+- `/`: open (it only says "Ollama is running", as Ollama does: its clients probe it);
 - `/admin/v1...`, `/docs...`, `/redoc...`, `/openapi.json`: an admin key (judged on the path
   with repeated slashes and dot segments resolved, so `//admin/v1/keys` and
   `/v1/../admin/v1/keys` count as admin paths too);
@@ -34,7 +35,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.common.keys import KeyRecord
 from services.router.keys import KeyAuthenticator, check_admin, credential_from
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
+"""Open: the probes, and `/`, which only says "Ollama is running" (Ollama's clients probe it)."""
 METRICS_PATH = "/metrics"
 ADMIN_PATHS = ("/admin/v1/", "/docs", "/redoc", "/openapi.json")
 UI_PATH = "/ui"

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.drain import Drain
@@ -28,6 +30,8 @@ from services.router.limits import open_report
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+ErrorRenderer = Callable[[BaseException, str | None], Response]
+"""An API's error response for an exception and the request id (see `error_response`)."""
 ALWAYS_SERVED = frozenset({"/healthz", "/readyz", "/metrics"})
 """Paths served while the router drains: the probes and the metrics."""
 _tracer = tracer(__name__)
@@ -65,9 +69,12 @@ class RequestContextMiddleware:
     A request whose key has rate limits gets the `x-ratelimit-*` headers, refused or served.
     """
 
-    def __init__(self, app: ASGIApp, *, metrics: HttpMetrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: HttpMetrics,
+                 error_dialects: Sequence[tuple[str, ErrorRenderer]] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.error_dialects = tuple(error_dialects)
+        """(path prefix, renderer): errors on paths under a prefix take that API's shape."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,7 +111,10 @@ class RequestContextMiddleware:
                         log.error("request %s failed after its response started", request_id,
                                   exc_info=exc)
                         raise
-                    await error_response(exc, request_id)(scope, receive, send_with_id)
+                    path = get_route_path(scope)
+                    render = next((r for prefix, r in self.error_dialects if path.startswith(prefix)),
+                                  error_response)
+                    await render(exc, request_id)(scope, receive, send_with_id)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.observe_request(route, scope["method"], response["status"],
