@@ -2,6 +2,9 @@
 
 Generation runs in the engine's thread; new token ids reach the event loop through
 `loop.call_soon_threadsafe` onto an asyncio queue, so the loop never blocks on a forward pass.
+What the engine knows about those tokens besides their ids (log probabilities, the stop sequence
+or the reason that ended the sequence) travels on the same stream (`TokenStream.take_logprobs`,
+`stop_sequence`, `finish_reason`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,18 @@ from typing import Any
 from services.worker.models.types import Phases
 
 _END = object()
+
+
+@dataclass(frozen=True)
+class RawLogprob:
+    """One generated token's log probability, with the most likely alternatives at that step
+    (token id, log probability), most likely first. Log probabilities are those of the
+    distribution the token was drawn from before temperature, top-k and top-p: the logits after
+    logit bias, penalties and a constraint's mask (tokens it forbids are never listed)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,11 +76,30 @@ class TokenStream:
         self.finished = False
         self.phases = Phases()
         """When the request's prefill began, its first token and its last one came (producer side)."""
+        self.stop_sequence = ""
+        """The stop sequence whose last token ended generation (that token is the stream's last);
+        "" otherwise. Set before the stream ends."""
+        self.finish_reason: str | None = None
+        """Why the producer ended the sequence, set before the stream ends: "stop" (an end token,
+        a stop sequence, or a constraint that allowed no token: then no token came at that step)
+        or "length" (max_new_tokens reached); None while running, or when it failed."""
+        self._logprobs: list[RawLogprob] = []
+        self._unclaimed = 0  # tokens handed to the consumer whose log probabilities it has not taken
 
-    def put(self, token_ids: list[int]) -> None:
-        """Deliver tokens; call on the event loop."""
+    def put(self, token_ids: list[int], logprobs: list[RawLogprob] | None = None) -> None:
+        """Deliver tokens (with their log probabilities, when asked for); call on the event loop."""
         if token_ids:
+            if logprobs:
+                self._logprobs.extend(logprobs)
             self._queue.put_nowait(token_ids)
+
+    def take_logprobs(self) -> list[RawLogprob]:
+        """The log probabilities of the tokens this stream has yielded and that were not taken
+        yet, in order (one per token; empty unless `Sampling.logprobs`)."""
+        count = min(self._unclaimed, len(self._logprobs))
+        taken, self._logprobs = self._logprobs[:count], self._logprobs[count:]
+        self._unclaimed = 0
+        return taken
 
     def end(self, error: BaseException | None = None) -> None:
         """Mark the stream finished (with an error if generation failed); call on the event loop."""
@@ -97,4 +131,5 @@ class TokenStream:
         if isinstance(item, BaseException):
             self.finished = True
             raise item
+        self._unclaimed += len(item)
         return item

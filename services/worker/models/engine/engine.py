@@ -2,7 +2,10 @@
 
 Each turn the thread drops cancelled sequences, prefills one chunk of the next newcomer
 (which joins the batch once its prompt is in and its first token drawn), then decodes one
-token for every running sequence together; finished sequences leave between turns.
+token for every running sequence together; finished sequences leave between turns. Each draw
+applies the rows' own logits processing (logit bias, penalties, a constraint's mask) and reports
+log probabilities to the rows that ask (`logits.draw`); a row ends at EOS, at its max_new, at the
+token that completes one of its stop sequences, or when its constraint allows no token.
 
 The engine can die (an exception in a turn). Its thread then marks it failed before it
 ends: every stream it was serving ends with `ModelNotReady`, it refuses new requests, and
@@ -12,8 +15,6 @@ its owner is told (see `ChatEngine.watch`).
 from __future__ import annotations
 
 import asyncio
-import copy
-import inspect
 import logging
 import threading
 import time
@@ -27,14 +28,20 @@ from transformers import DynamicCache
 
 from services.common.errors import InvalidArgument, ModelNotReady, Overloaded
 from services.common.tracing import current_request_id, request_id_scope
-from services.worker.models.engine.kv_cache import BatchCache, kv_bytes_per_token
+from services.worker.models.engine.constraint import Constraint
+from services.worker.models.engine.kv_cache import kv_bytes_per_token
+from services.worker.models.engine.logits import Draw, draw
 from services.worker.models.engine.outbox import BoundedTokenStream, Outbox
-from services.worker.models.engine.sampling import SamplingRow, SamplingRows, sample
+from services.worker.models.engine.probe import cache_argument, probe_model, vocab_size
+from services.worker.models.engine.sampling import SamplingRow, SamplingRows
 from services.worker.models.engine.scheduler import Batch, Scheduler, Sequence
+from services.worker.models.engine.stops import StopWatch
 from services.worker.models.generation import Sampling, TokenStream
 from services.worker.models.types import failed_model_error
 
 log = logging.getLogger(__name__)
+
+__all__ = ["BatchingSettings", "ChatEngine", "probe_model"]
 
 
 @dataclass(frozen=True)
@@ -61,66 +68,10 @@ class BatchingSettings:
     queue holds a step's worth of tokens."""
 
 
-def cache_argument(model: Any) -> str:
-    """The name of the forward's cache argument: transformers renamed `past_key_values` to
-    `cache` (5.2x); whichever this model's forward takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def probe_model(model: Any, name: str = "model") -> None:
-    """Check that the engine can run `model` as it will: prefill a short prompt, join its cache
-    and a shorter one into one padded batch and decode a step for both rows. Raises
-    `RuntimeError` saying why not (a cache that is not plain keys and values, a forward without
-    `position_ids` or `logits_to_keep`...), so that a model the engine cannot serve fails to load.
-
-    Two forward passes: the shorter row is the first one's cache cut to its first tokens (what
-    a prefill of that prefix would hold), not a prefill of its own; on a busy CPU every pass of
-    the whole model counts in the load.
-    """
-    device, cache_kwarg = model.device, cache_argument(model)
-    try:
-        with torch.inference_mode():
-            cache = DynamicCache()
-            ids = torch.tensor([[1, 2, 3]], dtype=torch.long, device=device)
-            model(
-                input_ids=ids, attention_mask=torch.ones_like(ids),
-                position_ids=torch.arange(3, device=device)[None],
-                **{cache_kwarg: cache}, use_cache=True, logits_to_keep=1,
-            )  # fmt: skip
-            batch = BatchCache(device)
-            batch.join(cache, 3)
-            batch.join(_prefix(cache, 2), 2)
-            mask, positions = batch.step_inputs()
-            out = model(
-                input_ids=torch.ones((2, 1), dtype=torch.long, device=device), attention_mask=mask,
-                position_ids=positions, **{cache_kwarg: batch.cache}, use_cache=True, logits_to_keep=1,
-            )  # fmt: skip
-            batch.advance(mask)
-            if tuple(out.logits.shape[:2]) != (2, 1):
-                raise TypeError(f"a batched step returned logits of shape {tuple(out.logits.shape)}")
-    except Exception as exc:
-        detail = str(exc) or type(exc).__name__
-        raise RuntimeError(f"the chat engine cannot serve model '{name}': {detail}") from exc
-
-
-def _prefix(cache: DynamicCache, tokens: int) -> DynamicCache:
-    """A copy of a batch-of-one cache holding only its first `tokens` tokens (views; joining a
-    batch builds new tensors, so the original is left as it was). Layers without plain key and
-    value tensors are kept as they are, for `BatchCache.join` to refuse by name."""
-    shorter = copy.copy(cache)
-    shorter.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in shorter.layers:
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
-            plain: Any = layer
-            plain.keys, plain.values = keys[:, :, :tokens], values[:, :, :tokens]
-    return shorter
-
-
 class ChatEngine:
     """Streams requests through batched decode steps on the model's device.
 
-    Temperature, top-p, greedy and seed are per request; a seeded request gets the same random
+    Every sampling knob is per request (`Sampling`); a seeded request gets the same random
     draws alone or in any batch (its logits may differ by reduction order on a GPU or in bf16).
     Once the engine's thread dies (other than by `close`), `failure` says why, every stream it
     served has ended with `ModelNotReady`, and `submit` refuses with that error.
@@ -135,12 +86,14 @@ class ChatEngine:
         *,
         name: str = "model",
         probe: bool = True,
+        tokenizer: Any = None,
     ) -> None:
         """Start serving `model`; first `probe_model` checks that it can (`RuntimeError` if not).
 
         `probe=False` skips that check, for a caller that probes models itself (the worker's
         load probes each model folder once per process). Nothing else is prepared here: the KV
-        cache grows with the requests that run.
+        cache grows with the requests that run. `tokenizer` (the model's) decodes recent tokens
+        for stop sequences; without it, requests with stop sequences are refused.
         """
         self.settings = settings or BatchingSettings()
         self.name = name
@@ -157,6 +110,8 @@ class ChatEngine:
         self._model = model
         self._device = model.device
         self._cache_kwarg = cache_argument(model)
+        self._vocab = vocab_size(model)
+        self._tokenizer = tokenizer
         self._eos = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=self._device)
         self._eos_ids = set(eos_token_ids)
         self._scheduler = Scheduler(
@@ -205,16 +160,25 @@ class ChatEngine:
         if self.failure is not None:
             raise failed_model_error(self.name, self.failure)
 
-    def submit(self, prompt_ids: list[int], sampling: Sampling, max_new_tokens: int) -> TokenStream:
+    def submit(self, prompt_ids: list[int], sampling: Sampling, max_new_tokens: int, *,
+               constraint: Constraint | None = None) -> TokenStream:
         """Queue a request; its tokens arrive on the returned stream. Call on the event loop.
 
-        Raises `InvalidArgument` for an empty prompt, `ModelNotReady` when the engine failed
-        or is closing, `Overloaded` when `max_waiting` requests wait already.
+        With a `constraint`, every token follows it, and once it is finished only EOS may come.
+        Raises `InvalidArgument` for an empty prompt, a logit bias on a token the model does not
+        have, or stop sequences without a tokenizer; `ModelNotReady` when the engine failed or
+        is closing, `Overloaded` when `max_waiting` requests wait already.
         """
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty: at least one token is needed")
         if max_new_tokens < 1:
             raise InvalidArgument("max_tokens must be at least 1")
+        unknown = sorted(token for token, _ in sampling.logit_bias if not 0 <= token < self._vocab)
+        if unknown:
+            raise InvalidArgument(f"logit_bias: token id {unknown[0]} is not in the vocabulary of model "
+                                  f"'{self.name}' (ids 0 to {self._vocab - 1})")
+        if any(sampling.stop) and self._tokenizer is None:
+            raise InvalidArgument(f"model '{self.name}' cannot stop at stop sequences: its engine has no tokenizer")
         self.check()
         if self._closing.is_set():
             raise ModelNotReady(f"model '{self.name}' is being unloaded; retry")
@@ -229,8 +193,9 @@ class ChatEngine:
                                     max_unread=self.settings.max_unread_tokens, name=self.name)
         with self._lock:
             self._streams[sequence_id] = stream
+        stops = StopWatch(sampling.stop, self._tokenizer) if any(sampling.stop) else None
         self._scheduler.add(Sequence(sequence_id, list(prompt_ids), max_new_tokens, SamplingRow.of(sampling), stream,
-                                     request_id=current_request_id()))
+                                     request_id=current_request_id(), constraint=constraint, stops=stops))
         return stream
 
     def crash(self, reason: str = "crash injected by a test") -> None:
@@ -288,16 +253,16 @@ class ChatEngine:
         if end < len(sequence.prompt):
             return
         self._scheduler.prefilled()
-        rows = SamplingRows.of([sequence.sampling], self._device)
-        token = sample(out.logits[:, -1], rows, torch.zeros((1,), dtype=torch.long, device=self._device))
-        first = int(token)
+        rows = SamplingRows.of([sequence.sampling], self._device, self._vocab)
+        constrained = [(0, sequence.constraint)] if sequence.constraint is not None else []
+        drawn = draw(out.logits[:, -1], rows, torch.zeros((1,), dtype=torch.long, device=self._device),
+                     constrained, self._eos)  # fmt: skip
         sequence.stream.phases.first_token_ns = time.time_ns()
-        self._outbox.put(sequence.stream, first)
-        if first in self._eos_ids or sequence.max_new <= 1:
+        if self._hand_out([sequence], drawn)[0]:
             self._finished(sequence)
             sequence.cache = None
             return
-        self._batch.join(sequence, token, rows)
+        self._batch.join(sequence, drawn.tokens, rows)
         self._measure()
 
     def _prefill_together(self, sequences: list[Sequence]) -> None:
@@ -315,18 +280,19 @@ class ChatEngine:
             input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
             **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=1,
         )  # fmt: skip
-        rows = SamplingRows.of([s.sampling for s in sequences], self._device)
-        tokens = sample(out.logits[:, -1], rows, torch.zeros((len(sequences),), dtype=torch.long, device=self._device))
-        drawn = time.time_ns()
-        for sequence, token in zip(sequences, tokens.tolist(), strict=True):
-            sequence.stream.phases.first_token_ns = drawn
-            self._outbox.put(sequence.stream, token)
-        self._batch.join_many(sequences, cache, tokens, rows)
+        rows = SamplingRows.of([s.sampling for s in sequences], self._device, self._vocab)
+        constrained = [(i, s.constraint) for i, s in enumerate(sequences) if s.constraint is not None]
+        drawn = draw(out.logits[:, -1], rows, torch.zeros((len(sequences),), dtype=torch.long, device=self._device),
+                     constrained, self._eos)  # fmt: skip
+        now = time.time_ns()
+        for sequence in sequences:
+            sequence.stream.phases.first_token_ns = now
+        ended = self._hand_out(sequences, drawn)
+        self._batch.join_many(sequences, cache, drawn.tokens, rows)
         self._measure()
-        done = torch.isin(tokens, self._eos) | (self._batch.max_new[-len(sequences) :] <= 1)
-        if bool(done.any()):
+        if any(ended):
             keep = torch.ones((self._batch.rows,), dtype=torch.bool, device=self._device)
-            keep[-len(sequences) :] = ~done
+            keep[-len(sequences) :] = torch.tensor([not e for e in ended], device=self._device)
             for sequence in self._batch.keep(keep):
                 self._finished(sequence)
 
@@ -341,15 +307,43 @@ class ChatEngine:
         batch.cache.advance(mask)
         self._measure()
         assert batch.sampling is not None
-        tokens = sample(out.logits[:, -1], batch.sampling, batch.generated)
-        batch.last = tokens
+        drawn = draw(out.logits[:, -1], batch.sampling, batch.generated, batch.constrained, self._eos)
+        batch.last = drawn.tokens
         batch.generated = batch.generated + 1
-        finished = torch.isin(tokens, self._eos) | (batch.generated >= batch.max_new)
-        for sequence, token in zip(batch.sequences, tokens.tolist(), strict=True):
-            self._outbox.put(sequence.stream, token)
-        if bool(finished.any()):
-            for sequence in batch.keep(~finished):
+        ended = self._hand_out(batch.sequences, drawn)
+        if any(ended):
+            for sequence in batch.keep(torch.tensor([not e for e in ended], device=self._device)):
                 self._finished(sequence)
+
+    def _hand_out(self, sequences: list[Sequence], drawn: Draw) -> list[bool]:
+        """Queue each row's drawn token (and log probability) for its stream; say which rows end
+        with it, and record why on their streams."""
+        ended = []
+        for row, sequence in enumerate(sequences):
+            if row in drawn.dead:  # its constraint allowed nothing (or failed): it ends without a token
+                if (failure := drawn.failed.get(row)) is not None:
+                    with request_id_scope(sequence.request_id):
+                        log.error("%s: a request's decoding constraint failed; the request ends with it",
+                                  self.name, exc_info=failure)
+                    sequence.failure = failure
+                else:
+                    sequence.stream.finish_reason = "stop"
+                ended.append(True)
+                continue
+            token = drawn.ids[row]
+            sequence.generated += 1
+            self._outbox.put(sequence.stream, token, drawn.logprobs[row] if drawn.logprobs is not None else None)
+            reason = None
+            if token in self._eos_ids:
+                reason = "stop"
+            elif sequence.stops is not None and (stop := sequence.stops.push(token)):
+                sequence.stream.stop_sequence, reason = stop, "stop"
+            elif sequence.generated >= sequence.max_new:
+                reason = "length"
+            if reason is not None:
+                sequence.stream.finish_reason = reason
+            ended.append(reason is not None)
+        return ended
 
     def _measure(self) -> None:
         cache = self._batch.cache
@@ -360,7 +354,7 @@ class ChatEngine:
         phases.end_ns = time.time_ns()
         with self._lock:
             self._streams.pop(sequence.id, None)
-        self._outbox.end(sequence.stream)
+        self._outbox.end(sequence.stream, sequence.failure)
         if log.isEnabledFor(logging.DEBUG):
             with request_id_scope(sequence.request_id):
                 log.debug("%s: generation done, %.1f ms to the first token after the prefill began, "

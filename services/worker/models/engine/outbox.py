@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 
 from services.common.errors import Overloaded
-from services.worker.models.generation import TokenStream
+from services.worker.models.generation import RawLogprob, TokenStream
 
 
 class BoundedTokenStream(TokenStream):
@@ -39,12 +39,12 @@ class BoundedTokenStream(TokenStream):
         """Tokens delivered and not read yet."""
         self._name = name
 
-    def put(self, token_ids: list[int]) -> None:
+    def put(self, token_ids: list[int], logprobs: list[RawLogprob] | None = None) -> None:
         """Deliver tokens, or end the stream if its consumer is too far behind; on the loop."""
         if self.cancelled.is_set():
             return
         self.unread += len(token_ids)
-        super().put(token_ids)
+        super().put(token_ids, logprobs)
         if self.unread > self.max_unread:
             self.cancel()
             self.end(Overloaded(
@@ -64,15 +64,19 @@ class Outbox:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tokens: dict[TokenStream, list[int]] = {}
+        self._logprobs: dict[TokenStream, list[RawLogprob]] = {}
         self._ends: dict[TokenStream, BaseException | None] = {}
         self._scheduled: set[asyncio.AbstractEventLoop] = set()
         # Weak: a stream the engine drops (cancelled) is never ended here.
         self._started: weakref.WeakSet[TokenStream] = weakref.WeakSet()
 
-    def put(self, stream: TokenStream, token: int) -> None:
-        """Queue a token of `stream` (engine thread); its first token is delivered at once."""
+    def put(self, stream: TokenStream, token: int, logprob: RawLogprob | None = None) -> None:
+        """Queue a token of `stream` (engine thread), with its log probability when asked for;
+        its first token is delivered at once."""
         with self._lock:
             self._tokens.setdefault(stream, []).append(token)
+            if logprob is not None:
+                self._logprobs.setdefault(stream, []).append(logprob)
             first = stream not in self._started
             if first:
                 self._started.add(stream)
@@ -100,6 +104,7 @@ class Outbox:
         with self._lock:
             self._scheduled.discard(loop)
             self._tokens = {s: t for s, t in self._tokens.items() if s.loop is not loop}
+            self._logprobs = {s: p for s, p in self._logprobs.items() if s.loop is not loop}
             self._ends = {s: e for s, e in self._ends.items() if s.loop is not loop}
 
     def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -107,11 +112,12 @@ class Outbox:
             self._scheduled.discard(loop)
             tokens = {s: t for s, t in self._tokens.items() if s.loop is loop}
             ends = {s: e for s, e in self._ends.items() if s.loop is loop}
+            logprobs = {s: self._logprobs.pop(s) for s in tokens if s in self._logprobs}
             for stream in tokens:
                 del self._tokens[stream]
             for stream in ends:
                 del self._ends[stream]
         for stream, token_ids in tokens.items():
-            stream.put(token_ids)
+            stream.put(token_ids, logprobs.get(stream))
         for stream, error in ends.items():
             stream.end(error)

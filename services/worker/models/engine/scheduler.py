@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from services.worker.models.engine.constraint import Constraint
 from services.worker.models.engine.kv_cache import BatchCache
 from services.worker.models.engine.sampling import SamplingRow, SamplingRows
+from services.worker.models.engine.stops import StopWatch
 from services.worker.models.generation import TokenStream
 
 
@@ -42,6 +44,14 @@ class Sequence:
     """Its own cache while it is prefilled; it moves into the batch's when it joins."""
     request_id: str = ""
     """The request it serves, for the engine thread's log records about it."""
+    constraint: Constraint | None = None
+    """The grammar its tokens follow, if any."""
+    stops: StopWatch | None = None
+    """Its stop sequences, if any."""
+    generated: int = 0
+    """Tokens drawn for it so far."""
+    failure: Exception | None = None
+    """What ended it with an error (its constraint raised); its stream ends with it."""
 
 
 @dataclass
@@ -174,6 +184,8 @@ class Batch:
         self.generated = torch.zeros((0,), dtype=torch.long, device=device)
         self.max_new = torch.zeros((0,), dtype=torch.long, device=device)
         self.sampling: SamplingRows | None = None
+        self.constrained: list[tuple[int, Constraint]] = []
+        """The rows that follow a constraint, with it."""
 
     @property
     def rows(self) -> int:
@@ -201,6 +213,7 @@ class Batch:
         self.generated = torch.cat([self.generated, torch.ones_like(first_tokens)])
         self.max_new = torch.cat([self.max_new, torch.tensor([s.max_new for s in sequences], device=self.device)])
         self.sampling = sampling if self.sampling is None else self.sampling.concat(sampling)
+        self._index()
 
     def keep(self, keep: torch.Tensor) -> list[Sequence]:
         """Keep the rows where `keep` (bool, per row) is set; return the sequences dropped."""
@@ -211,7 +224,12 @@ class Batch:
         self.cache.keep(index)
         self.last, self.generated, self.max_new = self.last[index], self.generated[index], self.max_new[index]
         self.sampling = self.sampling.select(index) if self.sampling is not None and self.rows else None
+        self._index()
         return dropped
+
+    def _index(self) -> None:
+        """Note which rows need per-row work each step (after rows joined or left)."""
+        self.constrained = [(i, s.constraint) for i, s in enumerate(self.sequences) if s.constraint is not None]
 
     def drop(self, sequence_ids: set[str]) -> list[Sequence]:
         """Drop the rows of these sequences (cancelled); return those found."""
