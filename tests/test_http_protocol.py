@@ -105,12 +105,42 @@ async def test_invalid_chat_request_names_the_field(
     assert param in error["message"]
 
 
-async def test_more_than_one_choice_is_refused(client: httpx.AsyncClient) -> None:
-    response = await client.post(CHAT, json={"model": "m", "messages": USER_HI, "n": 2})
-    assert response.status_code == 400
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"n": 17}, "n"),
+        ({"n": 0}, "n"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"logit_bias": {"-5": 1}}, "logit_bias.-5"),
+        ({"logit_bias": {"tok": 1}}, "logit_bias.tok"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "has space"}}},
+         "response_format.json_schema.name"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": "sometimes", "tools": [{"type": "function", "function": {"name": "f"}}]},
+         "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "g"}},
+          "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+        ({"response_format": {"type": "json_object"},
+          "tools": [{"type": "function", "function": {"name": "f"}}]}, "response_format"),
+    ],
+)
+async def test_generation_parameters_out_of_bounds_name_the_field(
+    client: httpx.AsyncClient, extra: dict[str, Any], param: str
+) -> None:
+    response = await client.post(CHAT, json={"model": "m", "messages": USER_HI, **extra})
+    assert response.status_code == 400, response.text
     error = error_of(response)
-    assert error["param"] == "n"
-    assert "n=1" in error["message"]
+    assert error["param"] == param, error
+    assert error["code"] != "unsupported_parameter"
 
 
 @pytest.mark.parametrize(
@@ -119,8 +149,10 @@ async def test_more_than_one_choice_is_refused(client: httpx.AsyncClient) -> Non
         ("/v1/completions", {"model": "m", "prompt": [1, 2, 3]}, "prompt"),
         ("/v1/completions", {"model": "m", "prompt": ["a", "b"]}, "prompt"),
         ("/v1/completions", {"model": "m", "prompt": ""}, "prompt"),
-        ("/v1/completions", {"model": "m", "prompt": "x", "n": 3}, "n"),
+        ("/v1/completions", {"model": "m", "prompt": "x", "n": 17}, "n"),
         ("/v1/completions", {"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
+        ("/v1/completions", {"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
+        ("/v1/completions", {"model": "m", "prompt": "x", "logprobs": 1, "echo": True}, "echo"),
         ("/v1/embeddings", {"model": "m"}, "input"),
         ("/v1/embeddings", {"model": "m", "input": []}, "input"),
         ("/v1/embeddings", {"model": "m", "input": ["ok", ""]}, "input[1]"),
@@ -171,23 +203,11 @@ async def test_lone_surrogates_are_400_before_the_gateway(
 @pytest.mark.parametrize(
     ("path", "extra", "param"),
     [
-        (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
-        (CHAT, {"presence_penalty": 0.1}, "presence_penalty"),
-        (CHAT, {"frequency_penalty": 2}, "frequency_penalty"),
-        (CHAT, {"logit_bias": {"1": 5}}, "logit_bias"),
-        (CHAT, {"logprobs": True}, "logprobs"),
-        (CHAT, {"top_logprobs": 2}, "top_logprobs"),
-        (CHAT, {"tool_choice": "required", "tools": [
-            {"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
-        (CHAT, {"parallel_tool_calls": False}, "parallel_tool_calls"),
         (CHAT, {"reasoning_effort": "high"}, "reasoning_effort"),
         (CHAT, {"service_tier": "priority"}, "service_tier"),
         (CHAT, {"modalities": ["audio"]}, "modalities"),
-        (CHAT, {"n": 2}, "n"),
-        ("/v1/completions", {"logprobs": 0}, "logprobs"),
         ("/v1/completions", {"suffix": "tail"}, "suffix"),
-        ("/v1/completions", {"n": -607}, "n"),
-        ("/v1/completions", {"logit_bias": {"1": -1}}, "logit_bias"),
+        ("/v1/completions", {"best_of": 3}, "best_of"),
     ],
 )
 async def test_unimplemented_parameters_are_400_naming_them(
@@ -208,13 +228,41 @@ async def test_tool_choice_auto_needs_tools(client: httpx.AsyncClient) -> None:
     assert error_of(response)["param"] == "tool_choice"
 
 
+def test_new_parameters_reach_the_chat_request() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "strict": True}}]
+    request = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [
+            *USER_HI,
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "42"}],
+        "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"7": -100},
+        "logprobs": True, "top_logprobs": 3, "n": 2, "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "f"}}, "parallel_tool_calls": False,
+    }).to_proto("r")
+    assert (request.presence_penalty, request.frequency_penalty) == (0.5, -1)
+    assert dict(request.logit_bias) == {7: -100} and request.n == 2
+    assert request.logprobs and request.top_logprobs == 3
+    assert (request.tool_choice.mode, request.tool_choice.function_name) == ("function", "f")
+    assert request.HasField("parallel_tool_calls") and not request.parallel_tool_calls
+    assert request.tools[0].strict
+    assert [(c.id, c.name, c.arguments) for c in request.messages[1].tool_calls] == [("call_1", "f", "{}")]
+    assert request.messages[2].tool_call_id == "call_1" and request.messages[2].content == "42"
+    shaped = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": USER_HI, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "point", "strict": True,
+                                                   "schema": {"type": "object"}}}}).to_proto("r")
+    assert (shaped.response_format.type, shaped.response_format.name) == ("json_schema", "point")
+    assert json.loads(shaped.response_format.schema_json) == {"type": "object"}
+    assert shaped.response_format.strict
+    completion = CompletionRequest.model_validate({"model": "m", "prompt": "x", "logprobs": 2, "n": 3}).to_proto("r")
+    assert completion.logprobs and completion.top_logprobs == 2 and completion.n == 3
+
+
 def test_neutral_values_of_unimplemented_parameters_pass() -> None:
     request = ChatCompletionRequest.model_validate({
-        "model": "m", "messages": USER_HI, "presence_penalty": 0, "frequency_penalty": 0.0,
-        "logit_bias": {}, "response_format": {"type": "text"}, "logprobs": False,
-        "top_logprobs": 0, "tool_choice": "none", "parallel_tool_calls": True,
-        "reasoning_effort": None, "service_tier": "default", "modalities": ["text"], "n": 1,
-        "store": True, "metadata": {"ticket": "T-1"}, "user": "u-1",
+        "model": "m", "messages": USER_HI, "reasoning_effort": None, "service_tier": "default",
+        "modalities": ["text"], "store": True, "metadata": {"ticket": "T-1"}, "user": "u-1",
     })
     assert request.recorded() == {"user": "u-1", "metadata": {"ticket": "T-1"}, "store": True}
     completion = CompletionRequest.model_validate({
@@ -226,11 +274,10 @@ async def test_published_schema_says_what_the_server_takes(client: httpx.AsyncCl
     schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
     chat, completion = schemas["ChatCompletionRequest"], schemas["CompletionRequest"]
     embedding, message = schemas["EmbeddingRequest"], schemas["ChatMessage"]
-    assert chat["properties"]["n"]["anyOf"][0] == {"type": "integer", "const": 1}
-    assert completion["properties"]["logprobs"]["type"] == "null"
-    assert "not supported" in completion["properties"]["logprobs"]["description"].lower()
+    assert chat["properties"]["n"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 16}
+    assert completion["properties"]["logprobs"]["anyOf"][0] == {"type": "integer", "minimum": 0, "maximum": 5}
     assert completion["properties"]["suffix"]["anyOf"][0]["maxLength"] == 0
-    assert chat["properties"]["presence_penalty"]["anyOf"][0]["const"] == 0
+    assert chat["properties"]["presence_penalty"]["anyOf"][0] == {"type": "number", "minimum": -2, "maximum": 2}
     assert chat["properties"]["reasoning_effort"]["type"] == "null"
     assert chat["properties"]["top_p"]["anyOf"][0]["minimum"] == 0
     assert "most likely token" in chat["properties"]["top_p"]["description"]
@@ -239,7 +286,8 @@ async def test_published_schema_says_what_the_server_takes(client: httpx.AsyncCl
     inputs = embedding["properties"]["input"]["anyOf"]
     assert inputs[0]["minLength"] == 1 and all(b.get("minItems") == 1 for b in inputs[1:])
     assert inputs[2]["maxItems"] == MAX_INPUTS
-    assert message["else"]["required"] == ["content"], "a tool message needs content"
+    assert message["allOf"][0]["else"]["required"] == ["content"], "a tool message needs content"
+    assert message["allOf"][1]["then"]["required"] == ["tool_call_id"], "and names its call"
     stop = chat["properties"]["stop"]["anyOf"]
     assert stop[0]["minLength"] == 1 and stop[1]["items"]["minLength"] == 1
     assert {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}} in [

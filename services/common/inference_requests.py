@@ -50,6 +50,18 @@ MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 RESPONSE_OVERHEAD_BYTES = 1024
 """Room for what an `EmbedResponse` carries besides the vectors (usage, asset id)."""
 MAX_LISTED_PROBLEMS = 10
+PENALTY_MIN, PENALTY_MAX = -2.0, 2.0
+"""Bounds of `presence_penalty` and `frequency_penalty` (OpenAI's)."""
+LOGIT_BIAS_MIN, LOGIT_BIAS_MAX = -100.0, 100.0
+MAX_LOGIT_BIASES = 300
+"""Most token ids one `logit_bias` may name (OpenAI's limit)."""
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per position with `logprobs` (OpenAI's limit)."""
+MAX_CHOICES = 16
+"""Most completions (`n`) one request may ask for: each is a sequence of its own in the
+engine's batch, so the bound keeps one request from taking a whole batch."""
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+TOOL_CHOICE_MODES = ("auto", "none", "required", "function")
 
 _FUNCTION_NAME = re.compile(FUNCTION_NAME)
 
@@ -78,6 +90,7 @@ def check_chat(request: inference_pb2.ChatRequest) -> None:
         problems.append(FieldProblem("tools", "tools need messages: a raw prompt is sent to the "
                                               "model as is, with no chat template to offer them"))
     problems += _user_problems(request.user)
+    problems += _generation_problems(request)
     _raise(problems)
 
 
@@ -215,6 +228,53 @@ def _tool_problems(tools: Sequence[inference_pb2.Tool]) -> list[FieldProblem]:
         elif tool.parameters_json and not _is_json_object(tool.parameters_json):
             problems.append(FieldProblem(
                 f"tools[{n}].function.parameters", "must be a JSON object (a JSON Schema)"))
+    return problems
+
+
+def _generation_problems(request: inference_pb2.ChatRequest) -> list[FieldProblem]:
+    """Penalties, biases, log probabilities, choices and the answer's shape."""
+    problems = [FieldProblem(name, f"must be between {PENALTY_MIN:g} and {PENALTY_MAX:g}")
+                for name in ("presence_penalty", "frequency_penalty")
+                if request.HasField(name) and not PENALTY_MIN <= getattr(request, name) <= PENALTY_MAX]
+    if len(request.logit_bias) > MAX_LOGIT_BIASES:
+        problems.append(FieldProblem("logit_bias", f"{len(request.logit_bias)} token ids; at most "
+                                                   f"{MAX_LOGIT_BIASES}"))
+    problems += [FieldProblem(f"logit_bias.{token}", f"must be between {LOGIT_BIAS_MIN:g} and {LOGIT_BIAS_MAX:g}")
+                 for token, bias in sorted(request.logit_bias.items())
+                 if not LOGIT_BIAS_MIN <= bias <= LOGIT_BIAS_MAX][:MAX_LISTED_PROBLEMS]
+    if request.top_logprobs > MAX_TOP_LOGPROBS:
+        problems.append(FieldProblem("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}"))
+    elif request.top_logprobs and not request.logprobs:
+        problems.append(FieldProblem("top_logprobs", "needs logprobs: true"))
+    if request.n > MAX_CHOICES:
+        problems.append(FieldProblem("n", f"must be between 1 and {MAX_CHOICES}"))
+    problems += _format_problems(request)
+    return problems
+
+
+def _format_problems(request: inference_pb2.ChatRequest) -> list[FieldProblem]:
+    """`response_format` and `tool_choice`, alone and together."""
+    problems = []
+    shape = request.response_format.type if request.HasField("response_format") else ""
+    if shape and shape not in RESPONSE_FORMATS:
+        problems.append(FieldProblem("response_format.type", f"{shown(shape)} is not one of "
+                                                             f"{', '.join(RESPONSE_FORMATS)}"))
+    elif shape == "json_schema" and not _is_json_object(request.response_format.schema_json or "{}"):
+        problems.append(FieldProblem("response_format.json_schema.schema", "must be a JSON object (a JSON Schema)"))
+    mode = request.tool_choice.mode if request.HasField("tool_choice") else ""
+    names = {tool.name for tool in request.tools}
+    if mode and mode not in TOOL_CHOICE_MODES:
+        problems.append(FieldProblem("tool_choice", f"{shown(mode)} is not one of {', '.join(TOOL_CHOICE_MODES)}"))
+    elif mode in ("required", "function") and not request.tools:
+        problems.append(FieldProblem("tool_choice", f"'{mode}' needs tools"))
+    elif mode == "function" and request.tool_choice.function_name not in names:
+        problems.append(FieldProblem("tool_choice", f"function {shown(request.tool_choice.function_name)} "
+                                                    "is not among the tools"))
+    if request.HasField("parallel_tool_calls") and not request.tools:
+        problems.append(FieldProblem("parallel_tool_calls", "only allowed with tools"))
+    if shape in ("json_object", "json_schema") and request.tools and mode != "none":
+        problems.append(FieldProblem("response_format", "cannot be combined with tool calls; send "
+                                                        "tool_choice 'none' or leave response_format out"))
     return problems
 
 

@@ -147,6 +147,27 @@ class Dispatcher:
             finally:
                 worker.in_flight[asset_id] -= 1
 
+    async def count_tokens(self, record: AssetRecord, request: inference_pb2.ChatRequest, *,
+                           deadline: Deadline, queue: QueueBudget, ticket: UsageTicket,
+                           ) -> inference_pb2.TokenCount:
+        """The prompt tokens of the request as a worker holding the asset counts them (woken
+        first when none does); placed and retried as `embed` is, a remote asset's included."""
+        asset_id = record.spec.asset_id
+        tries = _Tries(self._workers, asset_id)
+        while True:
+            worker = await self._place(record, tries, deadline, queue, ticket, True)
+            try:
+                with step("dispatch", _dispatch_attributes(asset_id, worker), kind=SpanKind.CLIENT,
+                          current=True):
+                    try:
+                        call = worker.inference.CountTokens(request, timeout=deadline.remaining())
+                        with self._workers.tracking(worker, call):
+                            return await call
+                    except (grpc.aio.AioRpcError, ModelNotReady) as exc:
+                        raise self._worker_error(exc, worker, asset_id, deadline) from None
+            except RoundhouseError as error:  # the worker's refusal: try another
+                await tries.after(worker, error)
+
     async def _place(self, record: AssetRecord, tries: _Tries, deadline: Deadline, queue: QueueBudget,
                      ticket: UsageTicket, may_wake: bool) -> WorkerHandle:
         """A worker for the request, waking the asset if needed (and allowed); a wake's time is

@@ -226,6 +226,31 @@ class Gateway:
             assert failure is not None
             raise failure
 
+    async def count_tokens(
+        self, request: inference_pb2.ChatRequest, *, key: KeyRecord | None = None,
+        timeout: float | None = None,
+    ) -> inference_pb2.TokenCount:
+        """The prompt tokens `request` would use on its model (chat template, tools and their
+        description included), counted by a worker holding it, without generating.
+
+        Checked like a chat (an invalid request is refused before any model is resolved) and
+        resolved the same way: by name or alias, a route by the first candidate it would try
+        now. `key` must be allowed the model, as for a chat; the count takes no admission slot,
+        reserves nothing and is not recorded in the usage ledger. A model that sleeps is woken
+        (the tokenizer and template are the loaded model's). Ends by the request timeout, or
+        `timeout` when shorter (`DeadlineExceeded`).
+        """
+        deadline = Deadline.within(self.request_timeout_s, timeout)
+        ticket = UsageTicket(key.key_id if key is not None else "", request.model, LLM, request.request_id)
+        async with deadline.bounding("its model was looked up"):
+            check_chat(request)
+            plan = await self._plan(request.model, LLM, key, request.user, Routed(), ticket,
+                                    chat_prompt_tokens(request))
+        record = plan.usable[0]
+        return await self.dispatcher.count_tokens(
+            record, _forwarded(request, record), deadline=deadline, ticket=ticket,
+            queue=QueueBudget(record.spec.policy.queue_timeout_s))
+
     async def _plan(self, name: str, interface: str, key: KeyRecord | None, user: str,
                     routed: Routed, ticket: UsageTicket, prompt_tokens: int) -> Plan:
         """The assets to try for a request naming `name`: the model it names, or the route's
@@ -315,7 +340,7 @@ class Gateway:
         """The answering candidate's chunks, from its first: fed to the route's shadow copies,
         kept in its cache when whole and answered by the revision the cache entry is for. A
         failure from here on ends the stream, carrying the usage so far."""
-        text: list[str] = []  # kept only for the cache
+        kept: list[inference_pb2.ChatChunk] = []  # only for the cache
         chunk: inference_pb2.ChatChunk | None = first
         primary = None
         try:
@@ -327,7 +352,7 @@ class Gateway:
                     if primary is not None:
                         primary.chunk(chunk)
                     if entry is not None:
-                        text.append(chunk.delta)
+                        kept.append(chunk)
                     yield chunk
                     chunk = await anext(chunks, None)
         except RoundhouseError as exc:
@@ -338,7 +363,7 @@ class Gateway:
                 primary.ended()
         if (entry is not None and plan.route is not None and last.finish_reason
                 and last.revision == record.revision):
-            self.caching.keep(plan.route, entry, whole_chat(record.spec.asset_id, text, last))
+            self.caching.keep(plan.route, entry, whole_chat(record.spec.asset_id, kept))
 
     @asynccontextmanager
     async def _accounted(self, key: KeyRecord | None, request: Q, interface: str,

@@ -19,24 +19,22 @@ own environment.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord
-from services.common.errors import InvalidArgument, InvalidSpec, UpstreamError
-from services.common.openai_upstream import OpenAIUpstream, UpstreamText, chat_body
+from services.common.errors import InvalidSpec, UpstreamError
+from services.common.openai_upstream import OpenAIUpstream
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
+from services.router.remote_shapes import request_body, to_chunk
 
 log = logging.getLogger(__name__)
 
 REMOTE_RUNTIME = "openai"
 DEFAULT_TOUCH_S = 10.0
-FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
 
 
 class _Client:
@@ -86,15 +84,21 @@ class RemoteUpstreams:
     async def chat(self, record: AssetRecord, request: inference_pb2.ChatRequest, *,
                    stream: bool, timeout: float | None = None,
                    ) -> AsyncGenerator[inference_pb2.ChatChunk, None]:
-        """The answer of the asset's upstream as the worker would stream it: the text in pieces,
-        and a last chunk with the finish reason and usage. Not `stream`: asked for whole, and
-        given as one chunk carrying all of it."""
+        """The answer of the asset's upstream as the worker would stream it (see
+        `remote_shapes`): each choice's pieces, its finish, and the usage last. Not `stream`:
+        asked for whole, and given as one chunk per choice carrying all of it."""
         asset_id = record.spec.asset_id
         client = await self._client(record)
         with self._using(client):
-            path, body = request_body(client.upstream.model, request, stream=stream)
+            path, body = request_body(client.upstream.model, request, stream=stream, asset_id=asset_id)
             if not stream:
-                yield to_chunk(await client.upstream.complete(path, body, timeout_s=timeout), asset_id)
+                # Every choice whole; the usage (on each) is kept for the last one only.
+                answers = await client.upstream.complete_choices(path, body, timeout_s=timeout)
+                for n, answer in enumerate(answers):
+                    chunk = to_chunk(answer, asset_id)
+                    if n < len(answers) - 1:
+                        chunk.ClearField("usage")
+                    yield chunk
                 return
             async for piece in client.upstream.stream(path, body, timeout_s=timeout):
                 yield to_chunk(piece, asset_id)
@@ -160,43 +164,3 @@ class RemoteUpstreams:
         self._clients.clear()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-
-
-def request_body(model: str, request: inference_pb2.ChatRequest, *, stream: bool) -> tuple[str, dict[str, Any]]:
-    """The upstream path and body of a `ChatRequest` (see `openai_upstream.chat_body`)."""
-    return chat_body(
-        model,
-        messages=[{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-                  for m in request.messages],
-        prompt=request.prompt if not request.messages else None,
-        temperature=request.temperature if request.HasField("temperature") else None,
-        top_p=request.top_p if request.HasField("top_p") else None,
-        max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
-        seed=request.seed if request.HasField("seed") else None,
-        stop=request.stop,
-        tools=[_tool(t) for t in request.tools],
-        stream=stream,
-    )
-
-
-def _tool(tool: inference_pb2.Tool) -> dict[str, Any]:
-    """A `Tool` as OpenAI's `tools[]` entry; parameters that are not JSON are refused."""
-    try:
-        parameters = json.loads(tool.parameters_json) if tool.parameters_json else {}
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"tools: parameters of '{tool.name}' are not JSON: {exc}") from None
-    function = {"name": tool.name, "description": tool.description,
-                "parameters": parameters or {"type": "object", "properties": {}}}
-    return {"type": "function", "function": function}
-
-
-def to_chunk(piece: UpstreamText, asset_id: str) -> inference_pb2.ChatChunk:
-    """An upstream piece as the `ChatChunk` a worker would send."""
-    chunk = inference_pb2.ChatChunk(delta=piece.text, asset_id=asset_id)
-    if piece.finish_reason is not None:
-        chunk.finish_reason = FINISH[piece.finish_reason]
-    if piece.usage is not None:
-        usage = chunk.usage
-        usage.prompt_tokens, usage.completion_tokens = piece.usage.prompt_tokens, piece.usage.completion_tokens
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-    return chunk

@@ -14,8 +14,9 @@ from services.router.keys import KeyAuthenticator, credential_from_metadata
 
 
 class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
-    """`roundhouse.v1.Inference` by model name or alias. A caller's gRPC deadline, when shorter
-    than the router's request timeout, is the request's deadline (see `Gateway.chat`).
+    """`roundhouse.v1.Inference` by model name or alias: chat (every sampling, format and tool
+    field passed on as sent), embeddings and token counts. A caller's gRPC deadline, when
+    shorter than the router's request timeout, is the request's deadline (see `Gateway.chat`).
 
     Callers present an API key in `authorization` metadata (`Bearer rh-...`, or `x-api-key`),
     checked like the HTTP API's: UNAUTHENTICATED without a valid one, PERMISSION_DENIED for a
@@ -46,6 +47,13 @@ class InferenceFrontServicer(inference_pb2_grpc.InferenceServicer):
                     yield chunk
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
+
+    async def CountTokens(
+        self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.TokenCount:
+        with request_id_scope(accept_request_id(request.request_id or current_request_id())):
+            key = await self._key(context)
+            return await self._gateway.count_tokens(request, timeout=context.time_remaining(), key=key)
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext

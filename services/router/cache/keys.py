@@ -32,9 +32,12 @@ _KEY_PREFIX = "r1."
 
 
 def chat_cacheable(request: inference_pb2.ChatRequest, generation: Generation, cache: Cache) -> bool:
-    """Whether an answer to `request` may be cached and served again under `cache`: any with
-    `cache.nondeterministic`, else only a greedy one (see `greedy`)."""
-    return cache.nondeterministic or greedy(request, generation)
+    """Whether an answer to `request` may be cached and served again under `cache`: one of a
+    single choice (the cache keeps one chunk per answer), then any with
+    `cache.nondeterministic`, else only a greedy one (see `greedy`). Every other field of the
+    request (penalties, biases, log probabilities, the answer's format, tools) is part of the
+    key (see `canonical_body`)."""
+    return request.n <= 1 and (cache.nondeterministic or greedy(request, generation))
 
 
 def greedy(request: inference_pb2.ChatRequest, generation: Generation) -> bool:

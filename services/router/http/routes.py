@@ -9,7 +9,8 @@ from fastapi.responses import Response
 
 from services.router.http.auth import request_key
 from services.router.http.body_route import JSONBodyRoute
-from services.router.http.chat.protocol import ChatCompletionRequest, ChatCompletionResponse
+from services.router.http.chat.protocol import ChatCompletionRequest
+from services.router.http.chat.responses import ChatCompletionResponse
 from services.router.http.completion.protocol import CompletionRequest, CompletionResponse
 from services.router.http.embedding.protocol import EmbeddingRequest, EmbeddingResponse
 from services.router.http.protocol import ErrorResponse, ModelCard, ModelList

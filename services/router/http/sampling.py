@@ -1,4 +1,5 @@
-"""Fields that chat and text completion requests share: the model, sampling and streaming.
+"""Fields that chat and text completion requests share: the model, sampling, choices and
+streaming.
 
 Both convert into one `roundhouse.v1.ChatRequest`; `SamplingFields.sampling_proto` fills
 everything but the conversation or prompt. Bounds come from
@@ -28,16 +29,22 @@ from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from roundhouse.v1 import inference_pb2
 from services.common.inference_requests import (
+    LOGIT_BIAS_MAX,
+    LOGIT_BIAS_MIN,
+    MAX_CHOICES,
+    MAX_LOGIT_BIASES,
     MAX_NAME_CHARS,
     MAX_STOP_SEQUENCES,
     MAX_TOKENS_LIMIT,
+    PENALTY_MAX,
+    PENALTY_MIN,
     TEMPERATURE_MAX,
     TEMPERATURE_MIN,
     TOP_P_MAX,
     TOP_P_MIN,
 )
 from services.router.http.errors import UNSUPPORTED
-from services.router.http.protocol import AS_INT, NO_NUL, Integer, OpenAIRequestBody, StreamOptions
+from services.router.http.protocol import AS_INT, NO_NUL, OpenAIRequestBody, StreamOptions
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 NULL: dict[str, Any] = {"type": "null"}
@@ -49,6 +56,18 @@ STOP_SCHEMA: dict[str, Any] = {
     ],
     "description": f"Up to {MAX_STOP_SEQUENCES} non-empty sequences; generation stops before any of "
                    "them, and they are not returned.",
+}
+TOKEN_ID = "^(0|[1-9][0-9]{0,8})$"
+"""A token id as `logit_bias` names it: a decimal integer, no sign nor leading zero."""
+LOGIT_BIAS_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "object", "propertyNames": {"pattern": TOKEN_ID},
+               "additionalProperties": {"type": "number", "minimum": LOGIT_BIAS_MIN,
+                                        "maximum": LOGIT_BIAS_MAX},
+               "maxProperties": MAX_LOGIT_BIASES}, {"type": "null"}],
+    "description": f"Token id (in the model's tokenizer, as a string) -> a bias from {LOGIT_BIAS_MIN:g} "
+                   f"to {LOGIT_BIAS_MAX:g} added to its logit before sampling; up to {MAX_LOGIT_BIASES} "
+                   "ids. -100 bans a token, 100 all but forces it. An id beyond the model's "
+                   "vocabulary is refused.",
 }
 STREAM_OPTIONS_RULE: dict[str, Any] = {
     "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
@@ -98,15 +117,11 @@ def _with_rules(schema: dict[str, Any], cls: Any) -> None:
     schema["allOf"] = list(cls.SCHEMA_RULES)
 
 
-ZERO = [{"type": "number", "const": 0}]
-Penalty = Annotated[float | None, Unsupported(
-    0.0, accepted=ZERO, hint="leave it out or send 0: penalties are not implemented")]
-LogitBias = Annotated[dict[str, float] | None, Unsupported(
-    {}, accepted=[{"type": "object", "maxProperties": 0}],
-    hint="leave it out or send {}: logit biases are not implemented")]
-OnlyOne = Annotated[Integer | None, Unsupported(
-    1, accepted=[{"type": "integer", "const": 1}],
-    hint="only n=1 is supported (one choice per request)")]
+Penalty = Annotated[float, Field(ge=PENALTY_MIN, le=PENALTY_MAX)]
+LogitBias = Annotated[
+    dict[Annotated[str, Field(pattern=TOKEN_ID)], Annotated[float, Field(ge=LOGIT_BIAS_MIN, le=LOGIT_BIAS_MAX)]],
+    Field(max_length=MAX_LOGIT_BIASES),
+]
 
 
 class SamplingFields(OpenAIRequestBody):
@@ -128,7 +143,12 @@ class SamplingFields(OpenAIRequestBody):
         Field(description="Makes sampling reproducible. Any integer: it is reduced to a signed "
                           "64-bit seed (modulo 2^64), so every value has one meaning."),
     ] | None = None
-    n: OnlyOne = 1
+    n: Annotated[
+        Annotated[int, Field(ge=1, le=MAX_CHOICES), AS_INT] | None,
+        Field(description=f"How many completions (choices) to generate, 1 to {MAX_CHOICES}; each is "
+                          "generated on its own (with a seed, choice i uses seed + i). Usage counts "
+                          "the prompt once and every choice's tokens."),
+    ] = None
     stream: bool = False
     stream_options: Annotated[StreamOptions | None, Field(
         description="Only with `stream: true`.")] = None
@@ -137,9 +157,11 @@ class SamplingFields(OpenAIRequestBody):
         description="The end user the request is made for: accepted and recorded with the request.",
         json_schema_extra={"pattern": NO_NUL},
     )] | None = None
-    presence_penalty: Penalty = None
-    frequency_penalty: Penalty = None
-    logit_bias: LogitBias = None
+    presence_penalty: Annotated[Penalty | None, Field(
+        description="Subtracted once from the logit of every token already in the completion.")] = None
+    frequency_penalty: Annotated[Penalty | None, Field(
+        description="Subtracted from a token's logit once per time it is already in the completion.")] = None
+    logit_bias: Annotated[LogitBias | None, WithJsonSchema(LOGIT_BIAS_SCHEMA)] = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -184,7 +206,20 @@ class SamplingFields(OpenAIRequestBody):
             request.max_tokens = self.max_tokens
         if self.seed is not None:
             request.seed = self.seed
+        if self.presence_penalty is not None:
+            request.presence_penalty = self.presence_penalty
+        if self.frequency_penalty is not None:
+            request.frequency_penalty = self.frequency_penalty
+        for token, bias in (self.logit_bias or {}).items():
+            request.logit_bias[int(token)] = bias
+        if self.n is not None:
+            request.n = self.n
         return request
 
+    @property
+    def choices(self) -> int:
+        """How many choices the answer has."""
+        return self.n or 1
 
-__all__ = ["OnlyOne", "SamplingFields", "Unsupported"]
+
+__all__ = ["SamplingFields", "Unsupported"]

@@ -24,6 +24,7 @@ from roundhouse.v1 import inference_pb2
 from services.common.errors import RoundhouseError, UpstreamError
 from services.router.deadlines import REQUEST_TIMEOUT_HEADER, header_seconds
 from services.router.http.auth import request_key
+from services.router.http.choices import Answer, Finishes
 from services.router.http.errors import ClientClosedRequest, error_payload
 from services.router.http.protocol import FinishReason, UsageInfo, finish_reason
 from services.router.routes.plan import Routed
@@ -179,18 +180,15 @@ async def first_chunk(request: Request, chunks: ChunkStream) -> inference_pb2.Ch
     return first
 
 
-async def collect(request: Request, chunks: ChunkStream) -> tuple[str, inference_pb2.ChatChunk]:
-    """The whole text of a stream and its last chunk (finish reason, usage, asset id)."""
+async def collect(request: Request, chunks: ChunkStream, choices: int = 1) -> Answer:
+    """The whole answer of a stream: its `choices` choices and its last chunk (usage, asset id)."""
 
-    async def drain() -> tuple[str, inference_pb2.ChatChunk]:
-        parts: list[str] = []
-        last: inference_pb2.ChatChunk | None = None
+    async def drain() -> Answer:
+        answer = Answer(choices)
         async for chunk in chunks:
-            parts.append(chunk.delta)
-            last = chunk
-        if last is None:
-            raise UpstreamError("The model returned no output.")
-        return "".join(parts), last
+            answer.add(chunk)
+        answer.ended()
+        return answer
 
     try:
         return await until_disconnected(request, drain())
@@ -210,17 +208,19 @@ async def close(chunks: ChunkStream) -> None:
 class ChunkRenderer(ABC):
     """How one endpoint spells the events of a stream."""
 
-    def opening(self) -> list[bytes]:
-        """Events sent before any text (chat announces the assistant role)."""
+    def opening(self, choices: int) -> list[bytes]:
+        """Events sent before anything was generated (chat announces the assistant role of
+        each choice)."""
         return []
 
     @abstractmethod
-    def delta(self, text: str) -> bytes:
-        """The event carrying new text."""
+    def piece(self, chunk: inference_pb2.ChatChunk) -> bytes | None:
+        """The event carrying what `chunk` adds to its choice (text, tool-call pieces, log
+        probabilities); None when it adds nothing."""
 
     @abstractmethod
-    def finish(self, reason: FinishReason) -> bytes:
-        """The event carrying the finish reason."""
+    def finish(self, index: int, reason: FinishReason) -> bytes:
+        """The event carrying choice `index`'s finish reason."""
 
     @abstractmethod
     def usage(self, usage: UsageInfo) -> bytes:
@@ -232,28 +232,40 @@ async def relay(
     chunks: ChunkStream,
     renderer: ChunkRenderer,
     *,
+    choices: int = 1,
     include_usage: bool,
     request_id: str,
 ) -> AsyncIterator[bytes]:
-    """SSE events for a stream whose first chunk was already read, ending in `[DONE]`.
+    """SSE events for a stream whose first chunk was already read, ending in `[DONE]`: each
+    choice's pieces as they come, each choice's finish event when it ends (those the stream
+    did not end, at its end), then the usage when asked.
 
     A failure midway ends the stream with an error event instead; in every case the
     gateway stream is closed when this generator is.
     """
     try:
-        for event in renderer.opening():
+        for event in renderer.opening(choices):
             yield event
+        finishes = Finishes(choices)
+        usage: inference_pb2.Usage | None = None
         chunk = first
         while True:
-            if chunk.delta:
-                yield renderer.delta(chunk.delta)
+            if chunk.index >= choices:
+                raise UpstreamError(f"the model answered choice {chunk.index} of {choices}")
+            if (piece := renderer.piece(chunk)) is not None:
+                yield piece
+            if finishes.finished(chunk):
+                yield renderer.finish(chunk.index, finish_reason(chunk.finish_reason))
+            if chunk.HasField("usage"):
+                usage = chunk.usage
             following = await anext(chunks, None)
             if following is None:
                 break
             chunk = following
-        yield renderer.finish(finish_reason(chunk.finish_reason))
+        for index, reason in finishes.unfinished(chunk):
+            yield renderer.finish(index, reason)
         if include_usage:
-            yield renderer.usage(UsageInfo.from_proto(chunk.usage))
+            yield renderer.usage(UsageInfo.from_proto(usage or chunk.usage))
         yield DONE
     except Exception as exc:
         yield mid_stream_error(exc, request_id)
@@ -274,8 +286,8 @@ class GenerationServing(ABC):
         self.gateway = gateway
 
     async def create(self, body: Any, request: Request) -> Response:
-        """Serve one request (`body` has `to_proto`, `stream`, `model`, `include_usage`,
-        `recorded`) within the client's `x-request-timeout` when it sets one."""
+        """Serve one request (`body` has `to_proto`, `stream`, `model`, `choices`,
+        `include_usage`, `recorded`) within the client's `x-request-timeout` when it sets one."""
         request_id: str = request.state.request_id
         timeout = client_timeout(request)
         record(request_id, self.endpoint, body.recorded())
@@ -284,18 +296,19 @@ class GenerationServing(ABC):
                                    stream=body.stream, routed=routed)
         prefix = self._prefix(body)
         if not body.stream:
-            text, last = await collect(request, chunks)
-            whole = self._whole(body, prefix + text, last)
+            answer = await collect(request, chunks, body.choices)
+            whole = self._whole(body, answer, prefix)
             return Response(whole.model_dump_json(), media_type="application/json",
                             headers=routed.headers())
         first = await first_chunk(request, chunks)
         renderer = self._renderer(first.asset_id or body.model, prefix)
         return EventStreamResponse(relay(
-            first, chunks, renderer, include_usage=body.include_usage, request_id=request_id,
+            first, chunks, renderer, choices=body.choices, include_usage=body.include_usage,
+            request_id=request_id,
         ), headers=routed.headers())
 
     def _prefix(self, body: Any) -> str:
-        """Text that precedes the completion (a completion's echoed prompt)."""
+        """Text that precedes each choice's completion (a completion's echoed prompt)."""
         return ""
 
     @abstractmethod
@@ -303,5 +316,5 @@ class GenerationServing(ABC):
         """How stream chunks look."""
 
     @abstractmethod
-    def _whole(self, body: Any, text: str, last: inference_pb2.ChatChunk) -> Any:
+    def _whole(self, body: Any, answer: Answer, prefix: str) -> Any:
         """The whole answer as a response model."""

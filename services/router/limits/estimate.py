@@ -3,7 +3,8 @@
 The prompt is estimated at one token per four characters, rounded up, plus four tokens per
 chat message (its role and the template's markers); token-id inputs count exactly. The
 completion is the request's `max_tokens`, else the asset's `generation.max_tokens`, else the
-router's `limit_default_completion_tokens`. A request that sets `max_tokens` therefore never
+router's `limit_default_completion_tokens`, times the choices asked for (`n`). A request that
+sets `max_tokens` therefore never
 uses more than it reserved, up to the prompt estimate; the real usage replaces the estimate
 when the request settles.
 
@@ -69,6 +70,7 @@ def estimate_chat(request: inference_pb2.ChatRequest, record: AssetRecord,
         completion = request.max_tokens
     else:
         completion = record.spec.generation.max_tokens or default_completion_tokens
+    completion *= max(1, request.n)  # each choice may use them all
     return Estimate(prompt + completion, cost(record.spec.pricing, prompt, completion), prompt)
 
 

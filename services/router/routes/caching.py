@@ -1,5 +1,6 @@
 """A route's response cache as the gateway uses it: which requests it may answer, and the
-answers it keeps (a chat's whole answer as one chunk, an embedding reply as it came).
+answers it keeps (a chat's whole answer as one chunk, an embedding reply as it came; a chat
+with several choices is not kept).
 
 The entries live in the shared store (`services.router.cache.ResponseCache`, NATS JetStream
 key-value), so every router replica answers from what any of them kept. A hit costs the
@@ -78,11 +79,22 @@ class RouteCaching:
             await asyncio.gather(*list(self._writes), return_exceptions=True)
 
 
-def whole_chat(asset_id: str, text: list[str], last: inference_pb2.ChatChunk) -> inference_pb2.ChatChunk:
-    """A streamed answer as the one chunk the cache keeps: all of its text, with the last
-    chunk's finish reason and usage."""
-    return inference_pb2.ChatChunk(delta="".join(text), finish_reason=last.finish_reason,
-                                   usage=last.usage, asset_id=asset_id)
+def whole_chat(asset_id: str, chunks: list[inference_pb2.ChatChunk]) -> inference_pb2.ChatChunk:
+    """A streamed answer of one choice as the one chunk the cache keeps: all of its text, its
+    tool calls whole (each one piece: id, name and all of its arguments), its tokens' log
+    probabilities, and the last chunk's finish reason, stop sequence and usage."""
+    last = chunks[-1]
+    whole = inference_pb2.ChatChunk(delta="".join(c.delta for c in chunks), finish_reason=last.finish_reason,
+                                    stop_sequence=last.stop_sequence, usage=last.usage, asset_id=asset_id)
+    calls: dict[int, inference_pb2.ToolCallDelta] = {}
+    for chunk in chunks:
+        whole.logprobs.extend(chunk.logprobs)
+        for piece in chunk.tool_calls:
+            call = calls.setdefault(piece.index, inference_pb2.ToolCallDelta(index=piece.index))
+            call.id, call.name = call.id or piece.id, call.name or piece.name
+            call.arguments += piece.arguments
+    whole.tool_calls.extend(calls[i] for i in sorted(calls))
+    return whole
 
 
 def decodes_greedily(request: inference_pb2.ChatRequest, record: AssetRecord) -> bool:

@@ -69,13 +69,14 @@ class UsageTicket:
         self.dispatched = True
 
     def chunk(self, chunk: inference_pb2.ChatChunk) -> None:
-        """A chunk of the answer arrived: the first one times the first token; its text counts
-        until the worker reports the usage."""
+        """A chunk of the answer arrived: the first one times the first token; its text (and
+        its tool calls' names and arguments) counts until the worker reports the usage."""
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.started
-        if chunk.delta:
+        chars = len(chunk.delta) + sum(len(p.name) + len(p.arguments) for p in chunk.tool_calls)
+        if chars:
             self.streamed_chunks += 1
-            self.streamed_chars += len(chunk.delta)
+            self.streamed_chars += chars
         if chunk.HasField("usage"):
             self.used(chunk.usage)
 

@@ -1,6 +1,7 @@
 """`POST /v1/chat/completions`: the OpenAI request and response shapes.
 
-The request converts itself to a `roundhouse.v1.ChatRequest` (`to_proto`).
+The request converts itself to a `roundhouse.v1.ChatRequest` (`to_proto`); what shapes the
+answer (`response_format`, `tool_choice`) is in `shaping`.
 """
 
 from __future__ import annotations
@@ -19,39 +20,36 @@ from services.common.inference_requests import (
     MAX_TEXT_CHARS,
     MAX_TOKENS_LIMIT,
     MAX_TOOLS,
+    MAX_TOP_LOGPROBS,
 )
-from services.router.http.errors import UNSUPPORTED
+from services.router.http.chat.shaping import (
+    SHAPING_RULES,
+    FunctionChoice,
+    ResponseFormat,
+    ToolChoice,
+    choice_proto,
+    format_proto,
+)
 from services.router.http.protocol import (
     AS_INT,
-    FinishReason,
-    Integer,
     OpenAIRequest,
-    OpenAIResponse,
     StreamOptions,
-    UsageInfo,
 )
 from services.router.http.sampling import STREAM_OPTIONS_RULE, SamplingFields, Unsupported
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 NOT_NULL: dict[str, Any] = {"not": {"type": "null"}}
 HAS_CONTENT: dict[str, Any] = {"required": ["content"], "properties": {"content": NOT_NULL}}
-# A message needs content, but an assistant's earlier turn may hold only tool calls.
-CONTENT_RULE: dict[str, Any] = {
-    "if": {"properties": {"role": {"const": "assistant"}}},
-    "then": {"anyOf": [HAS_CONTENT, {"required": ["tool_calls"],
-                                     "properties": {"tool_calls": {"type": "array", "minItems": 1}}}]},
-    "else": HAS_CONTENT,
-}
-TOOL_CHOICES = ("none", "auto")
-TOOL_CHOICE_SCHEMA: dict[str, Any] = {
-    "anyOf": [{"enum": list(TOOL_CHOICES)}, {"type": "null"}],
-    "description": "'none' or 'auto' ('auto' only with tools); forcing a call ('required' or a "
-                   "named function) is not supported yet and is refused with a 400.",
-}
-TOOL_CHOICE_RULE: dict[str, Any] = {
-    "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"const": "auto"}}},
-    "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
-}
+# A message needs content, but an assistant's earlier turn may hold only tool calls; a tool's
+# answer names the call it answers.
+MESSAGE_RULES: list[dict[str, Any]] = [
+    {"if": {"properties": {"role": {"const": "assistant"}}},
+     "then": {"anyOf": [HAS_CONTENT, {"required": ["tool_calls"],
+                                      "properties": {"tool_calls": {"type": "array", "minItems": 1}}}]},
+     "else": HAS_CONTENT},
+    {"if": {"properties": {"role": {"const": "tool"}}},
+     "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}}},
+]
 
 
 def _content_schema(schema: dict[str, Any]) -> None:
@@ -74,16 +72,41 @@ class ContentPart(OpenAIRequest):
         return value
 
 
+class CalledFunction(OpenAIRequest):
+    """The function an earlier tool call called, and its arguments as JSON text."""
+
+    name: Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+    arguments: Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+class MessageToolCall(OpenAIRequest):
+    """A tool call of an earlier assistant turn, as the API answered it."""
+
+    id: Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+    type: Literal["function"]
+    function: CalledFunction
+
+    def to_proto(self) -> inference_pb2.ToolCall:
+        """This call as the worker takes it."""
+        return inference_pb2.ToolCall(id=self.id, name=self.function.name, arguments=self.function.arguments)
+
+
+def _message_rules(schema: dict[str, Any]) -> None:
+    schema["allOf"] = list(MESSAGE_RULES)
+
+
 class ChatMessage(OpenAIRequest):
     """One message of the conversation."""
 
-    model_config = ConfigDict(json_schema_extra=CONTENT_RULE)
+    model_config = ConfigDict(json_schema_extra=_message_rules)
 
     role: Role
     content: Annotated[list[ContentPart] | None, Field(json_schema_extra=_content_schema)] = None
     name: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
+    tool_calls: Annotated[list[MessageToolCall] | None, Field(
+        max_length=MAX_TOOLS, description="An assistant turn's tool calls.")] = None
+    tool_call_id: Annotated[str | None, Field(
+        max_length=MAX_NAME_CHARS, description="A tool message: the id of the call it answers.")] = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -98,19 +121,20 @@ class ChatMessage(OpenAIRequest):
     def _has_content(self) -> ChatMessage:
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise PydanticCustomError("missing", "content: is required")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise PydanticCustomError("missing", "tool_call_id: is required in a tool message")
         return self
 
     def text(self) -> str:
-        """The content as one string; an assistant's earlier tool calls are kept as JSON."""
-        text = "\n".join(part.text for part in self.content or [])
-        if not text and self.tool_calls:
-            text = json.dumps(self.tool_calls)
-        return text
+        """The content as one string."""
+        return "\n".join(part.text for part in self.content or [])
 
     def to_proto(self) -> inference_pb2.ChatMessage:
         """This message as the worker takes it (`developer` reads as `system`)."""
         role = "system" if self.role == "developer" else self.role
-        return inference_pb2.ChatMessage(role=role, content=self.text(), name=self.name or "")
+        return inference_pb2.ChatMessage(
+            role=role, content=self.text(), name=self.name or "", tool_call_id=self.tool_call_id or "",
+            tool_calls=[call.to_proto() for call in self.tool_calls or []])
 
 
 class FunctionDefinition(OpenAIRequest):
@@ -118,8 +142,10 @@ class FunctionDefinition(OpenAIRequest):
 
     name: Annotated[str, Field(pattern=FUNCTION_NAME)]
     description: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    parameters: Annotated[dict[str, Any] | None, Field(
+        description="A JSON Schema of the arguments (an object); absent: any JSON object.")] = None
+    strict: Annotated[bool | None, Field(
+        description="Accepted either way: a local model's arguments always follow the schema.")] = None
 
 
 class ChatTool(OpenAIRequest):
@@ -135,24 +161,10 @@ class ChatTool(OpenAIRequest):
             name=fn.name,
             description=fn.description or "",
             parameters_json=json.dumps(fn.parameters) if fn.parameters is not None else "",
+            strict=bool(fn.strict),
         )
 
 
-NoStructuredOutput = Annotated[dict[str, Any] | None, Unsupported(
-    {"type": "text"},
-    accepted=[{"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
-               "additionalProperties": False}],
-    hint='leave it out or send {"type": "text"}: structured output (json_object, json_schema) '
-         "is not implemented")]
-NoLogprobs = Annotated[bool | None, Unsupported(
-    False, accepted=[{"type": "boolean", "const": False}],
-    hint="leave it out or send false: log probabilities are not returned")]
-NoTopLogprobs = Annotated[Integer | None, Unsupported(
-    0, accepted=[{"type": "integer", "const": 0}],
-    hint="leave it out or send 0: log probabilities are not returned")]
-ParallelToolCalls = Annotated[bool | None, Unsupported(
-    True, accepted=[{"type": "boolean", "const": True}],
-    hint="leave it out or send true: limiting the model to one tool call is not implemented")]
 NoReasoning = Annotated[str | None, Unsupported(
     hint="leave it out: reasoning effort is not implemented")]
 ServiceTier = Annotated[str | None, Unsupported(
@@ -173,12 +185,14 @@ NoFunctionCall = Annotated[Any, Unsupported(
 class ChatCompletionRequest(SamplingFields):
     """The body of `POST /v1/chat/completions`."""
 
-    SCHEMA_RULES: ClassVar[list[dict[str, Any]]] = [STREAM_OPTIONS_RULE, TOOL_CHOICE_RULE]
+    SCHEMA_RULES: ClassVar[list[dict[str, Any]]] = [STREAM_OPTIONS_RULE, *SHAPING_RULES]
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT), AS_INT] | None = None
     tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: Annotated[str | dict[str, Any] | None, WithJsonSchema(TOOL_CHOICE_SCHEMA)] = None
+    tool_choice: ToolChoice = None
+    parallel_tool_calls: Annotated[bool | None, Field(
+        description="false: at most one tool call per choice. Only with tools.")] = None
     metadata: Annotated[
         dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None,
         Field(max_length=16, description="Up to 16 key-value pairs: accepted and recorded with "
@@ -187,10 +201,18 @@ class ChatCompletionRequest(SamplingFields):
     store: Annotated[bool | None, Field(
         description="Accepted and recorded with the request; nothing is stored for later "
                     "retrieval.")] = None
-    response_format: NoStructuredOutput = None
-    logprobs: NoLogprobs = None
-    top_logprobs: NoTopLogprobs = None
-    parallel_tool_calls: ParallelToolCalls = None
+    response_format: Annotated[ResponseFormat | None, Field(
+        description="text (the default), json_object (the answer is a JSON object) or json_schema "
+                    "(JSON that validates against the schema), enforced while decoding. Not with "
+                    "tool calls (send tool_choice 'none').")] = None
+    logprobs: Annotated[bool | None, Field(
+        description="Return the log probability of each generated token (after logit_bias and "
+                    "penalties, before temperature and top_p).")] = None
+    top_logprobs: Annotated[
+        Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), AS_INT] | None,
+        Field(description=f"With logprobs: also the 0-{MAX_TOP_LOGPROBS} most likely tokens at each "
+                          "position."),
+    ] = None
     reasoning_effort: NoReasoning = None
     service_tier: ServiceTier = None
     modalities: TextOnly = None
@@ -200,21 +222,23 @@ class ChatCompletionRequest(SamplingFields):
     functions: NoFunctions = None
     function_call: NoFunctionCall = None
 
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice(cls, value: Any) -> Any:
-        if value is None or value in TOOL_CHOICES:
-            return value
-        if value == "required" or isinstance(value, dict):
-            raise PydanticCustomError(
-                UNSUPPORTED, "not supported yet: forcing a tool call ('required' or a named "
-                             "function) is not implemented; send 'auto' or 'none'")
-        raise ValueError("must be 'none' or 'auto'")
-
     @model_validator(mode="after")
-    def _auto_needs_tools(self) -> ChatCompletionRequest:
-        if self.tool_choice == "auto" and not self.tools:
-            raise ValueError("tool_choice: 'auto' needs tools; leave it out or send 'none'")
+    def _shaping(self) -> ChatCompletionRequest:
+        names = {tool.function.name for tool in self.tools or []}
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            shown = choice.function.name if isinstance(choice, FunctionChoice) else choice
+            raise ValueError(f"tool_choice: {shown!r} needs tools; leave it out or send 'none'")
+        if isinstance(choice, FunctionChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: function {choice.function.name!r} is not among the tools")
+        if self.parallel_tool_calls is not None and not names:
+            raise ValueError("parallel_tool_calls: only allowed when tools are given")
+        if (self.response_format is not None and self.response_format.type != "text" and names
+                and choice != "none"):
+            raise ValueError("response_format: a JSON answer cannot be combined with tool calls; "
+                             "send tool_choice 'none' or leave response_format out")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
         return self
 
     def recorded(self) -> dict[str, Any]:
@@ -233,69 +257,19 @@ class ChatCompletionRequest(SamplingFields):
         request.tools.extend(t.to_proto() for t in self.tools or [])
         if self.max_completion_tokens is not None:
             request.max_tokens = self.max_completion_tokens
+        if self.response_format is not None:
+            request.response_format.CopyFrom(format_proto(self.response_format))
+        if self.tool_choice is not None:
+            request.tool_choice.CopyFrom(choice_proto(self.tool_choice))
+        if self.parallel_tool_calls is not None:
+            request.parallel_tool_calls = self.parallel_tool_calls
+        request.logprobs = bool(self.logprobs)
+        request.top_logprobs = self.top_logprobs or 0
         return request
 
 
-class ChatCompletionMessage(OpenAIResponse):
-    """The assistant's reply."""
-
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatCompletionChoice(OpenAIResponse):
-    """The one choice of a non-streamed response."""
-
-    index: int = 0
-    message: ChatCompletionMessage
-    logprobs: None = None
-    finish_reason: FinishReason
-
-
-class ChatCompletionResponse(OpenAIResponse):
-    """A whole chat completion (`stream: false`)."""
-
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatCompletionChoice]
-    usage: UsageInfo
-    system_fingerprint: str | None = None
-
-
-class DeltaMessage(OpenAIResponse):
-    """What a streamed chunk adds to the reply."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatCompletionChunkChoice(OpenAIResponse):
-    """The one choice of a streamed chunk."""
-
-    index: int = 0
-    delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: FinishReason | None = None
-
-
-class ChatCompletionChunk(OpenAIResponse):
-    """One server-sent event of a streamed chat completion."""
-
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatCompletionChunkChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
-
-
 __all__ = [
-    "ChatCompletionChunk",
     "ChatCompletionRequest",
-    "ChatCompletionResponse",
     "ChatMessage",
     "ChatTool",
     "StreamOptions",

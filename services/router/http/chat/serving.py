@@ -5,21 +5,40 @@ from __future__ import annotations
 from typing import Any
 
 from roundhouse.v1 import inference_pb2
-from services.router.http.chat.protocol import (
+from services.router.http.chat.protocol import ChatCompletionRequest
+from services.router.http.chat.responses import (
     ChatCompletionChoice,
     ChatCompletionMessage,
-    ChatCompletionRequest,
     ChatCompletionResponse,
+    ChoiceLogprobs,
+    FunctionCallOut,
+    ToolCallOut,
 )
-from services.router.http.protocol import FinishReason, UsageInfo, finish_reason, new_id, now
+from services.router.http.choices import Answer, ChoiceParts
+from services.router.http.logprobs import chat_logprobs
+from services.router.http.protocol import FinishReason, UsageInfo, new_id, now
 from services.router.http.streaming import ChunkRenderer, EventEnvelope, GenerationServing
 
 ENDPOINT = "chat"
 CHUNK = "chat.completion.chunk"
 
 
+def tool_call_pieces(chunk: inference_pb2.ChatChunk) -> list[dict[str, Any]]:
+    """A chunk's tool-call pieces as OpenAI streams them: a call's first piece (the one with
+    its id) with its index, id, type and name; later pieces with the index and arguments."""
+    pieces: list[dict[str, Any]] = []
+    for piece in chunk.tool_calls:
+        if piece.id:
+            pieces.append({"index": piece.index, "id": piece.id, "type": "function",
+                           "function": {"name": piece.name, "arguments": piece.arguments}})
+        else:
+            pieces.append({"index": piece.index, "function": {"arguments": piece.arguments}})
+    return pieces
+
+
 class ChatRenderer(ChunkRenderer):
-    """`chat.completion.chunk` events of one response (`ChatCompletionChunk`), the role first.
+    """`chat.completion.chunk` events of one response (`ChatCompletionChunk`), each choice's
+    role first.
 
     The fields every event repeats are rendered once (`EventEnvelope`); unset delta fields are
     left out rather than sent as nulls, as OpenAI does.
@@ -28,26 +47,48 @@ class ChatRenderer(ChunkRenderer):
     def __init__(self, model: str) -> None:
         self.envelope = EventEnvelope(id=new_id("chatcmpl"), object=CHUNK, created=now(), model=model)
 
-    def _chunk(self, delta: dict[str, Any], reason: FinishReason | None = None) -> bytes:
+    def _chunk(self, delta: dict[str, Any], reason: FinishReason | None = None, index: int = 0,
+               logprobs: dict[str, Any] | None = None) -> bytes:
         return self.envelope.event(
-            choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+            choices=[{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
             usage=None, system_fingerprint=None)
 
-    def opening(self) -> list[bytes]:
-        """The assistant role, with empty content."""
-        return [self._chunk({"role": "assistant", "content": ""})]
+    def opening(self, choices: int = 1) -> list[bytes]:
+        """The assistant role of each choice, with empty content."""
+        return [self._chunk({"role": "assistant", "content": ""}, index=i) for i in range(choices)]
 
-    def delta(self, text: str) -> bytes:
-        """New text."""
-        return self._chunk({"content": text})
+    def piece(self, chunk: inference_pb2.ChatChunk) -> bytes | None:
+        """New text, or tool-call pieces, of the chunk's choice, with their log probabilities.
+        Each tool-call piece is an event of its own, as OpenAI streams them (a call's first
+        piece, with its name, apart from its arguments); the log probabilities ride on the last."""
+        deltas: list[dict[str, Any]] = [{"content": chunk.delta}] if chunk.delta else []
+        deltas += [{"tool_calls": [piece]} for piece in tool_call_pieces(chunk)]
+        logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs else None
+        if not deltas:
+            return None if logprobs is None else self._chunk({}, index=chunk.index, logprobs=logprobs)
+        return b"".join(self._chunk(delta, index=chunk.index, logprobs=logprobs if n == len(deltas) - 1 else None)
+                        for n, delta in enumerate(deltas))
 
-    def finish(self, reason: FinishReason) -> bytes:
-        """An empty delta with the finish reason."""
-        return self._chunk({}, reason)
+    def finish(self, index: int, reason: FinishReason) -> bytes:
+        """An empty delta with choice `index`'s finish reason."""
+        return self._chunk({}, reason, index=index)
 
     def usage(self, usage: UsageInfo) -> bytes:
         """No choices, only the usage."""
         return self.envelope.event(choices=[], usage=usage.model_dump(), system_fingerprint=None)
+
+
+def whole_choice(parts: ChoiceParts, fallback: int, logprobs: bool) -> ChatCompletionChoice:
+    """One choice of a whole answer: its text (null when it only called tools), its calls, its
+    log probabilities when asked, its finish reason."""
+    calls = [ToolCallOut(id=call.id, function=FunctionCallOut(name=call.name, arguments="".join(call.arguments)))
+             for call in parts.tool_calls()]
+    content = parts.content
+    message = ChatCompletionMessage(content=None if calls and not content else content,
+                                    tool_calls=calls or None)
+    return ChatCompletionChoice(
+        index=parts.index, message=message, finish_reason=parts.finish(fallback),
+        logprobs=ChoiceLogprobs.model_validate(chat_logprobs(parts.logprobs)) if logprobs else None)
 
 
 class ChatServing(GenerationServing):
@@ -58,15 +99,12 @@ class ChatServing(GenerationServing):
     def _renderer(self, model: str, prefix: str) -> ChunkRenderer:
         return ChatRenderer(model)
 
-    def _whole(self, body: ChatCompletionRequest, text: str,
-               last: inference_pb2.ChatChunk) -> ChatCompletionResponse:
+    def _whole(self, body: ChatCompletionRequest, answer: Answer, prefix: str) -> ChatCompletionResponse:
+        last = answer.ended()
         return ChatCompletionResponse(
             id=new_id("chatcmpl"),
             created=now(),
             model=last.asset_id or body.model,
-            choices=[ChatCompletionChoice(
-                message=ChatCompletionMessage(content=text),
-                finish_reason=finish_reason(last.finish_reason),
-            )],
-            usage=UsageInfo.from_proto(last.usage),
+            choices=[whole_choice(parts, last.finish_reason, bool(body.logprobs)) for parts in answer.choices],
+            usage=answer.usage,
         )

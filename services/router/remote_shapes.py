@@ -1,0 +1,116 @@
+"""A `roundhouse.v1.ChatRequest` as an OpenAI-compatible upstream takes it, and the upstream's
+answer as the `ChatChunk`s a worker would send: what the router's direct path to a remote
+(`runtime: openai`) asset sends and relays.
+
+Everything a request carries passes through: the conversation with earlier tool calls and
+tool results, tools (strict when asked), penalties, logit biases, logprobs, choices, the
+answer's format, the tool choice. The answer comes back per choice, with its tool-call pieces
+and logprobs. `top_k`, which OpenAI's API does not take, is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from roundhouse.v1 import inference_pb2
+from services.common.errors import FieldProblem, InvalidArgument
+from services.common.openai_upstream import ChatOptions, UpstreamText, chat_body
+
+FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH,
+          "tool_calls": inference_pb2.FINISH_REASON_TOOL_CALLS}
+
+
+def request_body(model: str, request: inference_pb2.ChatRequest, *, stream: bool,
+                 asset_id: str = "") -> tuple[str, dict[str, Any]]:
+    """The upstream path and body of a `ChatRequest` (see `openai_upstream.chat_body`)."""
+    if request.HasField("top_k") and request.top_k:
+        raise InvalidArgument.from_problems([FieldProblem(
+            "top_k", f"model '{asset_id or model}' is served by an OpenAI-compatible upstream, which "
+                     "takes no top_k; leave it out")])
+    return chat_body(
+        model,
+        messages=[_message(m) for m in request.messages],
+        prompt=request.prompt if not request.messages else None,
+        temperature=request.temperature if request.HasField("temperature") else None,
+        top_p=request.top_p if request.HasField("top_p") else None,
+        max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=request.stop,
+        tools=[_tool(t) for t in request.tools],
+        stream=stream,
+        options=_options(request),
+    )
+
+
+def _message(message: inference_pb2.ChatMessage) -> dict[str, Any]:
+    """OpenAI's `messages[]` entry: an assistant's tool calls with it, a `tool` message naming
+    the call it answers."""
+    entry: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.name:
+        entry["name"] = message.name
+    if message.tool_calls:
+        entry["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                               for c in message.tool_calls]
+        entry["content"] = message.content or None
+    if message.tool_call_id:
+        entry["tool_call_id"] = message.tool_call_id
+    return entry
+
+
+def _tool(tool: inference_pb2.Tool) -> dict[str, Any]:
+    """A `Tool` as OpenAI's `tools[]` entry; parameters that are not JSON are refused."""
+    try:
+        parameters = json.loads(tool.parameters_json) if tool.parameters_json else {}
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"tools: parameters of '{tool.name}' are not JSON: {exc}") from None
+    function: dict[str, Any] = {"name": tool.name, "description": tool.description,
+                                "parameters": parameters or {"type": "object", "properties": {}}}
+    if tool.strict:
+        function["strict"] = True
+    return {"type": "function", "function": function}
+
+
+def _options(request: inference_pb2.ChatRequest) -> ChatOptions:
+    """The request's fields beyond the basics, as OpenAI takes them."""
+    response_format: dict[str, Any] | None = None
+    shape = request.response_format
+    if request.HasField("response_format") and shape.type == "json_object":
+        response_format = {"type": "json_object"}
+    elif request.HasField("response_format") and shape.type == "json_schema":
+        schema: dict[str, Any] = {"name": shape.name or "response", "strict": shape.strict,
+                                  "schema": json.loads(shape.schema_json or "{}")}
+        if shape.description:
+            schema["description"] = shape.description
+        response_format = {"type": "json_schema", "json_schema": schema}
+    tool_choice: str | dict[str, Any] | None = None
+    if request.HasField("tool_choice"):
+        choice = request.tool_choice
+        tool_choice = ({"type": "function", "function": {"name": choice.function_name}}
+                       if choice.mode == "function" else choice.mode or None)
+    return ChatOptions(
+        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+        logit_bias=dict(request.logit_bias), logprobs=request.logprobs, top_logprobs=request.top_logprobs,
+        n=request.n or 1, response_format=response_format, tool_choice=tool_choice,
+        parallel_tool_calls=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
+    )
+
+
+def to_chunk(piece: UpstreamText, asset_id: str) -> inference_pb2.ChatChunk:
+    """An upstream piece as the `ChatChunk` a worker would send: its choice, text, tool-call
+    pieces, logprobs, and on a choice's last piece its finish reason (the usage on the
+    answer's last)."""
+    chunk = inference_pb2.ChatChunk(delta=piece.text, asset_id=asset_id, index=piece.index)
+    if piece.finish_reason is not None:
+        chunk.finish_reason = FINISH[piece.finish_reason]
+    chunk.tool_calls.extend(inference_pb2.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments)
+                            for c in piece.tool_calls)
+    chunk.logprobs.extend(
+        inference_pb2.TokenLogprob(token=p.token, logprob=p.logprob, bytes=p.utf8, top_logprobs=[
+            inference_pb2.TopLogprob(token=t, logprob=lp, bytes=raw) for t, lp, raw in p.top])
+        for p in piece.logprobs)
+    if piece.usage is not None:
+        usage = chunk.usage
+        usage.prompt_tokens, usage.completion_tokens = piece.usage.prompt_tokens, piece.usage.completion_tokens
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    return chunk
