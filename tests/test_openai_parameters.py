@@ -357,6 +357,9 @@ async def test_json_schema_answers_validate(catalog_client: openai.AsyncOpenAI) 
         max_tokens=120, response_format={"type": "json_object"})
     assert whole.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(whole.choices[0].message.content or ""), dict)
+    # Loaded now: its model object says how it calls tools (SmolLM2's template has no tool slot).
+    card = (await catalog_client.models.retrieve(CATALOG_CHAT)).model_extra or {}
+    assert card["tool_calling"] == "constrained" and card["structured_output"] is True
 
 
 @pytest.mark.catalog

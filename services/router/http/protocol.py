@@ -145,6 +145,13 @@ class ModelCard(OpenAIResponse):
     aliases: list[str] = Field(default_factory=list)
     context_length: int | None = None
     embedding_dim: int | None = None
+    tool_calling: Literal["template", "constrained", "upstream"] | None = None
+    """How the model calls tools, once it has been loaded: `template` (its chat template has a
+    tool slot), `constrained` (no slot: Roundhouse describes the tools; every `tool_choice`,
+    `auto` included, is decoded under the tools' grammar), `upstream` (a remote upstream
+    decides); null for a model that takes no tools or was never loaded."""
+    structured_output: bool | None = None
+    """Whether `response_format` is enforced (local) or passed on (remote); null until loaded."""
     route: dict[str, Any] | None = None
     """For a route: its targets and weights, stickiness, fallbacks, shadows and cache."""
 
@@ -170,6 +177,8 @@ class ModelCard(OpenAIResponse):
             aliases=list(spec.aliases),
             context_length=spec.metadata.context_length or detected.get("context_length") or None,
             embedding_dim=spec.metadata.embedding_dim or detected.get("embedding_dim") or None,
+            tool_calling=detected.get("tool_calling") or None,
+            structured_output=detected.get("supports_structured_output", False if detected else None),
         )
 
 
