@@ -15,13 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import jsonschema
 import ollama
 import pytest
-from limits_harness import ledger_rows, new_key
+from limits_harness import clear_of_minute_boundary, ledger_rows, new_key
 from polling import wait_until
-from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_stack, tiny_documents
+from stack_harness import TINY_CHAT, TINY_EMBED, Stack, running_router, running_stack, tiny_documents
 
 from roundhouse.v1 import asset_pb2, inference_pb2, registry_pb2, worker_pb2
 from services.common.route_proto import declared_to_proto
@@ -67,6 +68,12 @@ def client_for(stack: Stack, secret: str) -> ollama.AsyncClient:
 async def client(stack: Stack, key: str) -> ollama.AsyncClient:
     """The official client with a plain key."""
     return client_for(stack, key)
+
+
+@pytest.fixture
+async def operator(stack: Stack) -> ollama.AsyncClient:
+    """The official client with an admin key (lifecycle changes are operator actions)."""
+    return ollama.AsyncClient(host=stack.http_url, headers=stack.admin_headers, timeout=60)
 
 
 async def loaded(client: ollama.AsyncClient) -> dict[str, ollama.ProcessResponse.Model]:
@@ -174,6 +181,9 @@ async def test_generate_templated_raw_and_streamed(client: ollama.AsyncClient) -
         model=TINY_CHAT, prompt="once upon a time", raw=True, options=options, stream=True)]
     assert "".join(p.response or "" for p in parts) == raw.response
     assert parts[-1].done and parts[-1].eval_count == 5
+    with pytest.raises(ollama.ResponseError) as both:
+        await client.generate(model=TINY_CHAT, prompt="once", system="be brief", raw=True, options=options)
+    assert both.value.status_code == 400 and "'system'" in both.value.error and "raw" in both.value.error
 
 
 async def test_embed_and_the_older_embeddings_agree(client: ollama.AsyncClient) -> None:
@@ -184,6 +194,25 @@ async def test_embed_and_the_older_embeddings_agree(client: ollama.AsyncClient) 
     with pytest.raises(ollama.ResponseError) as wrong:
         await client.embed(model=TINY_CHAT, input="x")
     assert wrong.value.status_code == 400 and "llm-runtime" in wrong.value.error
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"temperature": 0.5}, "options.temperature"),
+    ({"num_ctx": 1_000_000}, "options.num_ctx"),
+    ({"no_such_option": 1}, "options.no_such_option"),
+])
+async def test_embed_refuses_options_it_cannot_honour(
+    client: ollama.AsyncClient, options: dict, named: str
+) -> None:
+    with pytest.raises(ollama.ResponseError) as refused:
+        await client.embed(model=TINY_EMBED, input="hello w1", options=options)
+    assert refused.value.status_code == 400 and named in refused.value.error
+
+
+async def test_embed_takes_a_num_ctx_within_the_models_context(client: ollama.AsyncClient) -> None:
+    plain = await client.embed(model=TINY_EMBED, input="hello w1")
+    within = await client.embed(model=TINY_EMBED, input="hello w1", options={"num_ctx": 16})
+    assert list(within.embeddings[0]) == pytest.approx(list(plain.embeddings[0]), rel=1e-5)
 
 
 @pytest.mark.parametrize(("options", "named"), [
@@ -220,39 +249,95 @@ async def test_format_schema_gives_json_that_validates(client: ollama.AsyncClien
 
 
 async def test_keep_alive_zero_unloads_and_minus_one_pins(
-    stack: Stack, client: ollama.AsyncClient
+    stack: Stack, operator: ollama.AsyncClient
 ) -> None:
-    await client.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 2})
-    held = (await loaded(client))[TINY_CHAT]
+    await operator.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 2})
+    held = (await loaded(operator))[TINY_CHAT]
     assert held.size and held.expires_at and held.context_length == 4096
-    answered = await client.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 2}, keep_alive=0)
+    answered = await operator.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 2}, keep_alive=0)
     assert answered.done
-    assert TINY_CHAT not in await loaded(client)
+    assert TINY_CHAT not in await loaded(operator)
 
-    pinned = await client.generate(model=TINY_CHAT, prompt="", keep_alive=-1)
+    pinned = await operator.generate(model=TINY_CHAT, prompt="", keep_alive=-1)
     assert pinned.done_reason == "load"
     lifecycle = (await stack.registry_asset(TINY_CHAT)).spec.lifecycle
     assert lifecycle.desired == asset_pb2.DESIRED_STATE_RUNNING
-    held = (await loaded(client))[TINY_CHAT]
+    held = (await loaded(operator))[TINY_CHAT]
     assert held.expires_at is not None and held.expires_at.year > 2200  # never for idleness
 
-    unloaded = await client.generate(model=TINY_CHAT, prompt="", keep_alive="0s")
+    # An unload of a pinned model unpins it first (else the reconciler would load it back).
+    unloaded = await operator.generate(model=TINY_CHAT, prompt="", keep_alive="0s")
     assert unloaded.done_reason == "unload"
-    assert TINY_CHAT not in await loaded(client)
+    assert TINY_CHAT not in await loaded(operator)
     lifecycle = (await stack.registry_asset(TINY_CHAT)).spec.lifecycle
     assert lifecycle.desired == asset_pb2.DESIRED_STATE_ON_DEMAND
 
 
-async def test_a_keep_alive_duration_keeps_the_model_at_least_that_long(
-    stack: Stack, client: ollama.AsyncClient
+@pytest.mark.parametrize("keep_alive", [0, "0s", -1, "-1m", "10000h"])
+async def test_a_plain_key_may_not_change_a_models_lifecycle(
+    stack: Stack, client: ollama.AsyncClient, operator: ollama.AsyncClient, keep_alive: Any
 ) -> None:
-    await client.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 1}, keep_alive="1h")
+    await operator.generate(model=TINY_CHAT, prompt="")
+    declared = (await stack.registry_asset(TINY_CHAT)).spec.lifecycle
+    with pytest.raises(ollama.ResponseError) as chat:
+        await client.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 1}, keep_alive=keep_alive)
+    with pytest.raises(ollama.ResponseError) as load:
+        await client.generate(model=TINY_CHAT, prompt="", keep_alive=keep_alive)
+    for refused in (chat, load):
+        assert refused.value.status_code == 403
+        assert refused.value.error.startswith("keep_alive") and "admin key" in refused.value.error
+    assert TINY_CHAT in await loaded(client)
+    assert (await stack.registry_asset(TINY_CHAT)).spec.lifecycle == declared
+
+
+async def test_a_keep_alive_duration_keeps_the_model_at_least_that_long(
+    stack: Stack, client: ollama.AsyncClient, operator: ollama.AsyncClient
+) -> None:
+    await operator.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 1}, keep_alive="1h")
     assert (await stack.registry_asset(TINY_CHAT)).spec.lifecycle.auto_sleep_min == 60
     held = (await loaded(client))[TINY_CHAT]
     assert held.expires_at is not None
     assert 55 * 60 < (held.expires_at - datetime.now(UTC)).total_seconds() <= 60 * 60
-    await client.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 1}, keep_alive=300)
+    # A plain key may send a keep_alive that changes nothing: the model already keeps longer.
+    kept = await client.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 1}, keep_alive=300)
+    assert kept.done
     assert (await stack.registry_asset(TINY_CHAT)).spec.lifecycle.auto_sleep_min == 60  # never shortened
+    with pytest.raises(ollama.ResponseError) as longer:
+        await client.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 1}, keep_alive="2h")
+    assert longer.value.status_code == 403 and "auto_sleep_min" in longer.value.error
+    assert (await stack.registry_asset(TINY_CHAT)).spec.lifecycle.auto_sleep_min == 60
+    with pytest.raises(ollama.ResponseError) as endless:
+        await operator.chat(model=TINY_CHAT, messages=HELLO, keep_alive="3000000h")
+    assert endless.value.status_code == 400 and "'keep_alive'" in endless.value.error
+
+
+async def test_a_keep_alive_that_fails_after_the_answer_is_the_answer(
+    stack: Stack, operator: ollama.AsyncClient
+) -> None:
+    """A second router whose jobs service cannot be reached: the chat is answered by the worker
+    holding the model, then the unload keep_alive 0 asks for cannot be queued."""
+    await operator.generate(model=TINY_CHAT, prompt="")
+    assert stack.router_settings is not None
+    settings = stack.router_settings.model_copy(update={"jobs_address": "127.0.0.1:1"})
+    async with running_router(settings, stack.bus) as (router, _):
+        await wait_until(lambda: router.gateway.workers.pick(TINY_CHAT), timeout=10, interval=0.05)
+        cut_off = ollama.AsyncClient(host=f"http://127.0.0.1:{router.http_port}",
+                                     headers=stack.admin_headers, timeout=60)
+        with pytest.raises(ollama.ResponseError) as whole:
+            await cut_off.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 2}, keep_alive=0)
+        assert whole.value.status_code == 503
+        assert whole.value.error.startswith("the answer was generated, but keep_alive 0s was not applied")
+        assert "jobs service" in whole.value.error
+        parts = await cut_off.chat(model=TINY_CHAT, messages=HELLO, options={"num_predict": 2}, keep_alive=0,
+                                   stream=True)
+        assert isinstance(parts, AsyncGenerator)
+        streamed = ""
+        with pytest.raises(ollama.ResponseError) as last:
+            async for part in parts:
+                assert not part.done
+                streamed += part.message.content or ""
+        assert streamed and "the answer was generated" in last.value.error
+    assert TINY_CHAT in await loaded(operator)
 
 
 async def test_pull_streams_progress_in_order_then_delete(
@@ -265,7 +350,15 @@ async def test_pull_streams_progress_in_order_then_delete(
                            "source": {"kind": "path", "path": str(source)}}, source_roots=[sources])
     await stack.registry.stub.ApplyAssets(registry_pb2.ApplyAssetsRequest(
         assets=[registry_pb2.AssetApply(spec=declared_to_proto(spec))]))
-    updates = [u async for u in await client.pull(f"{PULLED}:latest", stream=True)]
+    with pytest.raises(ollama.ResponseError) as unknown_context:  # never loaded: its context is not known
+        await client.chat(model=PULLED, messages=HELLO, options={"num_ctx": 512})
+    assert unknown_context.value.status_code == 400
+    assert unknown_context.value.error.startswith("options.num_ctx") and "not known" in unknown_context.value.error
+    with pytest.raises(ollama.ResponseError) as plain_pull:
+        await client.pull(PULLED)
+    assert plain_pull.value.status_code == 403 and "admin key" in plain_pull.value.error
+    admin = ollama.AsyncClient(host=stack.http_url, headers=stack.admin_headers, timeout=60)
+    updates = [u async for u in await admin.pull(f"{PULLED}:latest", stream=True)]
     statuses = [u.status for u in updates]
     assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
     completed = [u.completed or 0 for u in updates if u.digest]
@@ -273,20 +366,19 @@ async def test_pull_streams_progress_in_order_then_delete(
     assert all(u.total == 100 for u in updates if u.digest)
     listed = {m.model: m for m in (await client.list()).models}
     assert (listed[PULLED].size or 0) > 0
-    again = await client.pull(PULLED)  # installed already: one line, success
+    again = await admin.pull(PULLED)  # installed already: one line, success
     assert again.status == "success"
 
     with pytest.raises(ollama.ResponseError) as not_admin:
         await client.delete(PULLED)
     assert not_admin.value.status_code == 403
-    admin = ollama.AsyncClient(host=stack.http_url, headers=stack.admin_headers, timeout=60)
     assert (await admin.delete(PULLED)).status == "success"
     assert PULLED not in {m.model for m in (await client.list()).models}
     with pytest.raises(ollama.ResponseError) as gone:
         await admin.delete(PULLED)
     assert gone.value.status_code == 404
     with pytest.raises(ollama.ResponseError) as unknown:
-        await client.pull("no-such-model")
+        await admin.pull("no-such-model")
     assert unknown.value.status_code == 404
 
 
@@ -310,3 +402,41 @@ async def test_keys_scope_and_usage_apply_to_the_ollama_api(
     (row,) = await ledger_rows(own_db, name)
     assert (row["status"], row["asset_id"], row["interface"]) == ("ok", TINY_CHAT, "llm-runtime")
     assert (row["prompt_tokens"], row["completion_tokens"]) == (reply.prompt_eval_count, reply.eval_count)
+
+
+async def test_requests_that_generate_nothing_spend_the_keys_rate(
+    stack: Stack, admin: httpx.AsyncClient, own_db: str
+) -> None:
+    """A load (Ollama's empty prompt) and a token count (Anthropic's count_tokens) each spend
+    one request of the key's rpm, and are recorded with zero tokens."""
+    await clear_of_minute_boundary()
+    secret, name = await new_key(admin, "ollama-load-rpm", rpm=1)
+    limited = client_for(stack, secret)
+    assert (await limited.generate(model=TINY_CHAT, prompt="")).done_reason == "load"
+    with pytest.raises(ollama.ResponseError) as again:
+        await limited.generate(model=TINY_CHAT, prompt="")
+    assert again.value.status_code == 429 and "1 requests per minute" in again.value.error
+
+    async def recorded() -> bool:
+        return len(await ledger_rows(own_db, name)) == 2
+
+    await wait_until(recorded, timeout=5, interval=0.1)
+    loaded_row, refused_row = await ledger_rows(own_db, name)
+    assert (loaded_row["status"], loaded_row["asset_id"], loaded_row["prompt_tokens"],
+            loaded_row["completion_tokens"]) == ("ok", TINY_CHAT, 0, 0)
+    assert refused_row["status"] != "ok"
+
+    secret, name = await new_key(admin, "count-rpm", rpm=1)
+    async with anthropic.AsyncAnthropic(base_url=stack.http_url, api_key=secret, max_retries=0,
+                                        timeout=60) as api:
+        counted = await api.messages.count_tokens(model=TINY_CHAT, messages=HELLO)  # type: ignore[arg-type]
+        assert counted.input_tokens > 0
+        with pytest.raises(anthropic.RateLimitError):
+            await api.messages.count_tokens(model=TINY_CHAT, messages=HELLO)  # type: ignore[arg-type]
+
+    async def counted_rows() -> bool:
+        return len(await ledger_rows(own_db, name)) == 2
+
+    await wait_until(counted_rows, timeout=5, interval=0.1)
+    count_row, _ = await ledger_rows(own_db, name)
+    assert (count_row["status"], count_row["prompt_tokens"], count_row["completion_tokens"]) == ("ok", 0, 0)

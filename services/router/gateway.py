@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 LLM = "llm-runtime"
 EMBEDDING = "embedding-runtime"
+NO_TOKENS = Estimate(0, Decimal(0))
+"""What a request that generates nothing reserves of its key's limits (one request, no tokens)."""
 R = TypeVar("R", bound=Message)
 Q = TypeVar("Q", inference_pb2.ChatRequest, inference_pb2.EmbedRequest)
 
@@ -235,21 +237,47 @@ class Gateway:
 
         Checked like a chat (an invalid request is refused before any model is resolved) and
         resolved the same way: by name or alias, a route by the first candidate it would try
-        now. `key` must be allowed the model, as for a chat; the count takes no admission slot,
-        reserves nothing and is not recorded in the usage ledger. A model that sleeps is woken
-        (the tokenizer and template are the loaded model's). Ends by the request timeout, or
-        `timeout` when shorter (`DeadlineExceeded`).
+        now. `key` must be allowed the model, as for a chat, and it is one request of the key's
+        limits, using no tokens (see `tokenless`); the count takes no admission slot. A model
+        that sleeps is woken (the tokenizer and template are the loaded model's). Ends by the
+        request timeout, or `timeout` when shorter (`DeadlineExceeded`).
         """
         deadline = Deadline.within(self.request_timeout_s, timeout)
-        ticket = UsageTicket(key.key_id if key is not None else "", request.model, LLM, request.request_id)
-        async with deadline.bounding("its model was looked up"):
-            check_chat(request)
-            plan = await self._plan(request.model, LLM, key, request.user, Routed(), ticket,
-                                    chat_prompt_tokens(request))
-        record = plan.usable[0]
-        return await self.dispatcher.count_tokens(
-            record, _forwarded(request, record), deadline=deadline, ticket=ticket,
-            queue=QueueBudget(record.spec.policy.queue_timeout_s))
+        async with self.tokenless(key, request.model, LLM, request.request_id) as ticket:
+            async with deadline.bounding("its model was looked up"):
+                check_chat(request)
+                plan = await self._plan(request.model, LLM, key, request.user, Routed(), ticket,
+                                        chat_prompt_tokens(request))
+                record = plan.usable[0]
+                await self.admit_tokenless(ticket, key, record)
+            return await self.dispatcher.count_tokens(
+                record, _forwarded(request, record), deadline=deadline, ticket=ticket,
+                queue=QueueBudget(record.spec.policy.queue_timeout_s))
+
+    @asynccontextmanager
+    async def tokenless(self, key: KeyRecord | None, model: str, interface: str,
+                        request_id: str) -> AsyncIterator[UsageTicket]:
+        """The usage ticket of a request that generates nothing (a token count, a model load or
+        unload): once its model is resolved and allowed, the caller reserves one request of
+        `key`'s limits on it, no tokens (`admit_tokenless`); at its end the reservation is
+        settled and the ledger records the request with zero tokens."""
+        ticket = self.usage.open(key, model, interface, request_id)
+        try:
+            yield ticket
+        except BaseException as exc:
+            ticket.failed(exc)
+            raise
+        finally:
+            ticket.finish()
+            self.usage.record(ticket)
+            self.limits.settle(ticket.reservation, 0, Decimal(0))
+
+    async def admit_tokenless(self, ticket: UsageTicket, key: KeyRecord | None, record: AssetRecord) -> None:
+        """The request of a `tokenless` ticket goes to `record` (resolved, and allowed to
+        `key`): one request of `key`'s limits is reserved for it, no tokens (`RateLimited`,
+        `BudgetExhausted` or `LimitsUnavailable` as for any request)."""
+        ticket.asset, ticket.reached = record, True
+        ticket.reservation = await self.limits.reserve(key, NO_TOKENS)
 
     async def _plan(self, name: str, interface: str, key: KeyRecord | None, user: str,
                     routed: Routed, ticket: UsageTicket, prompt_tokens: int) -> Plan:

@@ -4,9 +4,10 @@ Implemented options map onto the `roundhouse.v1.ChatRequest` sampling fields: `t
 `top_p`, `top_k`, `seed`, `num_predict` (-1 and -2, Ollama's "no limit" and "fill the
 context", leave it unset), `stop`, `presence_penalty`, `frequency_penalty`, and `num_ctx`,
 accepted when it is within the model's context length (Roundhouse does not resize a
-model's context; a prompt beyond the real one is refused either way). Every other option
-Ollama knows (`repeat_penalty`, `min_p`, `mirostat`, `num_gpu`...) is refused with a 400
-naming it, and so is any option Ollama does not know: none is silently ignored.
+model's context; a prompt beyond the real one is refused either way) and refused while that
+length is not known (before the model's first load, unless its metadata declares it). Every
+other option Ollama knows (`repeat_penalty`, `min_p`, `mirostat`, `num_gpu`...) is refused
+with a 400 naming it, and so is any option Ollama does not know: none is silently ignored.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ NOT_IMPLEMENTED = frozenset({
 NO_LIMIT = (-1, -2)
 """`num_predict` values meaning "until the model stops" and "until the context is full"."""
 FOREVER_S = math.inf
+LONGEST_S = (2**63 - 1) / 1e9
+"""The longest `keep_alive` Ollama takes (Go's longest duration), in seconds."""
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -77,11 +80,8 @@ class Options(BaseModel):
 
     def apply(self, request: inference_pb2.ChatRequest, context_length: int) -> None:
         """Set the sampling fields of `request`; `num_ctx` is checked against the model's
-        `context_length` (0: not known yet, then not checked here)."""
-        if self.num_ctx is not None and context_length and self.num_ctx > context_length:
-            raise InvalidArgument.from_problems([FieldProblem(
-                "options.num_ctx", f"{self.num_ctx} exceeds the model's context length of "
-                f"{context_length} tokens; leave it out or send at most {context_length}")])
+        `context_length` (see `check_num_ctx`)."""
+        check_num_ctx(self.num_ctx, context_length)
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
             if (value := getattr(self, name)) is not None:
                 setattr(request, name, value)
@@ -92,6 +92,22 @@ class Options(BaseModel):
         if self.num_predict is not None and self.num_predict not in NO_LIMIT:
             request.max_tokens = self.num_predict
         request.stop.extend(self.stop or [])
+
+
+def check_num_ctx(num_ctx: int | None, context_length: int) -> None:
+    """A 400 naming `options.num_ctx` unless it is absent or within `context_length` (0: not
+    known yet, declared in the asset's `metadata.context_length` nor detected by a load)."""
+    if num_ctx is None:
+        return
+    if not context_length:
+        raise InvalidArgument.from_problems([FieldProblem(
+            "options.num_ctx", "the model's context length is not known yet (it is learnt when the "
+            "model first loads, or declared as metadata.context_length), so num_ctx cannot be "
+            "honoured; leave it out, or retry once the model has loaded")])
+    if num_ctx > context_length:
+        raise InvalidArgument.from_problems([FieldProblem(
+            "options.num_ctx", f"{num_ctx} exceeds the model's context length of "
+            f"{context_length} tokens; leave it out or send at most {context_length}")])
 
 
 def parse_options(value: Any) -> Options | None:
@@ -140,6 +156,9 @@ def keep_alive_seconds(value: Any) -> float | None:
         raise ValueError("keep_alive: must be a duration such as \"5m\", or a number of seconds")
     if math.isnan(seconds):
         raise ValueError("keep_alive: must be a number")
+    if seconds > LONGEST_S:
+        raise ValueError(f"keep_alive: {value!r} is longer than the longest duration ({LONGEST_S:.0f}s, "
+                         "about 292 years); send -1 to keep the model loaded for good")
     return FOREVER_S if seconds < 0 else seconds
 
 

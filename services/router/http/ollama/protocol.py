@@ -2,7 +2,8 @@
 
 Unknown top-level fields are ignored, as Ollama ignores them; fields Ollama defines that
 Roundhouse does not implement (`images`, `suffix`, `template`, `context`, `think`,
-`truncate: true`) are refused with a 400 naming them when they would change the answer.
+`truncate: true`) are refused with a 400 naming them when they would change the answer, and
+so is `system` with `raw: true` (a raw prompt has no template to place it in).
 Model names may carry Ollama's default tag (`tiny-chat:latest` is `tiny-chat`).
 """
 
@@ -196,6 +197,10 @@ class GenerateBody(GenerationBody):
                                            "with a prompt you formatted yourself")
         if self.context:
             raise _unsupported("context", "send the conversation to /api/chat instead")
+        if self.raw and self.system:
+            raise ValueError("system: cannot be used with raw: true (a raw prompt is sent as it is, "
+                             "without the chat template that would place a system prompt); put it in "
+                             "the prompt or leave raw out")
         return self
 
     @property
@@ -216,7 +221,8 @@ class GenerateBody(GenerationBody):
 
 
 class EmbedBody(NamedModel):
-    """`POST /api/embed`."""
+    """`POST /api/embed`. Of the options only `num_ctx` applies (checked against the model's
+    context length when served); any other is refused naming it."""
 
     input: str | list[str]
     truncate: bool | None = None

@@ -3,9 +3,10 @@
 Each route parses its own body (Ollama clients send JSON with any content type) and answers
 every failure in Ollama's shape, `{"error": "..."}` (see `errors`). Keys are checked as for
 the OpenAI API (`Authorization: Bearer`, or `x-api-key`), with each model's scope;
-`/api/delete` needs an admin key, as the admin API's delete does. The routes are left out of
-the OpenAPI document, which describes the OpenAI API; Ollama's own documentation describes
-these.
+`/api/pull` and `/api/delete` need an admin key, as the admin API's install and delete do
+(so does a `keep_alive` that changes a model's lifecycle, see `lifecycle`). The routes are
+left out of the OpenAPI document, which describes the OpenAI API; Ollama's own documentation
+describes these.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
 from services.common.asset_proto import AssetRecord
-from services.common.errors import FieldProblem, InvalidArgument, NotFound
+from services.common.errors import FieldProblem, InvalidArgument, NotFound, PermissionDenied
 from services.router.http.auth import request_key
 from services.router.http.ollama.errors import error_line, error_response
 from services.router.http.ollama.lifecycle import ModelLifecycle
@@ -162,9 +163,13 @@ async def embeddings(request: Request) -> Response:
 @ollama_errors
 async def pull(request: Request) -> Response:
     """Install a declared model, streaming Ollama's progress lines (one line at the end
-    with `stream: false`)."""
+    with `stream: false`); an admin key is needed."""
+    key = request_key(request)
+    if key is not None and not key.admin:
+        raise PermissionDenied("pulling installs a model for every client, which needs an admin "
+                               "key; ask an operator to install it, or use an admin key")
     body = await parsed(request, PullBody)
-    record = await _serving(request).gateway.get_model(body.model, key=request_key(request))
+    record = await _serving(request).gateway.get_model(body.model, key=key)
     if not isinstance(record, AssetRecord):
         raise InvalidArgument.from_problems([FieldProblem(
             "model", f"'{body.model}' is a route: pull the models it names")])

@@ -13,13 +13,18 @@ chunk is `load_duration` when no worker held the model at arrival (it was woken)
 
 A chat without messages, or a generate without a prompt, only loads the model (or unloads
 it with `keep_alive: 0`), answering `done_reason` `load` (`unload`), as Ollama does; so does
-an embed without input.
+an embed without input. Such a request is one request of the key's limits (it uses no
+tokens; over the key's rpm it is refused with a 429) and a ledger row with zero tokens.
+
+`keep_alive` that the key may not apply is refused before anything runs (see `lifecycle`).
+It is applied once the answer is complete; if that fails, the answer is that error (its
+message says the answer was generated), or a stream ends with it as its last line instead
+of the `done` one.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -30,11 +35,13 @@ from fastapi.responses import Response
 
 from roundhouse.v1 import inference_pb2
 from services.common.asset_proto import AssetRecord, check_serves
-from services.common.errors import FieldProblem, InvalidArgument, UpstreamError
+from services.common.errors import FieldProblem, InvalidArgument, RoundhouseError, UpstreamError
+from services.common.keys import KeyRecord
 from services.router.gateway import EMBEDDING, LLM, embedding_dim
 from services.router.http.auth import request_key
 from services.router.http.ollama.errors import error_line
-from services.router.http.ollama.lifecycle import ModelLifecycle
+from services.router.http.ollama.lifecycle import ModelLifecycle, shown
+from services.router.http.ollama.options import check_num_ctx
 from services.router.http.ollama.protocol import ChatBody, EmbedBody, GenerateBody
 from services.router.http.ollama.views import context_length, now
 from services.router.http.streaming import (
@@ -50,7 +57,6 @@ if TYPE_CHECKING:
     from services.common.route_proto import Stored
     from services.router.gateway import Gateway
 
-log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
 
@@ -132,28 +138,29 @@ class OllamaServing:
 
     async def chat(self, body: ChatBody, request: Request) -> Response:
         """`POST /api/chat`."""
-        record = await self.gateway.get_model(body.model, key=request_key(request))
+        record = await self._model(body.model, body.keep_alive, request)
         if not body.messages:
-            return await self._load_only(body.model, record, body.keep_alive, LLM,
+            return await self._load_only(body.model, record, body.keep_alive, LLM, request,
                                          {"message": {"role": "assistant", "content": ""}})
         return await self._generate(body, record, request, body.to_proto(
-            request.state.request_id, context_length(record)), chat=True)
+            request.state.request_id, await self._context_length(record, body)), chat=True)
 
     async def generate(self, body: GenerateBody, request: Request) -> Response:
         """`POST /api/generate`."""
-        record = await self.gateway.get_model(body.model, key=request_key(request))
+        record = await self._model(body.model, body.keep_alive, request)
         if body.load_only:
-            return await self._load_only(body.model, record, body.keep_alive, LLM, {"response": ""})
+            return await self._load_only(body.model, record, body.keep_alive, LLM, request, {"response": ""})
         return await self._generate(body, record, request, body.to_proto(
-            request.state.request_id, context_length(record)), chat=False)
+            request.state.request_id, await self._context_length(record, body)), chat=False)
 
     async def embed(self, body: EmbedBody, request: Request, *, legacy: bool = False) -> Response:
         """`POST /api/embed` (`legacy`: `/api/embeddings`, one vector as `embedding`)."""
         key = request_key(request)
-        record = await self.gateway.get_model(body.model, key=key)
+        record = await self._model(body.model, body.keep_alive, request)
         if body.inputs in ([], [""]):
-            await self._load_only(body.model, record, body.keep_alive, EMBEDDING, {})
+            await self._load_only(body.model, record, body.keep_alive, EMBEDDING, request, {})
             return _json({"embedding": []} if legacy else {"model": body.model, "embeddings": []})
+        check_num_ctx(body.options.num_ctx if body.options else None, await self._context_length(record, body))
         dim = embedding_dim(record) if isinstance(record, AssetRecord) else 0
         if body.dimensions is not None and dim:
             _check_dimensions(body.dimensions, dim)
@@ -165,7 +172,7 @@ class OllamaServing:
         if body.dimensions is not None:
             _check_dimensions(body.dimensions, result.dimensions or len(result.embeddings[0].values))
         vectors = [list(e.values) for e in result.embeddings]
-        await self._keep(result.asset_id, record, body.keep_alive)
+        await self._keep(result.asset_id, record, body.keep_alive, key)
         if legacy:
             return _json({"embedding": vectors[0]})
         elapsed = int((time.perf_counter() - started) * 1e9)
@@ -208,7 +215,8 @@ class OllamaServing:
                 answer = await until_disconnected(request, whole())
             finally:
                 await close(chunks)
-            await self._keep(turn.last.asset_id or first.asset_id, record, body.keep_alive)
+            await self._keep(turn.last.asset_id or first.asset_id, record, body.keep_alive,
+                             request_key(request))
             return _json({**answer, **turn.stats()}, routed.headers())
 
         async def lines() -> AsyncIterator[bytes]:
@@ -221,7 +229,8 @@ class OllamaServing:
                     chunk = await anext(chunks, None)
                 if calls := turn.tool_calls():
                     yield line(piece("", tool_calls=calls))
-                await self._keep(turn.last.asset_id or first.asset_id, record, body.keep_alive)
+                await self._keep(turn.last.asset_id or first.asset_id, record, body.keep_alive,
+                                 request_key(request))
                 yield line({**piece(""), **turn.stats()})
             except Exception as exc:
                 yield error_line(exc, request.state.request_id)
@@ -230,35 +239,61 @@ class OllamaServing:
 
         return NDJSONResponse(lines(), headers=routed.headers())
 
+    async def _model(self, name: str, keep_alive: float | None, request: Request) -> Stored:
+        """The model or route `name` names, if the request's key may use it and apply its
+        `keep_alive` to it."""
+        key = request_key(request)
+        record = await self.gateway.get_model(name, key=key)
+        await self.lifecycle.check(key, record, keep_alive)
+        return record
+
+    async def _context_length(self, record: Stored, body: ChatBody | GenerateBody | EmbedBody) -> int:
+        """The context length `options.num_ctx` is checked against (0: not known): the model's,
+        or the shortest of a route's models. Only looked up when the request sets it."""
+        if body.options is None or body.options.num_ctx is None:
+            return 0
+        lengths = [context_length(r) for r in await self.lifecycle.answering(record)]
+        return 0 if not lengths or 0 in lengths else min(lengths)
+
     async def _load_only(self, name: str, record: Stored, keep_alive: float | None, interface: str,
-                         empty: dict[str, Any]) -> Response:
+                         request: Request, empty: dict[str, Any]) -> Response:
         """Load the model (or unload it, with `keep_alive` 0); Ollama's answer to a request
-        with nothing to generate."""
+        with nothing to generate. One request of the key's limits, with no tokens."""
         if not isinstance(record, AssetRecord):
             raise InvalidArgument.from_problems([FieldProblem(
                 "model", f"'{name}' is a route: only a model can be loaded or unloaded")])
         check_serves(record, name, interface)
-        if keep_alive == 0:
-            await self.lifecycle.unload(record)
-            reason = "unload"
-        else:
-            await self.lifecycle.load(record)
-            if keep_alive is not None:
-                await self.lifecycle.keep(record, keep_alive)
-            reason = "load"
+        key = request_key(request)
+        async with self.gateway.tokenless(key, name, interface, request.state.request_id) as ticket:
+            await self.gateway.admit_tokenless(ticket, key, record)
+            if keep_alive == 0:
+                await self.lifecycle.keep(record, 0, key)
+                reason = "unload"
+            else:
+                if self._woken(record):
+                    ticket.mark_woke()
+                await self.lifecycle.load(record)
+                if keep_alive is not None:
+                    await self.lifecycle.keep(record, keep_alive, key)
+                reason = "load"
         return _json({"model": name, "created_at": now(), **empty, "done": True, "done_reason": reason})
 
-    async def _keep(self, asset_id: str, record: Stored, keep_alive: float | None) -> None:
-        """Apply `keep_alive` to the asset that answered (a route's target, for a route)."""
+    async def _keep(self, asset_id: str, record: Stored, keep_alive: float | None,
+                    key: KeyRecord | None) -> None:
+        """Apply `keep_alive` to the asset that answered (a route's target, for a route); a
+        failure is raised, its message saying that the answer was generated."""
         if keep_alive is None:
             return
         try:
             if not isinstance(record, AssetRecord) or record.spec.asset_id != asset_id:
                 record = await self.gateway.get_model(asset_id)
             if isinstance(record, AssetRecord):
-                await self.lifecycle.keep(record, keep_alive)
-        except Exception:  # the answer stands; the lifecycle change is logged as failed
-            log.warning("keep_alive %s for %s failed", keep_alive, asset_id, exc_info=True)
+                await self.lifecycle.keep(record, keep_alive, key)
+        except RoundhouseError as exc:
+            exc.message = (f"the answer was generated, but keep_alive {shown(keep_alive)} was not "
+                           f"applied to '{asset_id}': {exc.message}")
+            exc.args = (exc.message,)
+            raise
 
     def _woken(self, record: Stored) -> bool:
         """Whether a request to the model has to wake it now (no worker holds it)."""
