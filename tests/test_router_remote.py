@@ -19,7 +19,16 @@ from upstream_harness import KEY, serving_upstream
 from roundhouse.v1 import inference_pb2, worker_pb2
 from services.common.asset_proto import AssetRecord
 from services.common.assetspec import parse_spec
+from services.common.errors import InvalidArgument
 from services.router.remote import RemoteUpstreams
+from services.router.remote_shapes import request_body
+from services.worker.converters import chat_params
+from services.worker.models.upstream_shapes import (
+    openai_message,
+    openai_response_format,
+    openai_tool,
+    openai_tool_choice,
+)
 
 WRONG_KEY = "gsk-wrong-key-that-must-not-leak"
 HELLO = [{"role": "user", "content": "hi"}]
@@ -154,6 +163,46 @@ def test_one_request_per_period_goes_through_the_worker() -> None:
                                     "source": {"kind": "path", "path": "l"}}), 1,
                         datetime.now(UTC), datetime.now(UTC))
     assert remote.skips_worker(local, "w1:1") is False
+
+
+def shaped_request(schema_json: str) -> inference_pb2.ChatRequest:
+    """A request using every shaped field: earlier tool calls and results, a strict tool, a
+    response schema, a named tool choice."""
+    return inference_pb2.ChatRequest(
+        messages=[inference_pb2.ChatMessage(role="user", content="weather?", name="ann"),
+                  inference_pb2.ChatMessage(role="assistant", tool_calls=[inference_pb2.ToolCall(
+                      id="call_1", name="weather", arguments='{"city": "Oslo"}')]),
+                  inference_pb2.ChatMessage(role="tool", content="sunny", tool_call_id="call_1")],
+        tools=[inference_pb2.Tool(name="weather", description="The weather", strict=True,
+                                  parameters_json='{"type": "object", "properties": {"city": {"type": "string"}}}'),
+               inference_pb2.Tool(name="time")],
+        response_format=inference_pb2.ResponseFormat(type="json_schema", schema_json=schema_json, name="w",
+                                                     strict=True, description="A forecast"),
+        tool_choice=inference_pb2.ToolChoice(mode="function", function_name="weather"),
+    )
+
+
+def test_router_and_worker_send_a_request_in_the_same_shape() -> None:
+    request = shaped_request('{"type": "object"}')
+    _, routed = request_body("up-r", request, stream=False, asset_id="r")
+    params = chat_params(request)
+    assert routed["messages"] == [openai_message(m) for m in params.messages]
+    assert routed["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]}
+    assert routed["tools"] == [openai_tool(t) for t in params.tools]
+    assert routed["tools"][1]["function"]["parameters"] == {"type": "object", "properties": {}}
+    assert routed["response_format"] == openai_response_format(params.response_format) == {
+        "type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": True,
+                                               "description": "A forecast"}}
+    assert routed["tool_choice"] == openai_tool_choice(params.tool_choice) == {
+        "type": "function", "function": {"name": "weather"}}
+
+
+@pytest.mark.parametrize(("schema_json", "reason"), [("{not json", "not JSON"), ("[1]", "must be a JSON object")])
+def test_a_response_schema_that_is_no_json_object_is_refused_naming_it(schema_json: str, reason: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        request_body("up-r", shaped_request(schema_json), stream=False, asset_id="r")
+    assert refused.value.field == "response_format.json_schema.schema" and reason in refused.value.message
 
 
 # -- remote assets in routes ------------------------------------------------------------------

@@ -15,19 +15,29 @@ from typing import Any
 
 from roundhouse.v1 import inference_pb2
 from services.common.errors import FieldProblem, InvalidArgument
-from services.common.openai_upstream import ChatOptions, UpstreamText, chat_body
+from services.common.openai_answer import UpstreamText
+from services.common.openai_chat import (
+    ChatOptions,
+    chat_body,
+    message_entry,
+    response_format_entry,
+    tool_choice_entry,
+    tool_entry,
+    top_k_refusal,
+)
 
 FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH,
           "tool_calls": inference_pb2.FINISH_REASON_TOOL_CALLS}
+SCHEMA_FIELD = "response_format.json_schema.schema"
 
 
 def request_body(model: str, request: inference_pb2.ChatRequest, *, stream: bool,
                  asset_id: str = "") -> tuple[str, dict[str, Any]]:
-    """The upstream path and body of a `ChatRequest` (see `openai_upstream.chat_body`)."""
+    """The upstream path and body of a `ChatRequest` (see `openai_upstream.chat_body`); JSON
+    text that is not a JSON object (tool parameters, a response schema) is an `InvalidArgument`
+    naming the field."""
     if request.HasField("top_k") and request.top_k:
-        raise InvalidArgument.from_problems([FieldProblem(
-            "top_k", f"model '{asset_id or model}' is served by an OpenAI-compatible upstream, which "
-                     "takes no top_k; leave it out")])
+        raise top_k_refusal(asset_id or model)
     return chat_body(
         model,
         messages=[_message(m) for m in request.messages],
@@ -44,18 +54,9 @@ def request_body(model: str, request: inference_pb2.ChatRequest, *, stream: bool
 
 
 def _message(message: inference_pb2.ChatMessage) -> dict[str, Any]:
-    """OpenAI's `messages[]` entry: an assistant's tool calls with it, a `tool` message naming
-    the call it answers."""
-    entry: dict[str, Any] = {"role": message.role, "content": message.content}
-    if message.name:
-        entry["name"] = message.name
-    if message.tool_calls:
-        entry["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                               for c in message.tool_calls]
-        entry["content"] = message.content or None
-    if message.tool_call_id:
-        entry["tool_call_id"] = message.tool_call_id
-    return entry
+    return message_entry(message.role, message.content, name=message.name,
+                         tool_calls=[(c.id, c.name, c.arguments) for c in message.tool_calls],
+                         tool_call_id=message.tool_call_id)
 
 
 def _tool(tool: inference_pb2.Tool) -> dict[str, Any]:
@@ -64,36 +65,37 @@ def _tool(tool: inference_pb2.Tool) -> dict[str, Any]:
         parameters = json.loads(tool.parameters_json) if tool.parameters_json else {}
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"tools: parameters of '{tool.name}' are not JSON: {exc}") from None
-    function: dict[str, Any] = {"name": tool.name, "description": tool.description,
-                                "parameters": parameters or {"type": "object", "properties": {}}}
-    if tool.strict:
-        function["strict"] = True
-    return {"type": "function", "function": function}
+    return tool_entry(tool.name, tool.description, parameters, strict=tool.strict)
 
 
 def _options(request: inference_pb2.ChatRequest) -> ChatOptions:
     """The request's fields beyond the basics, as OpenAI takes them."""
     response_format: dict[str, Any] | None = None
-    shape = request.response_format
-    if request.HasField("response_format") and shape.type == "json_object":
-        response_format = {"type": "json_object"}
-    elif request.HasField("response_format") and shape.type == "json_schema":
-        schema: dict[str, Any] = {"name": shape.name or "response", "strict": shape.strict,
-                                  "schema": json.loads(shape.schema_json or "{}")}
-        if shape.description:
-            schema["description"] = shape.description
-        response_format = {"type": "json_schema", "json_schema": schema}
-    tool_choice: str | dict[str, Any] | None = None
-    if request.HasField("tool_choice"):
-        choice = request.tool_choice
-        tool_choice = ({"type": "function", "function": {"name": choice.function_name}}
-                       if choice.mode == "function" else choice.mode or None)
+    if request.HasField("response_format"):
+        shape = request.response_format
+        schema = _schema(shape.schema_json) if shape.type == "json_schema" else None
+        response_format = response_format_entry(shape.type, schema=schema, name=shape.name, strict=shape.strict,
+                                                description=shape.description)
+    choice = request.tool_choice
     return ChatOptions(
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         logit_bias=dict(request.logit_bias), logprobs=request.logprobs, top_logprobs=request.top_logprobs,
-        n=request.n or 1, response_format=response_format, tool_choice=tool_choice,
+        n=request.n or 1, response_format=response_format,
+        tool_choice=tool_choice_entry(choice.mode, choice.function_name) if request.HasField("tool_choice") else None,
         parallel_tool_calls=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
     )
+
+
+def _schema(text: str) -> dict[str, Any]:
+    """A response format's JSON Schema text as an object (none: `{}`); `InvalidArgument` naming
+    `response_format.json_schema.schema` when it is not a JSON object."""
+    try:
+        schema = json.loads(text or "{}")
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the stack
+        raise InvalidArgument.from_problems([FieldProblem(SCHEMA_FIELD, f"not JSON: {exc}")]) from None
+    if not isinstance(schema, dict):
+        raise InvalidArgument.from_problems([FieldProblem(SCHEMA_FIELD, "must be a JSON object")])
+    return schema
 
 
 def to_chunk(piece: UpstreamText, asset_id: str) -> inference_pb2.ChatChunk:

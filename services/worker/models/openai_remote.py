@@ -11,8 +11,9 @@ import time
 from collections.abc import AsyncIterator
 
 from services.common.assetspec import AssetSpec
-from services.common.errors import FailedPrecondition, InvalidArgument, UpstreamError
-from services.common.openai_upstream import ChatOptions, OpenAIUpstream, chat_body
+from services.common.errors import FailedPrecondition, UpstreamError
+from services.common.openai_chat import ChatOptions, chat_body, top_k_refusal
+from services.common.openai_upstream import OpenAIUpstream
 from services.common.upstreams import DEFAULT_UPSTREAM_RULES, UpstreamRules
 from services.worker.models.types import (
     Capabilities,
@@ -88,8 +89,7 @@ class OpenAIRemoteModel(HostedModel):
     def _options(self, params: ChatParams) -> ChatOptions:
         """The request's other fields, as the upstream takes them; `top_k` is not OpenAI's."""
         if params.top_k:
-            raise InvalidArgument(f"top_k: model '{self.asset_id}' is served by an OpenAI-compatible "
-                                  "upstream, which takes no top_k; leave it out")
+            raise top_k_refusal(self.asset_id)
         return ChatOptions(
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             logit_bias=params.logit_bias, logprobs=params.logprobs, top_logprobs=params.top_logprobs,

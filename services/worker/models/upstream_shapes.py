@@ -1,58 +1,43 @@
 """The model layer's request parts in OpenAI's shapes, and OpenAI's logprobs in the model
-layer's: what an OpenAI-compatible upstream is sent and answers."""
+layer's: what an OpenAI-compatible upstream is sent and answers. The shapes themselves are
+`services.common.openai_chat`'s, which the router's direct path uses too."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from services.common.openai_chat import UpstreamLogprob
+from services.common.openai_answer import UpstreamLogprob
+from services.common.openai_chat import (
+    message_entry,
+    response_format_entry,
+    tool_choice_entry,
+    tool_entry,
+)
 from services.worker.models.types import ChatMessage, ResponseFormat, TokenLogprob, Tool, ToolChoice, TopLogprob
 
 
 def openai_message(message: ChatMessage) -> dict[str, Any]:
     """A message as OpenAI's `messages[]` entry: an assistant's tool calls with it, a `tool`
     message naming the call it answers."""
-    entry: dict[str, Any] = {"role": message.role, "content": message.content}
-    if message.name:
-        entry["name"] = message.name
-    if message.tool_calls:
-        entry["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for c in message.tool_calls
-        ]
-        entry["content"] = message.content or None  # OpenAI's shape of a turn of calls only
-    if message.tool_call_id:
-        entry["tool_call_id"] = message.tool_call_id
-    return entry
+    return message_entry(message.role, message.content, name=message.name,
+                         tool_calls=[(c.id, c.name, c.arguments) for c in message.tool_calls],
+                         tool_call_id=message.tool_call_id)
 
 
 def openai_tool(tool: Tool) -> dict[str, Any]:
     """A tool as OpenAI's `tools[]` entry, `strict` when asked."""
-    entry = tool.to_openai()
-    if tool.strict:
-        entry["function"]["strict"] = True
-    return entry
+    return tool_entry(tool.name, tool.description, tool.parameters, strict=tool.strict)
 
 
 def openai_response_format(shape: ResponseFormat) -> dict[str, Any] | None:
     """OpenAI's `response_format`; None for free text (the upstream's default)."""
-    if shape.type == "text":
-        return None
-    if shape.type == "json_object":
-        return {"type": "json_object"}
-    schema: dict[str, Any] = {"name": shape.name or "response", "schema": shape.schema or {}, "strict": shape.strict}
-    if shape.description:
-        schema["description"] = shape.description
-    return {"type": "json_schema", "json_schema": schema}
+    return response_format_entry(shape.type, schema=shape.schema, name=shape.name, strict=shape.strict,
+                                 description=shape.description)
 
 
 def openai_tool_choice(choice: ToolChoice | None) -> str | dict[str, Any] | None:
     """OpenAI's `tool_choice`; None when unset (the upstream's default, `auto`)."""
-    if choice is None:
-        return None
-    if choice.mode == "function":
-        return {"type": "function", "function": {"name": choice.name}}
-    return choice.mode
+    return None if choice is None else tool_choice_entry(choice.mode, choice.name)
 
 
 def token_logprob(entry: UpstreamLogprob) -> TokenLogprob:
