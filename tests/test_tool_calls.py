@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import jsonschema
@@ -17,12 +18,16 @@ import pytest
 from tiny_bpe import PLAIN, QWEN_LIKE, build_tiny_bpe_llama
 from tiny_models import spec_for
 
+from roundhouse.v1 import inference_pb2
+from services.common.errors import InvalidArgument
+from services.common.inference_requests import check_chat
+from services.common.request_schemas import MAX_SCHEMA_CHARS, MAX_SCHEMA_DEPTH
 from services.worker.models import ChatDelta, ChatParams, Tool, load_model
 from services.worker.models.causal_lm import TransformersChatModel
 from services.worker.models.chat_template import PromptBuilder
 from services.worker.models.types import ChatMessage, ToolCall, ToolChoice
 
-HELLO = [{"role": "user", "content": "What is the weather in Paris?"}]
+HELLO = [ChatMessage("user", "What is the weather in Paris?")]
 WEATHER = Tool("get_weather", "The weather in a city", {
     "type": "object",
     "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -48,11 +53,14 @@ NO_TOOL_ROLE = (
 
 async def load(tmp_path_factory: pytest.TempPathFactory, name: str, template: str) -> TransformersChatModel:
     folder = build_tiny_bpe_llama(tmp_path_factory.mktemp("tools") / name, template)
-    return await asyncio.to_thread(load_model, spec_for(name, "llm-runtime", folder), folder)
+    model = await asyncio.to_thread(load_model, spec_for(name, "llm-runtime", folder), folder)
+    assert isinstance(model, TransformersChatModel)
+    return model
 
 
 @pytest.fixture(scope="module", params=["constrained", "template"])
-async def llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TransformersChatModel:
+async def llm(request: pytest.FixtureRequest,
+              tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TransformersChatModel]:
     template = PLAIN if request.param == "constrained" else QWEN_LIKE
     model = await load(tmp_path_factory, f"tools-{request.param}", template)
     assert model.capabilities.tool_calling == request.param and model.capabilities.supports_tools
@@ -131,7 +139,7 @@ async def test_tool_descriptions_count_as_prompt_tokens(llm: TransformersChatMod
     with_tools = llm.count_tokens(ChatParams(messages=HELLO, tools=TOOLS))
     assert with_tools > bare
     deltas = await run(llm, tools=TOOLS, max_tokens=5, temperature=0)
-    assert deltas[-1].usage.prompt_tokens == with_tools
+    assert deltas[-1].usage is not None and deltas[-1].usage.prompt_tokens == with_tools
 
 
 def conversation() -> list[ChatMessage]:
@@ -187,3 +195,33 @@ async def test_n_choices_of_tool_calls(llm: TransformersChatModel) -> None:
         assert calls
         for call in calls:
             check_call(call)
+
+
+def deep_parameters() -> dict[str, Any]:
+    """Objects in objects: each takes two levels (its schema, its `properties`), one too many."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(MAX_SCHEMA_DEPTH // 2):
+        schema = {"type": "object", "properties": {"inner": schema}}
+    return schema
+
+
+def many_properties(count: int) -> dict[str, Any]:
+    return {"type": "object", "properties": {f"p{i:05d}": {"type": "integer"} for i in range(count)}}
+
+
+@pytest.mark.parametrize(("tools", "field"), [
+    ([WEATHER, Tool("deep", "", deep_parameters())], "tools[1].function.parameters"),
+    # Each under the bound, too big together: the tools make one grammar.
+    ([Tool(f"t{n}", "", many_properties(MAX_SCHEMA_CHARS // 2 // 26)) for n in range(3)], "tools"),
+], ids=["one too deep", "too long together"])
+async def test_tool_schemas_too_big_to_compile_are_refused_by_name(llm: TransformersChatModel, tools: list[Tool],
+                                                                   field: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        await run(llm, tools=tools, tool_choice=ToolChoice("required"), max_tokens=5)
+    assert refused.value.field == field
+    request = inference_pb2.ChatRequest(
+        model="m", messages=[inference_pb2.ChatMessage(role="user", content="hi")],
+        tools=[inference_pb2.Tool(name=t.name, parameters_json=json.dumps(t.parameters)) for t in tools])
+    with pytest.raises(InvalidArgument) as refused:
+        check_chat(request)  # what the router and a worker check first
+    assert refused.value.field == field

@@ -17,10 +17,12 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from roundhouse.v1 import inference_pb2
 from services.common.assetspec_fields import MAX_NAME_CHARS
 from services.common.errors import FieldProblem, InvalidArgument
+from services.common.request_schemas import schema_problems
 from services.common.request_text import NUL_REASON, shown
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -86,6 +88,7 @@ def check_chat(request: inference_pb2.ChatRequest) -> None:
         problems.append(FieldProblem("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}"))
     problems += _stop_problems(request.stop)
     problems += _tool_problems(request.tools)
+    problems += _request_schema_problems(request)
     if request.tools and request.prompt and not request.messages:
         problems.append(FieldProblem("tools", "tools need messages: a raw prompt is sent to the "
                                               "model as is, with no chat template to offer them"))
@@ -231,6 +234,17 @@ def _tool_problems(tools: Sequence[inference_pb2.Tool]) -> list[FieldProblem]:
     return problems
 
 
+def _request_schema_problems(request: inference_pb2.ChatRequest) -> list[FieldProblem]:
+    """`schema_problems` of the schemas sent as JSON text (text that is not a JSON object is
+    reported by the checks of its own field)."""
+    response = None
+    if request.HasField("response_format") and request.response_format.type == "json_schema":
+        response = _json_object(request.response_format.schema_json or "{}")
+    parameters = [_json_object(t.parameters_json) if 0 < len(t.parameters_json) <= MAX_TEXT_CHARS else None
+                  for t in request.tools]  # by position: a problem names tools[n]
+    return schema_problems(response, parameters)
+
+
 def _generation_problems(request: inference_pb2.ChatRequest) -> list[FieldProblem]:
     """Penalties, biases, log probabilities, choices and the answer's shape."""
     problems = [FieldProblem(name, f"must be between {PENALTY_MIN:g} and {PENALTY_MAX:g}")
@@ -287,10 +301,16 @@ def _user_problems(user: str) -> list[FieldProblem]:
 
 
 def _is_json_object(text: str) -> bool:
+    return _json_object(text) is not None
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """`text` parsed, when it is a JSON object."""
     try:
-        return isinstance(json.loads(text), dict)
+        value = json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
-        return False
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _vector_bytes(dimensions: int) -> int:

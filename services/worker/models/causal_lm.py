@@ -15,14 +15,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from services.common.assetspec import AssetSpec, Generation
-from services.common.errors import ContextLengthExceeded
+from services.common.errors import ContextLengthExceeded, ModelNotReady
 from services.worker.models.chat_template import PromptBuilder, accepts_system_role, tool_calling_mode
 from services.worker.models.engine import BatchingSettings, ChatEngine
 from services.worker.models.engine.constraint import Constraint
 from services.worker.models.engine.engine import probe_model
 from services.worker.models.generation import Sampling, TokenStream
 from services.worker.models.streaming_text import ChoiceDecoder, TokenTexts
-from services.worker.models.structured import GrammarCompiler
+from services.worker.models.structured import SHARED_COMPILERS, CompilerKey, GrammarCompiler
 from services.worker.models.types import (
     LLM,
     Capabilities,
@@ -38,11 +38,6 @@ log = logging.getLogger(__name__)
 _SANE_MAX_LENGTH = 10_000_000
 
 _SEED_MODULUS = 2**64
-
-_GRAMMARS: dict[tuple[str, int, tuple[int, ...]], GrammarCompiler] = {}
-"""Grammar compilers (tokenizer info and compiled grammars) of the model folders loaded in this
-process, by folder, logits width and end-of-sequence ids: a model woken again keeps them."""
-_GRAMMARS_LOCK = threading.Lock()
 
 _PROBED: set[tuple[str, str, str]] = set()
 """Model folders (with their device and config) that passed the chat engine's probe in this
@@ -100,8 +95,11 @@ class TransformersChatModel(HostedModel):
         self._prompts = PromptBuilder(tokenizer, capabilities.supports_system_role, capabilities.tool_calling)
         self._eos = _eos_token_ids(model, tokenizer)
         self._texts = TokenTexts(tokenizer)
-        self._grammar_key = (str(folder.resolve()) if folder else f"id:{id(model)}",
-                             int(model.get_output_embeddings().weight.shape[0]), tuple(self._eos))
+        self._grammar_key = CompilerKey(str(folder.resolve()) if folder else f"id:{id(model)}",
+                                        int(model.get_output_embeddings().weight.shape[0]), tuple(self._eos))
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
+        self._closed = False
         generation = model.generation_config
         self._default_temperature = 1.0
         self._default_top_p = 1.0
@@ -188,14 +186,25 @@ class TransformersChatModel(HostedModel):
         return len(self._prompts.prompt_ids(params))
 
     def grammars(self) -> GrammarCompiler:
-        """The model's grammar compiler, built at its first use (blocking: its tokenizer info
-        takes a moment for a large vocabulary) and kept for the model folder."""
-        with _GRAMMARS_LOCK:
-            compiler = _GRAMMARS.get(self._grammar_key)
-            if compiler is None:
-                _, vocab, eos = self._grammar_key
-                compiler = _GRAMMARS[self._grammar_key] = GrammarCompiler(self._tokenizer, vocab, list(eos))
-            return compiler
+        """The model's grammar compiler, taken at its first use (blocking: its tokenizer info
+        takes a moment for a large vocabulary) from those shared by the models of its folder
+        (`SHARED_COMPILERS`), and given back when the model closes."""
+        with self._grammars_lock:
+            if self._closed:
+                raise ModelNotReady(f"model '{self.asset_id}' was unloaded from this worker; retry")
+            if self._grammars is None:
+                self._grammars = SHARED_COMPILERS.acquire(self._grammar_key, self._new_compiler)
+            return self._grammars
+
+    def _new_compiler(self) -> GrammarCompiler:
+        return GrammarCompiler(self._tokenizer, self._grammar_key.vocab_size, list(self._grammar_key.stop_ids))
+
+    def _give_back_grammars(self) -> None:
+        with self._grammars_lock:
+            self._closed = True
+            if self._grammars is not None:
+                self._grammars = None
+                SHARED_COMPILERS.release(self._grammar_key)
 
     def _prepare(self, params: ChatParams) -> tuple[list[int], list[Constraint | None]]:
         """Prompt ids and one constraint per choice (None: free text). Blocking."""
@@ -269,8 +278,10 @@ class TransformersChatModel(HostedModel):
         return max_tokens if max_tokens is not None else room
 
     async def close(self) -> None:
-        """Stop the engine (its running requests fail) and drop the weights."""
+        """Stop the engine (its running requests fail), give back the grammar compiler and
+        drop the weights."""
         await self._engine.close()
+        await asyncio.to_thread(self._give_back_grammars)  # waits for a compiler being built
         self._model = None
         gc.collect()
 

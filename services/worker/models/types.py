@@ -15,6 +15,19 @@ from typing import Any, Literal
 import numpy as np
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotReady, WrongInterface
+from services.common.inference_requests import (
+    LOGIT_BIAS_MAX,
+    LOGIT_BIAS_MIN,
+    MAX_CHOICES,
+    MAX_TOP_LOGPROBS,
+    PENALTY_MAX,
+    PENALTY_MIN,
+    TEMPERATURE_MAX,
+    TEMPERATURE_MIN,
+    TOP_P_MAX,
+    TOP_P_MIN,
+    schema_problems,
+)
 
 LLM = "llm-runtime"
 EMBEDDING = "embedding-runtime"
@@ -131,32 +144,37 @@ class ChatParams:
         self.messages = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in self.messages]
 
     def validate(self) -> None:
-        """Raise `InvalidArgument` when the request is malformed."""
+        """Raise `InvalidArgument` when the request is malformed; the bounds are those every
+        door checks (`services.common.inference_requests`)."""
         if bool(self.messages) == (self.prompt is not None):
             raise InvalidArgument("exactly one of 'messages' and 'prompt' must be given")
-        if self.temperature is not None and not 0 <= self.temperature <= 2:
-            raise InvalidArgument("temperature must be between 0 and 2")
-        if self.top_p is not None and not 0 <= self.top_p <= 1:
-            raise InvalidArgument("top_p: must be between 0 and 1 (0: only the most likely token)")
+        if self.temperature is not None and not TEMPERATURE_MIN <= self.temperature <= TEMPERATURE_MAX:
+            raise InvalidArgument(f"temperature must be between {TEMPERATURE_MIN:g} and {TEMPERATURE_MAX:g}")
+        if self.top_p is not None and not TOP_P_MIN <= self.top_p <= TOP_P_MAX:
+            raise InvalidArgument(f"top_p: must be between {TOP_P_MIN:g} and {TOP_P_MAX:g} "
+                                  "(0: only the most likely token)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InvalidArgument("max_tokens must be at least 1")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop sequences must not be empty")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise InvalidArgument(f"{name} must be between -2 and 2")
-        if any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
-            raise InvalidArgument("logit_bias: every bias must be between -100 and 100")
-        if not 0 <= self.top_logprobs <= 20:
-            raise InvalidArgument("top_logprobs must be between 0 and 20")
+            if not PENALTY_MIN <= getattr(self, name) <= PENALTY_MAX:
+                raise InvalidArgument(f"{name} must be between {PENALTY_MIN:g} and {PENALTY_MAX:g}")
+        if any(not LOGIT_BIAS_MIN <= bias <= LOGIT_BIAS_MAX for bias in self.logit_bias.values()):
+            raise InvalidArgument(f"logit_bias: every bias must be between {LOGIT_BIAS_MIN:g} and {LOGIT_BIAS_MAX:g}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
         if self.top_logprobs and not self.logprobs:
             raise InvalidArgument("top_logprobs needs logprobs: true")
-        if not 1 <= self.n <= 16:
-            raise InvalidArgument("n must be between 1 and 16")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise InvalidArgument(f"n must be between 1 and {MAX_CHOICES}")
         if self.top_k < 0:
             raise InvalidArgument("top_k must not be negative")
         if self.response_format.type == "json_schema" and not isinstance(self.response_format.schema, dict):
             raise InvalidArgument("response_format: json_schema needs a schema (a JSON object)")
+        response_schema = self.response_format.schema if self.response_format.type == "json_schema" else None
+        if problems := schema_problems(response_schema, [t.parameters for t in self.tools]):
+            raise InvalidArgument.from_problems(problems)
         choice = self.tool_choice
         if choice is not None and choice.mode in ("required", "function") and not self.tools:
             raise InvalidArgument(f"tool_choice: '{choice.mode}' needs tools")

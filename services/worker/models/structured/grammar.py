@@ -13,6 +13,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -51,11 +52,13 @@ class GrammarConstraint(Constraint):
 
 class GrammarCompiler:
     """A model's grammar compiler: its tokenizer info is built once, compiled grammars are kept
-    by their description (see `spec.spec_key`) so a repeated schema does not compile again.
+    by their description (see `spec.spec_key`) so a repeated schema does not compile again, and
+    requests that miss the same description together wait for one compilation.
 
     `vocab_size` is the width of the model's logits (it may exceed the tokenizer's vocabulary;
     the ids past it are never allowed); `stop_ids` are the model's end-of-sequence ids.
-    Thread-safe: requests compile from worker threads.
+    Thread-safe: requests compile from worker threads. What a request brings is bounded before
+    it gets here (`services.common.request_schemas`).
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: list[int]) -> None:
@@ -63,6 +66,7 @@ class GrammarCompiler:
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._stop_ids = list(stop_ids)
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        self._compiling: dict[str, Future[xgr.CompiledGrammar]] = {}
         self._lock = threading.Lock()
         self.compilations = 0
         """Grammars compiled so far (cache misses)."""
@@ -77,22 +81,50 @@ class GrammarCompiler:
         return GrammarConstraint(self.compiled(spec), self._stop_ids)
 
     def compiled(self, spec: dict[str, Any]) -> xgr.CompiledGrammar:
-        """The compiled grammar of a description, from the cache when it was compiled before."""
+        """The compiled grammar of a description, from the cache when it was compiled before, or
+        from the compilation another request has under way. Raises `InvalidArgument` when the
+        engine cannot compile it."""
         key = spec_key(spec)
         with self._lock:
             if (hit := self._cache.get(key)) is not None:
                 self._cache.move_to_end(key)
                 return hit
+            running = self._compiling.get(key)
+            if running is None:
+                mine: Future[xgr.CompiledGrammar] = Future()
+                self._compiling[key] = mine
+        if running is not None:
+            try:
+                return running.result()
+            except InvalidArgument as exc:  # each waiter raises its own
+                raise InvalidArgument(exc.message, exc.problems) from None
         try:
             compiled = self._compile(spec)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise InvalidArgument(f"the JSON schema cannot be enforced: {_first_line(exc)}") from None
-        with self._lock:
-            self.compilations += 1
-            self._cache[key] = compiled
-            while len(self._cache) > CACHED_GRAMMARS:
-                self._cache.popitem(last=False)
+            error = InvalidArgument(f"the JSON schema cannot be enforced: {_first_line(exc)}")
+            self._settle(key, mine, error)
+            raise error from None
+        except BaseException as exc:
+            self._settle(key, mine, exc)
+            raise
+        self._settle(key, mine, compiled)
         return compiled
+
+    def _settle(self, key: str, future: Future[xgr.CompiledGrammar],
+                outcome: xgr.CompiledGrammar | BaseException) -> None:
+        """End the compilation of `key`: cache its grammar (not its failure) and hand the
+        outcome to the requests waiting for it."""
+        with self._lock:
+            del self._compiling[key]
+            if not isinstance(outcome, BaseException):
+                self.compilations += 1
+                self._cache[key] = outcome
+                while len(self._cache) > CACHED_GRAMMARS:
+                    self._cache.popitem(last=False)
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
     def _compile(self, spec: dict[str, Any]) -> xgr.CompiledGrammar:
         if spec["type"] == "json_schema_bounded":
