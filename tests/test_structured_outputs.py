@@ -26,6 +26,7 @@ from openai.types.shared_params import ResponseFormatJSONSchema
 from stack_harness import TINY_CHAT, Stack, running_stack, tiny_documents
 from tiny_bpe import PLAIN, build_tiny_bpe_llama
 from tiny_models import spec_for
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from roundhouse.v1 import inference_pb2, worker_pb2
 from services.common.assetspec import AssetSpec
@@ -318,5 +319,26 @@ async def test_catalog_model_answers_follow_a_schema(catalog_store: Any) -> None
                                response_format=schema_format(schema))
             assert deltas[-1].finish_reason == "stop"
             jsonschema.validate(json.loads(text_of(deltas)), schema)
+    finally:
+        await model.close()
+
+
+async def test_a_model_without_an_end_token_ends_a_complete_answer(tmp_path: Path) -> None:
+    folder = build_tiny_bpe_llama(tmp_path / "no-eos", PLAIN)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.eos_token_id = None
+    config.save_pretrained(folder)
+    GenerationConfig(pad_token_id=config.pad_token_id).save_pretrained(folder)
+    model = await asyncio.to_thread(load_model, spec_for("no-eos", "llm-runtime", folder), folder)
+    assert isinstance(model, TransformersChatModel)
+    try:
+        answer = schema_format({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                                "additionalProperties": False})
+        deltas = await run(model, messages=HELLO, max_tokens=200, temperature=0, response_format=answer)
+        assert json.loads(text_of(deltas))["ok"] in (True, False)
+        assert deltas[-1].finish_reason == "stop"  # ended by the grammar, not by max_tokens
     finally:
         await model.close()

@@ -62,6 +62,9 @@ class GrammarCompiler:
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: list[int]) -> None:
+        # A grammar ends on a stop token: a model without an end token gets a special token as
+        # its stand-in (decoded as nothing), so a complete answer still ends its sequence.
+        stop_ids = list(stop_ids) or [next(iter(getattr(tokenizer, "all_special_ids", [])), vocab_size - 1)]
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._stop_ids = list(stop_ids)
