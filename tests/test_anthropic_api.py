@@ -183,6 +183,41 @@ async def test_invalid_requests_are_400_invalid_request_error(client: anthropic.
     assert "temperature" in hot.value.body["error"]["message"]  # type: ignore[index]
 
 
+async def test_a_final_assistant_message_is_refused_as_a_prefill(client: anthropic.AsyncAnthropic) -> None:
+    prefilled: list[MessageParam] = [*HELLO, {"role": "assistant", "content": "Sure"}]
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await client.messages.create(model=TINY_CHAT, max_tokens=2, messages=prefilled)
+    assert refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "prefill" in refused.value.body["error"]["message"]  # type: ignore[index]
+    with pytest.raises(anthropic.BadRequestError):
+        await client.messages.count_tokens(model=TINY_CHAT, messages=prefilled)
+
+
+async def test_a_strict_tool_is_taken(client: anthropic.AsyncAnthropic) -> None:
+    strict: ToolParam = {**TIME, "strict": True}
+    counted = await client.messages.count_tokens(model=TINY_CHAT, messages=HELLO, tools=[strict])
+    message = await client.messages.create(model=TINY_CHAT, max_tokens=2, messages=HELLO, tools=[strict],
+                                           tool_choice={"type": "none"})
+    assert message.usage.input_tokens == counted.input_tokens and message.usage.output_tokens == 2
+
+
+async def test_a_prompt_beyond_the_context_is_refused_as_anthropic_says_it(
+    client: anthropic.AsyncAnthropic,
+) -> None:
+    long: list[MessageParam] = [{"role": "user", "content": " ".join(["w1"] * 5000)}]
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await client.messages.create(model=TINY_CHAT, max_tokens=2, messages=long)
+    assert refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert refused.value.body["error"]["message"].startswith("prompt is too long: ")  # type: ignore[index]
+
+
+async def test_an_undeclared_method_is_405_in_anthropics_shape(stack: Stack, key: str) -> None:
+    async with httpx.AsyncClient(base_url=stack.http_url, timeout=60, headers={"x-api-key": key}) as http:
+        reply = await http.get("/v1/messages")
+    assert reply.status_code == 405 and reply.headers["allow"] == "POST"
+    assert reply.json()["type"] == "error" and reply.json()["error"]["type"] == "invalid_request_error"
+
+
 async def test_a_bad_key_is_401_authentication_error(stack: Stack) -> None:
     async with sdk(stack, "rh-not-a-key") as api:
         with pytest.raises(anthropic.AuthenticationError) as refused:

@@ -1,5 +1,6 @@
 """`runtime: anthropic` assets end to end: Roundhouse A serves assets whose upstream is a second
-Roundhouse B's `/v1/messages` (B serves the tiny chat model and checks keys). The answers A
+Roundhouse B's `/v1/messages` (B serves the tiny chat model, and for JSON and tool calls a tiny
+model whose tokenizer can spell them, and checks keys). The answers A
 gives through every front are B's, B's refusals keep their meaning at A, and A's routes fall
 back between its Anthropic assets like between any others."""
 
@@ -15,6 +16,7 @@ import httpx
 import openai
 import pytest
 from stack_harness import TINY_CHAT, Stack, running_stack, tiny_documents
+from tiny_bpe import QWEN_LIKE, build_tiny_bpe_llama
 
 from services.common.embedded import EmbeddedNats
 
@@ -22,10 +24,17 @@ HELLO: Any = [{"role": "user", "content": "Say something."}]
 GREEDY = {"temperature": 0}
 """Sampling fields this `anthropic` SDK no longer names; the Messages API of Roundhouse takes them."""
 WRONG_KEY = "rh-wrong-key-that-must-not-leak-0123"
+TINY_JSON = "tiny-json-tools"
+"""B's model for JSON and tool calls: the tiny chat model's word-level vocabulary has no JSON
+punctuation, this one's byte-level BPE spells anything."""
+TRIP: Any = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+             "properties": {"city": {"type": "string", "maxLength": 12},
+                            "days": {"type": "integer", "minimum": 1, "maximum": 16}}}
+"""Bounded, so that the random model, which never chooses to close a string, ends within `LONG`."""
 WEATHER: Any = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                            "parameters": {"type": "object", "required": ["city", "days"],
-                                                           "properties": {"city": {"type": "string"},
-                                                                          "days": {"type": "integer"}}}}}
+                                            "parameters": TRIP, "strict": True}}
+"""Strict: the upstream gets the tool's `strict` as Anthropic's API spells it."""
+LONG = 400
 
 
 def claude(asset_id: str, url: str, *, model: str = TINY_CHAT, key_env: str = "ANTHROPIC_API_KEY",
@@ -46,14 +55,19 @@ async def fleets(
     root = tmp_path_factory.mktemp("anthropic-fleets")
     with EmbeddedNats(root / "nats-b") as nats_b, EmbeddedNats(root / "nats-a") as nats_a, \
             pytest.MonkeyPatch.context() as env:
+        json_model = sources / TINY_JSON
+        if not json_model.exists():
+            build_tiny_bpe_llama(json_model, QWEN_LIKE)
         async with running_stack(own_db, nats_b.url, sources, root / "store-b", auth=True) as b:
-            await b.apply(*tiny_documents(sources))
+            await b.apply(*tiny_documents(sources), {"asset_id": TINY_JSON, "interface": "llm-runtime",
+                                                     "source": {"kind": "path", "path": str(json_model)}})
             assert b.admin_key is not None
             env.setenv("ANTHROPIC_API_KEY", b.admin_key)
             env.setenv("GROQ_API_KEY", WRONG_KEY)
             async with running_stack(db_dsn, nats_a.url, sources, root / "store-a") as a:
                 await a.apply(
                     claude("claude-b", b.http_url, generation={"max_tokens": 12}),
+                    claude("claude-json", b.http_url, model=TINY_JSON),
                     claude("claude-wrong-key", b.http_url, key_env="GROQ_API_KEY"),
                     claude("claude-nowhere", b.http_url, model="no-such-model"),
                     {"asset_id": "claude-route", "class": "route", "interface": "llm-runtime",
@@ -115,8 +129,8 @@ async def test_a_stop_sequence_ends_the_answer_at_a_as_at_b(
 
 async def test_forced_tool_calls_come_back_as_openai_tool_calls(a_openai: openai.AsyncOpenAI) -> None:
     reply = await a_openai.chat.completions.create(
-        model="claude-b", messages=[{"role": "user", "content": "Weather in Paris for 3 days?"}],
-        tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0)
+        model="claude-json", messages=[{"role": "user", "content": "Weather in Paris for 3 days?"}],
+        tools=[WEATHER], tool_choice="required", max_tokens=LONG, temperature=0)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
     call: Any = choice.message.tool_calls[0]
@@ -124,20 +138,19 @@ async def test_forced_tool_calls_come_back_as_openai_tool_calls(a_openai: openai
     arguments = json.loads(call.function.arguments)
     assert isinstance(arguments["city"], str) and isinstance(arguments["days"], int)
     stream = await a_openai.chat.completions.create(
-        model="claude-b", messages=[{"role": "user", "content": "Weather in Paris for 3 days?"}],
-        tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0, stream=True)
+        model="claude-json", messages=[{"role": "user", "content": "Weather in Paris for 3 days?"}],
+        tools=[WEATHER], tool_choice="required", max_tokens=LONG, temperature=0, stream=True)
     pieces = [c.choices[0].delta.tool_calls for c in [chunk async for chunk in stream] if c.choices]
     deltas: list[Any] = [d for piece in pieces if piece for d in piece]
-    assert (deltas[0].index, deltas[0].id, deltas[0].function.name) == (0, call.id, "get_weather")
+    # A call id is made per answer: the streamed one is its own.
+    assert (deltas[0].index, deltas[0].function.name) == (0, "get_weather") and deltas[0].id
     assert json.loads("".join(d.function.arguments or "" for d in deltas if d.index == 0)) == arguments
 
 
 async def test_a_json_schema_is_enforced_by_the_upstream(a_openai: openai.AsyncOpenAI) -> None:
-    schema = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
-              "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer"}}}
     reply = await a_openai.chat.completions.create(
-        model="claude-b", messages=HELLO, max_tokens=60, temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "trip", "schema": schema, "strict": True}})
+        model="claude-json", messages=HELLO, max_tokens=LONG, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "trip", "schema": TRIP, "strict": True}})
     answer = json.loads(reply.choices[0].message.content or "")
     assert set(answer) == {"city", "days"} and isinstance(answer["days"], int) and len(answer["city"]) <= 12
 

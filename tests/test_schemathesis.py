@@ -10,11 +10,13 @@ admin routes (install, load, unload, delete, cancel, key revoke) may only name t
 assets, their operations and throwaway keys, so a fuzzed delete never removes a model the
 other operations use nor a revoke the admin key every call sends; an inference request names a
 real model or an unknown one, so requests reach the worker; logit biases name the tiny model's
-token ids; a named tool choice (which must name one of the request's tools) is left out; and
-every generation is bounded to a few tokens (the test lowers `max_tokens` and `n` of the cases
-the schema allows before sending). Checks: no server error, no request the schema allows refused as invalid, none
-it forbids accepted, every status, header, content type and body documented, every error in
-OpenAI's shape, and 405 for an undeclared method. Examples are bounded per operation and
+token ids; a named tool choice (which must name one of the request's tools) is left out; a
+Messages API conversation ends with the user's turn (the test appends one to the cases the
+schema allows, as no schema can single out the last item); and every generation is bounded to a
+few tokens (the test lowers `max_tokens` and `n` of the cases the schema allows before sending).
+Checks: no server error, no request the schema allows refused as invalid, none it forbids
+accepted, every status, header, content type and body documented, every error in OpenAI's
+shape (Anthropic's on the Messages API), and 405 for an undeclared method. Examples are bounded per operation and
 derandomized, so CI sends the same cases each time; a summary (operations, examples sent,
 failures) is written to the test log at the end of the module."""
 
@@ -40,6 +42,8 @@ from schemathesis.core.transport import Response
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 from stack_harness import TINY_CHAT, TINY_EMBED, Stack, build_sources, running_stack, tiny_documents
 
+from services.common.inference_requests import MAX_MESSAGES
+from services.router.http.anthropic.errors import TOO_LONG
 from services.router.http.app import create_app
 
 LIFECYCLE_ASSETS = ("fuzz-a", "fuzz-b")
@@ -60,6 +64,10 @@ TINY_EMBED_DIMENSIONS, TINY_VOCABULARY = 32, 211
 TINY_TOKEN_ID = "^(0|[1-9][0-9]?|1[0-9]{2}|20[0-9])$"
 """The tiny chat model's token ids (0-209): a bias of any other is refused."""
 MAX_TOKENS, MAX_CHOICES = 4, 2
+MESSAGES, COUNT_TOKENS = "/v1/messages", "/v1/messages/count_tokens"
+ANTHROPIC_PATHS = (MESSAGES, COUNT_TOKENS)
+"""Anthropic's Messages API: its errors have Anthropic's shape."""
+USER_TURN = {"role": "user", "content": "Go on."}
 EXAMPLES_PER_OPERATION = 50
 CHECKS = ("not_a_server_error", "status_code_conformance",
           "content_type_conformance", "response_schema_conformance",
@@ -216,7 +224,8 @@ def fuzzing_view(published: dict[str, Any]) -> dict[str, Any]:
         _set_parameter(document, path, method, "operation_id",
                        {"type": "string", "enum": [*QUEUED_OPERATIONS, UNKNOWN_OPERATION]})
     for path, models in (("/v1/chat/completions", [TINY_CHAT, "tiny-alias"]),
-                         ("/v1/completions", [TINY_CHAT]), ("/v1/embeddings", [TINY_EMBED])):
+                         ("/v1/completions", [TINY_CHAT]), ("/v1/embeddings", [TINY_EMBED]),
+                         (MESSAGES, [TINY_CHAT, "tiny-alias"]), (COUNT_TOKENS, [TINY_CHAT])):
         properties = _body_schema(document, path)["properties"]
         properties["model"] = {"type": "string", "enum": [*models, UNKNOWN_MODEL]}
     # Like `model`, these are only valid per model, so they are pinned to the tiny model's:
@@ -234,6 +243,10 @@ def fuzzing_view(published: dict[str, Any]) -> dict[str, Any]:
     # A named tool choice must name one of the request's tools, which no schema can state.
     chat = _body_schema(document, "/v1/chat/completions")["properties"]
     chat["tool_choice"]["anyOf"] = [b for b in chat["tool_choice"]["anyOf"] if "$ref" not in b]
+    for path in ANTHROPIC_PATHS:
+        choices = _body_schema(document, path)["properties"]["tool_choice"]["anyOf"][0]
+        choices["oneOf"] = [c for c in choices["oneOf"] if not c["$ref"].endswith("/ToolChoiceTool")]
+        del choices["discriminator"]["mapping"]["tool"]
     return document
 
 
@@ -287,7 +300,7 @@ def bound_generation(case: Case) -> None:
 
     A case that breaks the schema is sent as generated (the server refuses it before any
     generation); lowering its values could make it valid."""
-    if case.path not in ("/v1/chat/completions", "/v1/completions") or not isinstance(case.body, dict):
+    if case.path not in ("/v1/chat/completions", "/v1/completions", MESSAGES) or not isinstance(case.body, dict):
         return
     body = dict(case.body)
     if "max_tokens" not in body and "max_completion_tokens" not in body:
@@ -300,6 +313,19 @@ def bound_generation(case: Case) -> None:
                 body[name] = bound
     if body != case.body:
         case.body = body
+
+
+def end_with_a_user_turn(case: Case) -> None:
+    """A Messages API conversation the schema allows ends with the user's turn: the rule
+    (documented on `messages`) is about the last item, which JSON Schema cannot single out.
+    A case that breaks the schema is sent as generated; one as long as allowed loses its last
+    turn to the user's."""
+    if case.path not in ANTHROPIC_PATHS or is_negative(case) or not isinstance(case.body, dict):
+        return
+    messages: Any = case.body.get("messages")
+    if isinstance(messages, list) and messages and messages[-1].get("role") != "user":
+        turns: list[Any] = [*messages[:MAX_MESSAGES - 1], USER_TURN]
+        case.body = {**case.body, "messages": turns}
 
 
 def aim_at_throwaways(case: Case, queued_operations: dict[str, str]) -> bool:
@@ -332,7 +358,10 @@ def adds_undeclared_header(case: Case) -> bool:
 def within_the_models_context(ctx: Any, response: Response, case: Case) -> bool | None:
     """`positive_data_acceptance`, but for a refusal of a text longer than the model reads
     (tokens per input, context length): a limit of each model, which no schema can state."""
-    if response.status_code == 400 and _error(response).get("code") == "context_length_exceeded":
+    error = _error(response)
+    too_long = (str(error.get("message", "")).startswith(TOO_LONG) if case.path in ANTHROPIC_PATHS
+                else error.get("code") == "context_length_exceeded")
+    if response.status_code == 400 and too_long:
         return None
     return positive_data_acceptance(ctx, response, case)
 
@@ -346,12 +375,17 @@ def _error(response: Response) -> dict[str, Any]:
     return error if isinstance(error, dict) else {}
 
 
-def openai_error(ctx: Any, response: Response, case: Case) -> None:
-    """Every error answer is OpenAI's `{"error": {"message", "type", ...}}`, with a message."""
+def api_error(ctx: Any, response: Response, case: Case) -> None:
+    """Every error answer is OpenAI's `{"error": {"message", "type", ...}}`, with a message, or
+    on the Messages API Anthropic's `{"type": "error", "error": {"type", "message"}}`."""
     if response.status_code < 400:
         return
     error = _error(response)
-    if not (isinstance(error.get("type"), str) and isinstance(error.get("message"), str) and error["message"]):
+    shaped = isinstance(error.get("type"), str) and isinstance(error.get("message"), str) and error["message"]
+    if case.path in ANTHROPIC_PATHS:
+        if not (shaped and response.json().get("type") == "error"):
+            raise AssertionError(f"{response.status_code} not in Anthropic's error shape: {response.text[:300]!r}")
+    elif not shaped:
         raise AssertionError(f"{response.status_code} not in OpenAI's error shape: {response.text[:300]!r}")
 
 
@@ -448,6 +482,7 @@ def test_every_operation_answers_as_its_schema_says(
     case: Case, stack: Stack, queued_operations: dict[str, str], throwaway_keys: None, tally: Tally
 ) -> None:
     bound_generation(case)
+    end_with_a_user_turn(case)
     label = f"{case.operation.method.upper()} {case.operation.path}"
     tally.sent[label, "negative" if is_negative(case) else "positive"] += 1
     # HTTP servers take headers they do not know: a case negated only by adding one is valid.
@@ -455,7 +490,7 @@ def test_every_operation_answers_as_its_schema_says(
     excluded: list[CheckFunction] = [negative_data_rejection] if allowed else []
     try:
         case.call_and_validate(base_url=stack.http_url, headers=stack.admin_headers,
-                               additional_checks=[within_the_models_context, openai_error],
+                               additional_checks=[within_the_models_context, api_error],
                                excluded_checks=excluded)
     except BaseException:
         tally.failed[label] += 1

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 READY_TIMEOUT_S = 5.0
+ERROR_DIALECTS = ((MESSAGES_PATH, anthropic_error_response), ("/api/", ollama_error_response))
+"""Path prefixes whose errors take another protocol's shape than OpenAI's."""
 
 
 def create_app(
@@ -100,7 +102,7 @@ def create_app(
     app.state.completion = CompletionServing(gateway)
     app.state.embedding = EmbeddingServing(gateway)
     app.state.messages = MessagesServing(gateway)
-    install_error_handlers(app)
+    install_error_handlers(app, ERROR_DIALECTS)
     app.state.ollama = OllamaServing(gateway, ModelLifecycle(gateway, jobs))
     app.include_router(openai_router)
     app.include_router(messages_router)
@@ -122,8 +124,7 @@ def create_app(
     app.add_middleware(AuthMiddleware, authenticator=authenticator, metrics_auth=metrics_auth)
     app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(RequestContextMiddleware, metrics=metrics,
-                       error_dialects=[(MESSAGES_PATH, anthropic_error_response),
-                                       ("/api/", ollama_error_response)])
+                       error_dialects=ERROR_DIALECTS)
     app.openapi = lambda: _exact_openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import get_route_path
 
 from services.common import errors as domain
 from services.common.db.unavailable import as_domain_error
@@ -185,22 +186,33 @@ def _sentence(param: str, reason: str, kind: str) -> str:
     return f"Invalid value for '{param}': {reason.rstrip('.')}."
 
 
-async def _handle(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, StarletteHTTPException) and exc.status_code in (404, 405):
-        what = "Unknown URL" if exc.status_code == 404 else "Method not allowed"
-        code = "not_found" if exc.status_code == 404 else "method_not_allowed"
-        # A 405 keeps Starlette's `Allow` header: the methods the route does take.
-        exc = HTTPProblem(exc.status_code, f"{what}: {request.method} {request.url.path}.", code,
-                          headers=exc.headers)
-    response = error_response(exc, getattr(request.state, "request_id", None))
-    routed = getattr(request.state, "routed", None)
-    if routed is not None:  # a route's refusal says which assets it tried
-        response.headers.update(routed.headers())
-    return response
+ErrorRenderer = Callable[[BaseException, str | None], Response]
+"""Renders a failure as one protocol's error response (`error_response` is OpenAI's)."""
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every error FastAPI sees through `error_response`."""
+def _handler(dialects: Sequence[tuple[str, ErrorRenderer]]) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handle(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, StarletteHTTPException) and exc.status_code in (404, 405):
+            what = "Unknown URL" if exc.status_code == 404 else "Method not allowed"
+            code = "not_found" if exc.status_code == 404 else "method_not_allowed"
+            # A 405 keeps Starlette's `Allow` header: the methods the route does take.
+            exc = HTTPProblem(exc.status_code, f"{what}: {request.method} {request.url.path}.", code,
+                              headers=exc.headers)
+        path = get_route_path(request.scope)
+        render = next((r for prefix, r in dialects if path.startswith(prefix)), error_response)
+        response = render(exc, getattr(request.state, "request_id", None))
+        routed = getattr(request.state, "routed", None)
+        if routed is not None:  # a route's refusal says which assets it tried
+            response.headers.update(routed.headers())
+        return response
+
+    return handle
+
+
+def install_error_handlers(app: FastAPI, dialects: Sequence[tuple[str, ErrorRenderer]] = ()) -> None:
+    """Route every error FastAPI sees through `error_response`, or under a path prefix of
+    `dialects` through that protocol's renderer."""
+    handle = _handler(tuple(dialects))
     for kind in (domain.RoundhouseError, HTTPProblem, RequestValidationError, ValidationError,
                  StarletteHTTPException):
-        app.add_exception_handler(kind, _handle)
+        app.add_exception_handler(kind, handle)

@@ -209,8 +209,7 @@ class ChunkRenderer(ABC):
     """How one endpoint spells the events of a stream."""
 
     def opening(self, choices: int) -> list[bytes]:
-        """Events sent before anything was generated (chat announces the assistant role of
-        each choice)."""
+        """Events sent before anything was generated (a completion's echoed prompt, per choice)."""
         return []
 
     @abstractmethod

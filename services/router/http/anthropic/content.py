@@ -118,6 +118,14 @@ class MessageParam(AnthropicModel):
                 raise ValueError(f"content[{n}]: a {block.type} block cannot be in a {self.role} message")
         return self
 
+    def worker_messages(self) -> int:
+        """How many messages `to_proto` makes of this turn."""
+        if isinstance(self.content, str) or self.role != "user":
+            return 1
+        results = sum(isinstance(b, ToolResultBlockParam) for b in self.content)
+        has_text = any(isinstance(b, TextBlockParam) for b in self.content)
+        return results + (1 if has_text or not results else 0)
+
     def to_proto(self) -> list[inference_pb2.ChatMessage]:
         """The turn as the worker takes it: a user's tool results are `tool` messages (first,
         as Anthropic has them), then its text; an assistant's tool uses are its tool calls."""
@@ -144,6 +152,10 @@ class ToolParam(AnthropicModel):
     input_schema: Annotated[dict[str, Any], Field(json_schema_extra={
         "properties": {"type": {"const": "object"}}, "required": ["type"]})]
     cache_control: Cached = None
+    strict: Annotated[bool | None, Field(
+        description="Whether calls must follow `input_schema` exactly; on local models they always "
+                    "do (the schema is enforced while the model writes), and remote upstreams get "
+                    "the flag.")] = None
 
     @field_validator("input_schema")
     @classmethod
@@ -155,7 +167,7 @@ class ToolParam(AnthropicModel):
     def to_proto(self) -> inference_pb2.Tool:
         """This tool as the worker takes it."""
         return inference_pb2.Tool(name=self.name, description=self.description or "",
-                                  parameters_json=json.dumps(self.input_schema))
+                                  parameters_json=json.dumps(self.input_schema), strict=bool(self.strict))
 
 
 Parallel = Annotated[bool | None, Field(description="True: at most one tool call.")]

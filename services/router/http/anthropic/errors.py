@@ -3,7 +3,9 @@
 
 The failure itself is judged once, by the OpenAI mapping (`services.router.http.errors.describe`):
 the same status, message and headers (Retry-After included), only spelled as Anthropic does. An
-overloaded model, which OpenAI's clients see as a 429, is Anthropic's 529 `overloaded_error`.
+overloaded model, which OpenAI's clients see as a 429, is Anthropic's 529 `overloaded_error`; a
+prompt beyond the model's context is a 400 whose message begins "prompt is too long", as
+Anthropic's does.
 `AnthropicRoute` renders every failure of a Messages route (validation included) this way;
 `anthropic_error_response` does it for the layers around the routes (authentication, the body
 limit, the drain), see `RequestContextMiddleware`.
@@ -29,6 +31,8 @@ MESSAGES_PATH = "/v1/messages"
 REQUEST_ID_HEADER = "request-id"
 """Where Anthropic's clients read the request id (`x-request-id` is sent as well)."""
 OVERLOADED_STATUS = 529
+TOO_LONG = "prompt is too long"
+"""How Anthropic's refusal of a prompt beyond the context begins."""
 
 ErrorType = Literal[
     "invalid_request_error", "authentication_error", "billing_error", "permission_error",
@@ -74,7 +78,10 @@ def anthropic_error(exc: BaseException, request_id: str | None) -> tuple[int, An
         status = OVERLOADED_STATUS
     kind = _TYPE_BY_STATUS.get(status) or ("api_error" if status >= 500 or status == 424
                                            else "invalid_request_error")
-    body = AnthropicErrorResponse(error=AnthropicErrorInfo(type=kind, message=info.message),
+    message = info.message
+    if info.code == "context_length_exceeded":  # how clients (and Roundhouse's upstream) spot it
+        message = f"{TOO_LONG}: {message}"
+    body = AnthropicErrorResponse(error=AnthropicErrorInfo(type=kind, message=message),
                                   request_id=request_id)
     return status, body, headers
 

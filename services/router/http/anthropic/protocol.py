@@ -77,8 +77,12 @@ class MessagesInput(OpenAIRequestBody):
 
     model: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
     messages: Annotated[list[MessageParam], Field(
-        min_length=1, max_length=MAX_MESSAGES,
-        description="The last message is the user's (continuing the assistant's turn is not supported).")]
+        min_length=1, max_length=MAX_MESSAGES - 1,
+        description="Oldest first; the last message must be the user's. A final assistant message, "
+                    "which Anthropic's API takes as a prefill that the answer continues, is refused "
+                    "with a 400: an answer here always starts a new assistant turn. A conversation "
+                    f"holds at most {MAX_MESSAGES} messages, the system prompt one of them and each "
+                    "`tool_result` block one of its own.")]
     system: Text | list[TextBlockParam] | None = None
     tools: Annotated[list[ToolParam], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
@@ -96,8 +100,12 @@ class MessagesInput(OpenAIRequestBody):
     @model_validator(mode="after")
     def _coherent(self) -> MessagesInput:
         if self.messages[-1].role != "user":
-            raise ValueError("messages: the last message must be a user message (continuing "
-                             "the assistant's own turn is not supported)")
+            raise ValueError("messages: the last message must be a user message; a final assistant "
+                             "message (a prefill for the answer to continue) is not supported")
+        size = (self.system is not None) + sum(m.worker_messages() for m in self.messages)
+        if size > MAX_MESSAGES:
+            raise ValueError(f"messages: the conversation comes to {size} messages (the system prompt "
+                             f"and each tool_result block count as one); at most {MAX_MESSAGES} fit")
         choice = self.tool_choice
         if choice is not None and choice.type in ("any", "tool") and not self.tools:
             raise ValueError(f"tool_choice: {choice.type!r} needs tools")

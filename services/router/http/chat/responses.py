@@ -1,12 +1,16 @@
 """`POST /v1/chat/completions`: the OpenAI response shapes, whole and streamed.
 
 What the published schema documents; the streamed events are rendered straight to JSON by
-`serving.ChatRenderer`, in exactly these shapes (unset delta fields left out).
+`serving.ChatRenderer`, in exactly these shapes (unset delta fields left out, but for the
+nulls OpenAI sends in a choice's first delta: `refusal`, and `content` when the choice opens
+with a tool call).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from services.router.http.protocol import FinishReason, OpenAIResponse, UsageInfo
 
@@ -27,12 +31,16 @@ class ToolCallOut(OpenAIResponse):
 
 
 class ChatCompletionMessage(OpenAIResponse):
-    """The assistant's reply: text, or (content null) tool calls."""
+    """The assistant's reply: text, or (content null) tool calls; as OpenAI does, `tool_calls`
+    is left out when there are none, and `refusal` (null) and `annotations` (empty) are sent."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: Annotated[list[ToolCallOut], Field(
+        exclude_if=lambda calls: not calls, description="Left out when the reply calls no tool.")] = []
     refusal: None = None
-    tool_calls: list[ToolCallOut] | None = None
+    annotations: Annotated[list[dict[str, Any]], Field(
+        max_length=0, description="Always empty: there is no web search to cite.")] = []
 
 
 class TopLogprobOut(OpenAIResponse):
@@ -100,6 +108,7 @@ class DeltaMessage(OpenAIResponse):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDeltaOut] | None = None
+    refusal: Annotated[None, Field(description="Null, in each choice's first delta (as OpenAI sends it).")] = None
 
 
 class ChatCompletionChunkChoice(OpenAIResponse):

@@ -38,7 +38,10 @@ def tool_call_pieces(chunk: inference_pb2.ChatChunk) -> list[dict[str, Any]]:
 
 class ChatRenderer(ChunkRenderer):
     """`chat.completion.chunk` events of one response (`ChatCompletionChunk`), each choice's
-    role first.
+    role first, as OpenAI opens them: a choice that starts with text (or ends before anything)
+    opens with an event of its own, `{"role": "assistant", "content": "", "refusal": null}`; one
+    that starts with a tool call opens with that call's first piece, `{"role": "assistant",
+    "content": null, "tool_calls": [...], "refusal": null}`.
 
     The fields every event repeats are rendered once (`EventEnvelope`); unset delta fields are
     left out rather than sent as nulls, as OpenAI does.
@@ -46,6 +49,16 @@ class ChatRenderer(ChunkRenderer):
 
     def __init__(self, model: str) -> None:
         self.envelope = EventEnvelope(id=new_id("chatcmpl"), object=CHUNK, created=now(), model=model)
+        self._opened: set[int] = set()
+
+    def _opening(self, index: int, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`deltas` of choice `index`, its role announced first when they are its first."""
+        if index in self._opened:
+            return deltas
+        self._opened.add(index)
+        if deltas and "tool_calls" in deltas[0]:
+            return [{"role": "assistant", "content": None, **deltas[0], "refusal": None}, *deltas[1:]]
+        return [{"role": "assistant", "content": "", "refusal": None}, *deltas]
 
     def _chunk(self, delta: dict[str, Any], reason: FinishReason | None = None, index: int = 0,
                logprobs: dict[str, Any] | None = None) -> bytes:
@@ -53,25 +66,25 @@ class ChatRenderer(ChunkRenderer):
             choices=[{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
             usage=None, system_fingerprint=None)
 
-    def opening(self, choices: int = 1) -> list[bytes]:
-        """The assistant role of each choice, with empty content."""
-        return [self._chunk({"role": "assistant", "content": ""}, index=i) for i in range(choices)]
-
     def piece(self, chunk: inference_pb2.ChatChunk) -> bytes | None:
-        """New text, or tool-call pieces, of the chunk's choice, with their log probabilities.
-        Each tool-call piece is an event of its own, as OpenAI streams them (a call's first
-        piece, with its name, apart from its arguments); the log probabilities ride on the last."""
+        """New text, or tool-call pieces, of the chunk's choice, with their log probabilities
+        (after the choice's role when these are its first). Each tool-call piece is an event of
+        its own, as OpenAI streams them (a call's first piece, with its name, apart from its
+        arguments); the log probabilities ride on the last."""
         deltas: list[dict[str, Any]] = [{"content": chunk.delta}] if chunk.delta else []
         deltas += [{"tool_calls": [piece]} for piece in tool_call_pieces(chunk)]
         logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs else None
-        if not deltas:
-            return None if logprobs is None else self._chunk({}, index=chunk.index, logprobs=logprobs)
+        if not deltas and logprobs is None:
+            return None
+        deltas = self._opening(chunk.index, deltas) or [{}]
         return b"".join(self._chunk(delta, index=chunk.index, logprobs=logprobs if n == len(deltas) - 1 else None)
                         for n, delta in enumerate(deltas))
 
     def finish(self, index: int, reason: FinishReason) -> bytes:
-        """An empty delta with choice `index`'s finish reason."""
-        return self._chunk({}, reason, index=index)
+        """An empty delta with choice `index`'s finish reason (after its role, when nothing of
+        the choice came before)."""
+        opening = b"".join(self._chunk(delta, index=index) for delta in self._opening(index, []))
+        return opening + self._chunk({}, reason, index=index)
 
     def usage(self, usage: UsageInfo) -> bytes:
         """No choices, only the usage."""
@@ -84,8 +97,7 @@ def whole_choice(parts: ChoiceParts, fallback: int, logprobs: bool) -> ChatCompl
     calls = [ToolCallOut(id=call.id, function=FunctionCallOut(name=call.name, arguments="".join(call.arguments)))
              for call in parts.tool_calls()]
     content = parts.content
-    message = ChatCompletionMessage(content=None if calls and not content else content,
-                                    tool_calls=calls or None)
+    message = ChatCompletionMessage(content=None if calls and not content else content, tool_calls=calls)
     return ChatCompletionChoice(
         index=parts.index, message=message, finish_reason=parts.finish(fallback),
         logprobs=ChoiceLogprobs.model_validate(chat_logprobs(parts.logprobs)) if logprobs else None)
