@@ -138,7 +138,7 @@ class OllamaServing:
 
     async def chat(self, body: ChatBody, request: Request) -> Response:
         """`POST /api/chat`."""
-        record = await self._model(body.model, body.keep_alive, request)
+        record = await self._model(body.model, body.keep_alive, request, LLM)
         if not body.messages:
             return await self._load_only(body.model, record, body.keep_alive, LLM, request,
                                          {"message": {"role": "assistant", "content": ""}})
@@ -147,7 +147,7 @@ class OllamaServing:
 
     async def generate(self, body: GenerateBody, request: Request) -> Response:
         """`POST /api/generate`."""
-        record = await self._model(body.model, body.keep_alive, request)
+        record = await self._model(body.model, body.keep_alive, request, LLM)
         if body.load_only:
             return await self._load_only(body.model, record, body.keep_alive, LLM, request, {"response": ""})
         return await self._generate(body, record, request, body.to_proto(
@@ -156,7 +156,7 @@ class OllamaServing:
     async def embed(self, body: EmbedBody, request: Request, *, legacy: bool = False) -> Response:
         """`POST /api/embed` (`legacy`: `/api/embeddings`, one vector as `embedding`)."""
         key = request_key(request)
-        record = await self._model(body.model, body.keep_alive, request)
+        record = await self._model(body.model, body.keep_alive, request, EMBEDDING)
         if body.inputs in ([], [""]):
             await self._load_only(body.model, record, body.keep_alive, EMBEDDING, request, {})
             return _json({"embedding": []} if legacy else {"model": body.model, "embeddings": []})
@@ -239,12 +239,17 @@ class OllamaServing:
 
         return NDJSONResponse(lines(), headers=routed.headers())
 
-    async def _model(self, name: str, keep_alive: float | None, request: Request) -> Stored:
+    async def _model(self, name: str, keep_alive: float | None, request: Request, interface: str) -> Stored:
         """The model or route `name` names, if the request's key may use it and apply its
-        `keep_alive` to it."""
+        `keep_alive` to it. A refusal here is recorded in the usage ledger, as the gateway
+        records the refusals of the requests it serves."""
         key = request_key(request)
-        record = await self.gateway.get_model(name, key=key)
-        await self.lifecycle.check(key, record, keep_alive)
+        try:
+            record = await self.gateway.get_model(name, key=key)
+            await self.lifecycle.check(key, record, keep_alive)
+        except RoundhouseError:
+            async with self.gateway.tokenless(key, name, interface, request.state.request_id):
+                raise
         return record
 
     async def _context_length(self, record: Stored, body: ChatBody | GenerateBody | EmbedBody) -> int:
