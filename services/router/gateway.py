@@ -261,6 +261,14 @@ class Gateway:
         unload): once its model is resolved and allowed, the caller reserves one request of
         `key`'s limits on it, no tokens (`admit_tokenless`); at its end the reservation is
         settled and the ledger records the request with zero tokens."""
+        async with self._ticket(key, model, interface, request_id) as ticket:
+            yield ticket
+
+    @asynccontextmanager
+    async def _ticket(self, key: KeyRecord | None, model: str, interface: str,
+                      request_id: str) -> AsyncIterator[UsageTicket]:
+        """A usage ticket for a request's life; at its end the ledger records it and the limits
+        settle its reservation, both with what it used (see `UsageTicket.finish`)."""
         ticket = self.usage.open(key, model, interface, request_id)
         try:
             yield ticket
@@ -270,7 +278,7 @@ class Gateway:
         finally:
             ticket.finish()
             self.usage.record(ticket)
-            self.limits.settle(ticket.reservation, 0, Decimal(0))
+            self.limits.settle(ticket.reservation, ticket.tokens, ticket.cost_usd)
 
     async def admit_tokenless(self, ticket: UsageTicket, key: KeyRecord | None, record: AssetRecord) -> None:
         """The request of a `tokenless` ticket goes to `record` (resolved, and allowed to
@@ -400,17 +408,13 @@ class Gateway:
         limits settle its reservation, both with what it used (see `UsageTicket.finish`), and
         it is counted in the metrics and described on the request's front span (the HTTP
         API's or the gRPC front's)."""
-        ticket = self.usage.open(key, request.model, interface, request.request_id)
         front = trace.get_current_span()
+        ticket: UsageTicket | None = None
         try:
-            yield ticket
-        except BaseException as exc:
-            ticket.failed(exc)
-            raise
+            async with self._ticket(key, request.model, interface, request.request_id) as ticket:
+                yield ticket
         finally:
-            ticket.finish()
-            self.usage.record(ticket)
-            self.limits.settle(ticket.reservation, ticket.tokens, ticket.cost_usd)
+            assert ticket is not None
             operation: Operation = "chat" if interface == LLM else "embeddings"
             self.metrics.finished(ticket, operation, routed.attempts)
             if isinstance(request, inference_pb2.ChatRequest):

@@ -38,14 +38,7 @@ class AnthropicRemoteModel(HostedModel):
         self.asset_id = spec.asset_id
         self.interfaces = (LLM,)
         self.upstream_model = self._upstream.model
-        self.capabilities = Capabilities(
-            context_length=spec.metadata.context_length or 0,
-            supports_system_role=True,
-            supports_tools=True,
-            streaming=True,
-            supports_structured_output=True,
-            tool_calling="upstream",
-        )
+        self.capabilities = Capabilities.of_upstream(spec.metadata.context_length or 0)
 
     async def _chat(self, params: ChatParams) -> AsyncIterator[ChatDelta]:
         body = {"model": self.upstream_model, **sampling(params, self._defaults), **conversation(params)}

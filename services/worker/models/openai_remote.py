@@ -52,15 +52,8 @@ class OpenAIRemoteModel(HostedModel):
         self.asset_id = spec.asset_id
         self.interfaces = tuple(spec.interface)
         self.upstream_model = self._upstream.model
-        self.capabilities = Capabilities(
-            context_length=spec.metadata.context_length or 0,
-            embedding_dim=spec.metadata.embedding_dim or 0,
-            supports_system_role=True,
-            supports_tools=True,
-            streaming=True,
-            supports_structured_output=True,
-            tool_calling="upstream",
-        )
+        self.capabilities = Capabilities.of_upstream(spec.metadata.context_length or 0,
+                                                     spec.metadata.embedding_dim or 0)
 
     async def _chat(self, params: ChatParams) -> AsyncIterator[ChatDelta]:
         path, body = chat_body(

@@ -50,6 +50,14 @@ class Capabilities:
     supports_structured_output: bool = False
     tool_calling: ToolCallingMode = ""
 
+    @classmethod
+    def of_upstream(cls, context_length: int, embedding_dim: int = 0) -> Capabilities:
+        """What a model served by a remote upstream offers: the upstream decides on tools and
+        shapes answers; only the declared sizes are known (nothing can be measured)."""
+        return cls(context_length=context_length, embedding_dim=embedding_dim, supports_system_role=True,
+                   supports_tools=True, streaming=True, supports_structured_output=True,
+                   tool_calling="upstream")
+
 
 @dataclass(frozen=True)
 class ToolCall:
