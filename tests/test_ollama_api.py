@@ -220,6 +220,12 @@ async def test_embed_refuses_options_it_cannot_honour(
 
 async def test_embed_takes_a_num_ctx_within_the_models_context(client: ollama.AsyncClient) -> None:
     plain = await client.embed(model=TINY_EMBED, input="hello w1")
+
+    async def context_known() -> bool:  # the loaded model's context reaches the router's catalog
+        info = (await client.show(TINY_EMBED)).modelinfo or {}
+        return any(name.endswith("context_length") and value for name, value in info.items())
+
+    await wait_until(context_known, timeout=30, interval=0.1)
     within = await client.embed(model=TINY_EMBED, input="hello w1", options={"num_ctx": 16})
     assert list(within.embeddings[0]) == pytest.approx(list(plain.embeddings[0]), rel=1e-5)
 
